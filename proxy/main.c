@@ -1,0 +1,126 @@
+/* virtmux: the executable. Options, signals and the event loop; the engine is in src/. */
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <event2/event.h>
+
+#include "config.h"
+#include "gateway.h"
+#include "log.h"
+
+static void usage(FILE *f)
+{
+    fputs("usage: virtmux --config FILE [-v] [--log-format text|json]\n"
+          "       virtmux --check-config FILE\n"
+          "\n"
+          "A libvirt connection-multiplexing gateway. See README.md for the config keys.\n"
+          "  -c, --config FILE        run the gateway with this JSON config\n"
+          "  -t, --check-config FILE  validate the config and exit 0 (valid) or 1\n"
+          "  -v, --verbose            log at debug level\n"
+          "      --log-format FMT     text (default) or json\n"
+          "  -h, --help               this text\n"
+          "Signals: SIGTERM/SIGINT stop; SIGUSR1 logs pools and upstream connections.\n",
+          f);
+}
+
+static void on_stop(evutil_socket_t sig, short what, void *arg)
+{
+    vm_info(NULL, "signal %d: stopping", (int)sig);
+    event_base_loopexit(arg, NULL);
+}
+
+static void on_status(evutil_socket_t sig, short what, void *arg)
+{
+    gateway_log_status(arg);
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"config", required_argument, NULL, 'c'},
+        {"check-config", required_argument, NULL, 't'},
+        {"verbose", no_argument, NULL, 'v'},
+        {"log-format", required_argument, NULL, 'f'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *config_path = NULL;
+    int check_only = 0, verbose = 0, json = -1, c;
+    while ((c = getopt_long(argc, argv, "c:t:vh", opts, NULL)) != -1) {
+        switch (c) {
+        case 'c':
+            config_path = optarg;
+            break;
+        case 't':
+            config_path = optarg;
+            check_only = 1;
+            break;
+        case 'v':
+            verbose = 1;
+            break;
+        case 'f':
+            if (strcmp(optarg, "json") && strcmp(optarg, "text")) {
+                fprintf(stderr, "virtmux: --log-format takes text or json\n");
+                return 2;
+            }
+            json = strcmp(optarg, "json") == 0;
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (!config_path || optind != argc) {
+        usage(stderr);
+        return 2;
+    }
+
+    struct vm_config *cfg = config_load(config_path, stderr);
+    if (!cfg) {
+        fprintf(stderr, "virtmux: %s: invalid configuration\n", config_path);
+        return 1;
+    }
+    if (check_only) {
+        printf("%s: configuration OK (%d listeners, %d upstreams)\n", config_path,
+               cfg->nlisteners, cfg->nupstreams);
+        config_free(cfg);
+        return 0;
+    }
+    vm_log_setup(verbose ? VM_LOG_DEBUG : (enum vm_log_level)cfg->log_level,
+                 json >= 0 ? json : cfg->log_json);
+    signal(SIGPIPE, SIG_IGN);
+
+    struct event_base *base = event_base_new();
+    if (!base) {
+        fprintf(stderr, "virtmux: cannot create the event loop\n");
+        config_free(cfg);
+        return 1;
+    }
+    struct vm_gateway *gw = gateway_new(base, cfg);
+    struct event *sigint = evsignal_new(base, SIGINT, on_stop, base);
+    struct event *sigterm = evsignal_new(base, SIGTERM, on_stop, base);
+    struct event *sigusr1 = evsignal_new(base, SIGUSR1, on_status, gw);
+    evsignal_add(sigint, NULL);
+    evsignal_add(sigterm, NULL);
+    evsignal_add(sigusr1, NULL);
+
+    int rc = 0;
+    if (gateway_start(gw) < 0) {
+        rc = 1;
+    } else {
+        vm_info(NULL, "virtmux ready");
+        event_base_dispatch(base);
+    }
+    event_free(sigint);
+    event_free(sigterm);
+    event_free(sigusr1);
+    gateway_free(gw);
+    event_base_free(base);
+    return rc;
+}

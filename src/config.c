@@ -1,0 +1,374 @@
+#include "config.h"
+
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <jansson.h>
+
+#include "log.h"
+
+struct parse_ctx {
+    FILE *errs;
+    int nerr;
+};
+
+static void VM_PRINTF(3, 4) cfg_error(struct parse_ctx *ctx, const char *path, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    if (ctx->errs) {
+        fprintf(ctx->errs, "%s: ", path);
+        vfprintf(ctx->errs, fmt, ap);
+        fputc('\n', ctx->errs);
+    }
+    va_end(ap);
+    ctx->nerr++;
+}
+
+static char *xstrdup(const char *s)
+{
+    char *d = strdup(s);
+    if (!d)
+        abort();
+    return d;
+}
+
+/* Complain about keys of `obj` not in `known` (a NULL-terminated list): typos must not pass. */
+static void check_keys(struct parse_ctx *ctx, const char *path, json_t *obj, const char *const *known)
+{
+    const char *key;
+    json_t *v;
+    json_object_foreach(obj, key, v) {
+        int ok = 0;
+        for (const char *const *k = known; *k; k++)
+            if (strcmp(*k, key) == 0)
+                ok = 1;
+        if (!ok) {
+            char p[256];
+            snprintf(p, sizeof(p), "%s%s%s", path, path[0] ? "." : "", key);
+            cfg_error(ctx, p, "unknown key");
+        }
+    }
+}
+
+static const char *get_string(struct parse_ctx *ctx, const char *path, json_t *obj,
+                              const char *key, int required)
+{
+    char p[256];
+    snprintf(p, sizeof(p), "%s%s%s", path, path[0] ? "." : "", key);
+    json_t *v = json_object_get(obj, key);
+    if (!v) {
+        if (required)
+            cfg_error(ctx, p, "missing");
+        return NULL;
+    }
+    if (!json_is_string(v)) {
+        cfg_error(ctx, p, "must be a string");
+        return NULL;
+    }
+    return json_string_value(v);
+}
+
+static int get_int(struct parse_ctx *ctx, const char *path, json_t *obj, const char *key,
+                   int def, int lo, int hi)
+{
+    char p[256];
+    snprintf(p, sizeof(p), "%s%s%s", path, path[0] ? "." : "", key);
+    json_t *v = obj ? json_object_get(obj, key) : NULL;
+    if (!v)
+        return def;
+    if (!json_is_integer(v)) {
+        cfg_error(ctx, p, "must be an integer");
+        return def;
+    }
+    json_int_t n = json_integer_value(v);
+    if (n < lo || n > hi) {
+        cfg_error(ctx, p, "%lld is out of range %d..%d", (long long)n, lo, hi);
+        return def;
+    }
+    return (int)n;
+}
+
+static json_t *get_object(struct parse_ctx *ctx, const char *path, json_t *obj, const char *key)
+{
+    json_t *v = json_object_get(obj, key);
+    if (v && !json_is_object(v)) {
+        char p[256];
+        snprintf(p, sizeof(p), "%s%s%s", path, path[0] ? "." : "", key);
+        cfg_error(ctx, p, "must be an object");
+        return NULL;
+    }
+    return v;
+}
+
+static int valid_name(const char *s)
+{
+    if (!*s)
+        return 0;
+    for (; *s; s++)
+        if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') ||
+              *s == '-' || *s == '_' || *s == '.'))
+            return 0;
+    return 1;
+}
+
+static void parse_upstream(struct parse_ctx *ctx, int i, json_t *o, struct vm_upstream_cfg *u)
+{
+    static const char *const keys[] = {"name", "uri", "pool", NULL};
+    static const char *const pool_keys[] = {"max_connections", "max_inflight", "idle_timeout_s",
+                                            "connect_timeout_ms", NULL};
+    char path[64], p[96];
+    snprintf(path, sizeof(path), "upstreams[%d]", i);
+    if (!json_is_object(o)) {
+        cfg_error(ctx, path, "must be an object");
+        return;
+    }
+    check_keys(ctx, path, o, keys);
+    const char *name = get_string(ctx, path, o, "name", 1);
+    if (name && !valid_name(name)) {
+        snprintf(p, sizeof(p), "%s.name", path);
+        cfg_error(ctx, p, "\"%s\" may only contain letters, digits, '-', '_' and '.'", name);
+    }
+    u->name = xstrdup(name ? name : "");
+    const char *uri = get_string(ctx, path, o, "uri", 1);
+    if (uri) {
+        char err[256];
+        u->uri_text = xstrdup(uri);
+        if (uri_parse(uri, &u->uri, err, sizeof(err)) < 0) {
+            snprintf(p, sizeof(p), "%s.uri", path);
+            cfg_error(ctx, p, "%s", err);
+        }
+    }
+    snprintf(p, sizeof(p), "%s.pool", path);
+    json_t *pool = get_object(ctx, path, o, "pool");
+    if (pool)
+        check_keys(ctx, p, pool, pool_keys);
+    u->pool.max_connections = get_int(ctx, p, pool, "max_connections", 4, 1, 256);
+    u->pool.max_inflight = get_int(ctx, p, pool, "max_inflight", 4, 1, 1024);
+    u->pool.idle_timeout_s = get_int(ctx, p, pool, "idle_timeout_s", 60, 0, 86400);
+    u->pool.connect_timeout_ms = get_int(ctx, p, pool, "connect_timeout_ms", 10000, 100, 600000);
+}
+
+static void parse_listener(struct parse_ctx *ctx, int i, json_t *o, struct vm_listener_cfg *l)
+{
+    static const char *const keys[] = {"name", "address", "unix", "mode", "auth", "upstream", NULL};
+    char path[64], p[96];
+    snprintf(path, sizeof(path), "listeners[%d]", i);
+    if (!json_is_object(o)) {
+        cfg_error(ctx, path, "must be an object");
+        return;
+    }
+    check_keys(ctx, path, o, keys);
+    const char *name = get_string(ctx, path, o, "name", 0);
+    char defname[32];
+    snprintf(defname, sizeof(defname), "listener%d", i);
+    l->name = xstrdup(name ? name : defname);
+    const char *addr = get_string(ctx, path, o, "address", 0);
+    const char *unix_path = get_string(ctx, path, o, "unix", 0);
+    if (!addr == !unix_path)
+        cfg_error(ctx, path, "needs exactly one of \"address\" and \"unix\"");
+    if (addr) {
+        const char *colon = strrchr(addr, ':');
+        if (!colon || colon == addr || !colon[1] || atoi(colon + 1) <= 0 || atoi(colon + 1) > 65535) {
+            snprintf(p, sizeof(p), "%s.address", path);
+            cfg_error(ctx, p, "\"%s\" is not host:port", addr);
+        }
+        l->address = xstrdup(addr);
+    }
+    if (unix_path) {
+        if (unix_path[0] != '/' || strlen(unix_path) >= 108) {
+            snprintf(p, sizeof(p), "%s.unix", path);
+            cfg_error(ctx, p, "must be an absolute path shorter than 108 bytes");
+        }
+        l->unix_path = xstrdup(unix_path);
+    }
+    l->mode = 0666;
+    const char *mode = get_string(ctx, path, o, "mode", 0);
+    if (mode) {
+        char *end;
+        unsigned long m = strtoul(mode, &end, 8);
+        if (*end || !*mode || m > 0777) {
+            snprintf(p, sizeof(p), "%s.mode", path);
+            cfg_error(ctx, p, "\"%s\" is not an octal file mode", mode);
+        }
+        l->mode = (unsigned)m;
+    }
+    const char *auth = get_string(ctx, path, o, "auth", 0);
+    l->auth = VM_AUTH_NONE;
+    if (auth && strcmp(auth, "none") != 0) {
+        snprintf(p, sizeof(p), "%s.auth", path);
+        cfg_error(ctx, p, "unsupported auth \"%s\" (supported: none)", auth);
+    }
+    const char *up = get_string(ctx, path, o, "upstream", 0);
+    if (up)
+        l->upstream = xstrdup(up);
+}
+
+static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
+{
+    static const char *const keys[] = {"listeners", "upstreams", "default_upstream", "limits",
+                                       "keepalive", "log", NULL};
+    static const char *const limit_keys[] = {"max_clients", "queue_timeout_ms",
+                                             "max_client_requests", NULL};
+    static const char *const ka_keys[] = {"interval_s", "count", NULL};
+    static const char *const log_keys[] = {"level", "format", NULL};
+    struct vm_config *cfg = calloc(1, sizeof(*cfg));
+    if (!cfg)
+        abort();
+    if (!json_is_object(root)) {
+        cfg_error(ctx, "(root)", "must be an object");
+        return cfg;
+    }
+    check_keys(ctx, "", root, keys);
+
+    json_t *ups = json_object_get(root, "upstreams");
+    if (!json_is_array(ups) || json_array_size(ups) == 0) {
+        cfg_error(ctx, "upstreams", "must be a non-empty array");
+    } else {
+        cfg->nupstreams = (int)json_array_size(ups);
+        cfg->upstreams = calloc((size_t)cfg->nupstreams, sizeof(*cfg->upstreams));
+        if (!cfg->upstreams)
+            abort();
+        for (int i = 0; i < cfg->nupstreams; i++) {
+            parse_upstream(ctx, i, json_array_get(ups, (size_t)i), &cfg->upstreams[i]);
+            for (int j = 0; j < i; j++)
+                if (cfg->upstreams[i].name && cfg->upstreams[j].name &&
+                    strcmp(cfg->upstreams[i].name, cfg->upstreams[j].name) == 0) {
+                    char p[64];
+                    snprintf(p, sizeof(p), "upstreams[%d].name", i);
+                    cfg_error(ctx, p, "\"%s\" is already used by upstreams[%d]",
+                              cfg->upstreams[i].name, j);
+                }
+        }
+    }
+
+    json_t *ls = json_object_get(root, "listeners");
+    if (!json_is_array(ls) || json_array_size(ls) == 0) {
+        cfg_error(ctx, "listeners", "must be a non-empty array");
+    } else {
+        cfg->nlisteners = (int)json_array_size(ls);
+        cfg->listeners = calloc((size_t)cfg->nlisteners, sizeof(*cfg->listeners));
+        if (!cfg->listeners)
+            abort();
+        for (int i = 0; i < cfg->nlisteners; i++) {
+            struct vm_listener_cfg *l = &cfg->listeners[i];
+            parse_listener(ctx, i, json_array_get(ls, (size_t)i), l);
+            if (l->upstream && !config_upstream(cfg, l->upstream)) {
+                char p[64];
+                snprintf(p, sizeof(p), "listeners[%d].upstream", i);
+                cfg_error(ctx, p, "no upstream is called \"%s\"", l->upstream);
+            }
+        }
+    }
+
+    const char *def = get_string(ctx, "", root, "default_upstream", 0);
+    if (def) {
+        cfg->default_upstream = xstrdup(def);
+        if (!config_upstream(cfg, def))
+            cfg_error(ctx, "default_upstream", "no upstream is called \"%s\"", def);
+    }
+
+    json_t *limits = get_object(ctx, "", root, "limits");
+    if (limits)
+        check_keys(ctx, "limits", limits, limit_keys);
+    cfg->max_clients = get_int(ctx, "limits", limits, "max_clients", 10000, 1, 1000000);
+    cfg->queue_timeout_ms = get_int(ctx, "limits", limits, "queue_timeout_ms", 30000, 1, 3600000);
+    cfg->max_client_requests = get_int(ctx, "limits", limits, "max_client_requests", 16, 1, 4096);
+
+    json_t *ka = get_object(ctx, "", root, "keepalive");
+    if (ka)
+        check_keys(ctx, "keepalive", ka, ka_keys);
+    cfg->keepalive_interval_s = get_int(ctx, "keepalive", ka, "interval_s", 5, -1, 3600);
+    if (cfg->keepalive_interval_s == 0)
+        cfg_error(ctx, "keepalive.interval_s", "must be positive, or -1 to disable");
+    cfg->keepalive_count = get_int(ctx, "keepalive", ka, "count", 5, 0, 100);
+
+    json_t *log = get_object(ctx, "", root, "log");
+    if (log)
+        check_keys(ctx, "log", log, log_keys);
+    cfg->log_level = VM_LOG_INFO;
+    const char *lvl = log ? get_string(ctx, "log", log, "level", 0) : NULL;
+    if (lvl) {
+        cfg->log_level = vm_log_level_parse(lvl);
+        if (cfg->log_level < 0) {
+            cfg_error(ctx, "log.level", "\"%s\" is not one of error, warn, info, debug", lvl);
+            cfg->log_level = VM_LOG_INFO;
+        }
+    }
+    const char *fmt = log ? get_string(ctx, "log", log, "format", 0) : NULL;
+    if (fmt) {
+        if (strcmp(fmt, "json") == 0)
+            cfg->log_json = 1;
+        else if (strcmp(fmt, "text") != 0)
+            cfg_error(ctx, "log.format", "\"%s\" is not text or json", fmt);
+    }
+    return cfg;
+}
+
+static struct vm_config *finish(json_t *root, struct parse_ctx *ctx)
+{
+    struct vm_config *cfg = config_from_json(root, ctx);
+    json_decref(root);
+    if (ctx->nerr) {
+        config_free(cfg);
+        return NULL;
+    }
+    return cfg;
+}
+
+struct vm_config *config_load(const char *path, FILE *errs)
+{
+    struct parse_ctx ctx = {errs, 0};
+    json_error_t jerr;
+    json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &jerr);
+    if (!root) {
+        if (errs)
+            fprintf(errs, "%s:%d:%d: %s\n", path, jerr.line, jerr.column, jerr.text);
+        return NULL;
+    }
+    return finish(root, &ctx);
+}
+
+struct vm_config *config_parse(const char *json, FILE *errs)
+{
+    struct parse_ctx ctx = {errs, 0};
+    json_error_t jerr;
+    json_t *root = json_loads(json, JSON_REJECT_DUPLICATES, &jerr);
+    if (!root) {
+        if (errs)
+            fprintf(errs, "(string):%d:%d: %s\n", jerr.line, jerr.column, jerr.text);
+        return NULL;
+    }
+    return finish(root, &ctx);
+}
+
+void config_free(struct vm_config *cfg)
+{
+    if (!cfg)
+        return;
+    for (int i = 0; i < cfg->nlisteners; i++) {
+        struct vm_listener_cfg *l = &cfg->listeners[i];
+        free(l->name);
+        free(l->address);
+        free(l->unix_path);
+        free(l->upstream);
+    }
+    free(cfg->listeners);
+    for (int i = 0; i < cfg->nupstreams; i++) {
+        free(cfg->upstreams[i].name);
+        free(cfg->upstreams[i].uri_text);
+        uri_clear(&cfg->upstreams[i].uri);
+    }
+    free(cfg->upstreams);
+    free(cfg->default_upstream);
+    free(cfg);
+}
+
+const struct vm_upstream_cfg *config_upstream(const struct vm_config *cfg, const char *name)
+{
+    for (int i = 0; i < cfg->nupstreams; i++)
+        if (cfg->upstreams[i].name && strcmp(cfg->upstreams[i].name, name) == 0)
+            return &cfg->upstreams[i];
+    return NULL;
+}

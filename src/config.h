@@ -1,0 +1,86 @@
+/* Configuration: a JSON file read with jansson into an immutable snapshot.
+ *
+ * Keys (type, default; "reload" says whether a future reload may change it):
+ *   listeners[]            array, required, at least one
+ *     .name                string, "listenerN"
+ *     .address             "host:port" TCP listener            } exactly one of
+ *     .unix                path of a unix socket listener      } address / unix
+ *     .mode                octal string for the unix socket, "0666"
+ *     .auth                "none" (only value until the auth issue lands)
+ *     .upstream            upstream used when the name names none, optional
+ *   upstreams[]            array, required, at least one
+ *     .name                string, required, unique, [A-Za-z0-9_.-]
+ *     .uri                 DRIVER+tcp://host[:port]/PATH | DRIVER+unix:///PATH?socket=S
+ *     .pool.max_connections   int 1..256, 4
+ *     .pool.max_inflight      int 1..1024, 4 (one below libvirtd's max_client_requests)
+ *     .pool.idle_timeout_s    int 0..86400, 60
+ *     .pool.connect_timeout_ms int 100..600000, 10000
+ *   default_upstream       name, optional
+ *   limits.max_clients     int, 10000
+ *   limits.queue_timeout_ms int, 30000
+ *   limits.max_client_requests int 1..4096, 16: calls one client may have outstanding before
+ *                          the gateway stops reading its socket
+ *   keepalive.interval_s   int, 5 (-1 disables the gateway's own PINGs)
+ *   keepalive.count        int, 5
+ *   log.level              "error" | "warn" | "info" | "debug", "info"
+ *   log.format             "text" | "json", "text"
+ */
+#ifndef VM_CONFIG_H
+#define VM_CONFIG_H
+
+#include <stdio.h>
+
+#include "fwd.h"
+#include "uri.h"
+
+enum vm_auth { VM_AUTH_NONE };
+
+struct vm_listener_cfg {
+    char *name;
+    char *address;   /* "host:port" or NULL */
+    char *unix_path; /* or NULL */
+    unsigned mode;
+    enum vm_auth auth;
+    char *upstream;  /* NULL: use default_upstream */
+};
+
+struct vm_pool_cfg {
+    int max_connections;
+    int max_inflight;
+    int idle_timeout_s;
+    int connect_timeout_ms;
+};
+
+struct vm_upstream_cfg {
+    char *name;
+    char *uri_text;
+    struct vm_uri uri;
+    struct vm_pool_cfg pool;
+};
+
+struct vm_config {
+    struct vm_listener_cfg *listeners;
+    int nlisteners;
+    struct vm_upstream_cfg *upstreams;
+    int nupstreams;
+    char *default_upstream; /* may be NULL */
+    int max_clients;
+    int queue_timeout_ms;
+    int max_client_requests;
+    int keepalive_interval_s;
+    int keepalive_count;
+    int log_level;
+    int log_json;
+};
+
+/* Load and validate `path`. Returns NULL after printing every error, each naming its JSON
+ * path (e.g. `upstreams[1].uri: unsupported transport "ssh"`), to `errs`. */
+struct vm_config *config_load(const char *path, FILE *errs);
+/* Same, from a string (tests). */
+struct vm_config *config_parse(const char *json, FILE *errs);
+void config_free(struct vm_config *cfg);
+
+/* The upstream called `name`, or NULL. */
+const struct vm_upstream_cfg *config_upstream(const struct vm_config *cfg, const char *name);
+
+#endif

@@ -1,0 +1,209 @@
+/*
+ *   listeners --accept--> sessions --CONNECT_OPEN--> gateway_pool(upstream, name, ro)
+ *                                                      |
+ *                                                    pools --> links --> libvirtd
+ *
+ * The gateway owns listeners and pools. Sessions own themselves (they end in session_close);
+ * pools are freed here once empty. Objects are never freed inside their own callbacks: they
+ * go on the reap list, emptied by an event that runs after the current loop turn.
+ */
+#include "gateway.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <sys/queue.h>
+
+#include <event2/event.h>
+
+#include "config.h"
+#include "listener.h"
+#include "log.h"
+#include "pool.h"
+
+struct reap_node {
+    void (*fn)(void *);
+    void *p;
+    struct reap_node *next;
+};
+
+struct pool_node {
+    struct vm_pool *pool;
+    int dying; /* queued for reaping */
+    LIST_ENTRY(pool_node) entry;
+};
+
+struct vm_gateway {
+    struct event_base *base;     /* not owned */
+    struct vm_config *cfg;       /* owned */
+    struct vm_listener **listeners; /* owned, cfg->nlisteners entries */
+    LIST_HEAD(, pool_node) pools;   /* owned */
+    int npools;
+    unsigned next_id;
+    int nsessions;
+    int accepting;
+    struct event *reaper;        /* owned */
+    struct reap_node *reap_head; /* owned */
+};
+
+static void reap(evutil_socket_t fd, short what, void *arg)
+{
+    struct vm_gateway *gw = arg;
+    while (gw->reap_head) {
+        struct reap_node *n = gw->reap_head;
+        gw->reap_head = n->next;
+        n->fn(n->p);
+        free(n);
+    }
+}
+
+struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
+{
+    struct vm_gateway *gw = calloc(1, sizeof(*gw));
+    if (!gw)
+        abort();
+    gw->base = base;
+    gw->cfg = cfg;
+    gw->accepting = 1;
+    LIST_INIT(&gw->pools);
+    gw->listeners = calloc((size_t)cfg->nlisteners, sizeof(*gw->listeners));
+    gw->reaper = event_new(base, -1, 0, reap, gw);
+    if (!gw->listeners || !gw->reaper)
+        abort();
+    return gw;
+}
+
+int gateway_start(struct vm_gateway *gw)
+{
+    for (int i = 0; i < gw->cfg->nlisteners; i++) {
+        gw->listeners[i] = listener_new(gw, &gw->cfg->listeners[i]);
+        if (!gw->listeners[i])
+            return -1;
+    }
+    for (int i = 0; i < gw->cfg->nupstreams; i++) {
+        char ep[300];
+        vm_info(NULL, "upstream %s: %s (%s)", gw->cfg->upstreams[i].name,
+                gw->cfg->upstreams[i].uri_text, uri_endpoint(&gw->cfg->upstreams[i].uri, ep,
+                                                             sizeof(ep)));
+    }
+    return 0;
+}
+
+static void pool_node_free(void *p)
+{
+    struct pool_node *n = p;
+    pool_free(n->pool);
+    free(n);
+}
+
+void gateway_free(struct vm_gateway *gw)
+{
+    if (!gw)
+        return;
+    for (int i = 0; i < gw->cfg->nlisteners; i++)
+        if (gw->listeners[i])
+            listener_free(gw->listeners[i]);
+    free(gw->listeners);
+    while (!LIST_EMPTY(&gw->pools)) {
+        struct pool_node *n = LIST_FIRST(&gw->pools);
+        LIST_REMOVE(n, entry);
+        if (!n->dying)
+            pool_node_free(n);
+    }
+    reap(-1, 0, gw);
+    event_free(gw->reaper);
+    config_free(gw->cfg);
+    free(gw);
+}
+
+void gateway_log_status(struct vm_gateway *gw)
+{
+    vm_info(NULL, "status: %d sessions, %d pools", gw->nsessions, gw->npools);
+    struct pool_node *n;
+    LIST_FOREACH(n, &gw->pools, entry)
+        pool_log_status(n->pool);
+}
+
+struct event_base *gateway_base(const struct vm_gateway *gw)
+{
+    return gw->base;
+}
+
+const struct vm_config *gateway_config(const struct vm_gateway *gw)
+{
+    return gw->cfg;
+}
+
+unsigned gateway_next_id(struct vm_gateway *gw)
+{
+    return ++gw->next_id;
+}
+
+struct vm_pool *gateway_pool(struct vm_gateway *gw, const struct vm_upstream_cfg *up,
+                             const char *name, int readonly)
+{
+    struct pool_node *n;
+    LIST_FOREACH(n, &gw->pools, entry)
+        if (!n->dying && pool_matches(n->pool, up, name, readonly))
+            return n->pool;
+    n = calloc(1, sizeof(*n));
+    if (!n)
+        abort();
+    n->pool = pool_new(gw, up, name, readonly);
+    LIST_INSERT_HEAD(&gw->pools, n, entry);
+    gw->npools++;
+    return n->pool;
+}
+
+void gateway_pool_check(struct vm_gateway *gw, struct vm_pool *p)
+{
+    if (!pool_is_empty(p))
+        return;
+    struct pool_node *n;
+    LIST_FOREACH(n, &gw->pools, entry) {
+        if (n->pool == p && !n->dying) {
+            n->dying = 1;
+            LIST_REMOVE(n, entry);
+            gw->npools--;
+            gateway_defer_free(gw, pool_node_free, n);
+            return;
+        }
+    }
+}
+
+static void set_accepting(struct vm_gateway *gw, int on)
+{
+    if (gw->accepting == on)
+        return;
+    gw->accepting = on;
+    for (int i = 0; i < gw->cfg->nlisteners; i++)
+        if (gw->listeners[i])
+            listener_set_enabled(gw->listeners[i], on);
+    if (!on)
+        vm_warn(NULL, "max_clients (%d) reached: not accepting new clients", gw->cfg->max_clients);
+    else
+        vm_info(NULL, "below max_clients again: accepting");
+}
+
+void gateway_session_opened(struct vm_gateway *gw)
+{
+    if (++gw->nsessions >= gw->cfg->max_clients)
+        set_accepting(gw, 0);
+}
+
+void gateway_session_closed(struct vm_gateway *gw)
+{
+    if (--gw->nsessions < gw->cfg->max_clients)
+        set_accepting(gw, 1);
+}
+
+void gateway_defer_free(struct vm_gateway *gw, void (*fn)(void *), void *p)
+{
+    struct reap_node *n = malloc(sizeof(*n));
+    if (!n)
+        abort();
+    n->fn = fn;
+    n->p = p;
+    n->next = gw->reap_head;
+    gw->reap_head = n;
+    event_active(gw->reaper, 0, 0);
+}

@@ -1,0 +1,36 @@
+/* The gateway: owns the event base binding, the config snapshot, the listeners and the pools,
+ * and counts sessions against max_clients. */
+#ifndef VM_GATEWAY_H
+#define VM_GATEWAY_H
+
+#include "fwd.h"
+
+struct event_base;
+
+/* Takes ownership of `cfg`. */
+struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg);
+/* Bind every listener. Returns -1 (after logging) if any fails. */
+int gateway_start(struct vm_gateway *gw) VM_WUR;
+void gateway_free(struct vm_gateway *gw);
+/* Log pools, links and session counts (SIGUSR1). */
+void gateway_log_status(struct vm_gateway *gw);
+
+struct event_base *gateway_base(const struct vm_gateway *gw);
+const struct vm_config *gateway_config(const struct vm_gateway *gw);
+unsigned gateway_next_id(struct vm_gateway *gw);
+
+/* Find or create the pool for this key. */
+struct vm_pool *gateway_pool(struct vm_gateway *gw, const struct vm_upstream_cfg *up,
+                             const char *name, int readonly);
+/* Called when a pool may have become empty; frees it after this loop turn if so. */
+void gateway_pool_check(struct vm_gateway *gw, struct vm_pool *p);
+
+/* Session accounting for max_clients. */
+void gateway_session_opened(struct vm_gateway *gw);
+void gateway_session_closed(struct vm_gateway *gw);
+
+/* Free `p` with `fn` after the current loop turn (never free an object inside its own
+ * callback). */
+void gateway_defer_free(struct vm_gateway *gw, void (*fn)(void *), void *p);
+
+#endif

@@ -1,0 +1,182 @@
+#include "listener.h"
+
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+#include <event2/listener.h>
+
+#include "config.h"
+#include "gateway.h"
+#include "log.h"
+#include "session.h"
+
+struct vm_listener {
+    struct vm_gateway *gw;             /* not owned */
+    const struct vm_listener_cfg *cfg; /* not owned (config snapshot) */
+    struct evconnlistener *ev;         /* owned; closes the socket */
+    char tag[160];
+};
+
+static void accept_cb(struct evconnlistener *ev, evutil_socket_t fd, struct sockaddr *sa,
+                      int salen, void *arg)
+{
+    struct vm_listener *l = arg;
+    char peer[128] = "unix";
+    int is_tcp = sa->sa_family == AF_INET || sa->sa_family == AF_INET6;
+    if (is_tcp) {
+        char host[NI_MAXHOST], serv[NI_MAXSERV];
+        if (getnameinfo(sa, (socklen_t)salen, host, sizeof(host), serv, sizeof(serv),
+                        NI_NUMERICHOST | NI_NUMERICSERV) == 0)
+            snprintf(peer, sizeof(peer), sa->sa_family == AF_INET6 ? "[%s]:%s" : "%s:%s", host, serv);
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    } else {
+        struct ucred cred;
+        socklen_t len = sizeof(cred);
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0)
+            snprintf(peer, sizeof(peer), "unix:uid=%u,pid=%d", (unsigned)cred.uid, (int)cred.pid);
+    }
+    session_new(l->gw, l->cfg, fd, peer, is_tcp);
+}
+
+static void resume_accept(evutil_socket_t fd, short what, void *arg)
+{
+    evconnlistener_enable(arg);
+}
+
+static void error_cb(struct evconnlistener *ev, void *arg)
+{
+    struct vm_listener *l = arg;
+    int err = EVUTIL_SOCKET_ERROR();
+    vm_warn(l->tag, "accept failed: %s", evutil_socket_error_to_string(err));
+    /* EMFILE and friends: pause briefly rather than spin. */
+    if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM) {
+        evconnlistener_disable(ev);
+        struct timeval tv = {0, 100000};
+        event_base_once(gateway_base(l->gw), -1, EV_TIMEOUT, resume_accept, ev, &tv);
+    }
+}
+
+static evutil_socket_t bind_tcp(const char *address, char *err, size_t errlen)
+{
+    char host[256];
+    const char *colon = strrchr(address, ':');
+    size_t hlen = (size_t)(colon - address);
+    if (hlen >= sizeof(host)) {
+        snprintf(err, errlen, "address too long");
+        return -1;
+    }
+    memcpy(host, address, hlen);
+    host[hlen] = '\0';
+    char *h = host;
+    if (h[0] == '[' && hlen > 2 && h[hlen - 1] == ']') {
+        h[hlen - 1] = '\0';
+        h++;
+    }
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
+    struct addrinfo *res;
+    int rc = getaddrinfo(*h && strcmp(h, "*") ? h : NULL, colon + 1, &hints, &res);
+    if (rc) {
+        snprintf(err, errlen, "%s", gai_strerror(rc));
+        return -1;
+    }
+    evutil_socket_t fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) {
+        snprintf(err, errlen, "socket: %s", strerror(errno));
+        freeaddrinfo(res);
+        return -1;
+    }
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (bind(fd, res->ai_addr, res->ai_addrlen) < 0) {
+        snprintf(err, errlen, "bind: %s", strerror(errno));
+        close(fd);
+        fd = -1;
+    }
+    freeaddrinfo(res);
+    return fd;
+}
+
+static evutil_socket_t bind_unix(const char *path, unsigned mode, char *err, size_t errlen)
+{
+    struct sockaddr_un sun = {.sun_family = AF_UNIX};
+    snprintf(sun.sun_path, sizeof(sun.sun_path), "%s", path);
+    struct stat st;
+    if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode))
+        unlink(path); /* a stale socket from an earlier run */
+    evutil_socket_t fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) {
+        snprintf(err, errlen, "socket: %s", strerror(errno));
+        return -1;
+    }
+    if (bind(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0) {
+        snprintf(err, errlen, "bind: %s", strerror(errno));
+        close(fd);
+        return -1;
+    }
+    if (chmod(path, mode) < 0) {
+        snprintf(err, errlen, "chmod %o: %s", mode, strerror(errno));
+        close(fd);
+        unlink(path);
+        return -1;
+    }
+    return fd;
+}
+
+struct vm_listener *listener_new(struct vm_gateway *gw, const struct vm_listener_cfg *cfg)
+{
+    struct vm_listener *l = calloc(1, sizeof(*l));
+    if (!l)
+        abort();
+    l->gw = gw;
+    l->cfg = cfg;
+    snprintf(l->tag, sizeof(l->tag), "L:%s", cfg->name);
+    char err[256];
+    evutil_socket_t fd = cfg->address ? bind_tcp(cfg->address, err, sizeof(err))
+                                      : bind_unix(cfg->unix_path, cfg->mode, err, sizeof(err));
+    if (fd < 0) {
+        vm_err(l->tag, "cannot listen on %s: %s", cfg->address ? cfg->address : cfg->unix_path, err);
+        free(l);
+        return NULL;
+    }
+    l->ev = evconnlistener_new(gateway_base(gw), accept_cb, l,
+                               LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, 1024, fd);
+    if (!l->ev) {
+        vm_err(l->tag, "cannot listen: %s", strerror(errno));
+        close(fd);
+        free(l);
+        return NULL;
+    }
+    evconnlistener_set_error_cb(l->ev, error_cb);
+    vm_info(l->tag, "listening on %s (auth none%s%s)",
+            cfg->address ? cfg->address : cfg->unix_path, cfg->upstream ? ", upstream " : "",
+            cfg->upstream ? cfg->upstream : "");
+    return l;
+}
+
+void listener_free(struct vm_listener *l)
+{
+    evconnlistener_free(l->ev);
+    if (l->cfg->unix_path)
+        unlink(l->cfg->unix_path);
+    free(l);
+}
+
+void listener_set_enabled(struct vm_listener *l, int on)
+{
+    if (on)
+        evconnlistener_enable(l->ev);
+    else
+        evconnlistener_disable(l->ev);
+}

@@ -1,0 +1,410 @@
+/*
+ * Pools: which upstream connection carries a call.
+ *
+ *   pool_submit(call, home)
+ *     home READY with room ............ send on home
+ *     another READY link with room .... spill (every forwarded call is stateless per socket)
+ *     fewer than max_connections ...... open a new link, queue the call
+ *     a link is (re)connecting ........ queue the call (FIFO, queue_timeout_ms)
+ *     nothing can carry it ............ fail it now with the last connection error
+ *
+ * A slot freeing up, a link becoming READY, or the queue timer pumps the queue in FIFO order.
+ */
+#include "pool.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/queue.h>
+
+#include <event2/buffer.h>
+#include <event2/event.h>
+
+#include "call.h"
+#include "config.h"
+#include "gateway.h"
+#include "log.h"
+#include "session.h"
+#include "upstream.h"
+
+struct link_node {
+    struct vm_link *link;
+    TAILQ_ENTRY(link_node) entry;
+};
+
+struct vm_pool {
+    struct vm_gateway *gw;              /* not owned */
+    const struct vm_upstream_cfg *up;   /* not owned (config snapshot) */
+    char *name;                         /* owned: the name opened upstream */
+    int readonly;
+    char tag[200];
+    TAILQ_HEAD(, link_node) links;      /* owned nodes; links free themselves via link_free */
+    int nlinks;
+    struct vm_call_list queue;          /* calls waiting; owned by their sessions */
+    int nqueued;
+    struct event *qtimer;               /* owned: fires at the head's deadline */
+    struct vm_session **waiters;        /* sessions whose OPEN waits for a READY link */
+    int nwaiters, capwaiters;
+    char last_error[256];
+};
+
+static void queue_timeout(evutil_socket_t fd, short what, void *arg);
+
+struct vm_pool *pool_new(struct vm_gateway *gw, const struct vm_upstream_cfg *up,
+                         const char *name, int readonly)
+{
+    struct vm_pool *p = calloc(1, sizeof(*p));
+    if (!p)
+        abort();
+    p->gw = gw;
+    p->up = up;
+    p->name = strdup(name);
+    p->readonly = readonly;
+    TAILQ_INIT(&p->links);
+    TAILQ_INIT(&p->queue);
+    snprintf(p->tag, sizeof(p->tag), "P:%s %s%s", up->name, name, readonly ? " ro" : "");
+    p->qtimer = evtimer_new(gateway_base(gw), queue_timeout, p);
+    if (!p->name || !p->qtimer)
+        abort();
+    snprintf(p->last_error, sizeof(p->last_error), "not connected yet");
+    return p;
+}
+
+void pool_free(struct vm_pool *p)
+{
+    struct link_node *n;
+    while ((n = TAILQ_FIRST(&p->links)))
+        link_free(n->link); /* calls pool_link_gone, which removes the node */
+    struct vm_call *c;
+    while ((c = TAILQ_FIRST(&p->queue))) {
+        TAILQ_REMOVE(&p->queue, c, qentry);
+        call_fail(c, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, "internal error: virtmux is shutting down");
+    }
+    event_free(p->qtimer);
+    free(p->waiters);
+    free(p->name);
+    free(p);
+}
+
+int pool_matches(const struct vm_pool *p, const struct vm_upstream_cfg *up, const char *name,
+                 int readonly)
+{
+    return p->up == up && p->readonly == readonly && strcmp(p->name, name) == 0;
+}
+
+const char *pool_name(const struct vm_pool *p)
+{
+    return p->name;
+}
+
+const struct vm_upstream_cfg *pool_upstream(const struct vm_pool *p)
+{
+    return p->up;
+}
+
+int pool_readonly(const struct vm_pool *p)
+{
+    return p->readonly;
+}
+
+struct vm_gateway *pool_gateway(const struct vm_pool *p)
+{
+    return p->gw;
+}
+
+int pool_is_empty(const struct vm_pool *p)
+{
+    return p->nlinks == 0 && p->nwaiters == 0 && p->nqueued == 0;
+}
+
+/* ---- choosing links ---- */
+
+static struct vm_link *least_loaded_ready(struct vm_pool *p, int need_room)
+{
+    struct vm_link *best = NULL;
+    struct link_node *n;
+    TAILQ_FOREACH(n, &p->links, entry) {
+        struct vm_link *l = n->link;
+        if (link_state(l) != VM_LINK_READY || (need_room && !link_has_room(l)))
+            continue;
+        if (!best || link_inflight(l) < link_inflight(best))
+            best = l;
+    }
+    return best;
+}
+
+static struct vm_link *least_referenced_ready(struct vm_pool *p)
+{
+    struct vm_link *best = NULL;
+    struct link_node *n;
+    TAILQ_FOREACH(n, &p->links, entry) {
+        struct vm_link *l = n->link;
+        if (link_state(l) == VM_LINK_READY && (!best || link_refs(l) < link_refs(best)))
+            best = l;
+    }
+    return best;
+}
+
+static int any_connecting(struct vm_pool *p)
+{
+    struct link_node *n;
+    TAILQ_FOREACH(n, &p->links, entry) {
+        enum vm_link_state st = link_state(n->link);
+        if (st == VM_LINK_CONNECTING || st == VM_LINK_HANDSHAKE)
+            return 1;
+    }
+    return 0;
+}
+
+static void add_link(struct vm_pool *p)
+{
+    struct link_node *n = calloc(1, sizeof(*n));
+    if (!n)
+        abort();
+    TAILQ_INSERT_TAIL(&p->links, n, entry);
+    p->nlinks++;
+    n->link = link_new(p); /* may report failure synchronously through pool_link_down */
+}
+
+/* Make sure some link is on its way to READY: grow, or cut a backoff short. */
+static void ensure_connecting(struct vm_pool *p)
+{
+    if (any_connecting(p))
+        return;
+    if (p->nlinks < p->up->pool.max_connections) {
+        add_link(p);
+        return;
+    }
+    struct link_node *n;
+    TAILQ_FOREACH(n, &p->links, entry) {
+        if (link_state(n->link) == VM_LINK_BACKOFF) {
+            link_reconnect_now(n->link);
+            return;
+        }
+    }
+}
+
+/* ---- opening sessions ---- */
+
+void pool_open(struct vm_pool *p, struct vm_session *s)
+{
+    struct vm_link *l = least_referenced_ready(p);
+    if (l) {
+        link_ref(l);
+        session_open_done(s, l, NULL, 0, NULL);
+        return;
+    }
+    if (p->nwaiters == p->capwaiters) {
+        p->capwaiters = p->capwaiters ? p->capwaiters * 2 : 8;
+        p->waiters = realloc(p->waiters, (size_t)p->capwaiters * sizeof(*p->waiters));
+        if (!p->waiters)
+            abort();
+    }
+    p->waiters[p->nwaiters++] = s;
+    ensure_connecting(p);
+}
+
+void pool_cancel_open(struct vm_pool *p, struct vm_session *s)
+{
+    for (int i = 0; i < p->nwaiters; i++) {
+        if (p->waiters[i] == s) {
+            memmove(&p->waiters[i], &p->waiters[i + 1],
+                    (size_t)(p->nwaiters - i - 1) * sizeof(*p->waiters));
+            p->nwaiters--;
+            return;
+        }
+    }
+}
+
+/* Answer every waiting OPEN with a failure. */
+static void fail_waiters(struct vm_pool *p, const void *err_payload, size_t n, const char *message)
+{
+    while (p->nwaiters > 0) {
+        struct vm_session *s = p->waiters[0];
+        pool_cancel_open(p, s);
+        session_open_done(s, NULL, err_payload, n, message);
+    }
+}
+
+/* ---- the queue ---- */
+
+static void arm_qtimer(struct vm_pool *p)
+{
+    struct vm_call *head = TAILQ_FIRST(&p->queue);
+    if (!head) {
+        evtimer_del(p->qtimer);
+        return;
+    }
+    struct timeval now, tv;
+    event_base_gettimeofday_cached(gateway_base(p->gw), &now);
+    if (evutil_timercmp(&head->deadline, &now, <))
+        evutil_timerclear(&tv);
+    else
+        evutil_timersub(&head->deadline, &now, &tv);
+    evtimer_add(p->qtimer, &tv);
+}
+
+static void enqueue(struct vm_pool *p, struct vm_call *c)
+{
+    struct timeval now, add;
+    int ms = gateway_config(p->gw)->queue_timeout_ms;
+    event_base_gettimeofday_cached(gateway_base(p->gw), &now);
+    add.tv_sec = ms / 1000;
+    add.tv_usec = (ms % 1000) * 1000;
+    evutil_timeradd(&now, &add, &c->deadline);
+    int was_empty = TAILQ_EMPTY(&p->queue);
+    TAILQ_INSERT_TAIL(&p->queue, c, qentry);
+    p->nqueued++;
+    if (was_empty)
+        arm_qtimer(p);
+}
+
+static struct vm_call *dequeue(struct vm_pool *p)
+{
+    struct vm_call *c = TAILQ_FIRST(&p->queue);
+    if (c) {
+        TAILQ_REMOVE(&p->queue, c, qentry);
+        p->nqueued--;
+    }
+    return c;
+}
+
+static void queue_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    struct vm_pool *p = arg;
+    struct timeval now;
+    event_base_gettimeofday_cached(gateway_base(p->gw), &now);
+    struct vm_call *c;
+    int ms = gateway_config(p->gw)->queue_timeout_ms;
+    while ((c = TAILQ_FIRST(&p->queue)) && !evutil_timercmp(&now, &c->deadline, <)) {
+        dequeue(p);
+        char msg[400];
+        snprintf(msg, sizeof(msg),
+                 "operation timed out: virtmux waited %d ms for a free connection to upstream %s "
+                 "(%s)", ms, p->up->name, p->last_error);
+        vm_warn(p->tag, "queue timeout after %d ms (%d still queued)", ms, p->nqueued);
+        call_fail(c, VIR_ERR_OPERATION_TIMEOUT, VIR_FROM_RPC, msg);
+    }
+    arm_qtimer(p);
+    gateway_pool_check(p->gw, p);
+}
+
+/* Move queued calls onto links with room, oldest first. */
+static void pump(struct vm_pool *p)
+{
+    while (!TAILQ_EMPTY(&p->queue)) {
+        struct vm_link *l = least_loaded_ready(p, 1);
+        if (!l)
+            break;
+        link_send(l, dequeue(p));
+    }
+    arm_qtimer(p);
+}
+
+static void fail_queue(struct vm_pool *p, const char *message)
+{
+    struct vm_call *c;
+    while ((c = dequeue(p)))
+        call_fail(c, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, message);
+    arm_qtimer(p);
+}
+
+static void unavailable_message(struct vm_pool *p, char *buf, size_t len)
+{
+    char ep[300];
+    snprintf(buf, len, "internal error: virtmux cannot reach upstream %s (%s): %s", p->up->name,
+             uri_endpoint(&p->up->uri, ep, sizeof(ep)), p->last_error);
+}
+
+void pool_submit(struct vm_pool *p, struct vm_link *home, struct vm_call *c)
+{
+    if (TAILQ_EMPTY(&p->queue)) { /* never overtake calls that already wait */
+        if (home && link_state(home) == VM_LINK_READY && link_has_room(home)) {
+            link_send(home, c);
+            return;
+        }
+        struct vm_link *l = least_loaded_ready(p, 1);
+        if (l) {
+            link_send(l, c);
+            return;
+        }
+    }
+    int can_grow = p->nlinks < p->up->pool.max_connections;
+    if (!least_loaded_ready(p, 0) && !any_connecting(p) && !can_grow) {
+        char msg[600];
+        unavailable_message(p, msg, sizeof(msg));
+        call_fail(c, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, msg);
+        return;
+    }
+    enqueue(p, c);
+    if (!any_connecting(p) && can_grow)
+        add_link(p);
+}
+
+void pool_cancel_call(struct vm_pool *p, struct vm_call *c)
+{
+    TAILQ_REMOVE(&p->queue, c, qentry);
+    p->nqueued--;
+    arm_qtimer(p);
+}
+
+void pool_release(struct vm_pool *p, struct vm_link *home)
+{
+    link_unref(home);
+}
+
+/* ---- link events ---- */
+
+void pool_link_ready(struct vm_pool *p, struct vm_link *l)
+{
+    snprintf(p->last_error, sizeof(p->last_error), "no error");
+    while (p->nwaiters > 0) {
+        struct vm_session *s = p->waiters[0];
+        pool_cancel_open(p, s);
+        struct vm_link *home = least_referenced_ready(p);
+        link_ref(home);
+        session_open_done(s, home, NULL, 0, NULL);
+    }
+    pump(p);
+}
+
+void pool_link_slot_free(struct vm_pool *p, struct vm_link *l)
+{
+    pump(p);
+}
+
+void pool_link_down(struct vm_pool *p, struct vm_link *l, const void *err_payload, size_t n,
+                    const char *message)
+{
+    snprintf(p->last_error, sizeof(p->last_error), "%s", message);
+    if (any_connecting(p) || least_loaded_ready(p, 0))
+        return; /* someone else may still serve the waiters and the queue */
+    char msg[600];
+    unavailable_message(p, msg, sizeof(msg));
+    fail_waiters(p, err_payload, n, err_payload ? message : msg);
+    fail_queue(p, msg);
+}
+
+void pool_link_gone(struct vm_pool *p, struct vm_link *l)
+{
+    struct link_node *n;
+    TAILQ_FOREACH(n, &p->links, entry) {
+        if (n->link == l) {
+            TAILQ_REMOVE(&p->links, n, entry);
+            free(n);
+            p->nlinks--;
+            break;
+        }
+    }
+    gateway_pool_check(p->gw, p);
+}
+
+void pool_log_status(const struct vm_pool *p)
+{
+    static const char *const states[] = {"connecting", "handshake", "ready", "backoff"};
+    vm_info(p->tag, "status: %d links, %d queued, %d opening", p->nlinks, p->nqueued, p->nwaiters);
+    struct link_node *n;
+    TAILQ_FOREACH(n, &p->links, entry)
+        vm_info(link_tag(n->link), "status: %s, %d sessions, %d in flight",
+                states[link_state(n->link)], link_refs(n->link), link_inflight(n->link));
+}

@@ -1,0 +1,18 @@
+#include "proc.h"
+
+/* The generated table is sorted by (program, number); search it. */
+const struct vm_proc_info *vm_proc_lookup(uint32_t prog, int32_t proc)
+{
+    size_t lo = 0, hi = vm_proc_table_len;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        const struct vm_proc_info *p = &vm_proc_table[mid];
+        if (p->prog == prog && p->proc == proc)
+            return p;
+        if (p->prog < prog || (p->prog == prog && p->proc < proc))
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return NULL;
+}

@@ -1,0 +1,63 @@
+/* The procedure table: every procedure of the REMOTE, QEMU, LXC and KEEPALIVE programs with
+ * its kind and read-only verdict. The table itself is generated at build time from
+ * data/procedures.tsv by tools/gen-proctable.py. */
+#ifndef VM_PROC_H
+#define VM_PROC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "wire.h"
+
+enum vm_proc_kind {
+    VM_PK_CALL,
+    VM_PK_EVENT,
+    VM_PK_EVENT_REGISTER,
+    VM_PK_EVENT_DEREGISTER,
+    VM_PK_STREAM_CREATE,
+    VM_PK_AUTH,
+    VM_PK_CONNECTION,
+    VM_PK_KEEPALIVE,
+};
+
+enum vm_proc_ro { VM_RO_YES, VM_RO_NO, VM_RO_FLAGS };
+
+struct vm_proc_info {
+    uint32_t prog;
+    int32_t proc;
+    const char *name;
+    enum vm_proc_kind kind;
+    enum vm_proc_ro ro;
+    unsigned fds_in : 1;  /* the call carries file descriptors */
+    unsigned fds_out : 1; /* the reply carries file descriptors */
+};
+
+extern const struct vm_proc_info vm_proc_table[];
+extern const size_t vm_proc_table_len;
+
+/* Look up a procedure; NULL when the number is unknown. The result is static. */
+const struct vm_proc_info *vm_proc_lookup(uint32_t prog, int32_t proc);
+
+/* Well-known procedure numbers the gateway handles itself. */
+enum {
+    VM_PROC_CONNECT_OPEN = 1,
+    VM_PROC_CONNECT_CLOSE = 2,
+    VM_PROC_CONNECT_SUPPORTS_FEATURE = 60,
+    VM_PROC_AUTH_LIST = 66,
+    VM_PROC_CONNECT_GET_URI = 110,
+    VM_PROC_CONNECT_REGISTER_CLOSE_CALLBACK = 360,
+    VM_PROC_CONNECT_UNREGISTER_CLOSE_CALLBACK = 361,
+    VM_PROC_CONNECT_SET_IDENTITY = 419,
+    VM_PROC_KEEPALIVE_PING = 1,
+    VM_PROC_KEEPALIVE_PONG = 2,
+};
+
+/* Driver features (CONNECT_SUPPORTS_FEATURE) that are properties of one hop. */
+enum {
+    VM_FEATURE_FD_PASSING = 8,
+    VM_FEATURE_PROGRAM_KEEPALIVE = 10,
+    VM_FEATURE_REMOTE_EVENT_CALLBACK = 14,
+    VM_FEATURE_REMOTE_CLOSE_CALLBACK = 15,
+};
+
+#endif

@@ -1,0 +1,600 @@
+/*
+ * The client session.
+ *
+ *   client socket --read--> frames --> handle_call --local--> reply (auth list, features,
+ *        ^                                 |                   open, close, URI, keepalive)
+ *        |                                 `--forward--> vm_call --> pool_submit --> link
+ *        `---------------- reply <-- call_finish (serial restored) <--------------'
+ *
+ * Back-pressure: a session stops reading its socket while it has max_client_requests calls
+ * outstanding or more than OUT_HIGH bytes waiting to be written to it, the way libvirtd does.
+ * That bounds what one client can make the gateway hold, and a slow reader only slows itself.
+ */
+#include "session.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+
+#include "call.h"
+#include "config.h"
+#include "gateway.h"
+#include "keepalive.h"
+#include "log.h"
+#include "pool.h"
+#include "proc.h"
+#include "router.h"
+#include "upstream.h"
+#include "wire.h"
+
+#define OUT_HIGH (1u << 20) /* stop reading the client above this much unsent output */
+#define OUT_LOW (256u << 10)
+#define MAX_NAME_LEN 4096
+
+enum session_state { S_NEW, S_OPENING, S_OPEN, S_CLOSING };
+
+struct vm_session {
+    struct vm_gateway *gw;             /* not owned */
+    const struct vm_listener_cfg *lcfg; /* not owned */
+    unsigned id;
+    char tag[160];
+    struct bufferevent *bev;           /* owned */
+    enum session_state state;
+    int is_tcp;
+    int paused;                        /* reading disabled for back-pressure */
+    int close_after_flush;             /* CONNECT_CLOSE answered: hang up once written */
+    uint32_t skip_bytes;               /* FD dummy bytes to discard after a refused FD call */
+    struct event *kick;                /* owned: resumes input processing after a pause */
+
+    struct vm_hdr open_hdr;            /* the CONNECT_OPEN being answered */
+    char *opened_name;                 /* owned: the name the client opened */
+    struct vm_route route;             /* owned: upstream and forwarded name */
+    int readonly;
+    struct vm_pool *pool;              /* not owned; valid while home or opening */
+    struct vm_link *home;              /* one reference held while open */
+
+    struct vm_keepalive ka;            /* only armed once the client asked feature 10 */
+    struct vm_call_list calls;         /* owned: outstanding forwarded calls */
+    int noutstanding;
+};
+
+static void process_input(struct vm_session *s);
+
+const char *session_tag(const struct vm_session *s)
+{
+    return s->tag;
+}
+
+static struct evbuffer *out_of(struct vm_session *s)
+{
+    return bufferevent_get_output(s->bev);
+}
+
+static void reply_error(struct vm_session *s, const struct vm_hdr *h, int code, int domain,
+                        const char *msg)
+{
+    vm_debug(s->tag, "proc %d serial %u: error %d: %s", h->proc, h->serial, code, msg);
+    wire_put_error(out_of(s), h, code, domain, msg);
+}
+
+static void reply_u32(struct vm_session *s, const struct vm_hdr *h, uint32_t v)
+{
+    struct xbuf b;
+    xb_init(&b);
+    xb_u32(&b, v);
+    wire_put_reply(out_of(s), h, b.p, b.len);
+    xb_free(&b);
+}
+
+/* Pause or resume reading from the client according to its load. */
+static void update_flow(struct vm_session *s)
+{
+    if (s->state == S_CLOSING)
+        return;
+    int max = gateway_config(s->gw)->max_client_requests;
+    size_t out = evbuffer_get_length(out_of(s));
+    int busy = s->noutstanding >= max || out > OUT_HIGH;
+    if (busy && !s->paused) {
+        s->paused = 1;
+        bufferevent_disable(s->bev, EV_READ);
+    } else if (!busy && s->paused && out <= OUT_LOW) {
+        s->paused = 0;
+        bufferevent_enable(s->bev, EV_READ);
+        event_active(s->kick, 0, 0); /* frames may already be buffered */
+    }
+}
+
+/* ---- calls ---- */
+
+static void call_free(struct vm_call *c)
+{
+    if (c->pkt)
+        evbuffer_free(c->pkt);
+    free(c);
+}
+
+static void call_detach(struct vm_call *c)
+{
+    struct vm_session *s = c->session;
+    TAILQ_REMOVE(&s->calls, c, sentry);
+    s->noutstanding--;
+    c->session = NULL;
+}
+
+void call_finish(struct vm_call *c, struct evbuffer *pkt)
+{
+    struct vm_session *s = c->session;
+    if (s) {
+        wire_set_serial(pkt, c->hdr.serial);
+        evbuffer_add_buffer(out_of(s), pkt);
+        call_detach(c);
+        update_flow(s);
+    }
+    evbuffer_free(pkt);
+    call_free(c);
+}
+
+void call_fail(struct vm_call *c, int code, int domain, const char *message)
+{
+    struct vm_session *s = c->session;
+    if (s) {
+        reply_error(s, &c->hdr, code, domain, message);
+        call_detach(c);
+        update_flow(s);
+    }
+    call_free(c);
+}
+
+/* ---- keepalive towards the client ---- */
+
+static void ka_ping(void *arg)
+{
+    struct vm_session *s = arg;
+    wire_put_keepalive(out_of(s), VM_PROC_KEEPALIVE_PING);
+}
+
+static void ka_dead(void *arg)
+{
+    session_close(arg, "keepalive timeout");
+}
+
+/* ---- open / close ---- */
+
+static void handle_open(struct vm_session *s, const struct vm_hdr *h, const uint8_t *args, size_t n)
+{
+    if (s->state != S_NEW) {
+        reply_error(s, h, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, "internal error: connection already open");
+        return;
+    }
+    struct xrd r;
+    int present;
+    xr_init(&r, args, n);
+    char *name = xr_opt_string(&r, MAX_NAME_LEN, &present);
+    uint32_t flags = xr_u32(&r);
+    if (r.err) {
+        free(name);
+        reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "Unable to decode message payload");
+        return;
+    }
+    if (!name) {
+        name = strdup("");
+        if (!name)
+            abort();
+    }
+    char err[600];
+    if (router_resolve(gateway_config(s->gw), s->lcfg->upstream, name, &s->route, err,
+                       sizeof(err)) < 0) {
+        vm_info(s->tag, "open \"%s\" refused: %s", name, err);
+        reply_error(s, h, VIR_ERR_NO_CONNECT, VIR_FROM_NONE, err);
+        free(name);
+        return;
+    }
+    free(s->opened_name);
+    s->opened_name = name;
+    s->readonly = flags & 1;
+    s->open_hdr = *h;
+    s->state = S_OPENING;
+    s->pool = gateway_pool(s->gw, s->route.upstream, s->route.name, s->readonly);
+    vm_info(s->tag, "open \"%s\" -> upstream %s as \"%s\"%s", name, s->route.upstream->name,
+            s->route.name, s->readonly ? " (read-only)" : "");
+    pool_open(s->pool, s);
+}
+
+void session_open_done(struct vm_session *s, struct vm_link *home, const void *err_payload,
+                       size_t n, const char *message)
+{
+    if (home) {
+        s->home = home;
+        s->state = S_OPEN;
+        wire_put_reply(out_of(s), &s->open_hdr, NULL, 0);
+        vm_debug(s->tag, "open: home %s", link_tag(home));
+        return;
+    }
+    struct vm_pool *p = s->pool;
+    s->pool = NULL;
+    s->state = S_NEW;
+    route_clear(&s->route);
+    if (err_payload) {
+        wire_put_packet(out_of(s), s->open_hdr.prog, s->open_hdr.proc, VM_REPLY,
+                        s->open_hdr.serial, VM_STATUS_ERROR, err_payload, n);
+    } else {
+        reply_error(s, &s->open_hdr, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, message);
+    }
+    vm_info(s->tag, "open failed: %s", message ? message : "refused by upstream");
+    gateway_pool_check(s->gw, p);
+}
+
+void session_home_lost(struct vm_session *s)
+{
+    s->home = NULL;
+}
+
+/* ---- dispatch ---- */
+
+/* Hand a call to the pool; the packet moves into the call record. */
+static void forward_call(struct vm_session *s, const struct vm_hdr *h, struct evbuffer *pkt)
+{
+    struct vm_call *c = calloc(1, sizeof(*c));
+    if (!c)
+        abort();
+    c->session = s;
+    c->hdr = *h;
+    c->pkt = evbuffer_new();
+    if (!c->pkt)
+        abort();
+    evbuffer_add_buffer(c->pkt, pkt);
+    TAILQ_INSERT_TAIL(&s->calls, c, sentry);
+    s->noutstanding++;
+    pool_submit(s->pool, s->home, c);
+    if (s->state != S_CLOSING)
+        update_flow(s);
+}
+
+static int require_open(struct vm_session *s, const struct vm_hdr *h)
+{
+    if (s->state == S_OPEN)
+        return 1;
+    reply_error(s, h, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC,
+                "internal error: hypervisor connection not open");
+    return 0;
+}
+
+static void handle_feature(struct vm_session *s, const struct vm_hdr *h, struct evbuffer *pkt,
+                           const uint8_t *args, size_t n)
+{
+    struct xrd r;
+    xr_init(&r, args, n);
+    int32_t feature = xr_i32(&r);
+    if (r.err) {
+        reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "Unable to decode message payload");
+        return;
+    }
+    const struct vm_config *cfg = gateway_config(s->gw);
+    switch (feature) {
+    case VM_FEATURE_PROGRAM_KEEPALIVE:
+        /* Per hop, and valid before OPEN. The client has a keepalive handler: we may PING. */
+        reply_u32(s, h, 1);
+        if (!s->ka.timer && keepalive_start(&s->ka, gateway_base(s->gw), cfg->keepalive_interval_s,
+                                            cfg->keepalive_count, ka_ping, ka_dead, s) < 0)
+            vm_warn(s->tag, "cannot arm keepalive");
+        return;
+    case VM_FEATURE_REMOTE_EVENT_CALLBACK:
+    case VM_FEATURE_REMOTE_CLOSE_CALLBACK:
+        if (require_open(s, h))
+            reply_u32(s, h, 1);
+        return;
+    case VM_FEATURE_FD_PASSING:
+        if (require_open(s, h))
+            reply_u32(s, h, 0); /* FDs are never relayed through the gateway */
+        return;
+    default:
+        break;
+    }
+    if (!require_open(s, h))
+        return;
+    /* A driver feature (migration, typed params, ...): the upstream decides. */
+    forward_call(s, h, pkt);
+}
+
+static void refuse(struct vm_session *s, const struct vm_hdr *h, const char *what,
+                   const struct vm_proc_info *info)
+{
+    char msg[300];
+    snprintf(msg, sizeof(msg),
+             "this function is not supported by the connection driver: %s (%s) through virtmux",
+             what, info ? info->name : "?");
+    reply_error(s, h, VIR_ERR_NO_SUPPORT, VIR_FROM_RPC, msg);
+}
+
+/* A CALL. `pkt` holds the whole packet; consumed only when forwarded. */
+static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evbuffer *pkt)
+{
+    char msg[200];
+    if (h->status != VM_STATUS_OK) {
+        snprintf(msg, sizeof(msg), "Unexpected message status %u", h->status);
+        reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, msg);
+        return;
+    }
+    if ((h->prog != VM_PROG_REMOTE && h->prog != VM_PROG_QEMU && h->prog != VM_PROG_LXC) ||
+        h->vers != VM_PROG_VERSION) {
+        snprintf(msg, sizeof(msg), "Cannot find program %d version %d", (int)h->prog, (int)h->vers);
+        reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, msg);
+        return;
+    }
+    const struct vm_proc_info *info = vm_proc_lookup(h->prog, h->proc);
+    size_t argn = h->len - VM_HDR_LEN;
+
+    if (h->prog == VM_PROG_REMOTE) {
+        /* Small argument blocks only: these are all a few words long. */
+        uint8_t args[MAX_NAME_LEN + 16];
+        size_t take = argn < sizeof(args) ? argn : sizeof(args);
+        switch (h->proc) {
+        case VM_PROC_AUTH_LIST:
+            if (s->state == S_NEW || s->state == S_OPEN) {
+                struct xbuf b;
+                xb_init(&b);
+                xb_u32(&b, 1);
+                xb_u32(&b, 0); /* REMOTE_AUTH_NONE */
+                wire_put_reply(out_of(s), h, b.p, b.len);
+                xb_free(&b);
+            }
+            return;
+        case VM_PROC_CONNECT_SUPPORTS_FEATURE:
+            {
+                /* Copy, not remove: a driver feature is forwarded as it came. */
+                struct evbuffer_ptr pos;
+                evbuffer_ptr_set(pkt, &pos, VM_HDR_LEN, EVBUFFER_PTR_SET);
+                evbuffer_copyout_from(pkt, &pos, args, take);
+            }
+            handle_feature(s, h, pkt, args, take);
+            return;
+        case VM_PROC_CONNECT_OPEN:
+            if (argn > sizeof(args)) {
+                reply_error(s, h, VIR_ERR_INVALID_ARG, VIR_FROM_RPC,
+                            "invalid argument: connection name too long");
+                return;
+            }
+            evbuffer_drain(pkt, VM_HDR_LEN);
+            evbuffer_remove(pkt, args, argn);
+            handle_open(s, h, args, argn);
+            return;
+        case VM_PROC_CONNECT_CLOSE:
+            wire_put_reply(out_of(s), h, NULL, 0);
+            s->close_after_flush = 1;
+            bufferevent_disable(s->bev, EV_READ);
+            return;
+        case VM_PROC_CONNECT_GET_URI:
+            if (require_open(s, h)) {
+                struct xbuf b;
+                xb_init(&b);
+                xb_string(&b, s->opened_name[0] ? s->opened_name : s->route.name);
+                wire_put_reply(out_of(s), h, b.p, b.len);
+                xb_free(&b);
+            }
+            return;
+        case VM_PROC_CONNECT_REGISTER_CLOSE_CALLBACK:
+        case VM_PROC_CONNECT_UNREGISTER_CLOSE_CALLBACK:
+            if (require_open(s, h))
+                wire_put_reply(out_of(s), h, NULL, 0);
+            return;
+        case VM_PROC_CONNECT_SET_IDENTITY:
+            reply_error(s, h, VIR_ERR_OPERATION_DENIED, VIR_FROM_RPC,
+                        "operation forbidden: CONNECT_SET_IDENTITY would change the identity of "
+                        "a shared upstream connection; virtmux does not forward it");
+            return;
+        default:
+            break;
+        }
+        if (info && info->kind == VM_PK_AUTH) {
+            reply_error(s, h, VIR_ERR_AUTH_FAILED, VIR_FROM_RPC,
+                        "authentication failed: this virtmux listener uses auth none");
+            return;
+        }
+    }
+
+    if (!require_open(s, h))
+        return;
+    if (info && (info->kind == VM_PK_EVENT_REGISTER || info->kind == VM_PK_EVENT_DEREGISTER)) {
+        refuse(s, h, "event registration is not relayed yet", info);
+        return;
+    }
+    if (info && info->kind == VM_PK_STREAM_CREATE) {
+        refuse(s, h, "streams are not relayed yet", info);
+        return;
+    }
+    if (info && (info->fds_in || info->fds_out)) {
+        refuse(s, h, "file descriptor passing is not possible", info);
+        return;
+    }
+
+    forward_call(s, h, pkt);
+}
+
+/* One whole packet from the client, in `pkt` (freed by the caller). */
+static void handle_packet(struct vm_session *s, struct evbuffer *pkt)
+{
+    struct vm_hdr h;
+    wire_hdr_peek(pkt, &h);
+    keepalive_touch(&s->ka);
+
+    if (h.prog == VM_PROG_KEEPALIVE) {
+        if (h.type != VM_MESSAGE || h.vers != VM_PROG_VERSION ||
+            (h.proc != VM_PROC_KEEPALIVE_PING && h.proc != VM_PROC_KEEPALIVE_PONG)) {
+            session_close(s, "malformed keepalive packet");
+            return;
+        }
+        if (h.proc == VM_PROC_KEEPALIVE_PING)
+            wire_put_keepalive(out_of(s), VM_PROC_KEEPALIVE_PONG);
+        return;
+    }
+
+    switch (h.type) {
+    case VM_CALL:
+        handle_call(s, &h, pkt);
+        return;
+    case VM_CALL_WITH_FDS: {
+        /* The FDs follow out of band, each with one dummy byte after the packet: discard
+         * those bytes (the kernel drops the descriptors we never receive) and refuse. */
+        uint8_t w[4] = {0};
+        struct evbuffer_ptr pos;
+        evbuffer_ptr_set(pkt, &pos, VM_HDR_LEN, EVBUFFER_PTR_SET);
+        evbuffer_copyout_from(pkt, &pos, w, sizeof(w));
+        uint32_t nfds = (uint32_t)w[0] << 24 | (uint32_t)w[1] << 16 | (uint32_t)w[2] << 8 | w[3];
+        if (h.len < VM_HDR_LEN + 4 || nfds > 32 || (s->is_tcp && nfds)) {
+            session_close(s, "bad CALL_WITH_FDS packet");
+            return;
+        }
+        s->skip_bytes = nfds;
+        reply_error(s, &h, VIR_ERR_NO_SUPPORT, VIR_FROM_RPC,
+                    "this function is not supported by the connection driver: file descriptor "
+                    "passing through virtmux");
+        return;
+    }
+    case VM_REPLY:
+    case VM_MESSAGE:
+    case VM_STREAM:
+    case VM_STREAM_HOLE:
+    case VM_REPLY_WITH_FDS:
+        /* libvirtd silently drops these from a client; so do we (no streams relayed yet). */
+        vm_debug(s->tag, "dropped packet type %u proc %d", h.type, h.proc);
+        return;
+    default: {
+        char why[64];
+        snprintf(why, sizeof(why), "unknown packet type %u", h.type);
+        session_close(s, why);
+        return;
+    }
+    }
+}
+
+static void process_input(struct vm_session *s)
+{
+    struct evbuffer *in = bufferevent_get_input(s->bev);
+    while (s->state != S_CLOSING && !s->paused && !s->close_after_flush) {
+        if (s->skip_bytes) {
+            size_t n = evbuffer_get_length(in);
+            if (!n)
+                break;
+            size_t k = n < s->skip_bytes ? n : s->skip_bytes;
+            evbuffer_drain(in, k);
+            s->skip_bytes -= (uint32_t)k;
+            continue;
+        }
+        uint32_t len;
+        int r = wire_frame_ready(in, &len);
+        if (r < 0) {
+            char why[80];
+            uint8_t w[4];
+            evbuffer_copyout(in, w, 4);
+            snprintf(why, sizeof(why), "illegal length word 0x%02x%02x%02x%02x", w[0], w[1], w[2], w[3]);
+            session_close(s, why);
+            return;
+        }
+        if (r == 0)
+            break;
+        struct evbuffer *pkt = evbuffer_new();
+        if (!pkt)
+            abort();
+        evbuffer_remove_buffer(in, pkt, len);
+        handle_packet(s, pkt);
+        evbuffer_free(pkt);
+    }
+}
+
+static void kick_cb(evutil_socket_t fd, short what, void *arg)
+{
+    process_input(arg);
+}
+
+static void read_cb(struct bufferevent *bev, void *arg)
+{
+    process_input(arg);
+}
+
+static void write_cb(struct bufferevent *bev, void *arg)
+{
+    struct vm_session *s = arg;
+    if (s->close_after_flush && evbuffer_get_length(out_of(s)) == 0) {
+        session_close(s, "client closed the connection (CONNECT_CLOSE)");
+        return;
+    }
+    update_flow(s);
+}
+
+static void event_cb(struct bufferevent *bev, short what, void *arg)
+{
+    struct vm_session *s = arg;
+    if (what & BEV_EVENT_EOF)
+        session_close(s, "client hung up");
+    else if (what & BEV_EVENT_ERROR)
+        session_close(s, evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
+}
+
+void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evutil_socket_t fd,
+                 const char *peer, int is_tcp)
+{
+    struct vm_session *s = calloc(1, sizeof(*s));
+    if (!s)
+        abort();
+    s->gw = gw;
+    s->lcfg = lcfg;
+    s->id = gateway_next_id(gw);
+    s->is_tcp = is_tcp;
+    TAILQ_INIT(&s->calls);
+    snprintf(s->tag, sizeof(s->tag), "C#%u %s", s->id, peer);
+    s->bev = bufferevent_socket_new(gateway_base(gw), fd, BEV_OPT_CLOSE_ON_FREE);
+    s->kick = event_new(gateway_base(gw), -1, 0, kick_cb, s);
+    if (!s->bev || !s->kick)
+        abort();
+    bufferevent_setcb(s->bev, read_cb, write_cb, event_cb, s);
+    bufferevent_setwatermark(s->bev, EV_WRITE, OUT_LOW, 0);
+    bufferevent_enable(s->bev, EV_READ);
+    gateway_session_opened(gw);
+    vm_info(s->tag, "connected on listener %s", lcfg->name);
+}
+
+static void session_free(void *p)
+{
+    struct vm_session *s = p;
+    free(s->opened_name);
+    route_clear(&s->route);
+    free(s);
+}
+
+void session_close(struct vm_session *s, const char *why)
+{
+    if (s->state == S_CLOSING)
+        return;
+    enum session_state was = s->state;
+    s->state = S_CLOSING;
+    vm_info(s->tag, "closed: %s (%d calls outstanding)", why, s->noutstanding);
+
+    struct vm_call *c;
+    while ((c = TAILQ_FIRST(&s->calls))) {
+        struct vm_link *inflight = c->link;
+        call_detach(c); /* swallowed: the late reply is dropped */
+        if (!inflight) {
+            pool_cancel_call(s->pool, c);
+            call_free(c);
+        }
+    }
+    struct vm_pool *p = s->pool;
+    if (was == S_OPENING)
+        pool_cancel_open(p, s);
+    if (s->home)
+        pool_release(p, s->home);
+    s->home = NULL;
+    keepalive_stop(&s->ka);
+    event_free(s->kick);
+    s->kick = NULL;
+    bufferevent_free(s->bev);
+    s->bev = NULL;
+    gateway_session_closed(s->gw);
+    if (p)
+        gateway_pool_check(s->gw, p);
+    gateway_defer_free(s->gw, session_free, s);
+}

@@ -1,0 +1,29 @@
+/* The client session: one accepted client socket, speaking libvirt RPC as libvirtd would.
+ * It answers the per-hop procedures itself (auth list, keepalive, features, open, close,
+ * close callbacks, URI) and hands every other call to its pool. */
+#ifndef VM_SESSION_H
+#define VM_SESSION_H
+
+#include <event2/util.h>
+
+#include "fwd.h"
+
+/* Take over an accepted socket `fd` (closed on failure). `peer` is a printable address. */
+void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evutil_socket_t fd,
+                 const char *peer, int is_tcp);
+
+/* The pool finished the CONNECT_OPEN of `s`: on success `home` is the upstream connection the
+ * session now holds a reference on (taken by the pool); on failure `home` is NULL and the
+ * error is either the upstream's own error payload (err_payload, n) or `message`. */
+void session_open_done(struct vm_session *s, struct vm_link *home, const void *err_payload,
+                       size_t n, const char *message);
+
+/* The home link of `s` was closed for good; the session must not use it any more. */
+void session_home_lost(struct vm_session *s);
+
+const char *session_tag(const struct vm_session *s);
+
+/* Close a session for `why` (logged). Idempotent; the memory is reaped after this loop turn. */
+void session_close(struct vm_session *s, const char *why);
+
+#endif

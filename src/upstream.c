@@ -1,0 +1,485 @@
+/*
+ * One upstream connection to libvirtd ("link").
+ *
+ *   link_new --timer--> connect --> AUTH_LIST(s0) --> SUPPORTS_FEATURE 10 (s1) --> OPEN (s2)
+ *                                                                                   |
+ *        pool_link_down <-- socket lost / keepalive dead / refused <-- READY <------'
+ *             |                                                        |  link_send: serial
+ *             `--> BACKOFF (refs > 0) --timer--> connect ...           |  rewrite, inflight[]
+ *                  or freed (nothing refers to it)                     `-- reply: call_finish
+ *
+ * Ownership: the pool lists links; a link frees itself (link_free) when it is unused, and
+ * tells the pool through pool_link_gone. Sessions hold references (refs) on their home link.
+ */
+#include "upstream.h"
+
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+
+#include "call.h"
+#include "config.h"
+#include "gateway.h"
+#include "keepalive.h"
+#include "log.h"
+#include "pool.h"
+#include "proc.h"
+#include "wire.h"
+
+#define BACKOFF_MIN_MS 100
+#define BACKOFF_MAX_MS 2000
+
+enum hs_step { HS_AUTH_LIST = 0, HS_KEEPALIVE = 1, HS_OPEN = 2 };
+
+struct vm_link {
+    struct vm_pool *pool;        /* not owned; outlives the link */
+    unsigned id;
+    char tag[200];
+    enum vm_link_state state;
+    struct bufferevent *bev;     /* owned while connected */
+    struct event *timer;         /* owned: start, backoff and idle */
+    int timer_is_idle;
+    int backoff_ms;
+    int refs;                    /* sessions whose home this is */
+    int freeing;
+
+    uint32_t next_serial;
+    struct vm_call **inflight;   /* owned slots; the calls belong to their sessions */
+    int max_inflight, ninflight;
+    struct vm_keepalive ka;
+};
+
+static void link_connect(struct vm_link *l);
+static void link_down(struct vm_link *l, const void *err_payload, size_t n, const char *why);
+static void maybe_idle(struct vm_link *l);
+
+enum vm_link_state link_state(const struct vm_link *l) { return l->state; }
+int link_refs(const struct vm_link *l) { return l->refs; }
+int link_inflight(const struct vm_link *l) { return l->ninflight; }
+const char *link_tag(const struct vm_link *l) { return l->tag; }
+
+int link_has_room(const struct vm_link *l)
+{
+    return l->ninflight < l->max_inflight;
+}
+
+static void timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct vm_link *l = arg;
+    if (l->timer_is_idle) {
+        l->timer_is_idle = 0;
+        if (l->refs == 0 && l->ninflight == 0) {
+            vm_info(l->tag, "idle: closing");
+            link_free(l);
+        }
+        return;
+    }
+    link_connect(l);
+}
+
+static void arm_timer(struct vm_link *l, int ms, int idle)
+{
+    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+    l->timer_is_idle = idle;
+    evtimer_add(l->timer, &tv);
+}
+
+struct vm_link *link_new(struct vm_pool *p)
+{
+    struct vm_link *l = calloc(1, sizeof(*l));
+    if (!l)
+        abort();
+    const struct vm_upstream_cfg *up = pool_upstream(p);
+    l->pool = p;
+    l->id = gateway_next_id(pool_gateway(p));
+    snprintf(l->tag, sizeof(l->tag), "U#%u %s%s", l->id, up->name, pool_readonly(p) ? " ro" : "");
+    l->max_inflight = up->pool.max_inflight;
+    l->inflight = calloc((size_t)l->max_inflight, sizeof(*l->inflight));
+    l->timer = evtimer_new(gateway_base(pool_gateway(p)), timer_cb, l);
+    if (!l->inflight || !l->timer)
+        abort();
+    l->state = VM_LINK_CONNECTING;
+    l->backoff_ms = BACKOFF_MIN_MS;
+    arm_timer(l, 0, 0); /* connect from the loop, never inside the caller */
+    return l;
+}
+
+static void link_free_mem(void *arg)
+{
+    struct vm_link *l = arg;
+    free(l->inflight);
+    free(l);
+}
+
+void link_free(struct vm_link *l)
+{
+    if (l->freeing)
+        return;
+    l->freeing = 1;
+    if (l->bev)
+        link_down(l, NULL, 0, "closed by virtmux");
+    keepalive_stop(&l->ka);
+    event_free(l->timer);
+    l->timer = NULL;
+    struct vm_pool *p = l->pool;
+    struct vm_gateway *gw = pool_gateway(p);
+    pool_link_gone(p, l);
+    gateway_defer_free(gw, link_free_mem, l);
+}
+
+void link_ref(struct vm_link *l)
+{
+    l->refs++;
+    if (l->timer_is_idle) {
+        evtimer_del(l->timer);
+        l->timer_is_idle = 0;
+    }
+}
+
+void link_unref(struct vm_link *l)
+{
+    l->refs--;
+    if (l->refs == 0 && l->state == VM_LINK_BACKOFF) {
+        /* Nobody is waiting for this one to come back. */
+        link_free(l);
+        return;
+    }
+    maybe_idle(l);
+}
+
+static void maybe_idle(struct vm_link *l)
+{
+    if (l->refs || l->ninflight || l->state != VM_LINK_READY || l->freeing)
+        return;
+    int secs = pool_upstream(l->pool)->pool.idle_timeout_s;
+    arm_timer(l, secs * 1000, 1);
+}
+
+/* ---- sending ---- */
+
+static void send_call(struct vm_link *l, int32_t proc, const void *args, size_t n)
+{
+    wire_put_packet(bufferevent_get_output(l->bev), VM_PROG_REMOTE, proc, VM_CALL,
+                    l->next_serial++, VM_STATUS_OK, args, n);
+}
+
+void link_send(struct vm_link *l, struct vm_call *c)
+{
+    int slot = 0;
+    while (l->inflight[slot])
+        slot++;
+    l->inflight[slot] = c;
+    l->ninflight++;
+    c->link = l;
+    c->up_serial = l->next_serial++;
+    wire_set_serial(c->pkt, c->up_serial);
+    bufferevent_write_buffer(l->bev, c->pkt);
+    evbuffer_free(c->pkt);
+    c->pkt = NULL;
+    if (l->timer_is_idle) {
+        evtimer_del(l->timer);
+        l->timer_is_idle = 0;
+    }
+}
+
+static struct vm_call *take_inflight(struct vm_link *l, uint32_t serial)
+{
+    for (int i = 0; i < l->max_inflight; i++) {
+        struct vm_call *c = l->inflight[i];
+        if (c && c->up_serial == serial) {
+            l->inflight[i] = NULL;
+            l->ninflight--;
+            c->link = NULL;
+            return c;
+        }
+    }
+    return NULL;
+}
+
+/* ---- keepalive ---- */
+
+static void ka_ping(void *arg)
+{
+    struct vm_link *l = arg;
+    if (l->bev)
+        wire_put_keepalive(bufferevent_get_output(l->bev), VM_PROC_KEEPALIVE_PING);
+}
+
+static void ka_dead(void *arg)
+{
+    link_down(arg, NULL, 0, "keepalive timeout: libvirtd stopped answering");
+}
+
+/* ---- handshake ---- */
+
+static void handshake_reply(struct vm_link *l, const struct vm_hdr *h, struct evbuffer *pkt)
+{
+    size_t n = h->len - VM_HDR_LEN;
+    uint8_t *payload = evbuffer_pullup(pkt, -1) + VM_HDR_LEN;
+    if (h->status != VM_STATUS_OK) {
+        int code, dom;
+        char msg[512];
+        if (wire_error_decode(payload, n, &code, &dom, msg, sizeof(msg)) < 0)
+            snprintf(msg, sizeof(msg), "undecodable error");
+        char why[600];
+        snprintf(why, sizeof(why), "libvirtd refused the %s: %s",
+                 h->serial == HS_OPEN ? "open" : "handshake", msg);
+        link_down(l, payload, n, why);
+        return;
+    }
+    const struct vm_upstream_cfg *up = pool_upstream(l->pool);
+    switch (h->serial) {
+    case HS_AUTH_LIST: {
+        struct xrd r;
+        xr_init(&r, payload, n);
+        uint32_t count = xr_u32(&r);
+        int none = count == 0; /* an empty list also means no auth */
+        for (uint32_t i = 0; i < count && i < 8 && !r.err; i++)
+            if (xr_u32(&r) == 0)
+                none = 1;
+        if (r.err || !none) {
+            link_down(l, NULL, 0, "libvirtd requires authentication (SASL/polkit), which this "
+                                  "virtmux upstream is not configured for");
+            return;
+        }
+        struct xbuf b;
+        xb_init(&b);
+        xb_i32(&b, VM_FEATURE_PROGRAM_KEEPALIVE);
+        send_call(l, VM_PROC_CONNECT_SUPPORTS_FEATURE, b.p, b.len);
+        xb_free(&b);
+        return;
+    }
+    case HS_KEEPALIVE: {
+        struct xbuf b;
+        xb_init(&b);
+        xb_opt_string(&b, pool_name(l->pool));
+        xb_u32(&b, pool_readonly(l->pool) ? 1 : 0);
+        send_call(l, VM_PROC_CONNECT_OPEN, b.p, b.len);
+        xb_free(&b);
+        return;
+    }
+    case HS_OPEN: {
+        l->state = VM_LINK_READY;
+        l->backoff_ms = BACKOFF_MIN_MS;
+        bufferevent_set_timeouts(l->bev, NULL, NULL);
+        const struct vm_config *cfg = gateway_config(pool_gateway(l->pool));
+        if (keepalive_start(&l->ka, gateway_base(pool_gateway(l->pool)), cfg->keepalive_interval_s,
+                            cfg->keepalive_count, ka_ping, ka_dead, l) < 0)
+            vm_warn(l->tag, "cannot arm keepalive");
+        vm_info(l->tag, "ready: opened \"%s\"%s", pool_name(l->pool),
+                pool_readonly(l->pool) ? " read-only" : "");
+        (void)up;
+        pool_link_ready(l->pool, l);
+        maybe_idle(l);
+        return;
+    }
+    default:
+        vm_debug(l->tag, "unexpected handshake reply serial %u", h->serial);
+    }
+}
+
+/* ---- reading ---- */
+
+/* Returns 0 to keep reading, -1 when the link went down. */
+static int handle_packet(struct vm_link *l, struct evbuffer *pkt)
+{
+    struct vm_hdr h;
+    wire_hdr_peek(pkt, &h);
+    keepalive_touch(&l->ka);
+    if (h.prog == VM_PROG_KEEPALIVE) {
+        if (h.proc == VM_PROC_KEEPALIVE_PING)
+            wire_put_keepalive(bufferevent_get_output(l->bev), VM_PROC_KEEPALIVE_PONG);
+        return 0;
+    }
+    if (h.type == VM_REPLY || h.type == VM_REPLY_WITH_FDS) {
+        if (l->state == VM_LINK_HANDSHAKE) {
+            handshake_reply(l, &h, pkt);
+            return l->bev ? 0 : -1;
+        }
+        struct vm_call *c = take_inflight(l, h.serial);
+        if (!c) {
+            vm_warn(l->tag, "reply for unknown serial %u (proc %d) dropped", h.serial, h.proc);
+            return 0;
+        }
+        struct evbuffer *moved = evbuffer_new();
+        if (!moved)
+            abort();
+        evbuffer_add_buffer(moved, pkt);
+        call_finish(c, moved);
+        pool_link_slot_free(l->pool, l);
+        maybe_idle(l);
+        return 0;
+    }
+    /* Events and stream data are never requested on pooled links in this version. */
+    vm_debug(l->tag, "dropped packet type %u proc %d", h.type, h.proc);
+    return 0;
+}
+
+static void read_cb(struct bufferevent *bev, void *arg)
+{
+    struct vm_link *l = arg;
+    struct evbuffer *in = bufferevent_get_input(bev);
+    for (;;) {
+        uint32_t len;
+        int r = wire_frame_ready(in, &len);
+        if (r < 0) {
+            link_down(l, NULL, 0, "libvirtd sent an illegal length word");
+            return;
+        }
+        if (r == 0)
+            return;
+        struct evbuffer *pkt = evbuffer_new();
+        if (!pkt)
+            abort();
+        evbuffer_remove_buffer(in, pkt, len);
+        int rc = handle_packet(l, pkt);
+        evbuffer_free(pkt);
+        if (rc < 0 || !l->bev)
+            return;
+    }
+}
+
+static void event_cb(struct bufferevent *bev, short what, void *arg)
+{
+    struct vm_link *l = arg;
+    if (what & BEV_EVENT_CONNECTED) {
+        evutil_socket_t fd = bufferevent_getfd(bev);
+        int one = 1;
+        if (pool_upstream(l->pool)->uri.transport == VM_TR_TCP)
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        l->state = VM_LINK_HANDSHAKE;
+        l->next_serial = HS_AUTH_LIST;
+        send_call(l, VM_PROC_AUTH_LIST, NULL, 0);
+        return;
+    }
+    char why[300];
+    if (what & BEV_EVENT_TIMEOUT)
+        snprintf(why, sizeof(why), "%s timed out",
+                 l->state == VM_LINK_CONNECTING ? "connect" : "handshake");
+    else if (what & BEV_EVENT_EOF)
+        snprintf(why, sizeof(why), "libvirtd closed the connection");
+    else
+        snprintf(why, sizeof(why), "%s", evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
+    link_down(l, NULL, 0, why);
+}
+
+static int make_addr(const struct vm_uri *u, struct sockaddr_storage *ss, socklen_t *len,
+                     char *err, size_t errlen)
+{
+    memset(ss, 0, sizeof(*ss));
+    if (u->transport == VM_TR_UNIX) {
+        struct sockaddr_un *sun = (struct sockaddr_un *)ss;
+        sun->sun_family = AF_UNIX;
+        if (strlen(u->socket) >= sizeof(sun->sun_path)) {
+            snprintf(err, errlen, "socket path too long");
+            return -1;
+        }
+        strcpy(sun->sun_path, u->socket);
+        *len = sizeof(*sun);
+        return 0;
+    }
+    /* Blocking resolution: upstreams are configured by address or /etc/hosts names. */
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_NUMERICSERV};
+    struct addrinfo *res;
+    char port[16];
+    snprintf(port, sizeof(port), "%d", u->port);
+    int rc = getaddrinfo(u->host, port, &hints, &res);
+    if (rc) {
+        snprintf(err, errlen, "cannot resolve %s: %s", u->host, gai_strerror(rc));
+        return -1;
+    }
+    memcpy(ss, res->ai_addr, res->ai_addrlen);
+    *len = res->ai_addrlen;
+    freeaddrinfo(res);
+    return 0;
+}
+
+static void link_connect(struct vm_link *l)
+{
+    const struct vm_upstream_cfg *up = pool_upstream(l->pool);
+    struct sockaddr_storage ss;
+    socklen_t sslen;
+    char err[300];
+    l->state = VM_LINK_CONNECTING;
+    if (make_addr(&up->uri, &ss, &sslen, err, sizeof(err)) < 0) {
+        link_down(l, NULL, 0, err);
+        return;
+    }
+    l->bev = bufferevent_socket_new(gateway_base(pool_gateway(l->pool)), -1,
+                                    BEV_OPT_CLOSE_ON_FREE);
+    if (!l->bev)
+        abort();
+    bufferevent_setcb(l->bev, read_cb, NULL, event_cb, l);
+    int ms = up->pool.connect_timeout_ms;
+    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+    bufferevent_set_timeouts(l->bev, &tv, &tv);
+    bufferevent_enable(l->bev, EV_READ | EV_WRITE);
+    vm_debug(l->tag, "connecting to %s", up->uri_text);
+    if (bufferevent_socket_connect(l->bev, (struct sockaddr *)&ss, (int)sslen) < 0) {
+        link_down(l, NULL, 0, strerror(errno));
+        return;
+    }
+}
+
+void link_reconnect_now(struct vm_link *l)
+{
+    if (l->state != VM_LINK_BACKOFF)
+        return;
+    evtimer_del(l->timer);
+    l->state = VM_LINK_CONNECTING;
+    arm_timer(l, 0, 0);
+}
+
+/* The socket is gone (or never came): fail what is in flight, then back off or disappear. */
+static void link_down(struct vm_link *l, const void *err_payload, size_t n, const char *why)
+{
+    int was_ready = l->state == VM_LINK_READY;
+    keepalive_stop(&l->ka);
+    if (l->bev) {
+        bufferevent_free(l->bev);
+        l->bev = NULL;
+    }
+    if (was_ready || l->ninflight)
+        vm_warn(l->tag, "connection lost: %s (%d calls in flight)", why, l->ninflight);
+    else
+        vm_info(l->tag, "cannot connect: %s", why);
+
+    char msg[600];
+    snprintf(msg, sizeof(msg), "internal error: virtmux lost its connection to upstream %s: %s",
+             pool_upstream(l->pool)->name, why);
+    for (int i = 0; i < l->max_inflight; i++) {
+        struct vm_call *c = l->inflight[i];
+        if (!c)
+            continue;
+        l->inflight[i] = NULL;
+        l->ninflight--;
+        c->link = NULL;
+        call_fail(c, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, msg);
+    }
+
+    l->state = VM_LINK_BACKOFF;
+    if (l->timer_is_idle) {
+        evtimer_del(l->timer);
+        l->timer_is_idle = 0;
+    }
+    if (!l->freeing && l->refs > 0) {
+        vm_info(l->tag, "reconnecting in %d ms", l->backoff_ms);
+        arm_timer(l, l->backoff_ms, 0);
+        l->backoff_ms = l->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : l->backoff_ms * 2;
+    }
+    if (!l->freeing)
+        pool_link_down(l->pool, l, err_payload, n, why);
+    if (!l->freeing && l->refs == 0)
+        link_free(l);
+}

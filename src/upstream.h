@@ -1,0 +1,34 @@
+/* One upstream connection ("link"): a socket to libvirtd opened once with AUTH_LIST, the
+ * keepalive feature and CONNECT_OPEN, then shared by many sessions. Serials are its own; the
+ * calls in flight sit in a small table indexed by upstream serial.
+ *
+ *   CONNECTING -> HANDSHAKE -> READY -> (socket lost) -> BACKOFF -> CONNECTING ...
+ */
+#ifndef VM_UPSTREAM_H
+#define VM_UPSTREAM_H
+
+#include "fwd.h"
+
+enum vm_link_state { VM_LINK_CONNECTING, VM_LINK_HANDSHAKE, VM_LINK_READY, VM_LINK_BACKOFF };
+
+/* A new link for pool `p`; it starts connecting at once. */
+struct vm_link *link_new(struct vm_pool *p);
+/* Close the socket and free the link. Calls in flight fail; the pool is told. */
+void link_free(struct vm_link *l);
+
+enum vm_link_state link_state(const struct vm_link *l);
+int link_refs(const struct vm_link *l);
+int link_inflight(const struct vm_link *l);
+int link_has_room(const struct vm_link *l);
+const char *link_tag(const struct vm_link *l);
+
+void link_ref(struct vm_link *l);
+/* Drop a session's reference; an unused link is closed after idle_timeout_s. */
+void link_unref(struct vm_link *l);
+
+/* Put a call in flight (the link must be READY with room). Takes the call's packet. */
+void link_send(struct vm_link *l, struct vm_call *c);
+/* Reconnect now instead of waiting for the backoff timer. */
+void link_reconnect_now(struct vm_link *l);
+
+#endif

@@ -1,0 +1,157 @@
+#include "uri.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#define DEFAULT_TCP_PORT 16509
+#define DEFAULT_UNIX_SOCKET "/var/run/libvirt/libvirt-sock"
+
+void uri_clear(struct vm_uri *u)
+{
+    free(u->driver);
+    free(u->host);
+    free(u->socket);
+    free(u->path);
+    free(u->query);
+    memset(u, 0, sizeof(*u));
+}
+
+static char *dupn(const char *s, size_t n)
+{
+    char *d = strndup(s, n);
+    if (!d)
+        abort();
+    return d;
+}
+
+/* Split the query: take socket=..., keep the rest for the driver. */
+static int take_query(struct vm_uri *u, const char *q, char *err, size_t errlen)
+{
+    char *copy = dupn(q, strlen(q));
+    char rest[1024] = "";
+    char *save = NULL;
+    for (char *kv = strtok_r(copy, "&", &save); kv; kv = strtok_r(NULL, "&", &save)) {
+        if (strncasecmp(kv, "socket=", 7) == 0) {
+            free(u->socket);
+            u->socket = dupn(kv + 7, strlen(kv + 7));
+        } else if (strncasecmp(kv, "name=", 5) == 0) {
+            snprintf(err, errlen, "the \"name\" parameter is not supported");
+            free(copy);
+            return -1;
+        } else {
+            if (rest[0])
+                strncat(rest, "&", sizeof(rest) - strlen(rest) - 1);
+            strncat(rest, kv, sizeof(rest) - strlen(rest) - 1);
+        }
+    }
+    free(copy);
+    if (rest[0])
+        u->query = dupn(rest, strlen(rest));
+    return 0;
+}
+
+int uri_parse(const char *s, struct vm_uri *u, char *err, size_t errlen)
+{
+    memset(u, 0, sizeof(*u));
+    const char *sep = strstr(s, "://");
+    if (!sep || sep == s) {
+        snprintf(err, errlen, "not a libvirt URI: \"%s\"", s);
+        return -1;
+    }
+    const char *plus = memchr(s, '+', (size_t)(sep - s));
+    const char *tr = plus ? plus + 1 : NULL;
+    size_t trlen = plus ? (size_t)(sep - tr) : 0;
+    u->driver = dupn(s, plus ? (size_t)(plus - s) : (size_t)(sep - s));
+    if (!u->driver[0]) {
+        snprintf(err, errlen, "missing driver in \"%s\"", s);
+        goto fail;
+    }
+
+    const char *auth = sep + 3;
+    const char *slash = strpbrk(auth, "/?");
+    size_t authlen = slash ? (size_t)(slash - auth) : strlen(auth);
+
+    if (!tr || (trlen == 4 && strncmp(tr, "unix", 4) == 0)) {
+        u->transport = VM_TR_UNIX;
+        if (authlen) {
+            snprintf(err, errlen, "a unix URI takes no host (\"%.*s\")", (int)authlen, auth);
+            goto fail;
+        }
+    } else if (trlen == 3 && strncmp(tr, "tcp", 3) == 0) {
+        u->transport = VM_TR_TCP;
+        if (!authlen) {
+            snprintf(err, errlen, "a tcp URI needs a host");
+            goto fail;
+        }
+        const char *at = memchr(auth, '@', authlen);
+        if (at) { /* a user name has no meaning with auth none; ignore it */
+            authlen -= (size_t)(at + 1 - auth);
+            auth = at + 1;
+        }
+        const char *colon = NULL;
+        if (auth[0] == '[') {
+            const char *close = memchr(auth, ']', authlen);
+            if (!close) {
+                snprintf(err, errlen, "unterminated IPv6 address");
+                goto fail;
+            }
+            u->host = dupn(auth + 1, (size_t)(close - auth - 1));
+            if ((size_t)(close + 1 - auth) < authlen && close[1] == ':')
+                colon = close + 1;
+        } else {
+            colon = memchr(auth, ':', authlen);
+            u->host = dupn(auth, colon ? (size_t)(colon - auth) : authlen);
+        }
+        u->port = DEFAULT_TCP_PORT;
+        if (colon) {
+            char *end;
+            long p = strtol(colon + 1, &end, 10);
+            if (end != auth + authlen || p <= 0 || p > 65535) {
+                snprintf(err, errlen, "bad port in \"%s\"", s);
+                goto fail;
+            }
+            u->port = (int)p;
+        }
+    } else {
+        snprintf(err, errlen, "unsupported transport \"%.*s\"", (int)trlen, tr);
+        goto fail;
+    }
+
+    const char *p = auth + authlen;
+    const char *q = strchr(p, '?');
+    u->path = dupn(p, q ? (size_t)(q - p) : strlen(p));
+    if (q && take_query(u, q + 1, err, errlen) < 0)
+        goto fail;
+    if (u->transport == VM_TR_UNIX && !u->socket)
+        u->socket = dupn(DEFAULT_UNIX_SOCKET, strlen(DEFAULT_UNIX_SOCKET));
+    if (u->transport == VM_TR_TCP && u->socket) {
+        snprintf(err, errlen, "\"socket\" only applies to unix URIs");
+        goto fail;
+    }
+    return 0;
+fail:
+    uri_clear(u);
+    return -1;
+}
+
+char *uri_default_name(const struct vm_uri *u)
+{
+    size_t n = strlen(u->driver) + strlen(u->path) + (u->query ? strlen(u->query) + 1 : 0) + 8;
+    char *s = malloc(n);
+    if (!s)
+        abort();
+    snprintf(s, n, "%s://%s%s%s", u->driver, u->path, u->query ? "?" : "",
+             u->query ? u->query : "");
+    return s;
+}
+
+const char *uri_endpoint(const struct vm_uri *u, char *buf, size_t len)
+{
+    if (u->transport == VM_TR_TCP)
+        snprintf(buf, len, strchr(u->host, ':') ? "[%s]:%d" : "%s:%d", u->host, u->port);
+    else
+        snprintf(buf, len, "%s", u->socket);
+    return buf;
+}
