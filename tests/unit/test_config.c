@@ -1,0 +1,91 @@
+/* Config validation: good files load, bad ones fail with errors that name the JSON path. */
+#include <stdlib.h>
+
+#include "check.h"
+#include "config.h"
+
+/* Parse `json`; return the error text (static buffer), or NULL when it loaded. */
+static const char *errors_of(const char *json)
+{
+    static char buf[4096];
+    FILE *f = fmemopen(buf, sizeof(buf), "w");
+    struct vm_config *cfg = config_parse(json, f);
+    fclose(f);
+    if (cfg) {
+        config_free(cfg);
+        return NULL;
+    }
+    return buf;
+}
+
+#define UP "\"upstreams\":[{\"name\":\"hv1\",\"uri\":\"qemu+tcp://10.0.0.11/system\"}]"
+
+int main(void)
+{
+    struct vm_config *cfg = config_parse(
+        "{\"listeners\":[{\"name\":\"tcp\",\"address\":\"127.0.0.1:16509\",\"auth\":\"none\"},"
+        " {\"name\":\"local\",\"unix\":\"/run/virtmux/libvirt-sock\",\"mode\":\"0660\","
+        "  \"auth\":\"none\",\"upstream\":\"hv1\"}],"
+        " \"upstreams\":[{\"name\":\"hv1\",\"uri\":\"qemu+tcp://10.0.0.11/system\","
+        "   \"pool\":{\"max_connections\":2,\"max_inflight\":3,\"idle_timeout_s\":9}},"
+        "  {\"name\":\"hv2\",\"uri\":\"qemu+unix:///system?socket=/run/libvirt/libvirt-sock\"}],"
+        " \"default_upstream\":\"hv1\","
+        " \"limits\":{\"max_clients\":10,\"queue_timeout_ms\":250}}", stderr);
+    CHECK(cfg != NULL);
+    if (cfg) {
+        CHECK(cfg->nlisteners == 2 && cfg->nupstreams == 2);
+        CHECK(cfg->listeners[1].mode == 0660);
+        CHECK_STR(cfg->listeners[1].upstream, "hv1");
+        CHECK(cfg->upstreams[0].pool.max_connections == 2);
+        CHECK(cfg->upstreams[0].pool.max_inflight == 3);
+        CHECK(cfg->upstreams[0].pool.idle_timeout_s == 9);
+        CHECK(cfg->upstreams[1].pool.max_connections == 4); /* default */
+        CHECK(cfg->upstreams[1].pool.max_inflight == 4);
+        CHECK(cfg->upstreams[0].uri.transport == VM_TR_TCP);
+        CHECK(cfg->upstreams[0].uri.port == 16509);
+        CHECK_STR(cfg->upstreams[0].uri.host, "10.0.0.11");
+        CHECK(cfg->upstreams[1].uri.transport == VM_TR_UNIX);
+        CHECK_STR(cfg->upstreams[1].uri.socket, "/run/libvirt/libvirt-sock");
+        CHECK_STR(cfg->upstreams[1].uri.path, "/system");
+        CHECK(cfg->max_clients == 10 && cfg->queue_timeout_ms == 250);
+        CHECK(cfg->max_client_requests == 16);
+        config_free(cfg);
+    }
+
+    const char *e;
+    e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}],"
+                  " \"upstreams\":[{\"name\":\"a\",\"uri\":\"qemu+tcp://h/system\"},"
+                  "                {\"name\":\"b\",\"uri\":\"qemu+ssh://h/system\"}]}");
+    CHECK(e && strstr(e, "upstreams[1].uri: unsupported transport \"ssh\""));
+    e = errors_of("{" UP "}");
+    CHECK(e && strstr(e, "listeners: must be a non-empty array"));
+    e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\",\"unix\":\"/x\"}]," UP "}");
+    CHECK(e && strstr(e, "listeners[0]: needs exactly one of"));
+    e = errors_of("{\"listeners\":[{\"address\":\"nohost\"}]," UP "}");
+    CHECK(e && strstr(e, "listeners[0].address"));
+    e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\",\"auth\":\"kerberos\"}]," UP "}");
+    CHECK(e && strstr(e, "listeners[0].auth: unsupported auth \"kerberos\""));
+    e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\",\"upstream\":\"nope\"}]," UP "}");
+    CHECK(e && strstr(e, "listeners[0].upstream: no upstream is called \"nope\""));
+    e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}]," UP ",\"default_upstream\":\"x\"}");
+    CHECK(e && strstr(e, "default_upstream: no upstream is called \"x\""));
+    e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}],"
+                  " \"upstreams\":[{\"name\":\"a\",\"uri\":\"qemu+tcp://h/system\","
+                  " \"pool\":{\"max_inflight\":0}}]}");
+    CHECK(e && strstr(e, "upstreams[0].pool.max_inflight: 0 is out of range"));
+    e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}],"
+                  " \"upstreams\":[{\"name\":\"a\",\"uri\":\"qemu+tcp://h/system\"},"
+                  "                {\"name\":\"a\",\"uri\":\"qemu+tcp://g/system\"}]}");
+    CHECK(e && strstr(e, "upstreams[1].name: \"a\" is already used"));
+    e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}]," UP ",\"limitz\":{}}");
+    CHECK(e && strstr(e, "limitz: unknown key"));
+    e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}],"
+                  " \"upstreams\":[{\"name\":\"a\",\"uri\":\"qemu+tcp://h:99999/system\"}]}");
+    CHECK(e && strstr(e, "upstreams[0].uri: bad port"));
+    e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}],"
+                  " \"upstreams\":[{\"name\":\"a b\",\"uri\":\"qemu+tcp://h/system\"}]}");
+    CHECK(e && strstr(e, "upstreams[0].name"));
+    e = errors_of("not json");
+    CHECK(e && strstr(e, "(string):1"));
+    return check_done();
+}
