@@ -1,5 +1,6 @@
 #include "config.h"
 
+#include <arpa/inet.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -90,6 +91,20 @@ static int get_int(struct parse_ctx *ctx, const char *path, json_t *obj, const c
     return (int)n;
 }
 
+static int get_bool(struct parse_ctx *ctx, const char *path, json_t *obj, const char *key, int def)
+{
+    json_t *v = obj ? json_object_get(obj, key) : NULL;
+    if (!v)
+        return def;
+    if (!json_is_boolean(v)) {
+        char p[256];
+        snprintf(p, sizeof(p), "%s%s%s", path, path[0] ? "." : "", key);
+        cfg_error(ctx, p, "must be true or false");
+        return def;
+    }
+    return json_is_true(v);
+}
+
 static json_t *get_object(struct parse_ctx *ctx, const char *path, json_t *obj, const char *key)
 {
     json_t *v = json_object_get(obj, key);
@@ -152,7 +167,8 @@ static void parse_upstream(struct parse_ctx *ctx, int i, json_t *o, struct vm_up
 
 static void parse_listener(struct parse_ctx *ctx, int i, json_t *o, struct vm_listener_cfg *l)
 {
-    static const char *const keys[] = {"name", "address", "unix", "mode", "auth", "upstream", NULL};
+    static const char *const keys[] = {"name", "address", "unix", "mode", "auth", "upstream",
+                                       "readonly", NULL};
     char path[64], p[96];
     snprintf(path, sizeof(path), "listeners[%d]", i);
     if (!json_is_object(o)) {
@@ -203,12 +219,148 @@ static void parse_listener(struct parse_ctx *ctx, int i, json_t *o, struct vm_li
     const char *up = get_string(ctx, path, o, "upstream", 0);
     if (up)
         l->upstream = xstrdup(up);
+    l->readonly = get_bool(ctx, path, o, "readonly", 0);
+}
+
+static int parse_cidr(const char *s, struct vm_rule *r)
+{
+    char addr[64];
+    const char *slash = strchr(s, '/');
+    size_t n = slash ? (size_t)(slash - s) : strlen(s);
+    if (n >= sizeof(addr))
+        return -1;
+    memcpy(addr, s, n);
+    addr[n] = '\0';
+    int max;
+    if (inet_pton(AF_INET, addr, r->net) == 1) {
+        r->family = AF_INET;
+        max = 32;
+    } else if (inet_pton(AF_INET6, addr, r->net) == 1) {
+        r->family = AF_INET6;
+        max = 128;
+    } else {
+        return -1;
+    }
+    r->prefix = max;
+    if (slash) {
+        char *end;
+        long p = strtol(slash + 1, &end, 10);
+        if (*end || !slash[1] || p < 0 || p > max)
+            return -1;
+        r->prefix = (int)p;
+    }
+    r->has_cidr = 1;
+    return 0;
+}
+
+/* The grant part of a rule (or of policy.default). */
+static void parse_grant(struct parse_ctx *ctx, const char *path, json_t *o, struct vm_rule *r,
+                        const struct vm_config *cfg)
+{
+    r->deny = get_bool(ctx, path, o, "deny", 0);
+    r->readonly = get_bool(ctx, path, o, "readonly", 0);
+    r->max_sessions = get_int(ctx, path, o, "max_sessions", 0, 0, 1000000);
+    json_t *ups = json_object_get(o, "upstreams");
+    char p[160];
+    snprintf(p, sizeof(p), "%s.upstreams", path);
+    if (!ups || (json_is_string(ups) && strcmp(json_string_value(ups), "*") == 0))
+        return;
+    if (!json_is_array(ups)) {
+        cfg_error(ctx, p, "must be \"*\" or an array of upstream names");
+        return;
+    }
+    r->upstreams = calloc(json_array_size(ups) + 1, sizeof(char *));
+    if (!r->upstreams)
+        abort();
+    size_t i;
+    json_t *v;
+    json_array_foreach(ups, i, v) {
+        if (!json_is_string(v)) {
+            cfg_error(ctx, p, "entry %zu must be a string", i);
+            continue;
+        }
+        const char *name = json_string_value(v);
+        if (strcmp(name, "*") != 0 && !config_upstream(cfg, name))
+            cfg_error(ctx, p, "no upstream is called \"%s\"", name);
+        r->upstreams[i] = xstrdup(name);
+    }
+}
+
+static void parse_policy(struct parse_ctx *ctx, json_t *pol, struct vm_config *cfg)
+{
+    static const char *const keys[] = {"default", "rules", NULL};
+    static const char *const rule_keys[] = {"match", "deny", "readonly", "upstreams",
+                                            "max_sessions", NULL};
+    static const char *const grant_keys[] = {"deny", "readonly", "upstreams", "max_sessions", NULL};
+    static const char *const match_keys[] = {"listener", "source", "unix_uid", "unix_gid",
+                                             "sasl_user", "tls_dn", NULL};
+    cfg->policy_present = 1;
+    check_keys(ctx, "policy", pol, keys);
+    struct vm_rule *d = &cfg->default_rule;
+    d->index = -1;
+    d->uid = d->gid = -1;
+    d->deny = 1;
+    json_t *def = json_object_get(pol, "default");
+    if (json_is_string(def) && strcmp(json_string_value(def), "allow") == 0) {
+        d->deny = 0;
+    } else if (json_is_object(def)) {
+        check_keys(ctx, "policy.default", def, grant_keys);
+        parse_grant(ctx, "policy.default", def, d, cfg);
+    } else if (def && !(json_is_string(def) && strcmp(json_string_value(def), "deny") == 0)) {
+        cfg_error(ctx, "policy.default", "must be \"deny\", \"allow\" or an object");
+    }
+
+    json_t *rules = json_object_get(pol, "rules");
+    if (!rules)
+        return;
+    if (!json_is_array(rules)) {
+        cfg_error(ctx, "policy.rules", "must be an array");
+        return;
+    }
+    cfg->nrules = (int)json_array_size(rules);
+    cfg->rules = calloc((size_t)cfg->nrules + 1, sizeof(*cfg->rules));
+    if (!cfg->rules)
+        abort();
+    for (int i = 0; i < cfg->nrules; i++) {
+        char path[64], p[96];
+        snprintf(path, sizeof(path), "policy.rules[%d]", i);
+        struct vm_rule *r = &cfg->rules[i];
+        r->index = i;
+        r->uid = r->gid = -1;
+        json_t *o = json_array_get(rules, (size_t)i);
+        if (!json_is_object(o)) {
+            cfg_error(ctx, path, "must be an object");
+            continue;
+        }
+        check_keys(ctx, path, o, rule_keys);
+        parse_grant(ctx, path, o, r, cfg);
+        snprintf(p, sizeof(p), "%s.match", path);
+        json_t *m = get_object(ctx, path, o, "match");
+        if (!m)
+            continue;
+        check_keys(ctx, p, m, match_keys);
+        const char *s;
+        if ((s = get_string(ctx, p, m, "listener", 0)))
+            r->listener = xstrdup(s);
+        if ((s = get_string(ctx, p, m, "sasl_user", 0)))
+            r->sasl_user = xstrdup(s);
+        if ((s = get_string(ctx, p, m, "tls_dn", 0)))
+            r->tls_dn = xstrdup(s);
+        if ((s = get_string(ctx, p, m, "source", 0)) && parse_cidr(s, r) < 0) {
+            char q[128];
+            snprintf(q, sizeof(q), "%s.source", p);
+            cfg_error(ctx, q, "\"%s\" is not an address or CIDR", s);
+        }
+        r->uid = get_int(ctx, p, m, "unix_uid", -1, 0, 0x7fffffff);
+        r->gid = get_int(ctx, p, m, "unix_gid", -1, 0, 0x7fffffff);
+    }
 }
 
 static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
 {
     static const char *const keys[] = {"listeners", "upstreams", "default_upstream", "limits",
-                                       "keepalive", "log", NULL};
+                                       "keepalive", "log", "admin", "policy", NULL};
+    static const char *const admin_keys[] = {"address", "unix", NULL};
     static const char *const limit_keys[] = {"max_clients", "queue_timeout_ms",
                                              "max_client_requests", NULL};
     static const char *const ka_keys[] = {"interval_s", "count", NULL};
@@ -303,6 +455,25 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
         else if (strcmp(fmt, "text") != 0)
             cfg_error(ctx, "log.format", "\"%s\" is not text or json", fmt);
     }
+
+    json_t *admin = get_object(ctx, "", root, "admin");
+    if (admin) {
+        check_keys(ctx, "admin", admin, admin_keys);
+        const char *a = get_string(ctx, "admin", admin, "address", 0);
+        const char *u = get_string(ctx, "admin", admin, "unix", 0);
+        if (!a == !u)
+            cfg_error(ctx, "admin", "needs exactly one of \"address\" and \"unix\"");
+        if (a)
+            cfg->admin_address = xstrdup(a);
+        if (u)
+            cfg->admin_unix = xstrdup(u);
+    }
+
+    cfg->default_rule.index = -1;
+    cfg->default_rule.uid = cfg->default_rule.gid = -1;
+    json_t *pol = get_object(ctx, "", root, "policy");
+    if (pol)
+        parse_policy(ctx, pol, cfg);
     return cfg;
 }
 
@@ -343,10 +514,27 @@ struct vm_config *config_parse(const char *json, FILE *errs)
     return finish(root, &ctx);
 }
 
+static void rule_clear(struct vm_rule *r)
+{
+    free(r->listener);
+    free(r->sasl_user);
+    free(r->tls_dn);
+    if (r->upstreams)
+        for (char **u = r->upstreams; *u; u++)
+            free(*u);
+    free(r->upstreams);
+}
+
 void config_free(struct vm_config *cfg)
 {
     if (!cfg)
         return;
+    for (int i = 0; i < cfg->nrules; i++)
+        rule_clear(&cfg->rules[i]);
+    free(cfg->rules);
+    rule_clear(&cfg->default_rule);
+    free(cfg->admin_address);
+    free(cfg->admin_unix);
     for (int i = 0; i < cfg->nlisteners; i++) {
         struct vm_listener_cfg *l = &cfg->listeners[i];
         free(l->name);

@@ -24,6 +24,20 @@
  *   keepalive.count        int, 5
  *   log.level              "error" | "warn" | "info" | "debug", "info"
  *   log.format             "text" | "json", "text"
+ *   admin.address          "host:port" of the HTTP status endpoint (GET /status), optional
+ *   admin.unix             or a unix socket path for it
+ *   listeners[].readonly   bool, false: force read-only for every client of this listener
+ *   policy                 optional; absent = every client may reach every upstream read-write
+ *   policy.default         "deny" (the default) | "allow" | {grant}: when no rule matches
+ *   policy.rules[]         first match wins; each {"match": {...}, grant...}
+ *     .match.listener      glob on the listener name
+ *     .match.source        CIDR of the TCP peer ("10.0.0.0/8", "::1/128")
+ *     .match.unix_uid / .match.unix_gid   peer credentials of a unix client
+ *     .match.sasl_user / .match.tls_dn    globs (identities from the auth issue)
+ *     .deny                bool, false
+ *     .readonly            bool, false
+ *     .upstreams           ["hv1", ...] or "*", "*"
+ *     .max_sessions        int, unlimited: open sessions under this rule at once
  */
 #ifndef VM_CONFIG_H
 #define VM_CONFIG_H
@@ -35,6 +49,23 @@
 
 enum vm_auth { VM_AUTH_NONE };
 
+/* A policy rule: what to match on, and what it grants. */
+struct vm_rule {
+    int index;              /* position in policy.rules, -1 for the default */
+    char *listener;         /* globs; NULL = any */
+    char *sasl_user;
+    char *tls_dn;
+    long uid, gid;          /* -1 = any */
+    int has_cidr;
+    int family;             /* AF_INET / AF_INET6 */
+    unsigned char net[16];
+    int prefix;
+    int deny;
+    int readonly;
+    char **upstreams;       /* NULL-terminated; NULL = all upstreams */
+    int max_sessions;       /* 0 = unlimited */
+};
+
 struct vm_listener_cfg {
     char *name;
     char *address;   /* "host:port" or NULL */
@@ -42,6 +73,7 @@ struct vm_listener_cfg {
     unsigned mode;
     enum vm_auth auth;
     char *upstream;  /* NULL: use default_upstream */
+    int readonly;    /* every client of this listener is read-only */
 };
 
 struct vm_pool_cfg {
@@ -71,6 +103,12 @@ struct vm_config {
     int keepalive_count;
     int log_level;
     int log_json;
+    char *admin_address;    /* HTTP status endpoint, or NULL */
+    char *admin_unix;
+    int policy_present;     /* a policy section was given */
+    struct vm_rule *rules;
+    int nrules;
+    struct vm_rule default_rule;
 };
 
 /* Load and validate `path`. Returns NULL after printing every error, each naming its JSON

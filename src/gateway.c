@@ -15,6 +15,8 @@
 
 #include <event2/event.h>
 
+#include "admin.h"
+#include "audit.h"
 #include "config.h"
 #include "listener.h"
 #include "log.h"
@@ -43,6 +45,9 @@ struct vm_gateway {
     int accepting;
     struct event *reaper;        /* owned */
     struct reap_node *reap_head; /* owned */
+    struct vm_audit *audit;      /* owned */
+    struct vm_admin *admin;      /* owned, optional */
+    int *rule_sessions;          /* owned: open sessions per rule; last slot = default */
 };
 
 static void reap(evutil_socket_t fd, short what, void *arg)
@@ -67,7 +72,9 @@ struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
     LIST_INIT(&gw->pools);
     gw->listeners = calloc((size_t)cfg->nlisteners, sizeof(*gw->listeners));
     gw->reaper = event_new(base, -1, 0, reap, gw);
-    if (!gw->listeners || !gw->reaper)
+    gw->audit = audit_new();
+    gw->rule_sessions = calloc((size_t)cfg->nrules + 1, sizeof(int));
+    if (!gw->listeners || !gw->reaper || !gw->rule_sessions)
         abort();
     return gw;
 }
@@ -79,6 +86,13 @@ int gateway_start(struct vm_gateway *gw)
         if (!gw->listeners[i])
             return -1;
     }
+    if (gw->cfg->admin_address || gw->cfg->admin_unix) {
+        gw->admin = admin_new(gw);
+        if (!gw->admin)
+            return -1;
+    }
+    if (!gw->cfg->policy_present)
+        vm_warn(NULL, "no policy section: every client may reach every upstream read-write");
     for (int i = 0; i < gw->cfg->nupstreams; i++) {
         char ep[300];
         vm_info(NULL, "upstream %s: %s (%s)", gw->cfg->upstreams[i].name,
@@ -103,6 +117,7 @@ void gateway_free(struct vm_gateway *gw)
         if (gw->listeners[i])
             listener_free(gw->listeners[i]);
     free(gw->listeners);
+    admin_free(gw->admin);
     while (!LIST_EMPTY(&gw->pools)) {
         struct pool_node *n = LIST_FIRST(&gw->pools);
         LIST_REMOVE(n, entry);
@@ -111,6 +126,8 @@ void gateway_free(struct vm_gateway *gw)
     }
     reap(-1, 0, gw);
     event_free(gw->reaper);
+    audit_free(gw->audit);
+    free(gw->rule_sessions);
     config_free(gw->cfg);
     free(gw);
 }
@@ -121,6 +138,41 @@ void gateway_log_status(struct vm_gateway *gw)
     struct pool_node *n;
     LIST_FOREACH(n, &gw->pools, entry)
         pool_log_status(n->pool);
+}
+
+json_t *gateway_status_json(struct vm_gateway *gw)
+{
+    json_t *pools = json_array();
+    struct pool_node *n;
+    LIST_FOREACH(n, &gw->pools, entry)
+        json_array_append_new(pools, pool_status_json(n->pool));
+    return json_pack("{s:i, s:i, s:o, s:I, s:o}", "sessions", gw->nsessions, "max_clients",
+                     gw->cfg->max_clients, "pools", pools, "denials_total",
+                     (json_int_t)audit_total(gw->audit), "denials", audit_json(gw->audit));
+}
+
+struct vm_audit *gateway_audit(const struct vm_gateway *gw)
+{
+    return gw->audit;
+}
+
+static int *rule_slot(struct vm_gateway *gw, const struct vm_rule *rule)
+{
+    return &gw->rule_sessions[rule->index >= 0 ? rule->index : gw->cfg->nrules];
+}
+
+int gateway_rule_acquire(struct vm_gateway *gw, const struct vm_rule *rule)
+{
+    int *slot = rule_slot(gw, rule);
+    if (rule->max_sessions && *slot >= rule->max_sessions)
+        return -1;
+    (*slot)++;
+    return 0;
+}
+
+void gateway_rule_release(struct vm_gateway *gw, const struct vm_rule *rule)
+{
+    (*rule_slot(gw, rule))--;
 }
 
 struct event_base *gateway_base(const struct vm_gateway *gw)

@@ -5,7 +5,11 @@
 
 #include "fwd.h"
 
+#include <jansson.h>
+
 struct event_base;
+struct vm_audit;
+struct vm_rule;
 
 /* Takes ownership of `cfg`. */
 struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg);
@@ -28,6 +32,16 @@ void gateway_pool_check(struct vm_gateway *gw, struct vm_pool *p);
 /* Session accounting for max_clients. */
 void gateway_session_opened(struct vm_gateway *gw);
 void gateway_session_closed(struct vm_gateway *gw);
+
+/* Policy denials are recorded here. */
+struct vm_audit *gateway_audit(const struct vm_gateway *gw);
+
+/* max_sessions accounting per policy rule: acquire returns -1 when the rule is full. */
+int gateway_rule_acquire(struct vm_gateway *gw, const struct vm_rule *rule) VM_WUR;
+void gateway_rule_release(struct vm_gateway *gw, const struct vm_rule *rule);
+
+/* The whole state as JSON (admin endpoint); caller owns the result. */
+json_t *gateway_status_json(struct vm_gateway *gw);
 
 /* Free `p` with `fn` after the current loop turn (never free an object inside its own
  * callback). */

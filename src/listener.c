@@ -17,6 +17,7 @@
 
 #include "config.h"
 #include "gateway.h"
+#include "identity.h"
 #include "log.h"
 #include "session.h"
 
@@ -32,21 +33,33 @@ static void accept_cb(struct evconnlistener *ev, evutil_socket_t fd, struct sock
 {
     struct vm_listener *l = arg;
     char peer[128] = "unix";
+    struct vm_identity id;
+    memset(&id, 0, sizeof(id));
+    id.listener = l->cfg->name;
     int is_tcp = sa->sa_family == AF_INET || sa->sa_family == AF_INET6;
     if (is_tcp) {
-        char host[NI_MAXHOST], serv[NI_MAXSERV];
+        char host[64], serv[NI_MAXSERV];
         if (getnameinfo(sa, (socklen_t)salen, host, sizeof(host), serv, sizeof(serv),
-                        NI_NUMERICHOST | NI_NUMERICSERV) == 0)
+                        NI_NUMERICHOST | NI_NUMERICSERV) == 0) {
             snprintf(peer, sizeof(peer), sa->sa_family == AF_INET6 ? "[%s]:%s" : "%s:%s", host, serv);
+            snprintf(id.source, sizeof(id.source), "%s", host);
+        }
+        memcpy(&id.addr, sa, (size_t)salen < sizeof(id.addr) ? (size_t)salen : sizeof(id.addr));
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     } else {
         struct ucred cred;
         socklen_t len = sizeof(cred);
-        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0)
+        id.is_unix = 1;
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0) {
+            id.has_cred = 1;
+            id.uid = cred.uid;
+            id.gid = cred.gid;
+            id.pid = cred.pid;
             snprintf(peer, sizeof(peer), "unix:uid=%u,pid=%d", (unsigned)cred.uid, (int)cred.pid);
+        }
     }
-    session_new(l->gw, l->cfg, fd, peer, is_tcp);
+    session_new(l->gw, l->cfg, fd, peer, &id);
 }
 
 static void resume_accept(evutil_socket_t fd, short what, void *arg)
@@ -67,7 +80,7 @@ static void error_cb(struct evconnlistener *ev, void *arg)
     }
 }
 
-static evutil_socket_t bind_tcp(const char *address, char *err, size_t errlen)
+evutil_socket_t listener_bind_tcp(const char *address, char *err, size_t errlen)
 {
     char host[256];
     const char *colon = strrchr(address, ':');
@@ -108,7 +121,7 @@ static evutil_socket_t bind_tcp(const char *address, char *err, size_t errlen)
     return fd;
 }
 
-static evutil_socket_t bind_unix(const char *path, unsigned mode, char *err, size_t errlen)
+evutil_socket_t listener_bind_unix(const char *path, unsigned mode, char *err, size_t errlen)
 {
     struct sockaddr_un sun = {.sun_family = AF_UNIX};
     snprintf(sun.sun_path, sizeof(sun.sun_path), "%s", path);
@@ -143,8 +156,8 @@ struct vm_listener *listener_new(struct vm_gateway *gw, const struct vm_listener
     l->cfg = cfg;
     snprintf(l->tag, sizeof(l->tag), "L:%s", cfg->name);
     char err[256];
-    evutil_socket_t fd = cfg->address ? bind_tcp(cfg->address, err, sizeof(err))
-                                      : bind_unix(cfg->unix_path, cfg->mode, err, sizeof(err));
+    evutil_socket_t fd = cfg->address ? listener_bind_tcp(cfg->address, err, sizeof(err))
+                                      : listener_bind_unix(cfg->unix_path, cfg->mode, err, sizeof(err));
     if (fd < 0) {
         vm_err(l->tag, "cannot listen on %s: %s", cfg->address ? cfg->address : cfg->unix_path, err);
         free(l);

@@ -2,6 +2,10 @@
 #ifndef VM_LISTENER_H
 #define VM_LISTENER_H
 
+#include <stddef.h>
+
+#include <event2/util.h>
+
 #include "fwd.h"
 
 /* Bind the listener described by `cfg`. Returns NULL after logging why. */
@@ -9,5 +13,9 @@ struct vm_listener *listener_new(struct vm_gateway *gw, const struct vm_listener
 void listener_free(struct vm_listener *l);
 /* Stop or resume accepting (used at max_clients). */
 void listener_set_enabled(struct vm_listener *l, int on);
+
+/* Bound (not yet listening) sockets, for listeners and the admin endpoint. -1 with a reason. */
+evutil_socket_t listener_bind_tcp(const char *address, char *err, size_t errlen);
+evutil_socket_t listener_bind_unix(const char *path, unsigned mode, char *err, size_t errlen);
 
 #endif

@@ -399,9 +399,25 @@ void pool_link_gone(struct vm_pool *p, struct vm_link *l)
     gateway_pool_check(p->gw, p);
 }
 
+static const char *const link_states[] = {"connecting", "handshake", "ready", "backoff"};
+
+json_t *pool_status_json(const struct vm_pool *p)
+{
+    json_t *links = json_array();
+    struct link_node *n;
+    TAILQ_FOREACH(n, &p->links, entry)
+        json_array_append_new(links, json_pack("{s:s, s:s, s:i, s:i}", "id", link_tag(n->link),
+                                               "state", link_states[link_state(n->link)],
+                                               "sessions", link_refs(n->link), "inflight",
+                                               link_inflight(n->link)));
+    return json_pack("{s:s, s:s, s:b, s:i, s:i, s:s, s:o}", "upstream", p->up->name, "name",
+                     p->name, "readonly", p->readonly, "queued", p->nqueued, "opening",
+                     p->nwaiters, "last_error", p->last_error, "links", links);
+}
+
 void pool_log_status(const struct vm_pool *p)
 {
-    static const char *const states[] = {"connecting", "handshake", "ready", "backoff"};
+    const char *const *states = link_states;
     vm_info(p->tag, "status: %d links, %d queued, %d opening", p->nlinks, p->nqueued, p->nwaiters);
     struct link_node *n;
     TAILQ_FOREACH(n, &p->links, entry)

@@ -8,6 +8,8 @@
 #ifndef VM_POOL_H
 #define VM_POOL_H
 
+#include <jansson.h>
+
 #include "fwd.h"
 #include "wire.h"
 
@@ -44,6 +46,9 @@ void pool_link_down(struct vm_pool *p, struct vm_link *l, const void *err_payloa
                     const char *message);
 /* The link is being freed and leaves the pool. */
 void pool_link_gone(struct vm_pool *p, struct vm_link *l);
+
+/* The pool and its links as JSON (admin status); caller owns it. */
+json_t *pool_status_json(const struct vm_pool *p);
 
 /* Append a status summary of the pool and its links to the log. */
 void pool_log_status(const struct vm_pool *p);

@@ -22,6 +22,10 @@ enum vm_proc_kind {
 
 enum vm_proc_ro { VM_RO_YES, VM_RO_NO, VM_RO_FLAGS };
 
+/* For VM_RO_FLAGS: which argument word decides, and how. */
+enum vm_ro_arg { VM_RO_ARG_NONE, VM_RO_ARG_LAST, VM_RO_ARG_SECOND_LAST };
+enum vm_ro_test { VM_RO_TEST_MASK, VM_RO_TEST_EQUALS };
+
 struct vm_proc_info {
     uint32_t prog;
     int32_t proc;
@@ -30,6 +34,12 @@ struct vm_proc_info {
     enum vm_proc_ro ro;
     unsigned fds_in : 1;  /* the call carries file descriptors */
     unsigned fds_out : 1; /* the reply carries file descriptors */
+    const char *api;      /* public API that refuses it on read-only connections, or NULL */
+    int err_domain;       /* libvirt error domain of that API family */
+    enum vm_ro_arg ro_arg;
+    enum vm_ro_test ro_test;
+    uint32_t ro_value;    /* mask or value of the deciding word */
+    const char *ro_message; /* refusal text after "operation forbidden: " */
 };
 
 extern const struct vm_proc_info vm_proc_table[];

@@ -20,11 +20,14 @@
 #include <event2/bufferevent.h>
 #include <event2/event.h>
 
+#include "audit.h"
 #include "call.h"
 #include "config.h"
 #include "gateway.h"
+#include "identity.h"
 #include "keepalive.h"
 #include "log.h"
+#include "policy.h"
 #include "pool.h"
 #include "proc.h"
 #include "router.h"
@@ -42,6 +45,10 @@ struct vm_session {
     const struct vm_listener_cfg *lcfg; /* not owned */
     unsigned id;
     char tag[160];
+    struct vm_identity ident;          /* immutable after accept (auth will complete it) */
+    char ident_str[160];
+    const struct vm_rule *rule;        /* config snapshot; set at OPEN */
+    int rule_held;                     /* counted against rule->max_sessions */
     struct bufferevent *bev;           /* owned */
     enum session_state state;
     int is_tcp;
@@ -186,16 +193,49 @@ static void handle_open(struct vm_session *s, const struct vm_hdr *h, const uint
             abort();
     }
     char err[600];
-    if (router_resolve(gateway_config(s->gw), s->lcfg->upstream, name, &s->route, err,
-                       sizeof(err)) < 0) {
+    const struct vm_config *cfg = gateway_config(s->gw);
+    const struct vm_rule *rule = policy_match(cfg, &s->ident);
+    if (rule->deny) {
+        snprintf(err, sizeof(err), "access denied: virtmux policy does not admit %s",
+                 s->ident_str);
+        audit_denied(gateway_audit(s->gw), s->tag, s->ident_str, "CONNECT_OPEN", NULL, err);
+        reply_error(s, h, VIR_ERR_ACCESS_DENIED, VIR_FROM_ACCESS, err);
+        free(name);
+        return;
+    }
+    if (router_resolve(cfg, s->lcfg->upstream, name, &s->route, err, sizeof(err)) < 0) {
         vm_info(s->tag, "open \"%s\" refused: %s", name, err);
         reply_error(s, h, VIR_ERR_NO_CONNECT, VIR_FROM_NONE, err);
         free(name);
         return;
     }
+    if (!policy_allows_upstream(rule, s->route.upstream->name)) {
+        snprintf(err, sizeof(err), "access denied: virtmux policy does not let %s reach "
+                 "upstream %s", s->ident_str, s->route.upstream->name);
+        audit_denied(gateway_audit(s->gw), s->tag, s->ident_str, "CONNECT_OPEN",
+                     s->route.upstream->name, err);
+        reply_error(s, h, VIR_ERR_ACCESS_DENIED, VIR_FROM_ACCESS, err);
+        route_clear(&s->route);
+        free(name);
+        return;
+    }
+    if (!s->rule_held) {
+        if (gateway_rule_acquire(s->gw, rule) < 0) {
+            snprintf(err, sizeof(err), "access denied: %s already has the %d sessions its "
+                     "virtmux policy allows", s->ident_str, rule->max_sessions);
+            audit_denied(gateway_audit(s->gw), s->tag, s->ident_str, "CONNECT_OPEN",
+                         s->route.upstream->name, err);
+            reply_error(s, h, VIR_ERR_ACCESS_DENIED, VIR_FROM_ACCESS, err);
+            route_clear(&s->route);
+            free(name);
+            return;
+        }
+        s->rule = rule;
+        s->rule_held = 1;
+    }
     free(s->opened_name);
     s->opened_name = name;
-    s->readonly = flags & 1;
+    s->readonly = (flags & 1) || rule->readonly || s->lcfg->readonly;
     s->open_hdr = *h;
     s->state = S_OPENING;
     s->pool = gateway_pool(s->gw, s->route.upstream, s->route.name, s->readonly);
@@ -381,11 +421,15 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
             if (require_open(s, h))
                 wire_put_reply(out_of(s), h, NULL, 0);
             return;
-        case VM_PROC_CONNECT_SET_IDENTITY:
-            reply_error(s, h, VIR_ERR_OPERATION_DENIED, VIR_FROM_RPC,
-                        "operation forbidden: CONNECT_SET_IDENTITY would change the identity of "
-                        "a shared upstream connection; virtmux does not forward it");
+        case VM_PROC_CONNECT_SET_IDENTITY: {
+            const char *why = "operation forbidden: CONNECT_SET_IDENTITY would change the "
+                              "identity of a shared upstream connection; virtmux does not "
+                              "forward it";
+            audit_denied(gateway_audit(s->gw), s->tag, s->ident_str, "CONNECT_SET_IDENTITY",
+                         s->route.upstream ? s->route.upstream->name : NULL, why);
+            reply_error(s, h, VIR_ERR_OPERATION_DENIED, VIR_FROM_NONE, why);
             return;
+        }
         default:
             break;
         }
@@ -398,6 +442,19 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
 
     if (!require_open(s, h))
         return;
+    if (s->readonly) {
+        int domain;
+        if (!policy_readonly_allows(h, pkt, msg, sizeof(msg), &domain)) {
+            char pname[32];
+            snprintf(pname, sizeof(pname), "%s_PROC_%d",
+                     h->prog == VM_PROG_QEMU ? "QEMU" : h->prog == VM_PROG_LXC ? "LXC" : "REMOTE",
+                     h->proc);
+            audit_denied(gateway_audit(s->gw), s->tag, s->ident_str, info ? info->name : pname,
+                         s->route.upstream->name, msg);
+            reply_error(s, h, VIR_ERR_OPERATION_DENIED, domain, msg);
+            return;
+        }
+    }
     if (info && (info->kind == VM_PK_EVENT_REGISTER || info->kind == VM_PK_EVENT_DEREGISTER)) {
         refuse(s, h, "event registration is not relayed yet", info);
         return;
@@ -535,7 +592,7 @@ static void event_cb(struct bufferevent *bev, short what, void *arg)
 }
 
 void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evutil_socket_t fd,
-                 const char *peer, int is_tcp)
+                 const char *peer, const struct vm_identity *id)
 {
     struct vm_session *s = calloc(1, sizeof(*s));
     if (!s)
@@ -543,7 +600,9 @@ void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evut
     s->gw = gw;
     s->lcfg = lcfg;
     s->id = gateway_next_id(gw);
-    s->is_tcp = is_tcp;
+    s->is_tcp = !id->is_unix;
+    s->ident = *id;
+    identity_str(&s->ident, s->ident_str, sizeof(s->ident_str));
     TAILQ_INIT(&s->calls);
     snprintf(s->tag, sizeof(s->tag), "C#%u %s", s->id, peer);
     s->bev = bufferevent_socket_new(gateway_base(gw), fd, BEV_OPT_CLOSE_ON_FREE);
@@ -554,7 +613,7 @@ void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evut
     bufferevent_setwatermark(s->bev, EV_WRITE, OUT_LOW, 0);
     bufferevent_enable(s->bev, EV_READ);
     gateway_session_opened(gw);
-    vm_info(s->tag, "connected on listener %s", lcfg->name);
+    vm_info(s->tag, "connected on listener %s as %s", lcfg->name, s->ident_str);
 }
 
 static void session_free(void *p)
@@ -594,6 +653,8 @@ void session_close(struct vm_session *s, const char *why)
     bufferevent_free(s->bev);
     s->bev = NULL;
     gateway_session_closed(s->gw);
+    if (s->rule_held)
+        gateway_rule_release(s->gw, s->rule);
     if (p)
         gateway_pool_check(s->gw, p);
     gateway_defer_free(s->gw, session_free, s);

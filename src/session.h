@@ -8,9 +8,12 @@
 
 #include "fwd.h"
 
-/* Take over an accepted socket `fd` (closed on failure). `peer` is a printable address. */
+struct vm_identity;
+
+/* Take over an accepted socket `fd`. `peer` is a printable address for the log tag; `id` (copied)
+ * is what the listener knows of the client. */
 void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evutil_socket_t fd,
-                 const char *peer, int is_tcp);
+                 const char *peer, const struct vm_identity *id);
 
 /* The pool finished the CONNECT_OPEN of `s`: on success `home` is the upstream connection the
  * session now holds a reference on (taken by the pool); on failure `home` is NULL and the

@@ -52,7 +52,7 @@ enum {
     VIR_ERR_OPERATION_TIMEOUT = 68,
     VIR_ERR_ACCESS_DENIED = 88,
 };
-enum { VIR_FROM_NONE = 0, VIR_FROM_RPC = 7, VIR_FROM_REMOTE = 13 };
+enum { VIR_FROM_NONE = 0, VIR_FROM_RPC = 7, VIR_FROM_REMOTE = 13, VIR_FROM_ACCESS = 55 };
 
 struct vm_hdr {
     uint32_t len; /* whole packet, length word included */
