@@ -17,6 +17,11 @@
 
 struct evbuffer;
 
+/* Completion of a call the gateway makes itself (event registration): `reply` and `pkt` on a
+ * reply (OK or ERROR status), or NULL and `error` when the link failed first. */
+typedef void (*vm_call_done_fn)(void *arg, const struct vm_hdr *reply, struct evbuffer *pkt,
+                                const char *error);
+
 struct vm_call {
     struct vm_session *session; /* NULL once swallowed */
     struct vm_hdr hdr;          /* the client's header: reply serial and proc */
@@ -24,6 +29,8 @@ struct vm_call {
     struct vm_link *link;       /* where it is in flight; NULL while queued */
     uint32_t up_serial;         /* serial on the upstream connection */
     struct timeval deadline;    /* when waiting in the pool queue must end */
+    vm_call_done_fn done;       /* set for the gateway's own calls (session is NULL) */
+    void *done_arg;
     TAILQ_ENTRY(vm_call) qentry;
     TAILQ_ENTRY(vm_call) sentry;
 };

@@ -359,7 +359,8 @@ static void parse_policy(struct parse_ctx *ctx, json_t *pol, struct vm_config *c
 static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
 {
     static const char *const keys[] = {"listeners", "upstreams", "default_upstream", "limits",
-                                       "keepalive", "log", "admin", "policy", NULL};
+                                       "keepalive", "log", "admin", "policy", "events", NULL};
+    static const char *const events_keys[] = {"max_queue_bytes", NULL};
     static const char *const admin_keys[] = {"address", "unix", NULL};
     static const char *const limit_keys[] = {"max_clients", "queue_timeout_ms",
                                              "max_client_requests", NULL};
@@ -455,6 +456,12 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
         else if (strcmp(fmt, "text") != 0)
             cfg_error(ctx, "log.format", "\"%s\" is not text or json", fmt);
     }
+
+    json_t *evs = get_object(ctx, "", root, "events");
+    if (evs)
+        check_keys(ctx, "events", evs, events_keys);
+    cfg->event_queue_bytes = get_int(ctx, "events", evs, "max_queue_bytes", 8 << 20, 65536,
+                                     1 << 30);
 
     json_t *admin = get_object(ctx, "", root, "admin");
     if (admin) {

@@ -24,6 +24,8 @@
  *   keepalive.count        int, 5
  *   log.level              "error" | "warn" | "info" | "debug", "info"
  *   log.format             "text" | "json", "text"
+ *   events.max_queue_bytes int, 8388608: a subscriber whose unsent output would pass this is
+ *                          cut off (closed), so it cannot hold the others back
  *   admin.address          "host:port" of the HTTP status endpoint (GET /status), optional
  *   admin.unix             or a unix socket path for it
  *   listeners[].readonly   bool, false: force read-only for every client of this listener
@@ -103,6 +105,7 @@ struct vm_config {
     int keepalive_count;
     int log_level;
     int log_json;
+    int event_queue_bytes;
     char *admin_address;    /* HTTP status endpoint, or NULL */
     char *admin_unix;
     int policy_present;     /* a policy section was given */

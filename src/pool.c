@@ -22,6 +22,7 @@
 
 #include "call.h"
 #include "config.h"
+#include "events.h"
 #include "gateway.h"
 #include "log.h"
 #include "session.h"
@@ -46,9 +47,11 @@ struct vm_pool {
     struct vm_session **waiters;        /* sessions whose OPEN waits for a READY link */
     int nwaiters, capwaiters;
     char last_error[256];
+    struct vm_events *events;           /* owned */
 };
 
 static void queue_timeout(evutil_socket_t fd, short what, void *arg);
+static struct vm_link *least_referenced_ready(struct vm_pool *p);
 
 struct vm_pool *pool_new(struct vm_gateway *gw, const struct vm_upstream_cfg *up,
                          const char *name, int readonly)
@@ -67,11 +70,14 @@ struct vm_pool *pool_new(struct vm_gateway *gw, const struct vm_upstream_cfg *up
     if (!p->name || !p->qtimer)
         abort();
     snprintf(p->last_error, sizeof(p->last_error), "not connected yet");
+    p->events = events_new(p);
     return p;
 }
 
 void pool_free(struct vm_pool *p)
 {
+    events_free(p->events);
+    p->events = NULL;
     struct link_node *n;
     while ((n = TAILQ_FIRST(&p->links)))
         link_free(n->link); /* calls pool_link_gone, which removes the node */
@@ -114,7 +120,23 @@ struct vm_gateway *pool_gateway(const struct vm_pool *p)
 
 int pool_is_empty(const struct vm_pool *p)
 {
-    return p->nlinks == 0 && p->nwaiters == 0 && p->nqueued == 0;
+    return p->nlinks == 0 && p->nwaiters == 0 && p->nqueued == 0 && !events_busy(p->events);
+}
+
+struct vm_events *pool_events(const struct vm_pool *p)
+{
+    return p->events;
+}
+
+struct vm_link *pool_ready_link(struct vm_pool *p)
+{
+    return least_referenced_ready(p);
+}
+
+void pool_link_event(struct vm_pool *p, struct vm_link *l, const struct vm_hdr *h,
+                     struct evbuffer *pkt)
+{
+    events_deliver(p->events, l, h, pkt);
 }
 
 /* ---- choosing links ---- */
@@ -358,6 +380,7 @@ void pool_release(struct vm_pool *p, struct vm_link *home)
 void pool_link_ready(struct vm_pool *p, struct vm_link *l)
 {
     snprintf(p->last_error, sizeof(p->last_error), "no error");
+    events_link_ready(p->events, l);
     while (p->nwaiters > 0) {
         struct vm_session *s = p->waiters[0];
         pool_cancel_open(p, s);
@@ -377,6 +400,7 @@ void pool_link_down(struct vm_pool *p, struct vm_link *l, const void *err_payloa
                     const char *message)
 {
     snprintf(p->last_error, sizeof(p->last_error), "%s", message);
+    events_link_down(p->events, l);
     if (any_connecting(p) || least_loaded_ready(p, 0))
         return; /* someone else may still serve the waiters and the queue */
     char msg[600];
@@ -410,9 +434,11 @@ json_t *pool_status_json(const struct vm_pool *p)
                                                "state", link_states[link_state(n->link)],
                                                "sessions", link_refs(n->link), "inflight",
                                                link_inflight(n->link)));
-    return json_pack("{s:s, s:s, s:b, s:i, s:i, s:s, s:o}", "upstream", p->up->name, "name",
-                     p->name, "readonly", p->readonly, "queued", p->nqueued, "opening",
-                     p->nwaiters, "last_error", p->last_error, "links", links);
+    return json_pack("{s:s, s:s, s:b, s:i, s:i, s:s, s:o, s:i, s:i}", "upstream", p->up->name,
+                     "name", p->name, "readonly", p->readonly, "queued", p->nqueued, "opening",
+                     p->nwaiters, "last_error", p->last_error, "links", links,
+                     "event_registrations", events_registrations(p->events),
+                     "event_subscribers", events_subscribers(p->events));
 }
 
 void pool_log_status(const struct vm_pool *p)

@@ -13,6 +13,9 @@
 #include "fwd.h"
 #include "wire.h"
 
+struct evbuffer;
+struct vm_events;
+
 struct vm_pool *pool_new(struct vm_gateway *gw, const struct vm_upstream_cfg *up,
                          const char *name, int readonly);
 void pool_free(struct vm_pool *p);
@@ -37,7 +40,14 @@ void pool_cancel_call(struct vm_pool *p, struct vm_call *c);
 /* A session drops its reference on its home link. */
 void pool_release(struct vm_pool *p, struct vm_link *home);
 
+/* The pool's event fan-out state. */
+struct vm_events *pool_events(const struct vm_pool *p);
+/* A READY link (the least referenced), or NULL. */
+struct vm_link *pool_ready_link(struct vm_pool *p);
+
 /* Events from links. */
+void pool_link_event(struct vm_pool *p, struct vm_link *l, const struct vm_hdr *h,
+                     struct evbuffer *pkt);
 void pool_link_ready(struct vm_pool *p, struct vm_link *l);
 void pool_link_slot_free(struct vm_pool *p, struct vm_link *l);
 /* The link lost its socket (or never got one). `err_payload` is the upstream's error when it

@@ -34,6 +34,8 @@ struct vm_proc_info {
     enum vm_proc_ro ro;
     unsigned fds_in : 1;  /* the call carries file descriptors */
     unsigned fds_out : 1; /* the reply carries file descriptors */
+    unsigned cb_first : 1; /* an event whose payload starts with int callbackID */
+    unsigned legacy : 1;   /* a legacy (pre-callback) event (de)registration */
     const char *api;      /* public API that refuses it on read-only connections, or NULL */
     int err_domain;       /* libvirt error domain of that API family */
     enum vm_ro_arg ro_arg;

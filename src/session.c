@@ -23,6 +23,7 @@
 #include "audit.h"
 #include "call.h"
 #include "config.h"
+#include "events.h"
 #include "gateway.h"
 #include "identity.h"
 #include "keepalive.h"
@@ -67,9 +68,35 @@ struct vm_session {
     struct vm_keepalive ka;            /* only armed once the client asked feature 10 */
     struct vm_call_list calls;         /* owned: outstanding forwarded calls */
     int noutstanding;
+    struct vm_sub_list subs;           /* event subscriptions (owned by the pool's events) */
+    int32_t next_cb_id;
 };
 
 static void process_input(struct vm_session *s);
+
+struct vm_sub_list *session_subs(struct vm_session *s)
+{
+    return &s->subs;
+}
+
+int32_t session_next_callback_id(struct vm_session *s)
+{
+    return s->next_cb_id++;
+}
+
+struct evbuffer *session_output(struct vm_session *s)
+{
+    return bufferevent_get_output(s->bev);
+}
+
+int session_push_event(struct vm_session *s, const void *pkt, size_t len)
+{
+    struct evbuffer *out = bufferevent_get_output(s->bev);
+    if (evbuffer_get_length(out) + len > (size_t)gateway_config(s->gw)->event_queue_bytes)
+        return -1;
+    evbuffer_add(out, pkt, len);
+    return 0;
+}
 
 const char *session_tag(const struct vm_session *s)
 {
@@ -135,7 +162,11 @@ static void call_detach(struct vm_call *c)
 void call_finish(struct vm_call *c, struct evbuffer *pkt)
 {
     struct vm_session *s = c->session;
-    if (s) {
+    if (c->done) {
+        struct vm_hdr h;
+        wire_hdr_peek(pkt, &h);
+        c->done(c->done_arg, &h, pkt, NULL);
+    } else if (s) {
         wire_set_serial(pkt, c->hdr.serial);
         evbuffer_add_buffer(out_of(s), pkt);
         call_detach(c);
@@ -148,7 +179,9 @@ void call_finish(struct vm_call *c, struct evbuffer *pkt)
 void call_fail(struct vm_call *c, int code, int domain, const char *message)
 {
     struct vm_session *s = c->session;
-    if (s) {
+    if (c->done) {
+        c->done(c->done_arg, NULL, NULL, message);
+    } else if (s) {
         reply_error(s, &c->hdr, code, domain, message);
         call_detach(c);
         update_flow(s);
@@ -350,6 +383,35 @@ static void refuse(struct vm_session *s, const struct vm_hdr *h, const char *wha
     reply_error(s, h, VIR_ERR_NO_SUPPORT, VIR_FROM_RPC, msg);
 }
 
+/* Event (de)registration: fanned out through the pool's events state. */
+static void handle_event_call(struct vm_session *s, const struct vm_hdr *h, struct evbuffer *pkt,
+                              const struct vm_proc_info *info)
+{
+    if (info->legacy) {
+        refuse(s, h, "legacy event registration is not relayed; virtmux offers callback "
+                     "events (feature 14), which every libvirt client since 1.3 uses", info);
+        return;
+    }
+    size_t n = h->len - VM_HDR_LEN;
+    if (n > 65536) {
+        reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "Unable to decode message payload");
+        return;
+    }
+    uint8_t *args = evbuffer_pullup(pkt, -1) + VM_HDR_LEN;
+    if (info->kind == VM_PK_EVENT_REGISTER) {
+        events_subscribe(pool_events(s->pool), s, h, args, n);
+        return;
+    }
+    struct xrd r;
+    xr_init(&r, args, n);
+    int32_t id = xr_i32(&r);
+    if (r.err) {
+        reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "Unable to decode message payload");
+        return;
+    }
+    events_unsubscribe(pool_events(s->pool), s, h, id);
+}
+
 /* A CALL. `pkt` holds the whole packet; consumed only when forwarded. */
 static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evbuffer *pkt)
 {
@@ -456,7 +518,7 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
         }
     }
     if (info && (info->kind == VM_PK_EVENT_REGISTER || info->kind == VM_PK_EVENT_DEREGISTER)) {
-        refuse(s, h, "event registration is not relayed yet", info);
+        handle_event_call(s, h, pkt, info);
         return;
     }
     if (info && info->kind == VM_PK_STREAM_CREATE) {
@@ -604,6 +666,7 @@ void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evut
     s->ident = *id;
     identity_str(&s->ident, s->ident_str, sizeof(s->ident_str));
     TAILQ_INIT(&s->calls);
+    TAILQ_INIT(&s->subs);
     snprintf(s->tag, sizeof(s->tag), "C#%u %s", s->id, peer);
     s->bev = bufferevent_socket_new(gateway_base(gw), fd, BEV_OPT_CLOSE_ON_FREE);
     s->kick = event_new(gateway_base(gw), -1, 0, kick_cb, s);
@@ -642,6 +705,8 @@ void session_close(struct vm_session *s, const char *why)
         }
     }
     struct vm_pool *p = s->pool;
+    if (p)
+        events_session_gone(pool_events(p), s);
     if (was == S_OPENING)
         pool_cancel_open(p, s);
     if (s->home)

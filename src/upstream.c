@@ -38,6 +38,7 @@
 
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 2000
+#define INTERNAL_RESERVE 16 /* slots beyond max_inflight for the gateway's own calls */
 
 enum hs_step { HS_AUTH_LIST = 0, HS_KEEPALIVE = 1, HS_OPEN = 2 };
 
@@ -55,7 +56,8 @@ struct vm_link {
 
     uint32_t next_serial;
     struct vm_call **inflight;   /* owned slots; the calls belong to their sessions */
-    int max_inflight, ninflight;
+    int max_inflight, ninflight; /* client calls */
+    int nslots, ninternal;       /* max_inflight + INTERNAL_RESERVE; gateway's own calls */
     struct vm_keepalive ka;
 };
 
@@ -78,7 +80,7 @@ static void timer_cb(evutil_socket_t fd, short what, void *arg)
     struct vm_link *l = arg;
     if (l->timer_is_idle) {
         l->timer_is_idle = 0;
-        if (l->refs == 0 && l->ninflight == 0) {
+        if (l->refs == 0 && l->ninflight == 0 && l->ninternal == 0) {
             vm_info(l->tag, "idle: closing");
             link_free(l);
         }
@@ -104,7 +106,8 @@ struct vm_link *link_new(struct vm_pool *p)
     l->id = gateway_next_id(pool_gateway(p));
     snprintf(l->tag, sizeof(l->tag), "U#%u %s%s", l->id, up->name, pool_readonly(p) ? " ro" : "");
     l->max_inflight = up->pool.max_inflight;
-    l->inflight = calloc((size_t)l->max_inflight, sizeof(*l->inflight));
+    l->nslots = l->max_inflight + INTERNAL_RESERVE;
+    l->inflight = calloc((size_t)l->nslots, sizeof(*l->inflight));
     l->timer = evtimer_new(gateway_base(pool_gateway(p)), timer_cb, l);
     if (!l->inflight || !l->timer)
         abort();
@@ -159,7 +162,7 @@ void link_unref(struct vm_link *l)
 
 static void maybe_idle(struct vm_link *l)
 {
-    if (l->refs || l->ninflight || l->state != VM_LINK_READY || l->freeing)
+    if (l->refs || l->ninflight || l->ninternal || l->state != VM_LINK_READY || l->freeing)
         return;
     int secs = pool_upstream(l->pool)->pool.idle_timeout_s;
     arm_timer(l, secs * 1000, 1);
@@ -173,13 +176,41 @@ static void send_call(struct vm_link *l, int32_t proc, const void *args, size_t 
                     l->next_serial++, VM_STATUS_OK, args, n);
 }
 
-void link_send(struct vm_link *l, struct vm_call *c)
+static void put_inflight(struct vm_link *l, struct vm_call *c)
 {
     int slot = 0;
     while (l->inflight[slot])
         slot++;
     l->inflight[slot] = c;
-    l->ninflight++;
+    if (c->done)
+        l->ninternal++;
+    else
+        l->ninflight++;
+}
+
+int link_send_internal(struct vm_link *l, uint32_t prog, int32_t proc, const void *args,
+                       size_t n, vm_call_done_fn done, void *arg)
+{
+    if (l->state != VM_LINK_READY || l->ninflight + l->ninternal >= l->nslots)
+        return -1;
+    struct vm_call *c = calloc(1, sizeof(*c));
+    if (!c)
+        abort();
+    c->done = done;
+    c->done_arg = arg;
+    c->pkt = evbuffer_new();
+    if (!c->pkt)
+        abort();
+    wire_put_packet(c->pkt, prog, proc, VM_CALL, 0, VM_STATUS_OK, args, n);
+    c->hdr.prog = prog;
+    c->hdr.proc = proc;
+    link_send(l, c);
+    return 0;
+}
+
+void link_send(struct vm_link *l, struct vm_call *c)
+{
+    put_inflight(l, c);
     c->link = l;
     c->up_serial = l->next_serial++;
     wire_set_serial(c->pkt, c->up_serial);
@@ -192,14 +223,23 @@ void link_send(struct vm_link *l, struct vm_call *c)
     }
 }
 
+static void clear_slot(struct vm_link *l, int i)
+{
+    struct vm_call *c = l->inflight[i];
+    l->inflight[i] = NULL;
+    if (c->done)
+        l->ninternal--;
+    else
+        l->ninflight--;
+    c->link = NULL;
+}
+
 static struct vm_call *take_inflight(struct vm_link *l, uint32_t serial)
 {
-    for (int i = 0; i < l->max_inflight; i++) {
+    for (int i = 0; i < l->nslots; i++) {
         struct vm_call *c = l->inflight[i];
         if (c && c->up_serial == serial) {
-            l->inflight[i] = NULL;
-            l->ninflight--;
-            c->link = NULL;
+            clear_slot(l, i);
             return c;
         }
     }
@@ -320,7 +360,10 @@ static int handle_packet(struct vm_link *l, struct evbuffer *pkt)
         maybe_idle(l);
         return 0;
     }
-    /* Events and stream data are never requested on pooled links in this version. */
+    if (h.type == VM_MESSAGE) {
+        pool_link_event(l->pool, l, &h, pkt);
+        return l->bev ? 0 : -1;
+    }
     vm_debug(l->tag, "dropped packet type %u proc %d", h.type, h.proc);
     return 0;
 }
@@ -458,13 +501,11 @@ static void link_down(struct vm_link *l, const void *err_payload, size_t n, cons
     char msg[600];
     snprintf(msg, sizeof(msg), "internal error: virtmux lost its connection to upstream %s: %s",
              pool_upstream(l->pool)->name, why);
-    for (int i = 0; i < l->max_inflight; i++) {
+    for (int i = 0; i < l->nslots; i++) {
         struct vm_call *c = l->inflight[i];
         if (!c)
             continue;
-        l->inflight[i] = NULL;
-        l->ninflight--;
-        c->link = NULL;
+        clear_slot(l, i);
         call_fail(c, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, msg);
     }
 

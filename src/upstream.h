@@ -7,6 +7,10 @@
 #ifndef VM_UPSTREAM_H
 #define VM_UPSTREAM_H
 
+#include <stddef.h>
+#include <stdint.h>
+
+#include "call.h"
 #include "fwd.h"
 
 enum vm_link_state { VM_LINK_CONNECTING, VM_LINK_HANDSHAKE, VM_LINK_READY, VM_LINK_BACKOFF };
@@ -28,6 +32,11 @@ void link_unref(struct vm_link *l);
 
 /* Put a call in flight (the link must be READY with room). Takes the call's packet. */
 void link_send(struct vm_link *l, struct vm_call *c);
+/* Send a call of the gateway's own (event registration) on this link, outside the
+ * max_inflight budget; `done` is always called. Returns -1 (done not called) when the link is
+ * not READY or its reserve is full. */
+int link_send_internal(struct vm_link *l, uint32_t prog, int32_t proc, const void *args,
+                       size_t n, vm_call_done_fn done, void *arg) VM_WUR;
 /* Reconnect now instead of waiting for the backoff timer. */
 void link_reconnect_now(struct vm_link *l);
 

@@ -117,6 +117,8 @@ def load(path):
                 "name": c[col["name"]],
                 "kind": kind,
                 "ro": ro,
+                "cb_first": "callbackID first: yes" in notes,
+                "legacy": kind.startswith("event-") and "legacy" in notes,
                 "fds_in": "CALL_WITH_FDS" in notes,
                 "fds_out": "REPLY_WITH_FDS" in notes,
             })
@@ -167,6 +169,7 @@ def emit(rows, out):
         lines.append(
             f'    {{ {PROGRAMS[r["prog"]]}, {r["num"]}, "{r["name"]}", '
             f'{KINDS[r["kind"]]}, {RO[r["ro"]]}, {int(r["fds_in"])}, {int(r["fds_out"])}, '
+            f'{int(r["cb_first"])}, {int(r["legacy"])}, '
             f'{c_str(r["api"]) if r["api"] else "NULL"}, {r["domain"]}, {ro_rule} }},')
     lines += ["};", "",
               "const size_t vm_proc_table_len = sizeof(vm_proc_table) / sizeof(vm_proc_table[0]);",

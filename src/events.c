@@ -1,0 +1,421 @@
+#include "events.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <event2/buffer.h>
+
+#include "call.h"
+#include "config.h"
+#include "log.h"
+#include "pool.h"
+#include "proc.h"
+#include "session.h"
+#include "upstream.h"
+
+enum reg_state {
+    REG_IDLE,    /* not registered upstream (new, or the event link was lost) */
+    REG_PENDING, /* register call in flight */
+    REG_ACTIVE,  /* up_id valid */
+};
+
+struct vm_evreg;
+
+struct vm_sub {
+    struct vm_session *s;   /* not owned */
+    struct vm_evreg *reg;   /* not owned */
+    int32_t client_id;      /* the id this session knows */
+    int pending;            /* its register call still waits for an answer */
+    struct vm_hdr hdr;      /* that call, to answer it */
+    TAILQ_ENTRY(vm_sub) reg_entry;
+    TAILQ_ENTRY(vm_sub) sess_entry;
+};
+
+struct vm_evreg {
+    struct vm_events *ev;
+    uint32_t prog;
+    int32_t reg_proc;
+    uint8_t *args;          /* owned: the register arguments, the registration's identity */
+    size_t nargs;
+    enum reg_state state;
+    int32_t up_id;
+    int dead;               /* nobody wants it any more; free when the pending reply lands */
+    struct vm_sub_list subs; /* owned */
+    int nsubs;
+    TAILQ_ENTRY(vm_evreg) entry;
+};
+
+struct vm_events {
+    struct vm_pool *pool;   /* owner */
+    struct vm_link *link;   /* the link holding the registrations; one reference held */
+    TAILQ_HEAD(, vm_evreg) regs;
+    int nregs;              /* including dead ones awaiting their reply */
+    int nsubs;
+    unsigned long cut_off;  /* subscribers dropped for not reading */
+    char tag[64];
+};
+
+struct vm_events *events_new(struct vm_pool *p)
+{
+    struct vm_events *ev = calloc(1, sizeof(*ev));
+    if (!ev)
+        abort();
+    ev->pool = p;
+    TAILQ_INIT(&ev->regs);
+    snprintf(ev->tag, sizeof(ev->tag), "E:%s", pool_upstream(p) ? "pool" : "?");
+    return ev;
+}
+
+static void reg_free(struct vm_evreg *r)
+{
+    struct vm_events *ev = r->ev;
+    TAILQ_REMOVE(&ev->regs, r, entry);
+    ev->nregs--;
+    free(r->args);
+    free(r);
+    if (ev->nregs == 0 && ev->link) {
+        struct vm_link *l = ev->link;
+        ev->link = NULL;
+        link_unref(l);
+    }
+}
+
+void events_free(struct vm_events *ev)
+{
+    struct vm_evreg *r;
+    while ((r = TAILQ_FIRST(&ev->regs))) {
+        struct vm_sub *sub;
+        while ((sub = TAILQ_FIRST(&r->subs))) {
+            TAILQ_REMOVE(&r->subs, sub, reg_entry);
+            TAILQ_REMOVE(session_subs(sub->s), sub, sess_entry);
+            free(sub);
+        }
+        reg_free(r);
+    }
+    free(ev);
+}
+
+int events_registrations(const struct vm_events *ev)
+{
+    int n = 0;
+    const struct vm_evreg *r;
+    TAILQ_FOREACH(r, &ev->regs, entry)
+        if (r->state == REG_ACTIVE && !r->dead)
+            n++;
+    return n;
+}
+
+int events_subscribers(const struct vm_events *ev)
+{
+    return ev->nsubs;
+}
+
+int events_busy(const struct vm_events *ev)
+{
+    return ev->nregs > 0;
+}
+
+static int32_t dereg_proc_of(uint32_t prog, int32_t reg_proc)
+{
+    if (prog == VM_PROG_QEMU)
+        return 5;
+    return reg_proc + 1; /* 313/314, 316/317, 368/369, 374/375, 380/381 */
+}
+
+/* Which register procedure an event belongs to (callback ids are per driver family). */
+static int32_t family_of(uint32_t prog, const char *event_name)
+{
+    if (prog == VM_PROG_QEMU)
+        return 4;
+    static const struct {
+        const char *prefix;
+        int32_t reg;
+    } map[] = {
+        {"DOMAIN_EVENT", 316}, {"NETWORK_EVENT", 313}, {"STORAGE_POOL_EVENT", 368},
+        {"NODE_DEVICE_EVENT", 374}, {"SECRET_EVENT", 380},
+    };
+    for (size_t i = 0; i < sizeof(map) / sizeof(map[0]); i++)
+        if (strncmp(event_name, map[i].prefix, strlen(map[i].prefix)) == 0)
+            return map[i].reg;
+    return -1;
+}
+
+/* ---- answering subscribers ---- */
+
+static void sub_remove(struct vm_sub *sub)
+{
+    struct vm_evreg *r = sub->reg;
+    TAILQ_REMOVE(&r->subs, sub, reg_entry);
+    TAILQ_REMOVE(session_subs(sub->s), sub, sess_entry);
+    r->nsubs--;
+    r->ev->nsubs--;
+    free(sub);
+}
+
+static void answer_ok(struct vm_sub *sub)
+{
+    struct xbuf b;
+    xb_init(&b);
+    xb_i32(&b, sub->client_id);
+    wire_put_reply(session_output(sub->s), &sub->hdr, b.p, b.len);
+    xb_free(&b);
+    sub->pending = 0;
+}
+
+/* Fail every pending subscriber of `r`, with the upstream's error payload or our message. */
+static void fail_pending(struct vm_evreg *r, const void *payload, size_t n, const char *message)
+{
+    struct vm_sub *sub, *next;
+    for (sub = TAILQ_FIRST(&r->subs); sub; sub = next) {
+        next = TAILQ_NEXT(sub, reg_entry);
+        if (!sub->pending)
+            continue;
+        struct evbuffer *out = session_output(sub->s);
+        if (payload)
+            wire_put_packet(out, sub->hdr.prog, sub->hdr.proc, VM_REPLY, sub->hdr.serial,
+                            VM_STATUS_ERROR, payload, n);
+        else
+            wire_put_error(out, &sub->hdr, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, message);
+        sub_remove(sub);
+    }
+}
+
+/* ---- upstream calls ---- */
+
+static void ignore_reply(void *arg, const struct vm_hdr *h, struct evbuffer *pkt, const char *err)
+{
+}
+
+static void drop_reg(struct vm_evreg *r)
+{
+    if (r->state == REG_PENDING) {
+        r->dead = 1; /* the reply decides */
+        return;
+    }
+    if (r->state == REG_ACTIVE && r->ev->link) {
+        struct xbuf b;
+        xb_init(&b);
+        xb_i32(&b, r->up_id);
+        if (link_send_internal(r->ev->link, r->prog, dereg_proc_of(r->prog, r->reg_proc), b.p,
+                               b.len, ignore_reply, NULL) < 0)
+            vm_warn(link_tag(r->ev->link), "could not deregister event callback %d", r->up_id);
+        xb_free(&b);
+    }
+    reg_free(r);
+}
+
+static void register_done(void *arg, const struct vm_hdr *h, struct evbuffer *pkt, const char *err)
+{
+    struct vm_evreg *r = arg;
+    r->state = REG_IDLE;
+    if (!h || h->status != VM_STATUS_OK) {
+        const uint8_t *payload = NULL;
+        size_t n = 0;
+        if (h) {
+            payload = evbuffer_pullup(pkt, -1) + VM_HDR_LEN;
+            n = h->len - VM_HDR_LEN;
+        }
+        char msg[400];
+        snprintf(msg, sizeof(msg), "internal error: virtmux could not register the event "
+                 "upstream: %s", err ? err : "refused");
+        fail_pending(r, payload, n, msg);
+        if (r->dead || r->nsubs == 0)
+            reg_free(r);
+        return;
+    }
+    struct xrd rd;
+    xr_init(&rd, evbuffer_pullup(pkt, -1) + VM_HDR_LEN, h->len - VM_HDR_LEN);
+    int32_t id = xr_i32(&rd);
+    if (rd.err) {
+        fail_pending(r, NULL, 0, "internal error: undecodable event registration reply");
+        if (r->nsubs == 0)
+            reg_free(r);
+        return;
+    }
+    r->up_id = id;
+    r->state = REG_ACTIVE;
+    vm_debug(link_tag(r->ev->link), "event registration proc %d: upstream callback %d (%d "
+             "subscribers)", r->reg_proc, id, r->nsubs);
+    if (r->dead || r->nsubs == 0) {
+        r->dead = 0;
+        drop_reg(r);
+        return;
+    }
+    struct vm_sub *sub;
+    TAILQ_FOREACH(sub, &r->subs, reg_entry)
+        if (sub->pending)
+            answer_ok(sub);
+}
+
+/* Send the register call of `r` on the event link; fails the pending subscribers if it can't. */
+static void send_register(struct vm_evreg *r)
+{
+    struct vm_events *ev = r->ev;
+    if (!ev->link) {
+        struct vm_link *l = pool_ready_link(ev->pool);
+        if (l) {
+            ev->link = l;
+            link_ref(l);
+        }
+    }
+    if (ev->link && link_state(ev->link) == VM_LINK_READY &&
+        link_send_internal(ev->link, r->prog, r->reg_proc, r->args, r->nargs, register_done, r) == 0) {
+        r->state = REG_PENDING;
+        return;
+    }
+    char msg[300];
+    snprintf(msg, sizeof(msg), "internal error: virtmux has no connection to upstream %s for "
+             "event registration right now", pool_upstream(ev->pool)->name);
+    fail_pending(r, NULL, 0, msg);
+    if (r->nsubs == 0)
+        reg_free(r);
+}
+
+/* ---- sessions ---- */
+
+void events_subscribe(struct vm_events *ev, struct vm_session *s, const struct vm_hdr *h,
+                      const uint8_t *args, size_t n)
+{
+    struct vm_evreg *r;
+    TAILQ_FOREACH(r, &ev->regs, entry)
+        if (!r->dead && r->prog == h->prog && r->reg_proc == h->proc && r->nargs == n &&
+            memcmp(r->args, args, n) == 0)
+            break;
+    if (!r) {
+        r = calloc(1, sizeof(*r));
+        if (!r)
+            abort();
+        r->ev = ev;
+        r->prog = h->prog;
+        r->reg_proc = h->proc;
+        r->args = malloc(n ? n : 1);
+        if (!r->args)
+            abort();
+        memcpy(r->args, args, n);
+        r->nargs = n;
+        r->state = REG_IDLE;
+        TAILQ_INIT(&r->subs);
+        TAILQ_INSERT_TAIL(&ev->regs, r, entry);
+        ev->nregs++;
+    }
+    struct vm_sub *sub = calloc(1, sizeof(*sub));
+    if (!sub)
+        abort();
+    sub->s = s;
+    sub->reg = r;
+    sub->client_id = session_next_callback_id(s);
+    sub->pending = 1;
+    sub->hdr = *h;
+    TAILQ_INSERT_TAIL(&r->subs, sub, reg_entry);
+    TAILQ_INSERT_TAIL(session_subs(s), sub, sess_entry);
+    r->nsubs++;
+    ev->nsubs++;
+    if (r->state == REG_ACTIVE)
+        answer_ok(sub);
+    else if (r->state == REG_IDLE)
+        send_register(r);
+}
+
+void events_unsubscribe(struct vm_events *ev, struct vm_session *s, const struct vm_hdr *h,
+                        int32_t client_id)
+{
+    struct vm_sub *sub;
+    TAILQ_FOREACH(sub, session_subs(s), sess_entry)
+        if (sub->client_id == client_id && !sub->pending)
+            break;
+    if (!sub) {
+        char msg[160];
+        snprintf(msg, sizeof(msg), "invalid argument: event callback %d is not registered",
+                 client_id);
+        wire_put_error(session_output(s), h, VIR_ERR_INVALID_ARG, VIR_FROM_RPC, msg);
+        return;
+    }
+    struct vm_evreg *r = sub->reg;
+    sub_remove(sub);
+    wire_put_reply(session_output(s), h, NULL, 0);
+    if (r->nsubs == 0)
+        drop_reg(r);
+}
+
+void events_session_gone(struct vm_events *ev, struct vm_session *s)
+{
+    struct vm_sub *sub;
+    while ((sub = TAILQ_FIRST(session_subs(s)))) {
+        struct vm_evreg *r = sub->reg;
+        sub_remove(sub);
+        if (r->nsubs == 0)
+            drop_reg(r);
+    }
+}
+
+/* ---- upstream ---- */
+
+void events_deliver(struct vm_events *ev, struct vm_link *l, const struct vm_hdr *h,
+                    struct evbuffer *pkt)
+{
+    const struct vm_proc_info *info = vm_proc_lookup(h->prog, h->proc);
+    if (l != ev->link || !info || info->kind != VM_PK_EVENT || !info->cb_first ||
+        h->len < VM_HDR_LEN + 4)
+        return;
+    uint8_t *raw = evbuffer_pullup(pkt, -1);
+    int32_t up_id = (int32_t)((uint32_t)raw[28] << 24 | (uint32_t)raw[29] << 16 |
+                              (uint32_t)raw[30] << 8 | raw[31]);
+    int32_t family = family_of(h->prog, info->name);
+    struct vm_evreg *r;
+    TAILQ_FOREACH(r, &ev->regs, entry)
+        if (r->state == REG_ACTIVE && !r->dead && r->up_id == up_id && r->prog == h->prog &&
+            r->reg_proc == family)
+            break;
+    if (!r) {
+        vm_debug(link_tag(l), "event %s for unknown callback %d dropped", info->name, up_id);
+        return;
+    }
+    /* Deliver to every subscriber, then cut off those that stopped reading. */
+    struct vm_session *overflow[64];
+    int nover = 0;
+    struct vm_sub *sub;
+    TAILQ_FOREACH(sub, &r->subs, reg_entry) {
+        if (sub->pending)
+            continue;
+        raw[28] = (uint8_t)((uint32_t)sub->client_id >> 24);
+        raw[29] = (uint8_t)((uint32_t)sub->client_id >> 16);
+        raw[30] = (uint8_t)((uint32_t)sub->client_id >> 8);
+        raw[31] = (uint8_t)sub->client_id;
+        if (session_push_event(sub->s, raw, h->len) < 0 && nover < 64)
+            overflow[nover++] = sub->s;
+    }
+    for (int i = 0; i < nover; i++) {
+        ev->cut_off++;
+        vm_warn(session_tag(overflow[i]), "event queue over the limit: subscriber cut off "
+                "(%lu so far)", ev->cut_off);
+        session_close(overflow[i], "event queue overflow: the client does not read");
+    }
+}
+
+void events_link_ready(struct vm_events *ev, struct vm_link *l)
+{
+    if (l != ev->link)
+        return;
+    int n = 0;
+    struct vm_evreg *r, *next;
+    for (r = TAILQ_FIRST(&ev->regs); r; r = next) {
+        next = TAILQ_NEXT(r, entry);
+        if (r->state == REG_IDLE && !r->dead) {
+            send_register(r);
+            n++;
+        }
+    }
+    if (n)
+        vm_info(link_tag(l), "re-registered %d event registrations", n);
+}
+
+void events_link_down(struct vm_events *ev, struct vm_link *l)
+{
+    if (l != ev->link)
+        return;
+    struct vm_evreg *r;
+    TAILQ_FOREACH(r, &ev->regs, entry)
+        if (r->state == REG_ACTIVE)
+            r->state = REG_IDLE; /* re-registered when the link is back */
+}
