@@ -32,6 +32,7 @@
 #include "pool.h"
 #include "proc.h"
 #include "router.h"
+#include "stream.h"
 #include "upstream.h"
 #include "wire.h"
 
@@ -69,6 +70,8 @@ struct vm_session {
     struct vm_call_list calls;         /* owned: outstanding forwarded calls */
     int noutstanding;
     struct vm_sub_list subs;           /* event subscriptions (owned by the pool's events) */
+    struct vm_stream_list streams;     /* owned */
+    int blocked;                       /* streams holding our reading (slow upstream) */
     int32_t next_cb_id;
 };
 
@@ -82,6 +85,24 @@ struct vm_sub_list *session_subs(struct vm_session *s)
 int32_t session_next_callback_id(struct vm_session *s)
 {
     return s->next_cb_id++;
+}
+
+struct vm_stream_list *session_streams(struct vm_session *s)
+{
+    return &s->streams;
+}
+
+int session_output_full(struct vm_session *s)
+{
+    return evbuffer_get_length(bufferevent_get_output(s->bev)) > OUT_HIGH;
+}
+
+static void update_flow(struct vm_session *s);
+
+void session_block_reading(struct vm_session *s, int on)
+{
+    s->blocked += on ? 1 : -1;
+    update_flow(s);
 }
 
 struct evbuffer *session_output(struct vm_session *s)
@@ -131,7 +152,7 @@ static void update_flow(struct vm_session *s)
         return;
     int max = gateway_config(s->gw)->max_client_requests;
     size_t out = evbuffer_get_length(out_of(s));
-    int busy = s->noutstanding >= max || out > OUT_HIGH;
+    int busy = s->noutstanding >= max || out > OUT_HIGH || s->blocked > 0;
     if (busy && !s->paused) {
         s->paused = 1;
         bufferevent_disable(s->bev, EV_READ);
@@ -522,7 +543,7 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
         return;
     }
     if (info && info->kind == VM_PK_STREAM_CREATE) {
-        refuse(s, h, "streams are not relayed yet", info);
+        stream_start(s, s->pool, h, pkt);
         return;
     }
     if (info && (info->fds_in || info->fds_out)) {
@@ -573,12 +594,16 @@ static void handle_packet(struct vm_session *s, struct evbuffer *pkt)
                     "passing through virtmux");
         return;
     }
-    case VM_REPLY:
-    case VM_MESSAGE:
     case VM_STREAM:
     case VM_STREAM_HOLE:
+        if (stream_client_packet(s, &h, pkt) == 0)
+            return;
+        vm_debug(s->tag, "stream packet for unknown serial %u dropped", h.serial);
+        return;
+    case VM_REPLY:
+    case VM_MESSAGE:
     case VM_REPLY_WITH_FDS:
-        /* libvirtd silently drops these from a client; so do we (no streams relayed yet). */
+        /* libvirtd silently drops these from a client; so do we. */
         vm_debug(s->tag, "dropped packet type %u proc %d", h.type, h.proc);
         return;
     default: {
@@ -641,6 +666,7 @@ static void write_cb(struct bufferevent *bev, void *arg)
         session_close(s, "client closed the connection (CONNECT_CLOSE)");
         return;
     }
+    stream_session_drained(s);
     update_flow(s);
 }
 
@@ -667,6 +693,7 @@ void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evut
     identity_str(&s->ident, s->ident_str, sizeof(s->ident_str));
     TAILQ_INIT(&s->calls);
     TAILQ_INIT(&s->subs);
+    TAILQ_INIT(&s->streams);
     snprintf(s->tag, sizeof(s->tag), "C#%u %s", s->id, peer);
     s->bev = bufferevent_socket_new(gateway_base(gw), fd, BEV_OPT_CLOSE_ON_FREE);
     s->kick = event_new(gateway_base(gw), -1, 0, kick_cb, s);
@@ -705,6 +732,7 @@ void session_close(struct vm_session *s, const char *why)
         }
     }
     struct vm_pool *p = s->pool;
+    stream_session_gone(s);
     if (p)
         events_session_gone(pool_events(p), s);
     if (was == S_OPENING)

@@ -34,6 +34,7 @@
 #include "log.h"
 #include "pool.h"
 #include "proc.h"
+#include "stream.h"
 #include "wire.h"
 
 #define BACKOFF_MIN_MS 100
@@ -59,6 +60,8 @@ struct vm_link {
     int max_inflight, ninflight; /* client calls */
     int nslots, ninternal;       /* max_inflight + INTERNAL_RESERVE; gateway's own calls */
     struct vm_keepalive ka;
+    struct vm_stream *stream;    /* dedicated to this stream (not in the pool), or NULL */
+    int dedicated;
 };
 
 static void link_connect(struct vm_link *l);
@@ -117,6 +120,43 @@ struct vm_link *link_new(struct vm_pool *p)
     return l;
 }
 
+struct vm_link *link_new_dedicated(struct vm_pool *p, struct vm_stream *st)
+{
+    struct vm_link *l = link_new(p);
+    l->stream = st;
+    l->dedicated = 1;
+    snprintf(l->tag + strlen(l->tag), sizeof(l->tag) - strlen(l->tag), " stream");
+    return l;
+}
+
+void link_detach_stream(struct vm_link *l)
+{
+    l->stream = NULL;
+}
+
+void link_write(struct vm_link *l, struct evbuffer *pkt)
+{
+    if (l->bev)
+        bufferevent_write_buffer(l->bev, pkt);
+    else
+        evbuffer_drain(pkt, evbuffer_get_length(pkt));
+}
+
+size_t link_output_length(const struct vm_link *l)
+{
+    return l->bev ? evbuffer_get_length(bufferevent_get_output(l->bev)) : 0;
+}
+
+void link_pause_reading(struct vm_link *l, int pause)
+{
+    if (!l->bev)
+        return;
+    if (pause)
+        bufferevent_disable(l->bev, EV_READ);
+    else
+        bufferevent_enable(l->bev, EV_READ);
+}
+
 static void link_free_mem(void *arg)
 {
     struct vm_link *l = arg;
@@ -136,7 +176,8 @@ void link_free(struct vm_link *l)
     l->timer = NULL;
     struct vm_pool *p = l->pool;
     struct vm_gateway *gw = pool_gateway(p);
-    pool_link_gone(p, l);
+    if (!l->dedicated)
+        pool_link_gone(p, l);
     gateway_defer_free(gw, link_free_mem, l);
 }
 
@@ -319,6 +360,12 @@ static void handshake_reply(struct vm_link *l, const struct vm_hdr *h, struct ev
         vm_info(l->tag, "ready: opened \"%s\"%s", pool_name(l->pool),
                 pool_readonly(l->pool) ? " read-only" : "");
         (void)up;
+        if (l->dedicated) {
+            bufferevent_setwatermark(l->bev, EV_WRITE, 256u << 10, 0);
+            if (l->stream)
+                stream_link_ready(l->stream);
+            return;
+        }
         pool_link_ready(l->pool, l);
         maybe_idle(l);
         return;
@@ -341,11 +388,16 @@ static int handle_packet(struct vm_link *l, struct evbuffer *pkt)
             wire_put_keepalive(bufferevent_get_output(l->bev), VM_PROC_KEEPALIVE_PONG);
         return 0;
     }
+    if (l->state == VM_LINK_HANDSHAKE && (h.type == VM_REPLY || h.type == VM_REPLY_WITH_FDS)) {
+        handshake_reply(l, &h, pkt);
+        return l->bev ? 0 : -1;
+    }
+    if (l->dedicated) {
+        if (l->stream)
+            stream_from_upstream(l->stream, &h, pkt);
+        return l->bev ? 0 : -1;
+    }
     if (h.type == VM_REPLY || h.type == VM_REPLY_WITH_FDS) {
-        if (l->state == VM_LINK_HANDSHAKE) {
-            handshake_reply(l, &h, pkt);
-            return l->bev ? 0 : -1;
-        }
         struct vm_call *c = take_inflight(l, h.serial);
         if (!c) {
             vm_warn(l->tag, "reply for unknown serial %u (proc %d) dropped", h.serial, h.proc);
@@ -390,6 +442,13 @@ static void read_cb(struct bufferevent *bev, void *arg)
         if (rc < 0 || !l->bev)
             return;
     }
+}
+
+static void write_cb(struct bufferevent *bev, void *arg)
+{
+    struct vm_link *l = arg;
+    if (l->stream)
+        stream_link_drained(l->stream);
 }
 
 static void event_cb(struct bufferevent *bev, short what, void *arg)
@@ -463,7 +522,7 @@ static void link_connect(struct vm_link *l)
                                     BEV_OPT_CLOSE_ON_FREE);
     if (!l->bev)
         abort();
-    bufferevent_setcb(l->bev, read_cb, NULL, event_cb, l);
+    bufferevent_setcb(l->bev, read_cb, l->dedicated ? write_cb : NULL, event_cb, l);
     int ms = up->pool.connect_timeout_ms;
     struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
     bufferevent_set_timeouts(l->bev, &tv, &tv);
@@ -493,7 +552,9 @@ static void link_down(struct vm_link *l, const void *err_payload, size_t n, cons
         bufferevent_free(l->bev);
         l->bev = NULL;
     }
-    if (was_ready || l->ninflight)
+    if (l->freeing)
+        vm_debug(l->tag, "closed: %s", why);
+    else if (was_ready || l->ninflight)
         vm_warn(l->tag, "connection lost: %s (%d calls in flight)", why, l->ninflight);
     else
         vm_info(l->tag, "cannot connect: %s", why);
@@ -510,6 +571,15 @@ static void link_down(struct vm_link *l, const void *err_payload, size_t n, cons
     }
 
     l->state = VM_LINK_BACKOFF;
+    if (l->dedicated) {
+        struct vm_stream *st = l->stream;
+        l->stream = NULL;
+        if (st)
+            stream_link_down(st, why);
+        if (!l->freeing)
+            link_free(l);
+        return;
+    }
     if (l->timer_is_idle) {
         evtimer_del(l->timer);
         l->timer_is_idle = 0;

@@ -15,8 +15,20 @@
 
 enum vm_link_state { VM_LINK_CONNECTING, VM_LINK_HANDSHAKE, VM_LINK_READY, VM_LINK_BACKOFF };
 
+struct evbuffer;
+struct vm_stream;
+
 /* A new link for pool `p`; it starts connecting at once. */
 struct vm_link *link_new(struct vm_pool *p);
+/* A link dedicated to one stream: same name and flags as pool `p`, but not in the pool; every
+ * packet goes to the stream, and it never reconnects. */
+struct vm_link *link_new_dedicated(struct vm_pool *p, struct vm_stream *st);
+/* The stream is done with its link: no more callbacks to it. */
+void link_detach_stream(struct vm_link *l);
+/* Raw access for a dedicated link. */
+void link_write(struct vm_link *l, struct evbuffer *pkt);
+size_t link_output_length(const struct vm_link *l);
+void link_pause_reading(struct vm_link *l, int pause);
 /* Close the socket and free the link. Calls in flight fail; the pool is told. */
 void link_free(struct vm_link *l);
 

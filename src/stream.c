@@ -1,0 +1,187 @@
+#include "stream.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+
+#include "events.h"
+#include "log.h"
+#include "pool.h"
+#include "proc.h"
+#include "session.h"
+#include "upstream.h"
+
+#define UP_HIGH (1u << 20) /* stop reading the client above this much unsent upstream output */
+
+struct vm_stream {
+    struct vm_session *s;     /* owner */
+    struct vm_link *link;     /* owned: dedicated upstream connection */
+    struct vm_hdr call;       /* the creating call */
+    struct evbuffer *early;   /* owned: what the client sent before the link was READY */
+    int ready;
+    int reply_seen;
+    int upstream_paused;      /* not reading the link: the client is slow */
+    int blocking_client;      /* holding the client's reading: libvirtd is slow */
+    TAILQ_ENTRY(vm_stream) entry;
+};
+
+static int nstreams;
+
+int stream_count(void)
+{
+    return nstreams;
+}
+
+static void stream_free(struct vm_stream *st)
+{
+    TAILQ_REMOVE(session_streams(st->s), st, entry);
+    if (st->blocking_client)
+        session_block_reading(st->s, 0);
+    if (st->link) {
+        struct vm_link *l = st->link;
+        st->link = NULL;
+        link_detach_stream(l);
+        link_free(l);
+    }
+    if (st->early)
+        evbuffer_free(st->early);
+    free(st);
+    nstreams--;
+}
+
+void stream_start(struct vm_session *s, struct vm_pool *p, const struct vm_hdr *h,
+                  struct evbuffer *pkt)
+{
+    struct vm_stream *st = calloc(1, sizeof(*st));
+    if (!st)
+        abort();
+    st->s = s;
+    st->call = *h;
+    st->early = evbuffer_new();
+    if (!st->early)
+        abort();
+    evbuffer_add_buffer(st->early, pkt);
+    TAILQ_INSERT_TAIL(session_streams(s), st, entry);
+    nstreams++;
+    const struct vm_proc_info *info = vm_proc_lookup(h->prog, h->proc);
+    vm_info(session_tag(s), "stream %s serial %u: opening a dedicated upstream connection",
+            info ? info->name : "?", h->serial);
+    st->link = link_new_dedicated(p, st);
+}
+
+static struct vm_stream *find(struct vm_session *s, uint32_t serial, int32_t proc)
+{
+    struct vm_stream *st;
+    TAILQ_FOREACH(st, session_streams(s), entry)
+        if (st->call.serial == serial && st->call.proc == proc)
+            return st;
+    return NULL;
+}
+
+static void check_upload_pressure(struct vm_stream *st)
+{
+    size_t out = link_output_length(st->link);
+    if (!st->blocking_client && out > UP_HIGH) {
+        st->blocking_client = 1;
+        session_block_reading(st->s, 1);
+    }
+}
+
+int stream_client_packet(struct vm_session *s, const struct vm_hdr *h, struct evbuffer *pkt)
+{
+    struct vm_stream *st = find(s, h->serial, h->proc);
+    if (!st)
+        return -1;
+    if (!st->ready) {
+        evbuffer_add_buffer(st->early, pkt);
+        return 0;
+    }
+    link_write(st->link, pkt);
+    check_upload_pressure(st);
+    return 0;
+}
+
+void stream_link_ready(struct vm_stream *st)
+{
+    st->ready = 1;
+    link_write(st->link, st->early);
+    evbuffer_free(st->early);
+    st->early = NULL;
+    check_upload_pressure(st);
+}
+
+void stream_from_upstream(struct vm_stream *st, const struct vm_hdr *h, struct evbuffer *pkt)
+{
+    if (h->serial != st->call.serial) {
+        vm_debug(session_tag(st->s), "stream: stray packet serial %u dropped", h->serial);
+        return;
+    }
+    int final = 0;
+    if (h->type == VM_REPLY || h->type == VM_REPLY_WITH_FDS) {
+        st->reply_seen = 1;
+        final = h->status != VM_STATUS_OK; /* the stream never started */
+    } else if (h->type == VM_STREAM) {
+        final = h->status == VM_STATUS_OK || h->status == VM_STATUS_ERROR;
+    } else if (h->type != VM_STREAM_HOLE) {
+        return;
+    }
+    evbuffer_add_buffer(session_output(st->s), pkt);
+    if (final) {
+        vm_debug(session_tag(st->s), "stream serial %u finished", st->call.serial);
+        stream_free(st);
+        return;
+    }
+    if (!st->upstream_paused && session_output_full(st->s)) {
+        st->upstream_paused = 1;
+        link_pause_reading(st->link, 1);
+    }
+}
+
+void stream_link_down(struct vm_stream *st, const char *why)
+{
+    char msg[400];
+    snprintf(msg, sizeof(msg), "internal error: virtmux lost the upstream connection of this "
+             "stream: %s", why);
+    struct evbuffer *out = session_output(st->s);
+    if (!st->reply_seen) {
+        wire_put_error(out, &st->call, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, msg);
+    } else {
+        struct xbuf b;
+        xb_init(&b);
+        wire_error_payload(&b, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, msg);
+        wire_put_packet(out, st->call.prog, st->call.proc, VM_STREAM, st->call.serial,
+                        VM_STATUS_ERROR, b.p, b.len);
+        xb_free(&b);
+    }
+    st->link = NULL; /* the link frees itself */
+    stream_free(st);
+}
+
+void stream_link_drained(struct vm_stream *st)
+{
+    if (st->blocking_client) {
+        st->blocking_client = 0;
+        session_block_reading(st->s, 0);
+    }
+}
+
+void stream_session_drained(struct vm_session *s)
+{
+    struct vm_stream *st;
+    TAILQ_FOREACH(st, session_streams(s), entry) {
+        if (st->upstream_paused && st->link) {
+            st->upstream_paused = 0;
+            link_pause_reading(st->link, 0);
+        }
+    }
+}
+
+void stream_session_gone(struct vm_session *s)
+{
+    struct vm_stream *st;
+    while ((st = TAILQ_FIRST(session_streams(s))))
+        stream_free(st);
+}
