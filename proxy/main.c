@@ -96,7 +96,14 @@ int main(int argc, char **argv)
                  json >= 0 ? json : cfg->log_json);
     signal(SIGPIPE, SIG_IGN);
 
-    struct event_base *base = event_base_new();
+    /* The epoll changelist folds the add/del of write interest that every forwarded packet
+     * causes into one epoll_ctl per loop turn (or none). */
+    struct event_config *ecfg = event_config_new();
+    if (ecfg)
+        event_config_set_flag(ecfg, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
+    struct event_base *base = ecfg ? event_base_new_with_config(ecfg) : event_base_new();
+    if (ecfg)
+        event_config_free(ecfg);
     if (!base) {
         fprintf(stderr, "virtmux: cannot create the event loop\n");
         config_free(cfg);
