@@ -99,6 +99,8 @@ void events_free(struct vm_events *ev)
 int events_registrations(const struct vm_events *ev)
 {
     int n = 0;
+    if (!ev)
+        return 0;
     const struct vm_evreg *r;
     TAILQ_FOREACH(r, &ev->regs, entry)
         if (r->state == REG_ACTIVE && !r->dead)
@@ -113,7 +115,7 @@ int events_subscribers(const struct vm_events *ev)
 
 int events_busy(const struct vm_events *ev)
 {
-    return ev->nregs > 0;
+    return ev && ev->nregs > 0;
 }
 
 static int32_t dereg_proc_of(uint32_t prog, int32_t reg_proc)

@@ -92,7 +92,7 @@ int gateway_start(struct vm_gateway *gw)
             return -1;
     }
     if (!gw->cfg->policy_present)
-        vm_warn(NULL, "no policy section: every client may reach every upstream read-write");
+        vm_info(NULL, "no policy section: every client may reach every upstream read-write");
     for (int i = 0; i < gw->cfg->nupstreams; i++) {
         char ep[300];
         vm_info(NULL, "upstream %s: %s (%s)", gw->cfg->upstreams[i].name,

@@ -48,6 +48,7 @@ struct vm_pool {
     int nwaiters, capwaiters;
     char last_error[256];
     struct vm_events *events;           /* owned */
+    int dying;                          /* pool_free in progress */
 };
 
 static void queue_timeout(evutil_socket_t fd, short what, void *arg);
@@ -76,6 +77,7 @@ struct vm_pool *pool_new(struct vm_gateway *gw, const struct vm_upstream_cfg *up
 
 void pool_free(struct vm_pool *p)
 {
+    p->dying = 1; /* links leaving below must not re-enter the gateway's pool check */
     events_free(p->events);
     p->events = NULL;
     struct link_node *n;
@@ -120,6 +122,8 @@ struct vm_gateway *pool_gateway(const struct vm_pool *p)
 
 int pool_is_empty(const struct vm_pool *p)
 {
+    if (p->dying)
+        return 0;
     return p->nlinks == 0 && p->nwaiters == 0 && p->nqueued == 0 && !events_busy(p->events);
 }
 
