@@ -15,6 +15,9 @@
  *     .pool.max_inflight      int 1..1024, 4 (one below libvirtd's max_client_requests)
  *     .pool.idle_timeout_s    int 0..86400, 60
  *     .pool.connect_timeout_ms int 100..600000, 10000
+ *     .pool.give_up_s      int 0..86400, 60: after this long without reconnecting, sessions
+ *                          homed on a lost connection are told (close callback) and closed;
+ *                          0 = keep retrying forever
  *   default_upstream       name, optional
  *   limits.max_clients     int, 10000
  *   limits.queue_timeout_ms int, 30000
@@ -83,6 +86,7 @@ struct vm_pool_cfg {
     int max_inflight;
     int idle_timeout_s;
     int connect_timeout_ms;
+    int give_up_s;
 };
 
 struct vm_upstream_cfg {

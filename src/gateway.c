@@ -21,6 +21,7 @@
 #include "listener.h"
 #include "log.h"
 #include "pool.h"
+#include "session.h"
 
 struct reap_node {
     void (*fn)(void *);
@@ -48,6 +49,8 @@ struct vm_gateway {
     struct vm_audit *audit;      /* owned */
     struct vm_admin *admin;      /* owned, optional */
     int *rule_sessions;          /* owned: open sessions per rule; last slot = default */
+    struct vm_session **sessions; /* registry (not owned): index = session slot */
+    int capsessions;
 };
 
 static void reap(evutil_socket_t fd, short what, void *arg)
@@ -128,6 +131,7 @@ void gateway_free(struct vm_gateway *gw)
     event_free(gw->reaper);
     audit_free(gw->audit);
     free(gw->rule_sessions);
+    free(gw->sessions);
     config_free(gw->cfg);
     free(gw);
 }
@@ -236,16 +240,36 @@ static void set_accepting(struct vm_gateway *gw, int on)
         vm_info(NULL, "below max_clients again: accepting");
 }
 
-void gateway_session_opened(struct vm_gateway *gw)
+void gateway_session_opened(struct vm_gateway *gw, struct vm_session *s)
 {
+    if (gw->nsessions == gw->capsessions) {
+        gw->capsessions = gw->capsessions ? gw->capsessions * 2 : 64;
+        gw->sessions = realloc(gw->sessions, (size_t)gw->capsessions * sizeof(*gw->sessions));
+        if (!gw->sessions)
+            abort();
+    }
+    gw->sessions[gw->nsessions] = s;
+    session_set_slot(s, gw->nsessions);
     if (++gw->nsessions >= gw->cfg->max_clients)
         set_accepting(gw, 0);
 }
 
-void gateway_session_closed(struct vm_gateway *gw)
+void gateway_session_closed(struct vm_gateway *gw, struct vm_session *s)
 {
+    int slot = session_slot(s);
+    struct vm_session *last = gw->sessions[gw->nsessions - 1];
+    gw->sessions[slot] = last;
+    session_set_slot(last, slot);
     if (--gw->nsessions < gw->cfg->max_clients)
         set_accepting(gw, 1);
+}
+
+void gateway_link_lost(struct vm_gateway *gw, struct vm_link *l, const char *why)
+{
+    /* Walk backwards: a session told here may leave the registry at once. */
+    for (int i = gw->nsessions - 1; i >= 0; i--)
+        if (i < gw->nsessions && session_home(gw->sessions[i]) == l)
+            session_upstream_lost(gw->sessions[i], why);
 }
 
 void gateway_defer_free(struct vm_gateway *gw, void (*fn)(void *), void *p)

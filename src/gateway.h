@@ -29,9 +29,11 @@ struct vm_pool *gateway_pool(struct vm_gateway *gw, const struct vm_upstream_cfg
 /* Called when a pool may have become empty; frees it after this loop turn if so. */
 void gateway_pool_check(struct vm_gateway *gw, struct vm_pool *p);
 
-/* Session accounting for max_clients. */
-void gateway_session_opened(struct vm_gateway *gw);
-void gateway_session_closed(struct vm_gateway *gw);
+/* Session registry and max_clients accounting. */
+void gateway_session_opened(struct vm_gateway *gw, struct vm_session *s);
+void gateway_session_closed(struct vm_gateway *gw, struct vm_session *s);
+/* An upstream connection is lost for good: tell every session homed on it. */
+void gateway_link_lost(struct vm_gateway *gw, struct vm_link *l, const char *why);
 
 /* Policy denials are recorded here. */
 struct vm_audit *gateway_audit(const struct vm_gateway *gw);

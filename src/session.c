@@ -55,7 +55,8 @@ struct vm_session {
     enum session_state state;
     int is_tcp;
     int paused;                        /* reading disabled for back-pressure */
-    int close_after_flush;             /* CONNECT_CLOSE answered: hang up once written */
+    int close_after_flush;             /* hang up once everything is written ... */
+    const char *close_reason;          /* ... for this reason */
     uint32_t skip_bytes;               /* FD dummy bytes to discard after a refused FD call */
     struct event *kick;                /* owned: resumes input processing after a pause */
 
@@ -73,6 +74,8 @@ struct vm_session {
     struct vm_stream_list streams;     /* owned */
     int blocked;                       /* streams holding our reading (slow upstream) */
     int32_t next_cb_id;
+    int close_cb;                      /* the client registered a close callback */
+    int slot;                          /* index in the gateway's registry */
 };
 
 static void process_input(struct vm_session *s);
@@ -122,6 +125,45 @@ int session_push_event(struct vm_session *s, const void *pkt, size_t len)
 const char *session_tag(const struct vm_session *s)
 {
     return s->tag;
+}
+
+struct vm_link *session_home(const struct vm_session *s)
+{
+    return s->home;
+}
+
+int session_slot(const struct vm_session *s)
+{
+    return s->slot;
+}
+
+void session_set_slot(struct vm_session *s, int slot)
+{
+    s->slot = slot;
+}
+
+void session_upstream_lost(struct vm_session *s, const char *why)
+{
+    if (s->state == S_CLOSING)
+        return;
+    vm_warn(s->tag, "upstream connection lost for good: %s", why);
+    if (s->close_cb) {
+        struct xbuf b;
+        xb_init(&b);
+        xb_i32(&b, 1); /* VIR_CONNECT_CLOSE_REASON_EOF */
+        wire_put_packet(bufferevent_get_output(s->bev), VM_PROG_REMOTE, VM_PROC_CONNECT_EVENT_CONNECTION_CLOSED,
+                        VM_MESSAGE, 1, VM_STATUS_OK, b.p, b.len);
+        xb_free(&b);
+    }
+    if (s->home) {
+        pool_release(s->pool, s->home);
+        s->home = NULL;
+    }
+    s->close_after_flush = 1;
+    s->close_reason = "upstream lost for good";
+    bufferevent_disable(s->bev, EV_READ);
+    if (evbuffer_get_length(bufferevent_get_output(s->bev)) == 0)
+        session_close(s, "upstream lost for good");
 }
 
 static struct evbuffer *out_of(struct vm_session *s)
@@ -488,6 +530,7 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
         case VM_PROC_CONNECT_CLOSE:
             wire_put_reply(out_of(s), h, NULL, 0);
             s->close_after_flush = 1;
+            s->close_reason = "client closed the connection (CONNECT_CLOSE)";
             bufferevent_disable(s->bev, EV_READ);
             return;
         case VM_PROC_CONNECT_GET_URI:
@@ -501,8 +544,10 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
             return;
         case VM_PROC_CONNECT_REGISTER_CLOSE_CALLBACK:
         case VM_PROC_CONNECT_UNREGISTER_CLOSE_CALLBACK:
-            if (require_open(s, h))
+            if (require_open(s, h)) {
+                s->close_cb = h->proc == VM_PROC_CONNECT_REGISTER_CLOSE_CALLBACK;
                 wire_put_reply(out_of(s), h, NULL, 0);
+            }
             return;
         case VM_PROC_CONNECT_SET_IDENTITY: {
             const char *why = "operation forbidden: CONNECT_SET_IDENTITY would change the "
@@ -663,7 +708,7 @@ static void write_cb(struct bufferevent *bev, void *arg)
 {
     struct vm_session *s = arg;
     if (s->close_after_flush && evbuffer_get_length(out_of(s)) == 0) {
-        session_close(s, "client closed the connection (CONNECT_CLOSE)");
+        session_close(s, s->close_reason);
         return;
     }
     stream_session_drained(s);
@@ -702,7 +747,7 @@ void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evut
     bufferevent_setcb(s->bev, read_cb, write_cb, event_cb, s);
     bufferevent_setwatermark(s->bev, EV_WRITE, OUT_LOW, 0);
     bufferevent_enable(s->bev, EV_READ);
-    gateway_session_opened(gw);
+    gateway_session_opened(gw, s);
     vm_info(s->tag, "connected on listener %s as %s", lcfg->name, s->ident_str);
 }
 
@@ -745,7 +790,7 @@ void session_close(struct vm_session *s, const char *why)
     s->kick = NULL;
     bufferevent_free(s->bev);
     s->bev = NULL;
-    gateway_session_closed(s->gw);
+    gateway_session_closed(s->gw, s);
     if (s->rule_held)
         gateway_rule_release(s->gw, s->rule);
     if (p)

@@ -25,6 +25,13 @@ void session_open_done(struct vm_session *s, struct vm_link *home, const void *e
 void session_home_lost(struct vm_session *s);
 
 const char *session_tag(const struct vm_session *s);
+struct vm_link *session_home(const struct vm_session *s);
+int session_slot(const struct vm_session *s);
+void session_set_slot(struct vm_session *s, int slot);
+
+/* The home link is lost for good: a session that registered a close callback gets
+ * CONNECT_EVENT_CONNECTION_CLOSED, then every such session is closed once flushed. */
+void session_upstream_lost(struct vm_session *s, const char *why);
 
 /* Close a session for `why` (logged). Idempotent; the memory is reaped after this loop turn. */
 void session_close(struct vm_session *s, const char *why);

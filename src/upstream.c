@@ -22,6 +22,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
@@ -62,6 +63,7 @@ struct vm_link {
     struct vm_keepalive ka;
     struct vm_stream *stream;    /* dedicated to this stream (not in the pool), or NULL */
     int dedicated;
+    time_t down_since;           /* first failure since the link was last READY; 0 = up */
 };
 
 static void link_connect(struct vm_link *l);
@@ -88,6 +90,18 @@ static void timer_cb(evutil_socket_t fd, short what, void *arg)
             link_free(l);
         }
         return;
+    }
+    const struct vm_upstream_cfg *up = pool_upstream(l->pool);
+    if (!l->dedicated && l->down_since && up->pool.give_up_s > 0 &&
+        time(NULL) - l->down_since >= up->pool.give_up_s) {
+        char why[160];
+        snprintf(why, sizeof(why), "upstream %s unreachable for %d s", up->name,
+                 (int)(time(NULL) - l->down_since));
+        l->down_since = time(NULL); /* whoever still holds it starts a new period */
+        vm_warn(l->tag, "giving up: %s", why);
+        gateway_link_lost(pool_gateway(l->pool), l, why);
+        if (l->freeing)
+            return;
     }
     link_connect(l);
 }
@@ -352,6 +366,7 @@ static void handshake_reply(struct vm_link *l, const struct vm_hdr *h, struct ev
     case HS_OPEN: {
         l->state = VM_LINK_READY;
         l->backoff_ms = BACKOFF_MIN_MS;
+        l->down_since = 0;
         bufferevent_set_timeouts(l->bev, NULL, NULL);
         const struct vm_config *cfg = gateway_config(pool_gateway(l->pool));
         if (keepalive_start(&l->ka, gateway_base(pool_gateway(l->pool)), cfg->keepalive_interval_s,
@@ -571,6 +586,8 @@ static void link_down(struct vm_link *l, const void *err_payload, size_t n, cons
     }
 
     l->state = VM_LINK_BACKOFF;
+    if (!l->down_since)
+        l->down_since = time(NULL);
     if (l->dedicated) {
         struct vm_stream *st = l->stream;
         l->stream = NULL;
