@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install dependencies, build, run the unit tests and the end-to-end suite.
+# Exits non-zero if anything fails (including pytest collecting no tests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export VIRTMUX_BUILD=${VIRTMUX_BUILD:-$PWD/build}
+
+bash scripts/deps.sh
+bash scripts/build.sh
+
+status=0
+
+echo "=== unit tests (meson test) ==="
+if ! meson test -C "$VIRTMUX_BUILD" --print-errorlogs; then
+    echo "unit tests FAILED"
+    status=1
+fi
+
+echo "=== end-to-end tests (pytest) ==="
+# /usr/bin/python3 on purpose: the Debian interpreter has the libvirt module,
+# a python3 found earlier on PATH may not.
+set +e
+/usr/bin/python3 -m pytest -v tests/e2e
+rc=$?
+set -e
+case $rc in
+    0) ;;
+    5) echo "pytest collected no tests: treating as failure"; status=1 ;;
+    *) echo "end-to-end tests FAILED (pytest exit $rc)"; status=1 ;;
+esac
+
+exit $status

@@ -1,0 +1,986 @@
+"""Process harness for virtmux end-to-end tests and benchmarks.
+
+Three building blocks:
+
+* ``Libvirtd``  - a private libvirtd (test driver only) listening on a
+  loopback TCP port and on UNIX sockets in a temporary directory.
+* ``Virtmux``   - the gateway binary started from the build directory with a
+  JSON config written to a temporary file.
+* ``RawClient`` - a minimal libvirt RPC client that talks raw packets, for
+  hostile-input tests and protocol checks.
+
+Nothing here depends on pytest, so scripts (benchmarks, demos) can import it.
+Every wait is bounded; every process is started in its own session so that it
+can be killed reliably.
+"""
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from collections import namedtuple
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+LIBVIRTD = os.environ.get("VIRTMUX_LIBVIRTD", "/usr/sbin/libvirtd")
+VIRSH = shutil.which("virsh") or "/usr/bin/virsh"
+VIRT_ADMIN = shutil.which("virt-admin") or "/usr/bin/virt-admin"
+
+# --------------------------------------------------------------------------
+# protocol constants
+# --------------------------------------------------------------------------
+
+REMOTE_PROGRAM = 0x20008086
+REMOTE_VERSION = 1
+KEEPALIVE_PROGRAM = 0x6B656570
+KEEPALIVE_VERSION = 1
+
+PROC_CONNECT_OPEN = 1
+PROC_CONNECT_CLOSE = 2
+PROC_DOMAIN_DESTROY = 12
+PROC_DOMAIN_GET_INFO = 16
+PROC_DOMAIN_LOOKUP_BY_NAME = 23
+PROC_CONNECT_SUPPORTS_FEATURE = 60
+PROC_AUTH_LIST = 66
+PROC_CONNECT_LIST_ALL_DOMAINS = 273
+
+PROC_KEEPALIVE_PING = 1
+PROC_KEEPALIVE_PONG = 2
+
+TYPE_CALL = 0
+TYPE_REPLY = 1
+TYPE_MESSAGE = 2
+TYPE_STREAM = 3
+
+STATUS_OK = 0
+STATUS_ERROR = 1
+STATUS_CONTINUE = 2
+
+HEADER_LEN = 24
+LEN_WORD = 4
+MIN_PACKET = LEN_WORD + HEADER_LEN          # 28
+MAX_PACKET = LEN_WORD + 32 * 1024 * 1024    # 33554436
+
+# error codes used by the tests (include/libvirt/virterror.h)
+VIR_ERR_INTERNAL_ERROR = 1
+VIR_ERR_NO_SUPPORT = 3
+VIR_ERR_NO_CONNECT = 5
+VIR_ERR_OPERATION_DENIED = 29
+VIR_ERR_RPC = 39
+VIR_ERR_OPERATION_TIMEOUT = 68
+
+
+class HarnessError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------
+# small utilities
+# --------------------------------------------------------------------------
+
+def _ephemeral_low():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_rng = random.Random(os.getpid() ^ int(time.time() * 1000))
+
+
+def free_port(host="127.0.0.1"):
+    """Return a TCP port that was free a moment ago.
+
+    A port from bind-to-0 lies in the kernel's ephemeral range, where the
+    many outgoing connections of a test run pick their local ports too, so
+    one of them may take it before the server binds it. Prefer a port just
+    below that range (checked by binding it), else fall back to bind-to-0.
+    """
+    low = _ephemeral_low()
+    if low > 12000:
+        for _ in range(50):
+            port = _rng.randrange(10000, low)
+            if port_is_free(port, host):
+                return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port, host="127.0.0.1"):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def tcp_accepts(host, port, timeout=0.5):
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def unix_accepts(path, timeout=0.5):
+    if not os.path.exists(path):
+        return False
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def split_address(addr):
+    """'127.0.0.1:16509' or '[::1]:16509' -> (host, port)."""
+    host, _, port = addr.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or not port.isdigit():
+        raise HarnessError("bad listener address %r" % addr)
+    return host, int(port)
+
+
+def tail(path, nlines=60):
+    try:
+        with open(path, "r", errors="replace") as f:
+            lines = f.readlines()
+    except OSError as e:
+        return "<cannot read %s: %s>" % (path, e)
+    return "".join(lines[-nlines:])
+
+
+SETPRIV = shutil.which("setpriv")
+
+
+def _die_with_parent(argv):
+    """Prefix argv so the process gets SIGKILL when the thread that started
+    it dies (prctl PR_SET_PDEATHSIG via util-linux setpriv): a harness killed
+    by a timeout leaves no libvirtd or virtmux behind. Start processes from
+    a thread that lives as long as they should (the main thread in tests)."""
+    if SETPRIV and os.environ.get("VIRTMUX_E2E_NO_PDEATHSIG") != "1":
+        return [SETPRIV, "--pdeathsig", "KILL", "--"] + argv
+    return argv
+
+
+def _wait_exit(proc, timeout):
+    try:
+        proc.wait(timeout=timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def _signal_group(proc, sig):
+    """Send sig to the process group of proc (it is a session leader)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+# --------------------------------------------------------------------------
+# libvirtd
+# --------------------------------------------------------------------------
+
+class Libvirtd:
+    """A private libvirtd serving the built-in test driver.
+
+    The QEMU and other loadable drivers are disabled by pointing
+    LIBVIRT_DRIVER_DIR at an empty directory; ``test:///default`` is served by
+    the test driver built into libvirt.so.
+    """
+
+    def __init__(self, port=None, extra_conf=None, name="libvirtd",
+                 start_timeout=20.0):
+        self.name = name
+        self.tmpdir = tempfile.mkdtemp(prefix="virtmux-%s-" % name)
+        self.rundir = os.path.join(self.tmpdir, "run")
+        self.driverdir = os.path.join(self.tmpdir, "drivers")
+        os.makedirs(self.rundir)
+        os.makedirs(self.driverdir)
+        self.conf_path = os.path.join(self.tmpdir, "libvirtd.conf")
+        self.pid_path = os.path.join(self.tmpdir, "libvirtd.pid")
+        self.log_path = os.path.join(self.tmpdir, "libvirtd.log")
+        self.out_path = os.path.join(self.tmpdir, "libvirtd.out")
+        self.port = port or free_port()
+        self.extra_conf = dict(extra_conf or {})
+        self.start_timeout = start_timeout
+        self.sock = os.path.join(self.rundir, "libvirt-sock")
+        self.sock_ro = os.path.join(self.rundir, "libvirt-sock-ro")
+        self.admin_sock = os.path.join(self.rundir, "libvirt-admin-sock")
+        self.admin_uri = "libvirtd:///system?socket=%s" % self.admin_sock
+        self.direct_uri = "test+tcp://127.0.0.1:%d/default" % self.port
+        self.unix_uri = "test+unix:///default?socket=%s" % self.sock
+        self.proc = None
+        self._stopped_by_signal = False
+
+    # -- configuration ----------------------------------------------------
+
+    @staticmethod
+    def _conf_value(v):
+        if isinstance(v, bool):
+            return "1" if v else "0"
+        if isinstance(v, int):
+            return str(v)
+        return '"%s"' % v
+
+    def write_config(self):
+        conf = {
+            "listen_tls": 0,
+            "listen_tcp": 1,
+            "listen_addr": "127.0.0.1",
+            "tcp_port": str(self.port),
+            "auth_tcp": "none",
+            "auth_unix_rw": "none",
+            "auth_unix_ro": "none",
+            "unix_sock_dir": self.rundir,
+            "log_outputs": "3:file:%s" % self.log_path,
+        }
+        conf.update(self.extra_conf)
+        with open(self.conf_path, "w") as f:
+            for k, v in conf.items():
+                f.write("%s = %s\n" % (k, self._conf_value(v)))
+
+    # -- lifecycle --------------------------------------------------------
+
+    def start(self):
+        if self.proc is not None and self.proc.poll() is None:
+            raise HarnessError("%s already running" % self.name)
+        if not os.access(LIBVIRTD, os.X_OK):
+            raise HarnessError("libvirtd binary not found at %s "
+                               "(install libvirt-daemon, see scripts/deps.sh)"
+                               % LIBVIRTD)
+        self.write_config()
+        env = dict(os.environ)
+        env["LIBVIRT_DRIVER_DIR"] = self.driverdir
+        out = open(self.out_path, "ab")
+        try:
+            self.proc = subprocess.Popen(
+                _die_with_parent([LIBVIRTD, "--listen", "--config",
+                                  self.conf_path, "--pid-file",
+                                  self.pid_path]),
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                env=env, start_new_session=True, cwd=self.tmpdir)
+        finally:
+            out.close()
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise HarnessError(
+                    "%s exited with %s during start-up\n--- output ---\n%s"
+                    "\n--- log ---\n%s" % (self.name, self.proc.returncode,
+                                           tail(self.out_path),
+                                           tail(self.log_path)))
+            if (tcp_accepts("127.0.0.1", self.port)
+                    and unix_accepts(self.sock)
+                    and os.path.exists(self.admin_sock)):
+                return self
+            time.sleep(0.05)
+        self.kill9()
+        raise HarnessError("%s did not accept on port %d within %.0f s\n%s"
+                           % (self.name, self.port, self.start_timeout,
+                              tail(self.out_path)))
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout=10.0):
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            _signal_group(self.proc, signal.SIGTERM)
+            # a stopped process only acts on SIGTERM once continued
+            _signal_group(self.proc, signal.SIGCONT)
+            if not _wait_exit(self.proc, timeout):
+                _signal_group(self.proc, signal.SIGKILL)
+                _wait_exit(self.proc, 5.0)
+        return self.proc.returncode
+
+    def kill9(self):
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            _signal_group(self.proc, signal.SIGKILL)
+            _wait_exit(self.proc, 10.0)
+
+    def restart(self):
+        """Start again on the same port with the same directories."""
+        self.stop()
+        return self.start()
+
+    def sigstop(self):
+        if self.running():
+            _signal_group(self.proc, signal.SIGSTOP)
+
+    def sigcont(self):
+        if self.running():
+            _signal_group(self.proc, signal.SIGCONT)
+
+    def cleanup(self):
+        self.stop()
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.cleanup()
+
+    # -- introspection ----------------------------------------------------
+
+    def log_text(self):
+        parts = []
+        for p in (self.out_path, self.log_path):
+            try:
+                with open(p, "r", errors="replace") as f:
+                    parts.append(f.read())
+            except OSError:
+                pass
+        return "\n".join(parts)
+
+    def _virt_admin(self, *args, timeout=10.0):
+        try:
+            r = subprocess.run([VIRT_ADMIN, "-c", self.admin_uri] + list(args),
+                               stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True,
+                               timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise HarnessError("virt-admin %s timed out" % " ".join(args))
+        return r
+
+    def client_ids(self):
+        r = self._virt_admin("srv-clients-list", "libvirtd")
+        if r.returncode != 0:
+            raise HarnessError("virt-admin srv-clients-list failed: %s"
+                               % r.stderr.strip())
+        ids = []
+        for line in r.stdout.splitlines():
+            fields = line.split()
+            if fields and fields[0].isdigit():
+                ids.append(int(fields[0]))
+        return ids
+
+    def clients(self):
+        """One dict per client socket of the ``libvirtd`` server.
+
+        Keys are those printed by ``virt-admin client-info`` (id, transport,
+        readonly, sock_addr, unix_user_id, ...). A client that disconnects
+        between the listing and the query is left out.
+        """
+        result = []
+        for cid in self.client_ids():
+            r = self._virt_admin("client-info", "libvirtd", str(cid))
+            if r.returncode != 0:
+                continue
+            info = {}
+            for line in r.stdout.splitlines():
+                key, sep, value = line.partition(":")
+                if sep:
+                    info[key.strip()] = value.strip()
+            if info:
+                result.append(info)
+        return result
+
+    def nclients(self):
+        r = self._virt_admin("srv-clients-info", "libvirtd")
+        if r.returncode != 0:
+            raise HarnessError("virt-admin srv-clients-info failed: %s"
+                               % r.stderr.strip())
+        for line in r.stdout.splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() == "nclients":
+                return int(value.strip())
+        raise HarnessError("no nclients in: %r" % r.stdout)
+
+
+# --------------------------------------------------------------------------
+# virtmux
+# --------------------------------------------------------------------------
+
+def build_dir():
+    return Path(os.environ.get("VIRTMUX_BUILD", str(REPO_ROOT / "build")))
+
+
+def virtmux_binary():
+    return build_dir() / "proxy" / "virtmux"
+
+
+def upstream_entry(name, uri, **pool):
+    entry = {"name": name, "uri": uri}
+    if pool:
+        entry["pool"] = pool
+    return entry
+
+
+def make_config(upstreams, default_upstream=None, listeners=None,
+                limits=None, keepalive=None):
+    """Build a gateway config; without listeners, one TCP listener on a
+    free loopback port is created."""
+    if listeners is None:
+        listeners = [{"name": "tcp", "address": "127.0.0.1:%d" % free_port(),
+                      "auth": "none"}]
+    cfg = {"listeners": listeners, "upstreams": upstreams}
+    if default_upstream is not None:
+        cfg["default_upstream"] = default_upstream
+    if limits is not None:
+        cfg["limits"] = limits
+    if keepalive is not None:
+        cfg["keepalive"] = keepalive
+    return cfg
+
+
+class Virtmux:
+    """The gateway process."""
+
+    def __init__(self, config, binary=None, extra_args=(), start_timeout=10.0):
+        self.config = config
+        self.binary = Path(binary) if binary else virtmux_binary()
+        self.extra_args = list(extra_args)
+        self.start_timeout = start_timeout
+        self.tmpdir = tempfile.mkdtemp(prefix="virtmux-gw-")
+        self.config_path = os.path.join(self.tmpdir, "virtmux.json")
+        self.log_path = os.path.join(self.tmpdir, "virtmux.log")
+        self.proc = None
+        self.returncode = None
+
+    # -- addresses --------------------------------------------------------
+
+    def tcp_listeners(self):
+        out = []
+        for lst in self.config.get("listeners", []):
+            if "address" in lst:
+                out.append(split_address(lst["address"]))
+        return out
+
+    def unix_listeners(self):
+        return [lst["unix"] for lst in self.config.get("listeners", [])
+                if "unix" in lst]
+
+    @property
+    def port(self):
+        tl = self.tcp_listeners()
+        if not tl:
+            raise HarnessError("gateway has no TCP listener")
+        return tl[0][1]
+
+    @property
+    def host(self):
+        return self.tcp_listeners()[0][0]
+
+    def uri(self, path="default", driver="test"):
+        """Client URI through the first TCP listener, e.g.
+        uri('hv2/default') -> test+tcp://127.0.0.1:PORT/hv2/default."""
+        return "%s+tcp://%s:%d/%s" % (driver, self.host, self.port, path)
+
+    def unix_uri(self, index=0, path="default", driver="test"):
+        return "%s+unix:///%s?socket=%s" % (driver, path,
+                                            self.unix_listeners()[index])
+
+    # -- lifecycle --------------------------------------------------------
+
+    def start(self):
+        if not os.access(str(self.binary), os.X_OK):
+            raise HarnessError(
+                "virtmux binary not found at %s: build it first "
+                "(scripts/build.sh) or set VIRTMUX_BUILD" % self.binary)
+        with open(self.config_path, "w") as f:
+            json.dump(self.config, f, indent=2)
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(
+                _die_with_parent([str(self.binary), "--config",
+                                  self.config_path, "-v"]
+                                 + self.extra_args),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, cwd=self.tmpdir)
+        finally:
+            log.close()
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise HarnessError("virtmux exited with %s during start-up\n%s"
+                                   % (self.proc.returncode, self.log_tail()))
+            if all(tcp_accepts(h, p) for h, p in self.tcp_listeners()) and \
+                    all(unix_accepts(u) for u in self.unix_listeners()):
+                return self
+            time.sleep(0.05)
+        self.kill()
+        raise HarnessError("virtmux listeners not ready within %.0f s\n%s"
+                           % (self.start_timeout, self.log_tail()))
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout=10.0, sig=signal.SIGTERM):
+        """SIGTERM (or sig), wait, then SIGKILL. Returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            _signal_group(self.proc, sig)
+            if not _wait_exit(self.proc, timeout):
+                _signal_group(self.proc, signal.SIGKILL)
+                _wait_exit(self.proc, 5.0)
+        self.returncode = self.proc.returncode
+        return self.returncode
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            _signal_group(self.proc, signal.SIGKILL)
+            _wait_exit(self.proc, 5.0)
+
+    def cleanup(self):
+        self.stop()
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.cleanup()
+
+    # -- logs -------------------------------------------------------------
+
+    def log_text(self):
+        try:
+            with open(self.log_path, "r", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def log_tail(self, nlines=60):
+        return tail(self.log_path, nlines)
+
+
+def check_config(config_or_path, binary=None, timeout=10.0):
+    """Run ``virtmux --check-config``; config may be a dict, a string (raw
+    file content) or an existing path. Returns CompletedProcess."""
+    binary = Path(binary) if binary else virtmux_binary()
+    if not os.access(str(binary), os.X_OK):
+        raise HarnessError("virtmux binary not found at %s" % binary)
+    tmp = None
+    if isinstance(config_or_path, (dict, list)):
+        fd, tmp = tempfile.mkstemp(prefix="virtmux-check-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(config_or_path, f)
+        path = tmp
+    elif isinstance(config_or_path, str) and not os.path.exists(config_or_path):
+        fd, tmp = tempfile.mkstemp(prefix="virtmux-check-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            f.write(config_or_path)
+        path = tmp
+    else:
+        path = str(config_or_path)
+    try:
+        return subprocess.run([str(binary), "--check-config", path],
+                              stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=timeout)
+    finally:
+        if tmp:
+            os.unlink(tmp)
+
+
+# --------------------------------------------------------------------------
+# bounded waiting
+# --------------------------------------------------------------------------
+
+class CallResult:
+    def __init__(self):
+        self.value = None
+        self.error = None
+        self.start = None
+        self.end = None
+
+    @property
+    def elapsed(self):
+        return None if self.end is None else self.end - self.start
+
+
+def start_call(fn, *args, **kw):
+    """Run fn in a daemon thread; returns (thread, CallResult). A call that
+    never returns leaves a daemon thread behind instead of hanging."""
+    res = CallResult()
+    started = threading.Event()
+
+    def run():
+        res.start = time.monotonic()
+        started.set()
+        try:
+            res.value = fn(*args, **kw)
+        except BaseException as e:  # recorded for the caller
+            res.error = e
+        finally:
+            res.end = time.monotonic()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    started.wait(5.0)
+    return t, res
+
+
+def call_with_timeout(fn, *args, timeout=30.0, **kw):
+    """fn(*args) in a daemon thread; AssertionError if it does not return
+    within timeout, else its value (or its exception re-raised)."""
+    t, res = start_call(fn, *args, **kw)
+    t.join(timeout)
+    if t.is_alive():
+        raise AssertionError("%s did not return within %.0f s"
+                             % (getattr(fn, "__name__", fn), timeout))
+    if res.error is not None:
+        raise res.error
+    return res.value
+
+
+def wait_until(predicate, timeout=5.0, interval=0.05):
+    """Poll predicate until it returns a true value or timeout passes;
+    returns the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+# --------------------------------------------------------------------------
+# virsh
+# --------------------------------------------------------------------------
+
+def virsh(uri, *args, readonly=False, timeout=30.0):
+    """Run virsh; returns CompletedProcess (text)."""
+    cmd = [VIRSH]
+    if readonly:
+        cmd.append("-r")
+    cmd += ["-c", uri] + list(args)
+    env = dict(os.environ)
+    env.setdefault("LC_ALL", "C")
+    env.pop("VIRSH_DEFAULT_CONNECT_URI", None)
+    env.pop("LIBVIRT_DEFAULT_URI", None)
+    try:
+        return subprocess.run(cmd, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True,
+                              timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as e:
+        raise HarnessError("virsh %s timed out after %.0f s"
+                           % (" ".join(cmd[1:]), timeout)) from e
+
+
+# --------------------------------------------------------------------------
+# XDR and raw packets
+# --------------------------------------------------------------------------
+
+def xdr_u32(v):
+    return struct.pack(">I", v & 0xFFFFFFFF)
+
+
+def xdr_i32(v):
+    return struct.pack(">i", v)
+
+
+def xdr_u64(v):
+    return struct.pack(">Q", v)
+
+
+def xdr_opaque_fixed(b):
+    pad = (-len(b)) % 4
+    return bytes(b) + b"\0" * pad
+
+
+def xdr_string(s):
+    b = s.encode() if isinstance(s, str) else bytes(s)
+    return xdr_u32(len(b)) + xdr_opaque_fixed(b)
+
+
+def xdr_opt_string(s):
+    if s is None:
+        return xdr_u32(0)
+    return xdr_u32(1) + xdr_string(s)
+
+
+def xdr_domain(name, uuid, dom_id):
+    """remote_nonnull_domain: string name, opaque uuid[16], int id."""
+    if len(uuid) != 16:
+        raise ValueError("uuid must be 16 bytes")
+    return xdr_string(name) + bytes(uuid) + xdr_i32(dom_id)
+
+
+class XdrReader:
+    def __init__(self, data):
+        self.data = bytes(data)
+        self.pos = 0
+
+    def _take(self, n):
+        if self.pos + n > len(self.data):
+            raise ValueError("XDR underflow at %d (+%d of %d)"
+                             % (self.pos, n, len(self.data)))
+        b = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return b
+
+    def u32(self):
+        return struct.unpack(">I", self._take(4))[0]
+
+    def i32(self):
+        return struct.unpack(">i", self._take(4))[0]
+
+    def u64(self):
+        return struct.unpack(">Q", self._take(8))[0]
+
+    def opaque_fixed(self, n):
+        b = self._take(n)
+        self._take((-n) % 4)
+        return b
+
+    def string(self):
+        n = self.u32()
+        return self.opaque_fixed(n).decode(errors="replace")
+
+    def opt_string(self):
+        return self.string() if self.u32() else None
+
+    def domain(self):
+        name = self.string()
+        uuid = self.opaque_fixed(16)
+        dom_id = self.i32()
+        return {"name": name, "uuid": uuid, "id": dom_id}
+
+    def remaining(self):
+        return len(self.data) - self.pos
+
+
+Packet = namedtuple("Packet",
+                    "length prog vers proc type serial status payload")
+
+
+def build_packet(prog, vers, proc, mtype, serial, status=STATUS_OK,
+                 payload=b""):
+    body = struct.pack(">IIiiIi", prog, vers, proc, mtype, serial, status) \
+        + bytes(payload)
+    return struct.pack(">I", len(body) + LEN_WORD) + body
+
+
+def parse_packet(raw):
+    length = struct.unpack(">I", raw[:4])[0]
+    prog, vers, proc, mtype, serial, status = struct.unpack(">IIiiIi",
+                                                            raw[4:28])
+    return Packet(length, prog, vers, proc, mtype, serial, status,
+                  bytes(raw[28:length]))
+
+
+def decode_error(payload):
+    """virNetMessageError -> dict(code, domain, message, level, str1..3)."""
+    r = XdrReader(payload)
+    err = {"code": r.i32(), "domain": r.i32(), "message": r.opt_string(),
+           "level": r.i32()}
+    # the rest is optional on the wire for robustness: decode what is there
+    try:
+        if r.u32():                 # dom (always absent in practice)
+            r.domain()
+        err["str1"] = r.opt_string()
+        err["str2"] = r.opt_string()
+        err["str3"] = r.opt_string()
+        err["int1"] = r.i32()
+        err["int2"] = r.i32()
+    except ValueError:
+        pass
+    return err
+
+
+class ConnectionClosed(Exception):
+    pass
+
+
+class RawClient:
+    """A socket speaking raw libvirt RPC packets."""
+
+    def __init__(self, host="127.0.0.1", port=None, unix=None, timeout=5.0):
+        if unix:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(unix)
+        else:
+            self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.timeout = timeout
+        self.serial = 0
+        self._buf = b""
+        self.messages = []   # MESSAGE packets seen while waiting for replies
+
+    # -- plumbing ---------------------------------------------------------
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def send_slowly(self, data, chunk=1, delay=0.01):
+        for i in range(0, len(data), chunk):
+            self.sock.sendall(data[i:i + chunk])
+            time.sleep(delay)
+
+    def send_packet(self, prog, vers, proc, mtype, serial, status=STATUS_OK,
+                    payload=b""):
+        self.send(build_packet(prog, vers, proc, mtype, serial, status,
+                               payload))
+
+    def next_serial(self):
+        s = self.serial
+        self.serial += 1
+        return s
+
+    def _recv_some(self, deadline):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("timed out waiting for data")
+        self.sock.settimeout(remaining)
+        try:
+            chunk = self.sock.recv(65536)
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            raise ConnectionClosed("peer closed the connection")
+        self._buf += chunk
+
+    def recv_packet(self, timeout=None):
+        """Read one whole packet. Raises socket.timeout or ConnectionClosed."""
+        deadline = time.monotonic() + (timeout if timeout is not None
+                                       else self.timeout)
+        while len(self._buf) < 4:
+            self._recv_some(deadline)
+        length = struct.unpack(">I", self._buf[:4])[0]
+        if length < MIN_PACKET or length > MAX_PACKET:
+            raise ValueError("peer sent a bad length word %d" % length)
+        while len(self._buf) < length:
+            self._recv_some(deadline)
+        raw, self._buf = self._buf[:length], self._buf[length:]
+        return parse_packet(raw)
+
+    def wait_closed(self, timeout=2.0):
+        """True if the peer closes within timeout (packets before the close
+        are collected and returned via self.drained)."""
+        self.drained = []
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                return False
+            except (ConnectionResetError, BrokenPipeError):
+                return True
+            except OSError as e:
+                if e.errno in (errno.ECONNRESET, errno.EPIPE):
+                    return True
+                raise
+            if not chunk:
+                return True
+            self._buf += chunk
+            while len(self._buf) >= 4:
+                length = struct.unpack(">I", self._buf[:4])[0]
+                if length < MIN_PACKET or len(self._buf) < length:
+                    break
+                self.drained.append(parse_packet(self._buf[:length]))
+                self._buf = self._buf[length:]
+
+    # -- calls ------------------------------------------------------------
+
+    def call(self, proc, payload=b"", prog=REMOTE_PROGRAM,
+             vers=REMOTE_VERSION, timeout=None):
+        """Send a CALL and return its REPLY packet. MESSAGE packets that
+        arrive meanwhile are kept in self.messages; keepalive PINGs are
+        answered."""
+        serial = self.next_serial()
+        self.send_packet(prog, vers, proc, TYPE_CALL, serial, STATUS_OK,
+                         payload)
+        deadline = time.monotonic() + (timeout if timeout is not None
+                                       else self.timeout)
+        while True:
+            pkt = self.recv_packet(timeout=max(0.0, deadline
+                                               - time.monotonic()))
+            if pkt.type == TYPE_MESSAGE:
+                if (pkt.prog == KEEPALIVE_PROGRAM
+                        and pkt.proc == PROC_KEEPALIVE_PING):
+                    self.send_packet(KEEPALIVE_PROGRAM, KEEPALIVE_VERSION,
+                                     PROC_KEEPALIVE_PONG, TYPE_MESSAGE, 0)
+                self.messages.append(pkt)
+                continue
+            if pkt.type == TYPE_REPLY and pkt.serial == serial:
+                return pkt
+            raise HarnessError("unexpected packet while waiting for serial "
+                               "%d: %r" % (serial, pkt))
+
+    @staticmethod
+    def check_ok(pkt):
+        if pkt.status != STATUS_OK:
+            raise HarnessError("call failed: %r" % (decode_error(pkt.payload),))
+        return pkt
+
+    def auth_list(self):
+        pkt = self.check_ok(self.call(PROC_AUTH_LIST))
+        r = XdrReader(pkt.payload)
+        return [r.i32() for _ in range(r.u32())]
+
+    def connect_open(self, name="test:///default", flags=0):
+        return self.call(PROC_CONNECT_OPEN,
+                         xdr_opt_string(name) + xdr_u32(flags))
+
+    def handshake(self, name="test:///default", readonly=False):
+        self.auth_list()
+        self.check_ok(self.connect_open(name, 1 if readonly else 0))
+
+    def list_all_domains(self, flags=0):
+        pkt = self.check_ok(self.call(PROC_CONNECT_LIST_ALL_DOMAINS,
+                                      xdr_i32(1) + xdr_u32(flags)))
+        r = XdrReader(pkt.payload)
+        doms = [r.domain() for _ in range(r.u32())]
+        r.u32()  # ret
+        return doms
+
+    def lookup_domain(self, name):
+        pkt = self.check_ok(self.call(PROC_DOMAIN_LOOKUP_BY_NAME,
+                                      xdr_string(name)))
+        return XdrReader(pkt.payload).domain()
+
+    def domain_info(self, dom):
+        """DOMAIN_GET_INFO -> (state, maxMem, memory, nrVirtCpu, cpuTime)."""
+        pkt = self.check_ok(self.call(PROC_DOMAIN_GET_INFO,
+                                      xdr_domain(dom["name"], dom["uuid"],
+                                                 dom["id"])))
+        # unsigned char and unsigned short both take 4 bytes in XDR
+        r = XdrReader(pkt.payload)
+        return (r.u32(), r.u64(), r.u64(), r.u32(), r.u64())
