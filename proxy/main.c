@@ -22,7 +22,8 @@ static void usage(FILE *f)
           "  -v, --verbose            log at debug level\n"
           "      --log-format FMT     text (default) or json\n"
           "  -h, --help               this text\n"
-          "Signals: SIGTERM/SIGINT stop; SIGUSR1 logs pools and upstream connections.\n",
+          "Signals: SIGTERM/SIGINT stop; SIGUSR1 logs pools and upstream connections;\n"
+          "SIGHUP reloads TLS certificates and keys.\n",
           f);
 }
 
@@ -30,6 +31,12 @@ static void on_stop(evutil_socket_t sig, short what, void *arg)
 {
     vm_info(NULL, "signal %d: stopping", (int)sig);
     event_base_loopexit(arg, NULL);
+}
+
+static void on_reload(evutil_socket_t sig, short what, void *arg)
+{
+    vm_info(NULL, "SIGHUP: reloading TLS certificates");
+    (void)gateway_reload_tls(arg);
 }
 
 static void on_status(evutil_socket_t sig, short what, void *arg)
@@ -113,6 +120,8 @@ int main(int argc, char **argv)
     struct event *sigint = evsignal_new(base, SIGINT, on_stop, base);
     struct event *sigterm = evsignal_new(base, SIGTERM, on_stop, base);
     struct event *sigusr1 = evsignal_new(base, SIGUSR1, on_status, gw);
+    struct event *sighup = evsignal_new(base, SIGHUP, on_reload, gw);
+    evsignal_add(sighup, NULL);
     evsignal_add(sigint, NULL);
     evsignal_add(sigterm, NULL);
     evsignal_add(sigusr1, NULL);
@@ -127,6 +136,7 @@ int main(int argc, char **argv)
     event_free(sigint);
     event_free(sigterm);
     event_free(sigusr1);
+    event_free(sighup);
     gateway_free(gw);
     event_base_free(base);
     return rc;

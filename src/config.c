@@ -4,6 +4,7 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include <jansson.h>
 
@@ -128,9 +129,123 @@ static int valid_name(const char *s)
     return 1;
 }
 
+/* An array of strings; NULL when absent. */
+static char **get_strings(struct parse_ctx *ctx, const char *path, json_t *obj, const char *key)
+{
+    json_t *arr = json_object_get(obj, key);
+    if (!arr)
+        return NULL;
+    char p[256];
+    snprintf(p, sizeof(p), "%s.%s", path, key);
+    if (!json_is_array(arr)) {
+        cfg_error(ctx, p, "must be an array of strings");
+        return NULL;
+    }
+    char **out = calloc(json_array_size(arr) + 1, sizeof(char *));
+    if (!out)
+        abort();
+    size_t i, n = 0;
+    json_t *v;
+    json_array_foreach(arr, i, v) {
+        if (!json_is_string(v))
+            cfg_error(ctx, p, "entry %zu must be a string", i);
+        else
+            out[n++] = xstrdup(json_string_value(v));
+    }
+    return out;
+}
+
+static void free_strings(char **v)
+{
+    if (!v)
+        return;
+    for (char **p = v; *p; p++)
+        free(*p);
+    free(v);
+}
+
+static int readable(const char *file)
+{
+    FILE *f = fopen(file, "r");
+    if (!f)
+        return 0;
+    fclose(f);
+    return 1;
+}
+
+static struct vm_tls_cfg *parse_tls(struct parse_ctx *ctx, const char *path, json_t *o, int server)
+{
+    static const char *const server_keys[] = {"cert", "key", "ca", "crl", "verify_client",
+                                              "allowed_dn", NULL};
+    static const char *const client_keys[] = {"cert", "key", "ca", "crl", "no_verify",
+                                              "server_name", NULL};
+    if (!json_is_object(o)) {
+        cfg_error(ctx, path, "must be an object");
+        return NULL;
+    }
+    check_keys(ctx, path, o, server ? server_keys : client_keys);
+    struct vm_tls_cfg *t = calloc(1, sizeof(*t));
+    if (!t)
+        abort();
+    static const char *const files[] = {"cert", "key", "ca", "crl"};
+    char **slots[] = {&t->cert, &t->key, &t->ca, &t->crl};
+    for (int i = 0; i < 4; i++) {
+        const char *f = get_string(ctx, path, o, files[i], server && i < 3);
+        if (!f)
+            continue;
+        *slots[i] = xstrdup(f);
+        if (!readable(f)) {
+            char p[160];
+            snprintf(p, sizeof(p), "%s.%s", path, files[i]);
+            cfg_error(ctx, p, "cannot read \"%s\"", f);
+        }
+    }
+    if (!t->cert != !t->key)
+        cfg_error(ctx, path, "cert and key go together");
+    if (server) {
+        t->verify_client = VM_TLS_VERIFY_OPTIONAL;
+        const char *v = get_string(ctx, path, o, "verify_client", 0);
+        if (v) {
+            if (!strcmp(v, "required"))
+                t->verify_client = VM_TLS_VERIFY_REQUIRED;
+            else if (!strcmp(v, "optional"))
+                t->verify_client = VM_TLS_VERIFY_OPTIONAL;
+            else if (!strcmp(v, "none"))
+                t->verify_client = VM_TLS_VERIFY_NONE;
+            else {
+                char p[160];
+                snprintf(p, sizeof(p), "%s.verify_client", path);
+                cfg_error(ctx, p, "\"%s\" is not required, optional or none", v);
+            }
+        }
+        t->allowed_dn = get_strings(ctx, path, o, "allowed_dn");
+    } else {
+        t->no_verify = get_bool(ctx, path, o, "no_verify", 0);
+        const char *sn = get_string(ctx, path, o, "server_name", 0);
+        if (sn)
+            t->server_name = xstrdup(sn);
+        if (!t->ca && !t->no_verify)
+            cfg_error(ctx, path, "needs \"ca\" to verify libvirtd (or \"no_verify\": true)");
+    }
+    return t;
+}
+
+static void tls_cfg_free(struct vm_tls_cfg *t)
+{
+    if (!t)
+        return;
+    free(t->cert);
+    free(t->key);
+    free(t->ca);
+    free(t->crl);
+    free(t->server_name);
+    free_strings(t->allowed_dn);
+    free(t);
+}
+
 static void parse_upstream(struct parse_ctx *ctx, int i, json_t *o, struct vm_upstream_cfg *u)
 {
-    static const char *const keys[] = {"name", "uri", "pool", NULL};
+    static const char *const keys[] = {"name", "uri", "pool", "tls", NULL};
     static const char *const pool_keys[] = {"max_connections", "max_inflight", "idle_timeout_s",
                                             "connect_timeout_ms", "give_up_s", NULL};
     char path[64], p[96];
@@ -155,6 +270,14 @@ static void parse_upstream(struct parse_ctx *ctx, int i, json_t *o, struct vm_up
             cfg_error(ctx, p, "%s", err);
         }
     }
+    json_t *tls = json_object_get(o, "tls");
+    snprintf(p, sizeof(p), "%s.tls", path);
+    if (tls)
+        u->tls = parse_tls(ctx, p, tls, 0);
+    if (uri && u->uri.transport == VM_TR_TLS && !u->tls)
+        cfg_error(ctx, p, "a tls:// upstream needs a \"tls\" object (at least \"ca\")");
+    if (u->tls && u->uri_text && u->uri.transport != VM_TR_TLS)
+        cfg_error(ctx, p, "only applies to tls:// upstreams");
     snprintf(p, sizeof(p), "%s.pool", path);
     json_t *pool = get_object(ctx, path, o, "pool");
     if (pool)
@@ -169,7 +292,7 @@ static void parse_upstream(struct parse_ctx *ctx, int i, json_t *o, struct vm_up
 static void parse_listener(struct parse_ctx *ctx, int i, json_t *o, struct vm_listener_cfg *l)
 {
     static const char *const keys[] = {"name", "address", "unix", "mode", "auth", "upstream",
-                                       "readonly", NULL};
+                                       "readonly", "tls", NULL};
     char path[64], p[96];
     snprintf(path, sizeof(path), "listeners[%d]", i);
     if (!json_is_object(o)) {
@@ -211,11 +334,32 @@ static void parse_listener(struct parse_ctx *ctx, int i, json_t *o, struct vm_li
         }
         l->mode = (unsigned)m;
     }
+    json_t *tls = json_object_get(o, "tls");
+    if (tls) {
+        snprintf(p, sizeof(p), "%s.tls", path);
+        l->tls = parse_tls(ctx, p, tls, 1);
+        if (unix_path)
+            cfg_error(ctx, p, "TLS listeners take an \"address\"");
+    }
     const char *auth = get_string(ctx, path, o, "auth", 0);
     l->auth = VM_AUTH_NONE;
-    if (auth && strcmp(auth, "none") != 0) {
-        snprintf(p, sizeof(p), "%s.auth", path);
-        cfg_error(ctx, p, "unsupported auth \"%s\" (supported: none)", auth);
+    snprintf(p, sizeof(p), "%s.auth", path);
+    if (!auth || !strcmp(auth, "none")) {
+        l->auth = VM_AUTH_NONE;
+    } else if (!strcmp(auth, "sasl")) {
+        l->auth = VM_AUTH_SASL;
+    } else if (!strcmp(auth, "tls") || !strcmp(auth, "tls+sasl")) {
+        l->auth = !strcmp(auth, "tls") ? VM_AUTH_TLS : VM_AUTH_TLS_SASL;
+        if (!l->tls)
+            cfg_error(ctx, p, "\"%s\" needs a \"tls\" object", auth);
+        else
+            l->tls->verify_client = VM_TLS_VERIFY_REQUIRED; /* the certificate is the proof */
+    } else if (!strcmp(auth, "peer")) {
+        l->auth = VM_AUTH_PEER;
+        if (!unix_path)
+            cfg_error(ctx, p, "\"peer\" needs a unix listener");
+    } else {
+        cfg_error(ctx, p, "unsupported auth \"%s\" (none, sasl, tls, tls+sasl, peer)", auth);
     }
     const char *up = get_string(ctx, path, o, "upstream", 0);
     if (up)
@@ -360,7 +504,9 @@ static void parse_policy(struct parse_ctx *ctx, json_t *pol, struct vm_config *c
 static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
 {
     static const char *const keys[] = {"listeners", "upstreams", "default_upstream", "limits",
-                                       "keepalive", "log", "admin", "policy", "events", NULL};
+                                       "keepalive", "log", "admin", "policy", "events", "sasl", NULL};
+    static const char *const sasl_keys[] = {"sasldb", "mechanisms", "allowed_users", "keytab",
+                                            "max_failures", "failure_window_s", NULL};
     static const char *const events_keys[] = {"max_queue_bytes", NULL};
     static const char *const admin_keys[] = {"address", "unix", NULL};
     static const char *const limit_keys[] = {"max_clients", "queue_timeout_ms",
@@ -458,6 +604,48 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
             cfg_error(ctx, "log.format", "\"%s\" is not text or json", fmt);
     }
 
+    json_t *sasl = get_object(ctx, "", root, "sasl");
+    int need_sasl = 0;
+    for (int i = 0; i < cfg->nlisteners; i++)
+        if (cfg->listeners[i].auth == VM_AUTH_SASL || cfg->listeners[i].auth == VM_AUTH_TLS_SASL)
+            need_sasl = 1;
+    if (need_sasl && !sasl)
+        cfg_error(ctx, "sasl", "a listener uses SASL: give at least \"sasldb\" or \"keytab\"");
+    if (sasl) {
+        check_keys(ctx, "sasl", sasl, sasl_keys);
+        struct vm_sasl_cfg *sc = calloc(1, sizeof(*sc));
+        if (!sc)
+            abort();
+        cfg->sasl = sc;
+        const char *db = get_string(ctx, "sasl", sasl, "sasldb", 0);
+        if (db) {
+            sc->sasldb = xstrdup(db);
+            if (!readable(db))
+                cfg_error(ctx, "sasl.sasldb", "cannot read \"%s\"", db);
+        }
+        const char *kt = get_string(ctx, "sasl", sasl, "keytab", 0);
+        if (kt)
+            sc->keytab = xstrdup(kt);
+        char **mechs = get_strings(ctx, "sasl", sasl, "mechanisms");
+        char buf[256] = "";
+        for (char **m = mechs; m && *m; m++) {
+            if (strcasecmp(*m, "scram-sha-256") && strcasecmp(*m, "digest-md5") &&
+                strcasecmp(*m, "gssapi"))
+                cfg_error(ctx, "sasl.mechanisms", "\"%s\" is not scram-sha-256, digest-md5 or "
+                          "gssapi", *m);
+            if (strlen(buf) + strlen(*m) + 2 < sizeof(buf)) {
+                if (buf[0])
+                    strcat(buf, " ");
+                strcat(buf, *m);
+            }
+        }
+        free_strings(mechs);
+        sc->mechanisms = xstrdup(buf[0] ? buf : "scram-sha-256 digest-md5 gssapi");
+        sc->allowed_users = get_strings(ctx, "sasl", sasl, "allowed_users");
+        sc->max_failures = get_int(ctx, "sasl", sasl, "max_failures", 5, 1, 100000);
+        sc->failure_window_s = get_int(ctx, "sasl", sasl, "failure_window_s", 60, 1, 86400);
+    }
+
     json_t *evs = get_object(ctx, "", root, "events");
     if (evs)
         check_keys(ctx, "events", evs, events_keys);
@@ -541,6 +729,13 @@ void config_free(struct vm_config *cfg)
         rule_clear(&cfg->rules[i]);
     free(cfg->rules);
     rule_clear(&cfg->default_rule);
+    if (cfg->sasl) {
+        free(cfg->sasl->sasldb);
+        free(cfg->sasl->mechanisms);
+        free(cfg->sasl->keytab);
+        free_strings(cfg->sasl->allowed_users);
+        free(cfg->sasl);
+    }
     free(cfg->admin_address);
     free(cfg->admin_unix);
     for (int i = 0; i < cfg->nlisteners; i++) {
@@ -549,12 +744,14 @@ void config_free(struct vm_config *cfg)
         free(l->address);
         free(l->unix_path);
         free(l->upstream);
+        tls_cfg_free(l->tls);
     }
     free(cfg->listeners);
     for (int i = 0; i < cfg->nupstreams; i++) {
         free(cfg->upstreams[i].name);
         free(cfg->upstreams[i].uri_text);
         uri_clear(&cfg->upstreams[i].uri);
+        tls_cfg_free(cfg->upstreams[i].tls);
     }
     free(cfg->upstreams);
     free(cfg->default_upstream);

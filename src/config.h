@@ -6,7 +6,9 @@
  *     .address             "host:port" TCP listener            } exactly one of
  *     .unix                path of a unix socket listener      } address / unix
  *     .mode                octal string for the unix socket, "0666"
- *     .auth                "none" (only value until the auth issue lands)
+ *     .auth                "none" | "sasl" | "tls" | "tls+sasl" | "peer", "none"
+ *     .tls                 {cert, key, ca, crl, verify_client: "required"|"optional"|"none",
+ *                           allowed_dn: [globs]}: makes it a TLS listener
  *     .upstream            upstream used when the name names none, optional
  *   upstreams[]            array, required, at least one
  *     .name                string, required, unique, [A-Za-z0-9_.-]
@@ -29,6 +31,12 @@
  *   log.format             "text" | "json", "text"
  *   events.max_queue_bytes int, 8388608: a subscriber whose unsent output would pass this is
  *                          cut off (closed), so it cannot hold the others back
+ *   sasl.sasldb            path of the sasldb (never /etc unless you say so)
+ *   sasl.mechanisms        ["scram-sha-256", "digest-md5", "gssapi"], all three
+ *   sasl.allowed_users     [globs], any
+ *   sasl.keytab            GSSAPI keytab path, optional
+ *   sasl.max_failures / sasl.failure_window_s   5 / 60: failed attempts per source address
+ *   upstreams[].tls        {cert, key, ca, crl, no_verify, server_name} for DRIVER+tls:// URIs
  *   admin.address          "host:port" of the HTTP status endpoint (GET /status), optional
  *   admin.unix             or a unix socket path for it
  *   listeners[].readonly   bool, false: force read-only for every client of this listener
@@ -52,7 +60,34 @@
 #include "fwd.h"
 #include "uri.h"
 
-enum vm_auth { VM_AUTH_NONE };
+/* What a listener requires before anything is forwarded. */
+enum vm_auth {
+    VM_AUTH_NONE,     /* nothing (TLS encryption may still be on) */
+    VM_AUTH_SASL,     /* SASL (with a security layer on plain TCP) */
+    VM_AUTH_TLS,      /* a verified client certificate is the authentication */
+    VM_AUTH_TLS_SASL, /* both */
+    VM_AUTH_PEER,     /* unix peer credentials are the identity */
+};
+
+enum { VM_TLS_VERIFY_NONE, VM_TLS_VERIFY_OPTIONAL, VM_TLS_VERIFY_REQUIRED };
+
+/* TLS files and checks, for a listener (server) or an upstream (client). */
+struct vm_tls_cfg {
+    char *cert, *key, *ca, *crl;
+    int verify_client;      /* listeners: VM_TLS_VERIFY_* */
+    char **allowed_dn;      /* listeners: globs on the client DN (libvirt order); NULL = any */
+    int no_verify;          /* upstreams: do not verify libvirtd's certificate */
+    char *server_name;      /* upstreams: name to check in libvirtd's certificate */
+};
+
+struct vm_sasl_cfg {
+    char *sasldb;           /* sasldb file (saslpasswd2 -f FILE -a libvirt USER) */
+    char *mechanisms;       /* space separated, e.g. "scram-sha-256 digest-md5" */
+    char **allowed_users;   /* globs; NULL = any user that authenticates */
+    char *keytab;           /* GSSAPI keytab, optional */
+    int max_failures;       /* per source address within failure_window_s */
+    int failure_window_s;
+};
 
 /* A policy rule: what to match on, and what it grants. */
 struct vm_rule {
@@ -77,6 +112,7 @@ struct vm_listener_cfg {
     char *unix_path; /* or NULL */
     unsigned mode;
     enum vm_auth auth;
+    struct vm_tls_cfg *tls; /* a TLS listener when set */
     char *upstream;  /* NULL: use default_upstream */
     int readonly;    /* every client of this listener is read-only */
 };
@@ -94,6 +130,7 @@ struct vm_upstream_cfg {
     char *uri_text;
     struct vm_uri uri;
     struct vm_pool_cfg pool;
+    struct vm_tls_cfg *tls; /* set for DRIVER+tls:// upstreams */
 };
 
 struct vm_config {
@@ -110,6 +147,7 @@ struct vm_config {
     int log_level;
     int log_json;
     int event_queue_bytes;
+    struct vm_sasl_cfg *sasl; /* needed by listeners with SASL */
     char *admin_address;    /* HTTP status endpoint, or NULL */
     char *admin_unix;
     int policy_present;     /* a policy section was given */

@@ -17,6 +17,7 @@
 
 #include "admin.h"
 #include "audit.h"
+#include "auth.h"
 #include "config.h"
 #include "listener.h"
 #include "log.h"
@@ -84,6 +85,8 @@ struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
 
 int gateway_start(struct vm_gateway *gw)
 {
+    if (gw->cfg->sasl && auth_global_init(gw->cfg->sasl) < 0)
+        return -1;
     for (int i = 0; i < gw->cfg->nlisteners; i++) {
         gw->listeners[i] = listener_new(gw, &gw->cfg->listeners[i]);
         if (!gw->listeners[i])
@@ -130,10 +133,21 @@ void gateway_free(struct vm_gateway *gw)
     reap(-1, 0, gw);
     event_free(gw->reaper);
     audit_free(gw->audit);
+    if (gw->cfg->sasl)
+        auth_global_done();
     free(gw->rule_sessions);
     free(gw->sessions);
     config_free(gw->cfg);
     free(gw);
+}
+
+int gateway_reload_tls(struct vm_gateway *gw)
+{
+    int rc = 0;
+    for (int i = 0; i < gw->cfg->nlisteners; i++)
+        if (gw->listeners[i] && listener_reload_tls(gw->listeners[i]) < 0)
+            rc = -1;
+    return rc;
 }
 
 void gateway_log_status(struct vm_gateway *gw)

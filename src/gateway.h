@@ -16,6 +16,9 @@ struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg);
 /* Bind every listener. Returns -1 (after logging) if any fails. */
 int gateway_start(struct vm_gateway *gw) VM_WUR;
 void gateway_free(struct vm_gateway *gw);
+/* Re-read every TLS listener's certificate files (SIGHUP); -1 if any failed (it keeps its
+ * old ones). */
+int gateway_reload_tls(struct vm_gateway *gw);
 /* Log pools, links and session counts (SIGUSR1). */
 void gateway_log_status(struct vm_gateway *gw);
 

@@ -20,10 +20,12 @@
 #include "identity.h"
 #include "log.h"
 #include "session.h"
+#include "tls.h"
 
 struct vm_listener {
     struct vm_gateway *gw;             /* not owned */
     const struct vm_listener_cfg *cfg; /* not owned (config snapshot) */
+    SSL_CTX *tls;                      /* owned reference; sessions hold their own */
     struct evconnlistener *ev;         /* owned; closes the socket */
     char tag[160];
 };
@@ -59,7 +61,7 @@ static void accept_cb(struct evconnlistener *ev, evutil_socket_t fd, struct sock
             snprintf(peer, sizeof(peer), "unix:uid=%u,pid=%d", (unsigned)cred.uid, (int)cred.pid);
         }
     }
-    session_new(l->gw, l->cfg, fd, peer, &id);
+    session_new(l->gw, l->cfg, fd, peer, &id, l->tls);
 }
 
 static void resume_accept(evutil_socket_t fd, short what, void *arg)
@@ -156,10 +158,20 @@ struct vm_listener *listener_new(struct vm_gateway *gw, const struct vm_listener
     l->cfg = cfg;
     snprintf(l->tag, sizeof(l->tag), "L:%s", cfg->name);
     char err[256];
+    if (cfg->tls) {
+        l->tls = tls_server_ctx(cfg->tls, err, sizeof(err));
+        if (!l->tls) {
+            vm_err(l->tag, "TLS: %s", err);
+            free(l);
+            return NULL;
+        }
+    }
     evutil_socket_t fd = cfg->address ? listener_bind_tcp(cfg->address, err, sizeof(err))
                                       : listener_bind_unix(cfg->unix_path, cfg->mode, err, sizeof(err));
     if (fd < 0) {
         vm_err(l->tag, "cannot listen on %s: %s", cfg->address ? cfg->address : cfg->unix_path, err);
+        if (l->tls)
+            tls_ctx_free(l->tls);
         free(l);
         return NULL;
     }
@@ -172,15 +184,35 @@ struct vm_listener *listener_new(struct vm_gateway *gw, const struct vm_listener
         return NULL;
     }
     evconnlistener_set_error_cb(l->ev, error_cb);
-    vm_info(l->tag, "listening on %s (auth none%s%s)",
-            cfg->address ? cfg->address : cfg->unix_path, cfg->upstream ? ", upstream " : "",
-            cfg->upstream ? cfg->upstream : "");
+    static const char *const auths[] = {"none", "sasl", "tls", "tls+sasl", "peer"};
+    vm_info(l->tag, "listening on %s (%sauth %s%s%s%s)",
+            cfg->address ? cfg->address : cfg->unix_path, cfg->tls ? "TLS, " : "",
+            auths[cfg->auth], cfg->readonly ? ", read-only" : "",
+            cfg->upstream ? ", upstream " : "", cfg->upstream ? cfg->upstream : "");
     return l;
+}
+
+int listener_reload_tls(struct vm_listener *l)
+{
+    if (!l->cfg->tls)
+        return 0;
+    char err[256];
+    SSL_CTX *ctx = tls_server_ctx(l->cfg->tls, err, sizeof(err));
+    if (!ctx) {
+        vm_err(l->tag, "TLS reload failed, keeping the old certificates: %s", err);
+        return -1;
+    }
+    tls_ctx_free(l->tls);
+    l->tls = ctx;
+    vm_info(l->tag, "TLS certificates reloaded");
+    return 0;
 }
 
 void listener_free(struct vm_listener *l)
 {
     evconnlistener_free(l->ev);
+    if (l->tls)
+        tls_ctx_free(l->tls);
     if (l->cfg->unix_path)
         unlink(l->cfg->unix_path);
     free(l);

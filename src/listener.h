@@ -11,6 +11,9 @@
 /* Bind the listener described by `cfg`. Returns NULL after logging why. */
 struct vm_listener *listener_new(struct vm_gateway *gw, const struct vm_listener_cfg *cfg);
 void listener_free(struct vm_listener *l);
+/* Re-read the TLS certificate, key, CA and CRL files; the old context stays on failure.
+ * Sessions already connected keep theirs. */
+int listener_reload_tls(struct vm_listener *l);
 /* Stop or resume accepting (used at max_clients). */
 void listener_set_enabled(struct vm_listener *l, int on);
 

@@ -18,9 +18,12 @@
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
 #include <event2/event.h>
+#include <openssl/ssl.h>
 
 #include "audit.h"
+#include "auth.h"
 #include "call.h"
 #include "config.h"
 #include "events.h"
@@ -33,6 +36,7 @@
 #include "proc.h"
 #include "router.h"
 #include "stream.h"
+#include "tls.h"
 #include "upstream.h"
 #include "wire.h"
 
@@ -40,7 +44,7 @@
 #define OUT_LOW (256u << 10)
 #define MAX_NAME_LEN 4096
 
-enum session_state { S_NEW, S_OPENING, S_OPEN, S_CLOSING };
+enum session_state { S_TLS, S_NEW, S_OPENING, S_OPEN, S_CLOSING };
 
 struct vm_session {
     struct vm_gateway *gw;             /* not owned */
@@ -75,10 +79,18 @@ struct vm_session {
     int blocked;                       /* streams holding our reading (slow upstream) */
     int32_t next_cb_id;
     int close_cb;                      /* the client registered a close callback */
+    int authed;                        /* the listener's auth is satisfied */
+    struct vm_sasl *auth;              /* owned: SASL state */
+    SSL *ssl;                          /* owned by the TLS bufferevent */
+    char sasl_user[256];               /* identity storage */
+    char tls_dn[512];
     int slot;                          /* index in the gateway's registry */
 };
 
 static void process_input(struct vm_session *s);
+static void read_cb(struct bufferevent *bev, void *arg);
+static void write_cb(struct bufferevent *bev, void *arg);
+static void event_cb(struct bufferevent *bev, short what, void *arg);
 
 struct vm_sub_list *session_subs(struct vm_session *s)
 {
@@ -475,6 +487,64 @@ static void handle_event_call(struct vm_session *s, const struct vm_hdr *h, stru
     events_unsubscribe(pool_events(s->pool), s, h, id);
 }
 
+static int uses_sasl(const struct vm_session *s)
+{
+    return s->lcfg->auth == VM_AUTH_SASL || s->lcfg->auth == VM_AUTH_TLS_SASL;
+}
+
+static void set_authenticated(struct vm_session *s, const char *how)
+{
+    s->authed = 1;
+    identity_str(&s->ident, s->ident_str, sizeof(s->ident_str));
+    vm_info(s->tag, "authenticated (%s) as %s", how, s->ident_str);
+}
+
+/* AUTH_SASL_INIT/START/STEP and AUTH_POLKIT. */
+static void handle_auth(struct vm_session *s, const struct vm_hdr *h, struct evbuffer *pkt)
+{
+    const struct vm_config *cfg = gateway_config(s->gw);
+    if (!uses_sasl(s) || h->proc == 70 /* AUTH_POLKIT */ || !cfg->sasl) {
+        reply_error(s, h, VIR_ERR_AUTH_FAILED, VIR_FROM_RPC,
+                    "authentication failed: unsupported authentication type");
+        return;
+    }
+    if (s->authed) {
+        reply_error(s, h, VIR_ERR_AUTH_FAILED, VIR_FROM_RPC,
+                    "authentication failed: already authenticated");
+        return;
+    }
+    if (!s->auth)
+        s->auth = auth_new(cfg->sasl, s->ssl || !s->is_tcp,
+                           s->ssl ? SSL_get_cipher_bits(s->ssl, NULL) : 0, s->ident.source);
+    size_t n = h->len - VM_HDR_LEN;
+    const uint8_t *args = evbuffer_pullup(pkt, -1) + VM_HDR_LEN;
+    int rc = auth_handle(s->auth, h, args, n, out_of(s), s->tag);
+    if (rc < 0) {
+        audit_denied(gateway_audit(s->gw), s->tag, s->ident_str, "AUTH_SASL", NULL,
+                     "authentication failed");
+        return;
+    }
+    if (rc == 0)
+        return;
+    snprintf(s->sasl_user, sizeof(s->sasl_user), "%s", auth_user(s->auth));
+    s->ident.sasl_user = s->sasl_user;
+    set_authenticated(s, "sasl");
+    if (auth_ssf(s->auth) > 0) {
+        /* The reply above is still plain; from the next byte on both directions are
+         * SASL-encoded. The filter takes over the socket bufferevent. */
+        struct bufferevent *f = auth_wrap(s->auth, s->bev);
+        if (!f) {
+            session_close(s, "cannot start the SASL security layer");
+            return;
+        }
+        s->bev = f;
+        bufferevent_setcb(s->bev, read_cb, write_cb, event_cb, s);
+        bufferevent_setwatermark(s->bev, EV_WRITE, OUT_LOW, 0);
+        bufferevent_enable(s->bev, EV_READ);
+        vm_debug(s->tag, "SASL security layer on (ssf %d)", auth_ssf(s->auth));
+    }
+}
+
 /* A CALL. `pkt` holds the whole packet; consumed only when forwarded. */
 static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evbuffer *pkt)
 {
@@ -503,12 +573,16 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
                 struct xbuf b;
                 xb_init(&b);
                 xb_u32(&b, 1);
-                xb_u32(&b, 0); /* REMOTE_AUTH_NONE */
+                xb_u32(&b, uses_sasl(s) ? 1 : 0); /* REMOTE_AUTH_SASL / REMOTE_AUTH_NONE */
                 wire_put_reply(out_of(s), h, b.p, b.len);
                 xb_free(&b);
             }
             return;
         case VM_PROC_CONNECT_SUPPORTS_FEATURE:
+            if (!s->authed) {
+                reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "authentication required");
+                return;
+            }
             {
                 /* Copy, not remove: a driver feature is forwarded as it came. */
                 struct evbuffer_ptr pos;
@@ -518,6 +592,10 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
             handle_feature(s, h, pkt, args, take);
             return;
         case VM_PROC_CONNECT_OPEN:
+            if (!s->authed) {
+                reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "authentication required");
+                return;
+            }
             if (argn > sizeof(args)) {
                 reply_error(s, h, VIR_ERR_INVALID_ARG, VIR_FROM_RPC,
                             "invalid argument: connection name too long");
@@ -528,12 +606,20 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
             handle_open(s, h, args, argn);
             return;
         case VM_PROC_CONNECT_CLOSE:
+            if (!s->authed) {
+                reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "authentication required");
+                return;
+            }
             wire_put_reply(out_of(s), h, NULL, 0);
             s->close_after_flush = 1;
             s->close_reason = "client closed the connection (CONNECT_CLOSE)";
             bufferevent_disable(s->bev, EV_READ);
             return;
         case VM_PROC_CONNECT_GET_URI:
+            if (!s->authed) {
+                reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "authentication required");
+                return;
+            }
             if (require_open(s, h)) {
                 struct xbuf b;
                 xb_init(&b);
@@ -544,12 +630,20 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
             return;
         case VM_PROC_CONNECT_REGISTER_CLOSE_CALLBACK:
         case VM_PROC_CONNECT_UNREGISTER_CLOSE_CALLBACK:
+            if (!s->authed) {
+                reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "authentication required");
+                return;
+            }
             if (require_open(s, h)) {
                 s->close_cb = h->proc == VM_PROC_CONNECT_REGISTER_CLOSE_CALLBACK;
                 wire_put_reply(out_of(s), h, NULL, 0);
             }
             return;
         case VM_PROC_CONNECT_SET_IDENTITY: {
+            if (!s->authed) {
+                reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "authentication required");
+                return;
+            }
             const char *why = "operation forbidden: CONNECT_SET_IDENTITY would change the "
                               "identity of a shared upstream connection; virtmux does not "
                               "forward it";
@@ -562,10 +656,13 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
             break;
         }
         if (info && info->kind == VM_PK_AUTH) {
-            reply_error(s, h, VIR_ERR_AUTH_FAILED, VIR_FROM_RPC,
-                        "authentication failed: this virtmux listener uses auth none");
+            handle_auth(s, h, pkt);
             return;
         }
+    }
+    if (!s->authed) {
+        reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "authentication required");
+        return;
     }
 
     if (!require_open(s, h))
@@ -662,8 +759,9 @@ static void handle_packet(struct vm_session *s, struct evbuffer *pkt)
 
 static void process_input(struct vm_session *s)
 {
-    struct evbuffer *in = bufferevent_get_input(s->bev);
     while (s->state != S_CLOSING && !s->paused && !s->close_after_flush) {
+        /* Fetched each time: the SASL security layer may replace the bufferevent. */
+        struct evbuffer *in = bufferevent_get_input(s->bev);
         if (s->skip_bytes) {
             size_t n = evbuffer_get_length(in);
             if (!n)
@@ -715,9 +813,36 @@ static void write_cb(struct bufferevent *bev, void *arg)
     update_flow(s);
 }
 
+/* The TLS handshake is done: check the client certificate, then libvirt's 0x01 byte. */
+static void tls_established(struct vm_session *s)
+{
+    char err[600];
+    const struct vm_tls_cfg *t = s->lcfg->tls;
+    if (tls_check_client(s->ssl, t, s->tls_dn, sizeof(s->tls_dn), err, sizeof(err)) < 0) {
+        audit_denied(gateway_audit(s->gw), s->tag, s->ident_str, "TLS", NULL, err);
+        session_close(s, err); /* no 0x01: the client reports the refusal */
+        return;
+    }
+    if (s->tls_dn[0])
+        s->ident.tls_dn = s->tls_dn;
+    static const uint8_t ok = 1;
+    evbuffer_add(out_of(s), &ok, 1);
+    s->state = S_NEW;
+    if (s->lcfg->auth == VM_AUTH_TLS)
+        set_authenticated(s, "tls certificate");
+    else if (s->lcfg->auth == VM_AUTH_NONE)
+        s->authed = 1;
+    identity_str(&s->ident, s->ident_str, sizeof(s->ident_str));
+    vm_debug(s->tag, "TLS up (%s), client DN \"%s\"", SSL_get_version(s->ssl), s->tls_dn);
+}
+
 static void event_cb(struct bufferevent *bev, short what, void *arg)
 {
     struct vm_session *s = arg;
+    if ((what & BEV_EVENT_CONNECTED) && s->state == S_TLS) {
+        tls_established(s);
+        return;
+    }
     if (what & BEV_EVENT_EOF)
         session_close(s, "client hung up");
     else if (what & BEV_EVENT_ERROR)
@@ -725,7 +850,7 @@ static void event_cb(struct bufferevent *bev, short what, void *arg)
 }
 
 void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evutil_socket_t fd,
-                 const char *peer, const struct vm_identity *id)
+                 const char *peer, const struct vm_identity *id, SSL_CTX *tls)
 {
     struct vm_session *s = calloc(1, sizeof(*s));
     if (!s)
@@ -740,7 +865,18 @@ void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evut
     TAILQ_INIT(&s->subs);
     TAILQ_INIT(&s->streams);
     snprintf(s->tag, sizeof(s->tag), "C#%u %s", s->id, peer);
-    s->bev = bufferevent_socket_new(gateway_base(gw), fd, BEV_OPT_CLOSE_ON_FREE);
+    if (tls) {
+        s->ssl = SSL_new(tls);
+        if (!s->ssl)
+            abort();
+        s->bev = bufferevent_openssl_socket_new(gateway_base(gw), fd, s->ssl,
+                                                BUFFEREVENT_SSL_ACCEPTING, BEV_OPT_CLOSE_ON_FREE);
+        s->state = S_TLS;
+    } else {
+        s->bev = bufferevent_socket_new(gateway_base(gw), fd, BEV_OPT_CLOSE_ON_FREE);
+        s->state = S_NEW;
+        s->authed = lcfg->auth == VM_AUTH_NONE || lcfg->auth == VM_AUTH_PEER;
+    }
     s->kick = event_new(gateway_base(gw), -1, 0, kick_cb, s);
     if (!s->bev || !s->kick)
         abort();
@@ -754,6 +890,7 @@ void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evut
 static void session_free(void *p)
 {
     struct vm_session *s = p;
+    auth_free(s->auth);
     free(s->opened_name);
     route_clear(&s->route);
     free(s);

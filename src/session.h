@@ -9,11 +9,12 @@
 #include "fwd.h"
 
 struct vm_identity;
+typedef struct ssl_ctx_st SSL_CTX;
 
 /* Take over an accepted socket `fd`. `peer` is a printable address for the log tag; `id` (copied)
  * is what the listener knows of the client. */
 void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evutil_socket_t fd,
-                 const char *peer, const struct vm_identity *id);
+                 const char *peer, const struct vm_identity *id, SSL_CTX *tls);
 
 /* The pool finished the CONNECT_OPEN of `s`: on success `home` is the upstream connection the
  * session now holds a reference on (taken by the pool); on failure `home` is NULL and the

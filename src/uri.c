@@ -6,6 +6,7 @@
 #include <strings.h>
 
 #define DEFAULT_TCP_PORT 16509
+#define DEFAULT_TLS_PORT 16514
 #define DEFAULT_UNIX_SOCKET "/var/run/libvirt/libvirt-sock"
 
 void uri_clear(struct vm_uri *u)
@@ -79,8 +80,9 @@ int uri_parse(const char *s, struct vm_uri *u, char *err, size_t errlen)
             snprintf(err, errlen, "a unix URI takes no host (\"%.*s\")", (int)authlen, auth);
             goto fail;
         }
-    } else if (trlen == 3 && strncmp(tr, "tcp", 3) == 0) {
-        u->transport = VM_TR_TCP;
+    } else if ((trlen == 3 && strncmp(tr, "tcp", 3) == 0) ||
+               (trlen == 3 && strncmp(tr, "tls", 3) == 0)) {
+        u->transport = strncmp(tr, "tls", 3) == 0 ? VM_TR_TLS : VM_TR_TCP;
         if (!authlen) {
             snprintf(err, errlen, "a tcp URI needs a host");
             goto fail;
@@ -104,7 +106,7 @@ int uri_parse(const char *s, struct vm_uri *u, char *err, size_t errlen)
             colon = memchr(auth, ':', authlen);
             u->host = dupn(auth, colon ? (size_t)(colon - auth) : authlen);
         }
-        u->port = DEFAULT_TCP_PORT;
+        u->port = u->transport == VM_TR_TLS ? DEFAULT_TLS_PORT : DEFAULT_TCP_PORT;
         if (colon) {
             char *end;
             long p = strtol(colon + 1, &end, 10);
@@ -126,7 +128,7 @@ int uri_parse(const char *s, struct vm_uri *u, char *err, size_t errlen)
         goto fail;
     if (u->transport == VM_TR_UNIX && !u->socket)
         u->socket = dupn(DEFAULT_UNIX_SOCKET, strlen(DEFAULT_UNIX_SOCKET));
-    if (u->transport == VM_TR_TCP && u->socket) {
+    if (u->transport != VM_TR_UNIX && u->socket) {
         snprintf(err, errlen, "\"socket\" only applies to unix URIs");
         goto fail;
     }
@@ -149,7 +151,7 @@ char *uri_default_name(const struct vm_uri *u)
 
 const char *uri_endpoint(const struct vm_uri *u, char *buf, size_t len)
 {
-    if (u->transport == VM_TR_TCP)
+    if (u->transport != VM_TR_UNIX)
         snprintf(buf, len, strchr(u->host, ':') ? "[%s]:%d" : "%s:%d", u->host, u->port);
     else
         snprintf(buf, len, "%s", u->socket);

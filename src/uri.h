@@ -7,13 +7,13 @@
 
 #include "fwd.h"
 
-enum vm_transport { VM_TR_TCP, VM_TR_UNIX };
+enum vm_transport { VM_TR_TCP, VM_TR_UNIX, VM_TR_TLS };
 
 struct vm_uri {
     char *driver;     /* "qemu", "test", ... */
     enum vm_transport transport;
-    char *host;       /* tcp only */
-    int port;         /* tcp only; 16509 by default */
+    char *host;       /* tcp/tls only */
+    int port;         /* tcp/tls only; 16509 (tcp) or 16514 (tls) by default */
     char *socket;     /* unix only */
     char *path;       /* "/system", "/default"; "" when absent */
     char *query;      /* what remains of the query for the driver, without '?'; may be NULL */

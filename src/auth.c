@@ -1,0 +1,400 @@
+#include "auth.h"
+
+#include <fnmatch.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <sasl/sasl.h>
+
+#include "config.h"
+#include "log.h"
+#include "proc.h"
+
+#define SASL_DATA_MAX 65536
+#define FAIL_SLOTS 1024
+
+enum { PROC_AUTH_SASL_INIT = 67, PROC_AUTH_SASL_START = 68, PROC_AUTH_SASL_STEP = 69 };
+
+struct vm_sasl {
+    const struct vm_sasl_cfg *cfg; /* config snapshot */
+    sasl_conn_t *conn;             /* owned; NULL before INIT and after a failure */
+    int secure;
+    int ext_ssf;
+    int started;
+    int ssf;
+    unsigned maxout;
+    char user[256];
+    char source[64];
+};
+
+/* ---- process-wide state: cyrus-sasl options and the failure table ---- */
+
+static const struct vm_sasl_cfg *g_cfg;
+static int g_inited;
+
+struct fail_slot {
+    char source[64];
+    time_t start;
+    int count;
+};
+static struct fail_slot fails[FAIL_SLOTS];
+
+static int sasl_getopt(void *context, const char *plugin, const char *option, const char **result,
+                       unsigned *len)
+{
+    const char *v = NULL;
+    if (!strcmp(option, "sasldb_path"))
+        v = g_cfg->sasldb;
+    else if (!strcmp(option, "mech_list"))
+        v = g_cfg->mechanisms;
+    else if (!strcmp(option, "pwcheck_method"))
+        v = "auxprop";
+    else if (!strcmp(option, "auxprop_plugin"))
+        v = "sasldb";
+    else if (!strcmp(option, "keytab"))
+        v = g_cfg->keytab;
+    if (!v)
+        return SASL_FAIL;
+    *result = v;
+    if (len)
+        *len = (unsigned)strlen(v);
+    return SASL_OK;
+}
+
+/* Keep cyrus-sasl away from /etc/sasl2/libvirt.conf: everything comes from our config. */
+static int sasl_confpath(void *context, const char **path)
+{
+    *path = "/nonexistent/virtmux-sasl";
+    return SASL_OK;
+}
+
+/* cyrus-sasl stores every callback as int (*)(void); going through void (*)(void) is the
+ * documented way to say the cast is intended. */
+#define SASL_FN(f) ((int (*)(void))(void (*)(void))(f))
+
+static const sasl_callback_t callbacks[] = {
+    {SASL_CB_GETOPT, SASL_FN(sasl_getopt), NULL},
+    {SASL_CB_GETCONFPATH, SASL_FN(sasl_confpath), NULL},
+    {SASL_CB_LIST_END, NULL, NULL},
+};
+
+int auth_global_init(const struct vm_sasl_cfg *cfg)
+{
+    g_cfg = cfg;
+    if (g_inited)
+        return 0;
+    if (cfg->keytab)
+        setenv("KRB5_KTNAME", cfg->keytab, 1);
+    int rc = sasl_server_init(callbacks, "libvirt");
+    if (rc != SASL_OK) {
+        vm_err("sasl", "cannot initialise cyrus-sasl: %s", sasl_errstring(rc, NULL, NULL));
+        return -1;
+    }
+    g_inited = 1;
+    vm_info("sasl", "mechanisms \"%s\", sasldb %s", cfg->mechanisms,
+            cfg->sasldb ? cfg->sasldb : "(none)");
+    return 0;
+}
+
+void auth_global_done(void)
+{
+    if (g_inited)
+        sasl_server_done();
+    g_inited = 0;
+}
+
+static struct fail_slot *fail_slot(const char *source, int create)
+{
+    struct fail_slot *oldest = &fails[0];
+    for (int i = 0; i < FAIL_SLOTS; i++) {
+        if (fails[i].source[0] && !strcmp(fails[i].source, source))
+            return &fails[i];
+        if (fails[i].start < oldest->start)
+            oldest = &fails[i];
+    }
+    if (!create)
+        return NULL;
+    memset(oldest, 0, sizeof(*oldest));
+    snprintf(oldest->source, sizeof(oldest->source), "%s", source);
+    oldest->start = time(NULL);
+    return oldest;
+}
+
+static int blocked(const struct vm_sasl *a)
+{
+    struct fail_slot *f = fail_slot(a->source, 0);
+    if (!f || time(NULL) - f->start >= a->cfg->failure_window_s)
+        return 0;
+    return f->count >= a->cfg->max_failures;
+}
+
+static void record_failure(struct vm_sasl *a, const char *tag, const char *why)
+{
+    struct fail_slot *f = fail_slot(a->source, 1);
+    if (time(NULL) - f->start >= a->cfg->failure_window_s) {
+        f->start = time(NULL);
+        f->count = 0;
+    }
+    f->count++;
+    vm_warn(tag, "SASL authentication failed from %s (%d in %d s): %s", a->source, f->count,
+            a->cfg->failure_window_s, why);
+}
+
+/* ---- sessions ---- */
+
+struct vm_sasl *auth_new(const struct vm_sasl_cfg *cfg, int secure, int ext_ssf,
+                         const char *source)
+{
+    struct vm_sasl *a = calloc(1, sizeof(*a));
+    if (!a)
+        abort();
+    a->cfg = cfg;
+    a->secure = secure;
+    a->ext_ssf = ext_ssf;
+    snprintf(a->source, sizeof(a->source), "%s", source && source[0] ? source : "unix");
+    return a;
+}
+
+void auth_free(struct vm_sasl *a)
+{
+    if (!a)
+        return;
+    if (a->conn)
+        sasl_dispose(&a->conn);
+    free(a);
+}
+
+const char *auth_user(const struct vm_sasl *a)
+{
+    return a->user;
+}
+
+int auth_ssf(const struct vm_sasl *a)
+{
+    return a->ssf;
+}
+
+static void fail(struct vm_sasl *a, const struct vm_hdr *h, struct evbuffer *out, const char *tag,
+                 const char *why)
+{
+    record_failure(a, tag, why);
+    if (a->conn)
+        sasl_dispose(&a->conn);
+    a->started = 0;
+    wire_put_error(out, h, VIR_ERR_AUTH_FAILED, VIR_FROM_RPC,
+                   "authentication failed: authentication failed");
+}
+
+static int do_init(struct vm_sasl *a, const struct vm_hdr *h, struct evbuffer *out, const char *tag)
+{
+    if (a->conn) {
+        wire_put_error(out, h, VIR_ERR_AUTH_FAILED, VIR_FROM_RPC,
+                       "authentication failed: SASL authentication already started");
+        return -1;
+    }
+    int rc = sasl_server_new("libvirt", NULL, NULL, NULL, NULL, NULL, SASL_SUCCESS_DATA, &a->conn);
+    if (rc != SASL_OK) {
+        fail(a, h, out, tag, sasl_errstring(rc, NULL, NULL));
+        return -1;
+    }
+    sasl_security_properties_t sp;
+    memset(&sp, 0, sizeof(sp));
+    sp.maxbufsize = SASL_DATA_MAX;
+    if (a->secure) {
+        sp.min_ssf = 0; /* TLS or unix: no security layer, ever */
+        sp.max_ssf = 0;
+    } else {
+        sp.min_ssf = 56; /* plain TCP: only mechanisms with a layer */
+        sp.max_ssf = 100000;
+        sp.security_flags = SASL_SEC_NOANONYMOUS | SASL_SEC_NOPLAINTEXT;
+    }
+    sasl_setprop(a->conn, SASL_SEC_PROPS, &sp);
+    if (a->ext_ssf) {
+        sasl_ssf_t ext = (sasl_ssf_t)a->ext_ssf;
+        sasl_setprop(a->conn, SASL_SSF_EXTERNAL, &ext);
+    }
+    const char *list;
+    unsigned len;
+    int count;
+    rc = sasl_listmech(a->conn, NULL, "", ",", "", &list, &len, &count);
+    if (rc != SASL_OK || count == 0) {
+        fail(a, h, out, tag, "no SASL mechanism available for this transport");
+        return -1;
+    }
+    struct xbuf b;
+    xb_init(&b);
+    xb_string(&b, list);
+    wire_put_reply(out, h, b.p, b.len);
+    xb_free(&b);
+    vm_debug(tag, "SASL mechanisms offered: %s", list);
+    return 0;
+}
+
+/* Decode `int nil; char data<65536>` (4 wire bytes per char) into buf. */
+static int read_data(struct xrd *r, unsigned char *buf, unsigned *len, int *nil)
+{
+    *nil = xr_i32(r);
+    uint32_t n = xr_u32(r);
+    if (r->err || n > SASL_DATA_MAX)
+        return -1;
+    for (uint32_t i = 0; i < n; i++)
+        buf[i] = (unsigned char)xr_u32(r);
+    *len = n;
+    return r->err ? -1 : 0;
+}
+
+static int finish_step(struct vm_sasl *a, int rc, const char *data, unsigned dlen,
+                       const struct vm_hdr *h, struct evbuffer *out, const char *tag)
+{
+    if (rc != SASL_OK && rc != SASL_CONTINUE) {
+        fail(a, h, out, tag, sasl_errdetail(a->conn));
+        return -1;
+    }
+    if (dlen > SASL_DATA_MAX) {
+        fail(a, h, out, tag, "SASL token too large");
+        return -1;
+    }
+    int complete = rc == SASL_OK;
+    if (complete) {
+        const void *v = NULL;
+        sasl_getprop(a->conn, SASL_SSF, &v);
+        int ssf = v ? (int)*(const sasl_ssf_t *)v : 0;
+        if (!a->secure && ssf < 56) {
+            fail(a, h, out, tag, "negotiated SSF too weak for plain TCP");
+            return -1;
+        }
+        v = NULL;
+        sasl_getprop(a->conn, SASL_USERNAME, &v);
+        const char *user = v ? v : "";
+        int ok = !a->cfg->allowed_users;
+        for (char **p = a->cfg->allowed_users; p && *p && !ok; p++)
+            ok = fnmatch(*p, user, 0) == 0;
+        if (!ok) {
+            char why[300];
+            snprintf(why, sizeof(why), "user \"%s\" is not in sasl.allowed_users", user);
+            fail(a, h, out, tag, why);
+            return -1;
+        }
+        snprintf(a->user, sizeof(a->user), "%s", user);
+        a->ssf = a->secure ? 0 : ssf;
+        v = NULL;
+        sasl_getprop(a->conn, SASL_MAXOUTBUF, &v);
+        a->maxout = v ? *(const unsigned *)v : 4096;
+        if (a->maxout == 0 || a->maxout > SASL_DATA_MAX)
+            a->maxout = SASL_DATA_MAX;
+    }
+    struct xbuf b;
+    xb_init(&b);
+    xb_i32(&b, complete);
+    xb_i32(&b, data ? 0 : 1);
+    xb_u32(&b, data ? dlen : 0);
+    for (unsigned i = 0; data && i < dlen; i++)
+        xb_u32(&b, (unsigned char)data[i]);
+    wire_put_reply(out, h, b.p, b.len);
+    xb_free(&b);
+    return complete;
+}
+
+int auth_handle(struct vm_sasl *a, const struct vm_hdr *h, const uint8_t *args, size_t n,
+                struct evbuffer *out, const char *tag)
+{
+    if (h->proc == PROC_AUTH_SASL_INIT)
+        return do_init(a, h, out, tag) < 0 ? -1 : 0;
+    if (!a->conn) {
+        wire_put_error(out, h, VIR_ERR_AUTH_FAILED, VIR_FROM_RPC,
+                       "authentication failed: SASL authentication not initialised");
+        return -1;
+    }
+    if (blocked(a)) {
+        vm_warn(tag, "SASL attempt from %s refused: too many failures", a->source);
+        if (a->conn)
+            sasl_dispose(&a->conn);
+        wire_put_error(out, h, VIR_ERR_AUTH_FAILED, VIR_FROM_RPC,
+                       "authentication failed: too many failed attempts, try again later");
+        return -1;
+    }
+    static unsigned char data[SASL_DATA_MAX];
+    unsigned dlen = 0;
+    int nil = 0;
+    struct xrd r;
+    xr_init(&r, args, n);
+    const char *outdata = NULL;
+    unsigned outlen = 0;
+    int rc;
+    if (h->proc == PROC_AUTH_SASL_START) {
+        char *mech = xr_string(&r, 100);
+        if (!mech || read_data(&r, data, &dlen, &nil) < 0 || a->started) {
+            free(mech);
+            fail(a, h, out, tag, "malformed or repeated AUTH_SASL_START");
+            return -1;
+        }
+        a->started = 1;
+        vm_debug(tag, "SASL start, mechanism %s", mech);
+        rc = sasl_server_start(a->conn, mech, nil ? NULL : (const char *)data, dlen, &outdata,
+                               &outlen);
+        free(mech);
+    } else if (h->proc == PROC_AUTH_SASL_STEP) {
+        if (read_data(&r, data, &dlen, &nil) < 0 || !a->started) {
+            fail(a, h, out, tag, "malformed AUTH_SASL_STEP");
+            return -1;
+        }
+        rc = sasl_server_step(a->conn, nil ? NULL : (const char *)data, dlen, &outdata, &outlen);
+    } else {
+        wire_put_error(out, h, VIR_ERR_AUTH_FAILED, VIR_FROM_RPC,
+                       "authentication failed: unsupported authentication type");
+        return -1;
+    }
+    return finish_step(a, rc, outdata, outlen, h, out, tag);
+}
+
+/* ---- the security layer ---- */
+
+static enum bufferevent_filter_result decode_in(struct evbuffer *src, struct evbuffer *dst,
+                                                ev_ssize_t lim, enum bufferevent_flush_mode m,
+                                                void *arg)
+{
+    struct vm_sasl *a = arg;
+    size_t n;
+    while ((n = evbuffer_get_length(src)) > 0) {
+        if (n > SASL_DATA_MAX)
+            n = SASL_DATA_MAX;
+        const char *in = (const char *)evbuffer_pullup(src, (ev_ssize_t)n);
+        const char *plain;
+        unsigned plen;
+        if (sasl_decode(a->conn, in, (unsigned)n, &plain, &plen) != SASL_OK)
+            return BEV_ERROR;
+        if (plen)
+            evbuffer_add(dst, plain, plen);
+        evbuffer_drain(src, n);
+    }
+    return BEV_OK;
+}
+
+static enum bufferevent_filter_result encode_out(struct evbuffer *src, struct evbuffer *dst,
+                                                 ev_ssize_t lim, enum bufferevent_flush_mode m,
+                                                 void *arg)
+{
+    struct vm_sasl *a = arg;
+    size_t n;
+    while ((n = evbuffer_get_length(src)) > 0) {
+        if (n > a->maxout)
+            n = a->maxout;
+        const char *in = (const char *)evbuffer_pullup(src, (ev_ssize_t)n);
+        const char *enc;
+        unsigned elen;
+        if (sasl_encode(a->conn, in, (unsigned)n, &enc, &elen) != SASL_OK)
+            return BEV_ERROR;
+        evbuffer_add(dst, enc, elen);
+        evbuffer_drain(src, n);
+    }
+    return BEV_OK;
+}
+
+struct bufferevent *auth_wrap(struct vm_sasl *a, struct bufferevent *under)
+{
+    return bufferevent_filter_new(under, decode_in, encode_out, BEV_OPT_CLOSE_ON_FREE, NULL, a);
+}

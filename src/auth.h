@@ -1,0 +1,45 @@
+/* Client authentication at the gateway: SASL (cyrus-sasl, service "libvirt") with libvirt's
+ * AUTH_SASL_INIT/START/STEP procedures, the SASL security layer on plain TCP, and the failure
+ * rate limit per source address. TLS certificate checks live in tls.c, unix peer credentials
+ * in listener.c; all three end in the session's immutable identity.
+ *
+ *   AUTH_LIST -> [SASL]   AUTH_SASL_INIT -> mechlist   START/STEP ... complete=1
+ *        -> username allowlist -> identity.sasl_user -> (plain TCP) encode/decode from the
+ *           next byte on, both directions
+ */
+#ifndef VM_AUTH_H
+#define VM_AUTH_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "fwd.h"
+#include "wire.h"
+
+struct evbuffer;
+struct bufferevent;
+struct vm_sasl_cfg;
+struct vm_sasl;
+
+/* Once per process, before any SASL session: point cyrus-sasl at the configured sasldb,
+ * mechanisms and keytab (never at /etc/sasl2). Returns -1 after logging. */
+int auth_global_init(const struct vm_sasl_cfg *cfg) VM_WUR;
+void auth_global_done(void);
+
+/* Per-session SASL state. `secure`: TLS or unix (no security layer); `ext_ssf`: TLS key bits. */
+struct vm_sasl *auth_new(const struct vm_sasl_cfg *cfg, int secure, int ext_ssf,
+                         const char *source);
+void auth_free(struct vm_sasl *a);
+
+/* Handle AUTH_SASL_INIT/START/STEP: the reply (or libvirt's auth error) is appended to `out`.
+ * Returns 1 when authentication just completed (then auth_user/auth_ssf are valid), 0 to go
+ * on, -1 after a failure (already answered). */
+int auth_handle(struct vm_sasl *a, const struct vm_hdr *h, const uint8_t *args, size_t n,
+                struct evbuffer *out, const char *tag);
+const char *auth_user(const struct vm_sasl *a);
+/* Negotiated security strength; > 0 means the stream must be encoded from now on. */
+int auth_ssf(const struct vm_sasl *a);
+/* Wrap `under` in a filter doing SASL encode/decode with `a` (which must outlive it). */
+struct bufferevent *auth_wrap(struct vm_sasl *a, struct bufferevent *under);
+
+#endif
