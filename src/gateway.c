@@ -23,6 +23,7 @@
 #include "log.h"
 #include "pool.h"
 #include "session.h"
+#include "tls.h"
 
 struct reap_node {
     void (*fn)(void *);
@@ -50,6 +51,7 @@ struct vm_gateway {
     struct vm_audit *audit;      /* owned */
     struct vm_admin *admin;      /* owned, optional */
     int *rule_sessions;          /* owned: open sessions per rule; last slot = default */
+    SSL_CTX **upstream_tls;       /* owned: per upstream, NULL unless tls:// */
     struct vm_session **sessions; /* registry (not owned): index = session slot */
     int capsessions;
 };
@@ -85,6 +87,20 @@ struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
 
 int gateway_start(struct vm_gateway *gw)
 {
+    gw->upstream_tls = calloc((size_t)gw->cfg->nupstreams, sizeof(SSL_CTX *));
+    if (!gw->upstream_tls)
+        abort();
+    for (int i = 0; i < gw->cfg->nupstreams; i++) {
+        const struct vm_upstream_cfg *up = &gw->cfg->upstreams[i];
+        if (!up->tls)
+            continue;
+        char err[300];
+        gw->upstream_tls[i] = tls_client_ctx(up->tls, err, sizeof(err));
+        if (!gw->upstream_tls[i]) {
+            vm_err(NULL, "upstream %s: TLS: %s", up->name, err);
+            return -1;
+        }
+    }
     if (gw->cfg->sasl && auth_global_init(gw->cfg->sasl) < 0)
         return -1;
     for (int i = 0; i < gw->cfg->nlisteners; i++) {
@@ -137,6 +153,10 @@ void gateway_free(struct vm_gateway *gw)
         auth_global_done();
     free(gw->rule_sessions);
     free(gw->sessions);
+    for (int i = 0; gw->upstream_tls && i < gw->cfg->nupstreams; i++)
+        if (gw->upstream_tls[i])
+            tls_ctx_free(gw->upstream_tls[i]);
+    free(gw->upstream_tls);
     config_free(gw->cfg);
     free(gw);
 }
@@ -191,6 +211,16 @@ int gateway_rule_acquire(struct vm_gateway *gw, const struct vm_rule *rule)
 void gateway_rule_release(struct vm_gateway *gw, const struct vm_rule *rule)
 {
     (*rule_slot(gw, rule))--;
+}
+
+SSL_CTX *gateway_upstream_tls(const struct vm_gateway *gw, const struct vm_upstream_cfg *up)
+{
+    if (!gw->upstream_tls)
+        return NULL;
+    for (int i = 0; i < gw->cfg->nupstreams; i++)
+        if (&gw->cfg->upstreams[i] == up)
+            return gw->upstream_tls[i];
+    return NULL;
 }
 
 struct event_base *gateway_base(const struct vm_gateway *gw)

@@ -23,6 +23,9 @@ int gateway_reload_tls(struct vm_gateway *gw);
 void gateway_log_status(struct vm_gateway *gw);
 
 struct event_base *gateway_base(const struct vm_gateway *gw);
+/* The TLS client context of a tls:// upstream (NULL for others). */
+struct ssl_ctx_st *gateway_upstream_tls(const struct vm_gateway *gw,
+                                        const struct vm_upstream_cfg *up);
 const struct vm_config *gateway_config(const struct vm_gateway *gw);
 unsigned gateway_next_id(struct vm_gateway *gw);
 

@@ -26,7 +26,11 @@
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
 #include <event2/event.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 
 #include "call.h"
 #include "config.h"
@@ -64,6 +68,7 @@ struct vm_link {
     struct vm_stream *stream;    /* dedicated to this stream (not in the pool), or NULL */
     int dedicated;
     time_t down_since;           /* first failure since the link was last READY; 0 = up */
+    int awaiting_confirm;        /* TLS: libvirtd's 0x01 byte not read yet */
 };
 
 static void link_connect(struct vm_link *l);
@@ -439,6 +444,17 @@ static void read_cb(struct bufferevent *bev, void *arg)
 {
     struct vm_link *l = arg;
     struct evbuffer *in = bufferevent_get_input(bev);
+    if (l->awaiting_confirm) {
+        uint8_t b;
+        if (evbuffer_remove(in, &b, 1) != 1)
+            return;
+        if (b != 1) {
+            link_down(l, NULL, 0, "libvirtd did not confirm the TLS session");
+            return;
+        }
+        l->awaiting_confirm = 0;
+        send_call(l, VM_PROC_AUTH_LIST, NULL, 0);
+    }
     for (;;) {
         uint32_t len;
         int r = wire_frame_ready(in, &len);
@@ -472,10 +488,24 @@ static void event_cb(struct bufferevent *bev, short what, void *arg)
     if (what & BEV_EVENT_CONNECTED) {
         evutil_socket_t fd = bufferevent_getfd(bev);
         int one = 1;
-        if (pool_upstream(l->pool)->uri.transport == VM_TR_TCP)
+        if (pool_upstream(l->pool)->uri.transport != VM_TR_UNIX)
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
         l->state = VM_LINK_HANDSHAKE;
         l->next_serial = HS_AUTH_LIST;
+        const struct vm_upstream_cfg *up = pool_upstream(l->pool);
+        if (up->uri.transport == VM_TR_TLS) {
+            SSL *ssl = bufferevent_openssl_get_ssl(bev);
+            long vr = SSL_get_verify_result(ssl);
+            if (!up->tls->no_verify && vr != X509_V_OK) {
+                char why[300];
+                snprintf(why, sizeof(why), "libvirtd's certificate: %s",
+                         X509_verify_cert_error_string(vr));
+                link_down(l, NULL, 0, why);
+                return;
+            }
+            l->awaiting_confirm = 1; /* libvirtd checks our certificate, then sends 0x01 */
+            return;
+        }
         send_call(l, VM_PROC_AUTH_LIST, NULL, 0);
         return;
     }
@@ -483,8 +513,18 @@ static void event_cb(struct bufferevent *bev, short what, void *arg)
     if (what & BEV_EVENT_TIMEOUT)
         snprintf(why, sizeof(why), "%s timed out",
                  l->state == VM_LINK_CONNECTING ? "connect" : "handshake");
+    else if (l->awaiting_confirm)
+        snprintf(why, sizeof(why), "libvirtd refused the gateway's TLS certificate");
     else if (what & BEV_EVENT_EOF)
         snprintf(why, sizeof(why), "libvirtd closed the connection");
+    else if (pool_upstream(l->pool)->uri.transport == VM_TR_TLS &&
+             bufferevent_get_openssl_error(bev)) {
+        char e[200];
+        ERR_error_string_n(bufferevent_get_openssl_error(bev), e, sizeof(e));
+        long vr = SSL_get_verify_result(bufferevent_openssl_get_ssl(bev));
+        snprintf(why, sizeof(why), "TLS handshake failed: %s%s%s", e,
+                 vr != X509_V_OK ? ": " : "", vr != X509_V_OK ? X509_verify_cert_error_string(vr) : "");
+    }
     else
         snprintf(why, sizeof(why), "%s", evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
     link_down(l, NULL, 0, why);
@@ -533,8 +573,25 @@ static void link_connect(struct vm_link *l)
         link_down(l, NULL, 0, err);
         return;
     }
-    l->bev = bufferevent_socket_new(gateway_base(pool_gateway(l->pool)), -1,
-                                    BEV_OPT_CLOSE_ON_FREE);
+    l->awaiting_confirm = 0;
+    if (up->uri.transport == VM_TR_TLS) {
+        SSL *ssl = SSL_new(gateway_upstream_tls(pool_gateway(l->pool), up));
+        if (!ssl)
+            abort();
+        const char *name = up->tls->server_name ? up->tls->server_name : up->uri.host;
+        if (!up->tls->no_verify) {
+            X509_VERIFY_PARAM *vp = SSL_get0_param(ssl);
+            if (X509_VERIFY_PARAM_set1_ip_asc(vp, name) != 1)
+                X509_VERIFY_PARAM_set1_host(vp, name, 0);
+        }
+        /* No SNI, like libvirt's own client. */
+        l->bev = bufferevent_openssl_socket_new(gateway_base(pool_gateway(l->pool)), -1, ssl,
+                                                BUFFEREVENT_SSL_CONNECTING,
+                                                BEV_OPT_CLOSE_ON_FREE);
+    } else {
+        l->bev = bufferevent_socket_new(gateway_base(pool_gateway(l->pool)), -1,
+                                        BEV_OPT_CLOSE_ON_FREE);
+    }
     if (!l->bev)
         abort();
     bufferevent_setcb(l->bev, read_cb, l->dedicated ? write_cb : NULL, event_cb, l);
