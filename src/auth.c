@@ -351,13 +351,18 @@ int auth_handle(struct vm_sasl *a, const struct vm_hdr *h, const uint8_t *args, 
     return finish_step(a, rc, outdata, outlen, h, out, tag);
 }
 
-/* ---- the security layer ---- */
+/* ---- the security layer (both directions, server or client connection) ---- */
+
+struct layer {
+    sasl_conn_t *conn; /* not owned */
+    unsigned maxout;
+};
 
 static enum bufferevent_filter_result decode_in(struct evbuffer *src, struct evbuffer *dst,
                                                 ev_ssize_t lim, enum bufferevent_flush_mode m,
                                                 void *arg)
 {
-    struct vm_sasl *a = arg;
+    struct layer *a = arg;
     size_t n;
     while ((n = evbuffer_get_length(src)) > 0) {
         if (n > SASL_DATA_MAX)
@@ -378,7 +383,7 @@ static enum bufferevent_filter_result encode_out(struct evbuffer *src, struct ev
                                                  ev_ssize_t lim, enum bufferevent_flush_mode m,
                                                  void *arg)
 {
-    struct vm_sasl *a = arg;
+    struct layer *a = arg;
     size_t n;
     while ((n = evbuffer_get_length(src)) > 0) {
         if (n > a->maxout)
@@ -394,7 +399,198 @@ static enum bufferevent_filter_result encode_out(struct evbuffer *src, struct ev
     return BEV_OK;
 }
 
+static struct bufferevent *wrap(sasl_conn_t *conn, unsigned maxout, struct bufferevent *under)
+{
+    struct layer *ly = calloc(1, sizeof(*ly));
+    if (!ly)
+        abort();
+    ly->conn = conn;
+    ly->maxout = maxout;
+    struct bufferevent *f = bufferevent_filter_new(under, decode_in, encode_out,
+                                                   BEV_OPT_CLOSE_ON_FREE, free, ly);
+    if (!f)
+        free(ly);
+    return f;
+}
+
 struct bufferevent *auth_wrap(struct vm_sasl *a, struct bufferevent *under)
 {
-    return bufferevent_filter_new(under, decode_in, encode_out, BEV_OPT_CLOSE_ON_FREE, NULL, a);
+    return wrap(a->conn, a->maxout, under);
+}
+
+/* ---- the gateway as a SASL client of libvirtd ---- */
+
+struct vm_sasl_client {
+    sasl_conn_t *conn;      /* owned */
+    sasl_callback_t *cbs;   /* owned: must outlive conn */
+    char user[256];
+    sasl_secret_t *secret;  /* owned; wiped on free */
+    int done;               /* our side completed */
+    unsigned maxout;
+    int ssf;
+};
+
+static int g_client_inited;
+
+static int cb_user(void *ctx, int id, const char **result, unsigned *len)
+{
+    struct vm_sasl_client *c = ctx;
+    *result = c->user;
+    if (len)
+        *len = (unsigned)strlen(c->user);
+    return SASL_OK;
+}
+
+static int cb_pass(sasl_conn_t *conn, void *ctx, int id, sasl_secret_t **psecret)
+{
+    struct vm_sasl_client *c = ctx;
+    *psecret = c->secret;
+    return SASL_OK;
+}
+
+static int cb_realm(void *ctx, int id, const char **avail, const char **result)
+{
+    *result = avail && avail[0] ? avail[0] : "";
+    return SASL_OK;
+}
+
+struct vm_sasl_client *vmsasl_client_begin(const char *user, const char *password_file,
+                                         const char *host, int secure, int ext_ssf, char *err,
+                                         size_t errlen)
+{
+    if (!g_client_inited) {
+        int rc = sasl_client_init(NULL);
+        if (rc != SASL_OK) {
+            snprintf(err, errlen, "sasl_client_init: %s", sasl_errstring(rc, NULL, NULL));
+            return NULL;
+        }
+        g_client_inited = 1;
+    }
+    FILE *f = fopen(password_file, "r");
+    if (!f) {
+        snprintf(err, errlen, "cannot read the password file %s", password_file);
+        return NULL;
+    }
+    char pw[1024];
+    size_t n = fread(pw, 1, sizeof(pw) - 1, f);
+    fclose(f);
+    while (n && (pw[n - 1] == '\n' || pw[n - 1] == '\r'))
+        n--;
+    struct vm_sasl_client *c = calloc(1, sizeof(*c));
+    if (!c)
+        abort();
+    snprintf(c->user, sizeof(c->user), "%s", user);
+    c->secret = malloc(sizeof(sasl_secret_t) + n + 1);
+    if (!c->secret)
+        abort();
+    c->secret->len = n;
+    memcpy(c->secret->data, pw, n);
+    c->secret->data[n] = '\0';
+    memset(pw, 0, sizeof(pw));
+
+    /* The callbacks live as long as the connection: keep them in static storage per
+     * client by allocating them with it. */
+    sasl_callback_t *cbs = calloc(5, sizeof(*cbs));
+    if (!cbs)
+        abort();
+    cbs[0] = (sasl_callback_t){SASL_CB_USER, SASL_FN(cb_user), c};
+    cbs[1] = (sasl_callback_t){SASL_CB_AUTHNAME, SASL_FN(cb_user), c};
+    cbs[2] = (sasl_callback_t){SASL_CB_PASS, SASL_FN(cb_pass), c};
+    cbs[3] = (sasl_callback_t){SASL_CB_GETREALM, SASL_FN(cb_realm), c};
+    cbs[4] = (sasl_callback_t){SASL_CB_LIST_END, NULL, NULL};
+    int rc = sasl_client_new("libvirt", host, NULL, NULL, cbs, 0, &c->conn);
+    if (rc != SASL_OK) {
+        snprintf(err, errlen, "sasl_client_new: %s", sasl_errstring(rc, NULL, NULL));
+        vmsasl_client_end(c);
+        free(cbs);
+        return NULL;
+    }
+    /* cbs must outlive the connection; keep it in the secret's shadow: freed in end. */
+    c->cbs = cbs;
+    sasl_security_properties_t sp;
+    memset(&sp, 0, sizeof(sp));
+    sp.maxbufsize = SASL_DATA_MAX;
+    if (!secure) {
+        sp.min_ssf = 56;
+        sp.max_ssf = 100000;
+        sp.security_flags = SASL_SEC_NOANONYMOUS | SASL_SEC_NOPLAINTEXT;
+    }
+    sasl_setprop(c->conn, SASL_SEC_PROPS, &sp);
+    if (ext_ssf) {
+        sasl_ssf_t ext = (sasl_ssf_t)ext_ssf;
+        sasl_setprop(c->conn, SASL_SSF_EXTERNAL, &ext);
+    }
+    return c;
+}
+
+void vmsasl_client_end(struct vm_sasl_client *c)
+{
+    if (!c)
+        return;
+    if (c->conn)
+        sasl_dispose(&c->conn);
+    if (c->secret) {
+        memset(c->secret->data, 0, c->secret->len);
+        free(c->secret);
+    }
+    free(c->cbs);
+    free(c);
+}
+
+static int client_finish(struct vm_sasl_client *c, int rc, char *err, size_t errlen)
+{
+    if (rc == SASL_OK)
+        c->done = 1;
+    else if (rc != SASL_CONTINUE) {
+        snprintf(err, errlen, "%s", sasl_errdetail(c->conn));
+        return -1;
+    }
+    return 0;
+}
+
+int vmsasl_client_first(struct vm_sasl_client *c, const char *mechlist, const char **mech,
+                      const char **out, unsigned *outlen, char *err, size_t errlen)
+{
+    sasl_interact_t *interact = NULL;
+    int rc = sasl_client_start(c->conn, mechlist, &interact, out, outlen, mech);
+    if (rc == SASL_INTERACT) {
+        snprintf(err, errlen, "the SASL mechanism wants interaction");
+        return -1;
+    }
+    return client_finish(c, rc, err, errlen);
+}
+
+int vmsasl_client_next(struct vm_sasl_client *c, const char *in, unsigned inlen, const char **out,
+                     unsigned *outlen, char *err, size_t errlen)
+{
+    sasl_interact_t *interact = NULL;
+    int rc = sasl_client_step(c->conn, in, inlen, &interact, out, outlen);
+    return client_finish(c, rc, err, errlen);
+}
+
+int vmsasl_client_done(const struct vm_sasl_client *c)
+{
+    return c->done;
+}
+
+int vmsasl_client_layer(struct vm_sasl_client *c, int secure, char *err, size_t errlen)
+{
+    const void *v = NULL;
+    sasl_getprop(c->conn, SASL_SSF, &v);
+    c->ssf = v ? (int)*(const sasl_ssf_t *)v : 0;
+    if (!secure && c->ssf < 56) {
+        snprintf(err, errlen, "negotiated SSF %d is too weak for plain TCP", c->ssf);
+        return -1;
+    }
+    v = NULL;
+    sasl_getprop(c->conn, SASL_MAXOUTBUF, &v);
+    c->maxout = v ? *(const unsigned *)v : 4096;
+    if (c->maxout == 0 || c->maxout > SASL_DATA_MAX)
+        c->maxout = SASL_DATA_MAX;
+    return secure ? 0 : c->ssf;
+}
+
+struct bufferevent *vmsasl_client_wrap(struct vm_sasl_client *c, struct bufferevent *under)
+{
+    return wrap(c->conn, c->maxout, under);
 }

@@ -42,4 +42,24 @@ int auth_ssf(const struct vm_sasl *a);
 /* Wrap `under` in a filter doing SASL encode/decode with `a` (which must outlive it). */
 struct bufferevent *auth_wrap(struct vm_sasl *a, struct bufferevent *under);
 
+/* ---- the gateway authenticating to an upstream libvirtd ---- */
+struct vm_sasl_client;
+/* Prepare a SASL client for `host` as `user`, password read from `password_file` (never
+ * logged). `secure`: TLS or unix (no layer). NULL with a reason. */
+struct vm_sasl_client *vmsasl_client_begin(const char *user, const char *password_file,
+                                         const char *host, int secure, int ext_ssf, char *err,
+                                         size_t errlen);
+void vmsasl_client_end(struct vm_sasl_client *c);
+/* Choose a mechanism from libvirtd's list and make the first token. 0 or -1. */
+int vmsasl_client_first(struct vm_sasl_client *c, const char *mechlist, const char **mech,
+                      const char **out, unsigned *outlen, char *err, size_t errlen);
+/* Answer a server token. 0 or -1. */
+int vmsasl_client_next(struct vm_sasl_client *c, const char *in, unsigned inlen, const char **out,
+                     unsigned *outlen, char *err, size_t errlen);
+int vmsasl_client_done(const struct vm_sasl_client *c);
+/* After completion: check the SSF; returns > 0 when the stream must be wrapped, 0 when not,
+ * -1 when too weak. */
+int vmsasl_client_layer(struct vm_sasl_client *c, int secure, char *err, size_t errlen);
+struct bufferevent *vmsasl_client_wrap(struct vm_sasl_client *c, struct bufferevent *under);
+
 #endif

@@ -245,7 +245,8 @@ static void tls_cfg_free(struct vm_tls_cfg *t)
 
 static void parse_upstream(struct parse_ctx *ctx, int i, json_t *o, struct vm_upstream_cfg *u)
 {
-    static const char *const keys[] = {"name", "uri", "pool", "tls", NULL};
+    static const char *const keys[] = {"name", "uri", "pool", "tls", "sasl", NULL};
+    static const char *const sasl_keys[] = {"username", "password_file", NULL};
     static const char *const pool_keys[] = {"max_connections", "max_inflight", "idle_timeout_s",
                                             "connect_timeout_ms", "give_up_s", NULL};
     char path[64], p[96];
@@ -278,6 +279,23 @@ static void parse_upstream(struct parse_ctx *ctx, int i, json_t *o, struct vm_up
         cfg_error(ctx, p, "a tls:// upstream needs a \"tls\" object (at least \"ca\")");
     if (u->tls && u->uri_text && u->uri.transport != VM_TR_TLS)
         cfg_error(ctx, p, "only applies to tls:// upstreams");
+    snprintf(p, sizeof(p), "%s.sasl", path);
+    json_t *us = get_object(ctx, path, o, "sasl");
+    if (us) {
+        check_keys(ctx, p, us, sasl_keys);
+        const char *un = get_string(ctx, p, us, "username", 1);
+        const char *pf = get_string(ctx, p, us, "password_file", 1);
+        if (un)
+            u->sasl_user = xstrdup(un);
+        if (pf) {
+            u->sasl_password_file = xstrdup(pf);
+            if (!readable(pf)) {
+                char q[128];
+                snprintf(q, sizeof(q), "%s.password_file", p);
+                cfg_error(ctx, q, "cannot read \"%s\"", pf);
+            }
+        }
+    }
     snprintf(p, sizeof(p), "%s.pool", path);
     json_t *pool = get_object(ctx, path, o, "pool");
     if (pool)
@@ -752,6 +770,8 @@ void config_free(struct vm_config *cfg)
         free(cfg->upstreams[i].uri_text);
         uri_clear(&cfg->upstreams[i].uri);
         tls_cfg_free(cfg->upstreams[i].tls);
+        free(cfg->upstreams[i].sasl_user);
+        free(cfg->upstreams[i].sasl_password_file);
     }
     free(cfg->upstreams);
     free(cfg->default_upstream);

@@ -37,6 +37,7 @@
  *   sasl.keytab            GSSAPI keytab path, optional
  *   sasl.max_failures / sasl.failure_window_s   5 / 60: failed attempts per source address
  *   upstreams[].tls        {cert, key, ca, crl, no_verify, server_name} for DRIVER+tls:// URIs
+ *   upstreams[].sasl       {username, password_file}: when libvirtd asks for SASL
  *   admin.address          "host:port" of the HTTP status endpoint (GET /status), optional
  *   admin.unix             or a unix socket path for it
  *   listeners[].readonly   bool, false: force read-only for every client of this listener
@@ -131,6 +132,8 @@ struct vm_upstream_cfg {
     struct vm_uri uri;
     struct vm_pool_cfg pool;
     struct vm_tls_cfg *tls; /* set for DRIVER+tls:// upstreams */
+    char *sasl_user;        /* upstreams[].sasl.username: the gateway's own SASL identity */
+    char *sasl_password_file;
 };
 
 struct vm_config {

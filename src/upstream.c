@@ -32,6 +32,7 @@
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
+#include "auth.h"
 #include "call.h"
 #include "config.h"
 #include "gateway.h"
@@ -46,7 +47,8 @@
 #define BACKOFF_MAX_MS 2000
 #define INTERNAL_RESERVE 16 /* slots beyond max_inflight for the gateway's own calls */
 
-enum hs_step { HS_AUTH_LIST = 0, HS_KEEPALIVE = 1, HS_OPEN = 2 };
+/* Handshake steps, in order; SASL steps only when libvirtd asks for SASL. */
+enum hs_step { HS_AUTH_LIST, HS_SASL_INIT, HS_SASL_STEP, HS_KEEPALIVE, HS_OPEN };
 
 struct vm_link {
     struct vm_pool *pool;        /* not owned; outlives the link */
@@ -69,11 +71,16 @@ struct vm_link {
     int dedicated;
     time_t down_since;           /* first failure since the link was last READY; 0 = up */
     int awaiting_confirm;        /* TLS: libvirtd's 0x01 byte not read yet */
+    enum hs_step hs;             /* which handshake reply is expected */
+    struct vm_sasl_client *sasl; /* owned during a SASL handshake */
 };
 
 static void link_connect(struct vm_link *l);
 static void link_down(struct vm_link *l, const void *err_payload, size_t n, const char *why);
 static void maybe_idle(struct vm_link *l);
+static void read_cb(struct bufferevent *bev, void *arg);
+static void write_cb(struct bufferevent *bev, void *arg);
+static void event_cb(struct bufferevent *bev, short what, void *arg);
 
 enum vm_link_state link_state(const struct vm_link *l) { return l->state; }
 int link_refs(const struct vm_link *l) { return l->refs; }
@@ -322,6 +329,103 @@ static void ka_dead(void *arg)
 
 /* ---- handshake ---- */
 
+static void send_feature_keepalive(struct vm_link *l)
+{
+    struct xbuf b;
+    xb_init(&b);
+    xb_i32(&b, VM_FEATURE_PROGRAM_KEEPALIVE);
+    l->hs = HS_KEEPALIVE;
+    send_call(l, VM_PROC_CONNECT_SUPPORTS_FEATURE, b.p, b.len);
+    xb_free(&b);
+}
+
+/* Send AUTH_SASL_START (mech != NULL) or AUTH_SASL_STEP with a token (4 bytes per char). */
+static void send_sasl(struct vm_link *l, const char *mech, const char *data, unsigned len)
+{
+    struct xbuf b;
+    xb_init(&b);
+    if (mech)
+        xb_string(&b, mech);
+    xb_i32(&b, data ? 0 : 1);
+    xb_u32(&b, data ? len : 0);
+    for (unsigned i = 0; data && i < len; i++)
+        xb_u32(&b, (unsigned char)data[i]);
+    l->hs = HS_SASL_STEP;
+    send_call(l, mech ? 68 : 69, b.p, b.len);
+    xb_free(&b);
+}
+
+static int sasl_secure(const struct vm_link *l)
+{
+    return pool_upstream(l->pool)->uri.transport != VM_TR_TCP;
+}
+
+/* One SASL handshake reply (INIT's mechlist, or START/STEP's token). 0, or -1 when down. */
+static int sasl_reply(struct vm_link *l, const uint8_t *payload, size_t n)
+{
+    char err[300];
+    struct xrd r;
+    xr_init(&r, payload, n);
+    const char *out = NULL;
+    unsigned outlen = 0;
+    if (l->hs == HS_SASL_INIT) {
+        char *mechs = xr_string(&r, 4096);
+        const char *mech = NULL;
+        if (!mechs || vmsasl_client_first(l->sasl, mechs, &mech, &out, &outlen, err,
+                                          sizeof(err)) < 0) {
+            free(mechs);
+            link_down(l, NULL, 0, mechs ? err : "bad SASL mechanism list");
+            return -1;
+        }
+        vm_debug(l->tag, "SASL to libvirtd with %s (offered %s)", mech, mechs);
+        free(mechs);
+        send_sasl(l, mech, out, outlen);
+        return 0;
+    }
+    int complete = xr_i32(&r);
+    int nil = xr_i32(&r);
+    uint32_t len = xr_u32(&r);
+    static char data[65536];
+    if (r.err || len > sizeof(data)) {
+        link_down(l, NULL, 0, "bad SASL reply from libvirtd");
+        return -1;
+    }
+    for (uint32_t i = 0; i < len; i++)
+        data[i] = (char)xr_u32(&r);
+    if (!complete || !vmsasl_client_done(l->sasl)) {
+        /* Answer the token; after complete=1 this is the local mutual-auth step only. */
+        if ((!complete || !nil) &&
+            vmsasl_client_next(l->sasl, nil ? NULL : data, len, &out, &outlen, err,
+                               sizeof(err)) < 0) {
+            link_down(l, NULL, 0, err);
+            return -1;
+        }
+        if (!complete) {
+            send_sasl(l, NULL, out, outlen);
+            return 0;
+        }
+    }
+    int layer = vmsasl_client_layer(l->sasl, sasl_secure(l), err, sizeof(err));
+    if (layer < 0) {
+        link_down(l, NULL, 0, err);
+        return -1;
+    }
+    vm_info(l->tag, "authenticated to libvirtd as SASL user %s%s", pool_upstream(l->pool)->sasl_user,
+            layer > 0 ? " (security layer on)" : "");
+    if (layer > 0) {
+        struct bufferevent *f = vmsasl_client_wrap(l->sasl, l->bev);
+        if (!f) {
+            link_down(l, NULL, 0, "cannot start the SASL security layer");
+            return -1;
+        }
+        l->bev = f;
+        bufferevent_setcb(l->bev, read_cb, l->dedicated ? write_cb : NULL, event_cb, l);
+        bufferevent_enable(l->bev, EV_READ | EV_WRITE);
+    }
+    send_feature_keepalive(l);
+    return 0;
+}
+
 static void handshake_reply(struct vm_link *l, const struct vm_hdr *h, struct evbuffer *pkt)
 {
     size_t n = h->len - VM_HDR_LEN;
@@ -333,37 +437,61 @@ static void handshake_reply(struct vm_link *l, const struct vm_hdr *h, struct ev
             snprintf(msg, sizeof(msg), "undecodable error");
         char why[600];
         snprintf(why, sizeof(why), "libvirtd refused the %s: %s",
-                 h->serial == HS_OPEN ? "open" : "handshake", msg);
+                 l->hs == HS_OPEN ? "open" : l->hs == HS_AUTH_LIST ? "handshake" : "gateway's SASL login",
+                 msg);
         link_down(l, payload, n, why);
         return;
     }
     const struct vm_upstream_cfg *up = pool_upstream(l->pool);
-    switch (h->serial) {
+    if (h->serial != l->next_serial - 1) {
+        vm_debug(l->tag, "unexpected handshake reply serial %u", h->serial);
+        return;
+    }
+    switch (l->hs) {
     case HS_AUTH_LIST: {
         struct xrd r;
         xr_init(&r, payload, n);
         uint32_t count = xr_u32(&r);
-        int none = count == 0; /* an empty list also means no auth */
-        for (uint32_t i = 0; i < count && i < 8 && !r.err; i++)
-            if (xr_u32(&r) == 0)
-                none = 1;
-        if (r.err || !none) {
-            link_down(l, NULL, 0, "libvirtd requires authentication (SASL/polkit), which this "
-                                  "virtmux upstream is not configured for");
+        int none = count == 0, sasl = 0; /* an empty list also means no auth */
+        for (uint32_t i = 0; i < count && i < 8 && !r.err; i++) {
+            uint32_t t = xr_u32(&r);
+            none |= t == 0;
+            sasl |= t == 1;
+        }
+        if (!r.err && !none && sasl && up->sasl_user) {
+            char err[300];
+            SSL *ssl = up->uri.transport == VM_TR_TLS ? bufferevent_openssl_get_ssl(l->bev) : NULL;
+            l->sasl = vmsasl_client_begin(up->sasl_user, up->sasl_password_file,
+                                          up->uri.host ? up->uri.host : "localhost",
+                                          sasl_secure(l), ssl ? SSL_get_cipher_bits(ssl, NULL) : 0,
+                                          err, sizeof(err));
+            if (!l->sasl) {
+                link_down(l, NULL, 0, err);
+                return;
+            }
+            l->hs = HS_SASL_INIT;
+            send_call(l, 67, NULL, 0);
             return;
         }
-        struct xbuf b;
-        xb_init(&b);
-        xb_i32(&b, VM_FEATURE_PROGRAM_KEEPALIVE);
-        send_call(l, VM_PROC_CONNECT_SUPPORTS_FEATURE, b.p, b.len);
-        xb_free(&b);
+        if (r.err || !none) {
+            link_down(l, NULL, 0, sasl ? "libvirtd requires SASL: configure upstreams[].sasl"
+                                       : "libvirtd requires an authentication virtmux does not "
+                                         "speak (polkit)");
+            return;
+        }
+        send_feature_keepalive(l);
         return;
     }
+    case HS_SASL_INIT:
+    case HS_SASL_STEP:
+        sasl_reply(l, payload, n);
+        return;
     case HS_KEEPALIVE: {
         struct xbuf b;
         xb_init(&b);
         xb_opt_string(&b, pool_name(l->pool));
         xb_u32(&b, pool_readonly(l->pool) ? 1 : 0);
+        l->hs = HS_OPEN;
         send_call(l, VM_PROC_CONNECT_OPEN, b.p, b.len);
         xb_free(&b);
         return;
@@ -453,6 +581,7 @@ static void read_cb(struct bufferevent *bev, void *arg)
             return;
         }
         l->awaiting_confirm = 0;
+        l->hs = HS_AUTH_LIST;
         send_call(l, VM_PROC_AUTH_LIST, NULL, 0);
     }
     for (;;) {
@@ -506,6 +635,7 @@ static void event_cb(struct bufferevent *bev, short what, void *arg)
             l->awaiting_confirm = 1; /* libvirtd checks our certificate, then sends 0x01 */
             return;
         }
+        l->hs = HS_AUTH_LIST;
         send_call(l, VM_PROC_AUTH_LIST, NULL, 0);
         return;
     }
@@ -624,6 +754,8 @@ static void link_down(struct vm_link *l, const void *err_payload, size_t n, cons
         bufferevent_free(l->bev);
         l->bev = NULL;
     }
+    vmsasl_client_end(l->sasl); /* after the bufferevent: its filter used the connection */
+    l->sasl = NULL;
     if (l->freeing)
         vm_debug(l->tag, "closed: %s", why);
     else if (was_ready || l->ninflight)
