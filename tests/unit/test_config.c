@@ -85,6 +85,27 @@ int main(void)
     e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}],"
                   " \"upstreams\":[{\"name\":\"a b\",\"uri\":\"qemu+tcp://h/system\"}]}");
     CHECK(e && strstr(e, "upstreams[0].name"));
+    /* Authentication settings. */
+    e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\",\"auth\":\"tls\"}]," UP "}");
+    CHECK(e && strstr(e, "listeners[0].auth: \"tls\" needs a \"tls\" object"));
+    e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\",\"auth\":\"peer\"}]," UP "}");
+    CHECK(e && strstr(e, "listeners[0].auth: \"peer\" needs a unix listener"));
+    e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\",\"auth\":\"sasl\"}]," UP "}");
+    CHECK(e && strstr(e, "sasl: a listener uses SASL"));
+    e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\",\"tls\":{\"cert\":\"/nonexistent/c\","
+                  "\"key\":\"/nonexistent/k\",\"ca\":\"/nonexistent/ca\"}}]," UP "}");
+    CHECK(e && strstr(e, "listeners[0].tls.cert: cannot read \"/nonexistent/c\""));
+    e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}],"
+                  " \"upstreams\":[{\"name\":\"a\",\"uri\":\"qemu+tls://h/system\"}]}");
+    CHECK(e && strstr(e, "upstreams[0].tls: a tls:// upstream needs"));
+    e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}],"
+                  " \"upstreams\":[{\"name\":\"a\",\"uri\":\"qemu+tcp://h/system\","
+                  " \"sasl\":{\"password_file\":\"/nonexistent/pw\"}}]}");
+    CHECK(e && strstr(e, "upstreams[0].sasl.username: missing"));
+    CHECK(e && strstr(e, "upstreams[0].sasl.password_file: cannot read"));
+    e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}]," UP
+                  ",\"sasl\":{\"mechanisms\":[\"plain\"]}}");
+    CHECK(e && strstr(e, "sasl.mechanisms: \"plain\" is not"));
     e = errors_of("not json");
     CHECK(e && strstr(e, "(string):1"));
     return check_done();
