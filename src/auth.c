@@ -358,45 +358,44 @@ struct layer {
     unsigned maxout;
 };
 
-static enum bufferevent_filter_result decode_in(struct evbuffer *src, struct evbuffer *dst,
-                                                ev_ssize_t lim, enum bufferevent_flush_mode m,
-                                                void *arg)
+/* Run `code` (sasl_encode or sasl_decode) over everything in src, in chunks of `chunk`. */
+static enum bufferevent_filter_result transcode(struct evbuffer *src, struct evbuffer *dst,
+                                                sasl_conn_t *conn, unsigned chunk,
+                                                int (*code)(sasl_conn_t *, const char *, unsigned,
+                                                            const char **, unsigned *))
 {
-    struct layer *a = arg;
     size_t n;
     while ((n = evbuffer_get_length(src)) > 0) {
-        if (n > SASL_DATA_MAX)
-            n = SASL_DATA_MAX;
+        if (n > chunk)
+            n = chunk;
         const char *in = (const char *)evbuffer_pullup(src, (ev_ssize_t)n);
-        const char *plain;
-        unsigned plen;
-        if (sasl_decode(a->conn, in, (unsigned)n, &plain, &plen) != SASL_OK)
+        const char *res;
+        unsigned rlen;
+        if (code(conn, in, (unsigned)n, &res, &rlen) != SASL_OK)
             return BEV_ERROR;
-        if (plen)
-            evbuffer_add(dst, plain, plen);
+        if (rlen)
+            evbuffer_add(dst, res, rlen);
         evbuffer_drain(src, n);
     }
     return BEV_OK;
 }
 
+/* Incoming bytes: sasl_decode reassembles blocks split across reads. */
+static enum bufferevent_filter_result decode_in(struct evbuffer *src, struct evbuffer *dst,
+                                                ev_ssize_t lim, enum bufferevent_flush_mode m,
+                                                void *arg)
+{
+    struct layer *ly = arg;
+    return transcode(src, dst, ly->conn, SASL_DATA_MAX, sasl_decode);
+}
+
+/* Outgoing bytes: at most maxout plaintext bytes per sasl_encode. */
 static enum bufferevent_filter_result encode_out(struct evbuffer *src, struct evbuffer *dst,
                                                  ev_ssize_t lim, enum bufferevent_flush_mode m,
                                                  void *arg)
 {
-    struct layer *a = arg;
-    size_t n;
-    while ((n = evbuffer_get_length(src)) > 0) {
-        if (n > a->maxout)
-            n = a->maxout;
-        const char *in = (const char *)evbuffer_pullup(src, (ev_ssize_t)n);
-        const char *enc;
-        unsigned elen;
-        if (sasl_encode(a->conn, in, (unsigned)n, &enc, &elen) != SASL_OK)
-            return BEV_ERROR;
-        evbuffer_add(dst, enc, elen);
-        evbuffer_drain(src, n);
-    }
-    return BEV_OK;
+    struct layer *ly = arg;
+    return transcode(src, dst, ly->conn, ly->maxout, sasl_encode);
 }
 
 static struct bufferevent *wrap(sasl_conn_t *conn, unsigned maxout, struct bufferevent *under)

@@ -279,6 +279,16 @@ static void ka_dead(void *arg)
 
 /* ---- open / close ---- */
 
+/* Refuse a routed CONNECT_OPEN for a policy reason: audit, answer 88, forget the route. */
+static void deny_open(struct vm_session *s, const struct vm_hdr *h, const char *err, char *name)
+{
+    audit_denied(gateway_audit(s->gw), s->tag, s->ident_str, "CONNECT_OPEN",
+                 s->route.upstream->name, err);
+    reply_error(s, h, VIR_ERR_ACCESS_DENIED, VIR_FROM_ACCESS, err);
+    route_clear(&s->route);
+    free(name);
+}
+
 static void handle_open(struct vm_session *s, const struct vm_hdr *h, const uint8_t *args, size_t n)
 {
     if (s->state != S_NEW) {
@@ -320,22 +330,14 @@ static void handle_open(struct vm_session *s, const struct vm_hdr *h, const uint
     if (!policy_allows_upstream(rule, s->route.upstream->name)) {
         snprintf(err, sizeof(err), "access denied: virtmux policy does not let %s reach "
                  "upstream %s", s->ident_str, s->route.upstream->name);
-        audit_denied(gateway_audit(s->gw), s->tag, s->ident_str, "CONNECT_OPEN",
-                     s->route.upstream->name, err);
-        reply_error(s, h, VIR_ERR_ACCESS_DENIED, VIR_FROM_ACCESS, err);
-        route_clear(&s->route);
-        free(name);
+        deny_open(s, h, err, name);
         return;
     }
     if (!s->rule_held) {
         if (gateway_rule_acquire(s->gw, rule) < 0) {
             snprintf(err, sizeof(err), "access denied: %s already has the %d sessions its "
                      "virtmux policy allows", s->ident_str, rule->max_sessions);
-            audit_denied(gateway_audit(s->gw), s->tag, s->ident_str, "CONNECT_OPEN",
-                         s->route.upstream->name, err);
-            reply_error(s, h, VIR_ERR_ACCESS_DENIED, VIR_FROM_ACCESS, err);
-            route_clear(&s->route);
-            free(name);
+            deny_open(s, h, err, name);
             return;
         }
         s->rule = rule;
@@ -562,6 +564,13 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
     }
     const struct vm_proc_info *info = vm_proc_lookup(h->prog, h->proc);
     size_t argn = h->len - VM_HDR_LEN;
+    /* Before the listener's authentication is done only the auth procedures are answered
+     * (keepalive never gets here); nothing else is looked at, let alone forwarded. */
+    if (!s->authed && !(h->prog == VM_PROG_REMOTE &&
+                        (h->proc == VM_PROC_AUTH_LIST || (info && info->kind == VM_PK_AUTH)))) {
+        reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "authentication required");
+        return;
+    }
 
     if (h->prog == VM_PROG_REMOTE) {
         /* Small argument blocks only: these are all a few words long. */
@@ -579,10 +588,6 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
             }
             return;
         case VM_PROC_CONNECT_SUPPORTS_FEATURE:
-            if (!s->authed) {
-                reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "authentication required");
-                return;
-            }
             {
                 /* Copy, not remove: a driver feature is forwarded as it came. */
                 struct evbuffer_ptr pos;
@@ -592,10 +597,6 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
             handle_feature(s, h, pkt, args, take);
             return;
         case VM_PROC_CONNECT_OPEN:
-            if (!s->authed) {
-                reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "authentication required");
-                return;
-            }
             if (argn > sizeof(args)) {
                 reply_error(s, h, VIR_ERR_INVALID_ARG, VIR_FROM_RPC,
                             "invalid argument: connection name too long");
@@ -606,20 +607,12 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
             handle_open(s, h, args, argn);
             return;
         case VM_PROC_CONNECT_CLOSE:
-            if (!s->authed) {
-                reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "authentication required");
-                return;
-            }
             wire_put_reply(out_of(s), h, NULL, 0);
             s->close_after_flush = 1;
             s->close_reason = "client closed the connection (CONNECT_CLOSE)";
             bufferevent_disable(s->bev, EV_READ);
             return;
         case VM_PROC_CONNECT_GET_URI:
-            if (!s->authed) {
-                reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "authentication required");
-                return;
-            }
             if (require_open(s, h)) {
                 struct xbuf b;
                 xb_init(&b);
@@ -630,20 +623,12 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
             return;
         case VM_PROC_CONNECT_REGISTER_CLOSE_CALLBACK:
         case VM_PROC_CONNECT_UNREGISTER_CLOSE_CALLBACK:
-            if (!s->authed) {
-                reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "authentication required");
-                return;
-            }
             if (require_open(s, h)) {
                 s->close_cb = h->proc == VM_PROC_CONNECT_REGISTER_CLOSE_CALLBACK;
                 wire_put_reply(out_of(s), h, NULL, 0);
             }
             return;
         case VM_PROC_CONNECT_SET_IDENTITY: {
-            if (!s->authed) {
-                reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "authentication required");
-                return;
-            }
             const char *why = "operation forbidden: CONNECT_SET_IDENTITY would change the "
                               "identity of a shared upstream connection; virtmux does not "
                               "forward it";
@@ -659,10 +644,6 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
             handle_auth(s, h, pkt);
             return;
         }
-    }
-    if (!s->authed) {
-        reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "authentication required");
-        return;
     }
 
     if (!require_open(s, h))

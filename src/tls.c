@@ -56,9 +56,10 @@ static int accept_any(int ok, X509_STORE_CTX *x)
     return 1; /* the result stays in SSL_get_verify_result for tls_check_client */
 }
 
-SSL_CTX *tls_server_ctx(const struct vm_tls_cfg *cfg, char *err, size_t errlen)
+static SSL_CTX *new_ctx(const SSL_METHOD *method, const struct vm_tls_cfg *cfg, char *err,
+                        size_t errlen)
 {
-    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+    SSL_CTX *ctx = SSL_CTX_new(method);
     if (!ctx) {
         ssl_error(err, errlen, "SSL_CTX_new", NULL);
         return NULL;
@@ -67,6 +68,14 @@ SSL_CTX *tls_server_ctx(const struct vm_tls_cfg *cfg, char *err, size_t errlen)
         SSL_CTX_free(ctx);
         return NULL;
     }
+    return ctx;
+}
+
+SSL_CTX *tls_server_ctx(const struct vm_tls_cfg *cfg, char *err, size_t errlen)
+{
+    SSL_CTX *ctx = new_ctx(TLS_server_method(), cfg, err, errlen);
+    if (!ctx)
+        return NULL;
     /* Request a certificate but let the handshake finish whatever it is: the decision
      * (required, verified, allowlist) is made afterwards in tls_check_client, so a refused
      * client gets libvirt's behaviour, a clean close before the 0x01 byte. */
@@ -82,15 +91,9 @@ SSL_CTX *tls_server_ctx(const struct vm_tls_cfg *cfg, char *err, size_t errlen)
 
 SSL_CTX *tls_client_ctx(const struct vm_tls_cfg *cfg, char *err, size_t errlen)
 {
-    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
-    if (!ctx) {
-        ssl_error(err, errlen, "SSL_CTX_new", NULL);
+    SSL_CTX *ctx = new_ctx(TLS_client_method(), cfg, err, errlen);
+    if (!ctx)
         return NULL;
-    }
-    if (load_common(ctx, cfg, err, errlen) < 0) {
-        SSL_CTX_free(ctx);
-        return NULL;
-    }
     SSL_CTX_set_verify(ctx, cfg->no_verify ? SSL_VERIFY_NONE : SSL_VERIFY_PEER, NULL);
     return ctx;
 }
