@@ -103,19 +103,39 @@ int policy_allows_upstream(const struct vm_rule *rule, const char *name)
     return 0;
 }
 
-/* The 32-bit argument word `back` words from the end of the payload; -1 if too short. */
-static int arg_word(const struct vm_hdr *h, struct evbuffer *pkt, int back, uint32_t *out)
+/* Skip an XDR string without copying it. */
+static void skip_string(struct xrd *r)
 {
-    size_t payload = h->len - VM_HDR_LEN;
-    if (payload < (size_t)back * 4)
-        return -1;
-    unsigned char w[4];
-    struct evbuffer_ptr pos;
-    if (evbuffer_ptr_set(pkt, &pos, h->len - (size_t)back * 4, EVBUFFER_PTR_SET) < 0 ||
-        evbuffer_copyout_from(pkt, &pos, w, 4) != 4)
-        return -1;
-    *out = (uint32_t)w[0] << 24 | (uint32_t)w[1] << 16 | (uint32_t)w[2] << 8 | w[3];
-    return 0;
+    uint32_t n = xr_u32(r);
+    size_t padded = ((size_t)n + 3) & ~(size_t)3;
+    if (r->err || n > VM_STRING_MAX || r->len - r->off < padded)
+        r->err = 1;
+    else
+        r->off += padded;
+}
+
+/* The deciding word of a "flags" procedure, read from the front of the arguments the way
+ * libvirtd decodes them; -1 when the arguments do not even reach it (then: refuse). */
+static int deciding_word(const struct vm_proc_info *p, const struct vm_hdr *h,
+                         struct evbuffer *pkt, uint32_t *out)
+{
+    size_t n = h->len - VM_HDR_LEN;
+    if (n > 65536)
+        return -1; /* these argument blocks are tiny; a huge one is not worth pulling up */
+    struct xrd r;
+    xr_init(&r, evbuffer_pullup(pkt, -1) + VM_HDR_LEN, n);
+    if (p->ro_arg == VM_RO_ARG_NAME_DOM)
+        skip_string(&r);
+    skip_string(&r);  /* domain name */
+    xr_u32(&r);       /* uuid[16] */
+    xr_u32(&r);
+    xr_u32(&r);
+    xr_u32(&r);
+    xr_i32(&r);       /* id */
+    for (int i = 0; i < p->ro_word; i++)
+        xr_u32(&r);
+    *out = xr_u32(&r);
+    return r.err ? -1 : 0;
 }
 
 int policy_readonly_allows(const struct vm_hdr *h, struct evbuffer *pkt, char *msg, size_t len,
@@ -139,8 +159,7 @@ int policy_readonly_allows(const struct vm_hdr *h, struct evbuffer *pkt, char *m
     *domain = p->err_domain;
     if (p->ro == VM_RO_FLAGS) {
         uint32_t word;
-        int back = p->ro_arg == VM_RO_ARG_LAST ? 1 : 2;
-        if (arg_word(h, pkt, back, &word) == 0) {
+        if (deciding_word(p, h, pkt, &word) == 0) {
             int set = p->ro_test == VM_RO_TEST_MASK ? (word & p->ro_value) != 0
                                                     : word == p->ro_value;
             if (!set)

@@ -22,8 +22,13 @@ enum vm_proc_kind {
 
 enum vm_proc_ro { VM_RO_YES, VM_RO_NO, VM_RO_FLAGS };
 
-/* For VM_RO_FLAGS: which argument word decides, and how. */
-enum vm_ro_arg { VM_RO_ARG_NONE, VM_RO_ARG_LAST, VM_RO_ARG_SECOND_LAST };
+/* For VM_RO_FLAGS: what precedes the deciding word in the arguments (read from the front, as
+ * libvirtd does: trailing bytes are ignored there, so they must not hide a flag here). */
+enum vm_ro_arg {
+    VM_RO_ARG_NONE,
+    VM_RO_ARG_DOM,      /* remote_nonnull_domain {string name; uuid[16]; int id} */
+    VM_RO_ARG_NAME_DOM, /* {string name; remote_nonnull_domain dom} (snapshot, checkpoint) */
+};
 enum vm_ro_test { VM_RO_TEST_MASK, VM_RO_TEST_EQUALS };
 
 struct vm_proc_info {
@@ -39,6 +44,7 @@ struct vm_proc_info {
     const char *api;      /* public API that refuses it on read-only connections, or NULL */
     int err_domain;       /* libvirt error domain of that API family */
     enum vm_ro_arg ro_arg;
+    int ro_word;          /* index of the deciding word after that prefix */
     enum vm_ro_test ro_test;
     uint32_t ro_value;    /* mask or value of the deciding word */
     const char *ro_message; /* refusal text after "operation forbidden: " */

@@ -34,8 +34,13 @@ PROG_ORDER = {"LXC": 0x00068000, "REMOTE": 0x20008086, "QEMU": 0x20008087,
 
 # libvirt error domain of the public API family that refuses a call (the file the
 # API lives in decides VIR_FROM_THIS): virDomain* -> DOMAIN, virNetwork* -> NETWORK...
+# Snapshot and checkpoint APIs live in their own files whatever their prefix
+# (virDomainRevertToSnapshot, virDomainListAllCheckpoints); libvirt-host.c (virConnect*,
+# virNode* without another family's noun) uses DOMAIN too, as a read-only libvirtd shows;
+# QEMU and LXC refusals come back with NONE (observed through libvirt's client).
+ANYWHERE = [("Snapshot", 35), ("Checkpoint", 69)]
 FAMILIES = [
-    ("virDomainSnapshot", 35), ("virDomainCheckpoint", 69), ("virDomain", 20),
+    ("virDomain", 20),
     ("virNetwork", 19), ("virStorage", 18), ("virNodeDevice", 22), ("virSecret", 30),
     ("virInterface", 26), ("virNWFilter", 33),
 ]
@@ -47,16 +52,21 @@ CONNECT_FAMILIES = [
 
 def error_domain(api, prog):
     if prog in ("QEMU", "LXC"):
-        return 20
+        return 0
     if not api:
         return 0
+    if api.startswith("virDomain"):
+        for word, dom in ANYWHERE:
+            if word in api:
+                return dom
     for prefix, dom in FAMILIES:
         if api.startswith(prefix):
             return dom
-    if api.startswith("virConnect"):
+    if api.startswith("virConnect") or api.startswith("virNode"):
         for word, dom in CONNECT_FAMILIES:
             if word in api:
                 return dom
+        return 20
     return 0
 
 
@@ -70,11 +80,12 @@ def load_flags(path):
             if not line:
                 continue
             c = line.split("\t")
-            arg, test = c[col["arg"]], c[col["test"]]
-            if arg not in ("last", "second_last") or test not in ("mask", "equals"):
-                sys.exit(f"{path}:{lineno}: bad arg/test {arg!r}/{test!r}")
+            prefix, test = c[col["prefix"]], c[col["test"]]
+            if prefix not in ("dom", "name+dom") or test not in ("mask", "equals"):
+                sys.exit(f"{path}:{lineno}: bad prefix/test {prefix!r}/{test!r}")
             rules[(c[col["program"]], int(c[col["number"]]))] = {
-                "arg": arg, "test": test, "value": int(c[col["value"]]),
+                "prefix": prefix, "word": int(c[col["word"]]),
+                "test": test, "value": int(c[col["value"]]),
                 "message": c[col["message"]], "name": c[col["name"]],
             }
     return rules
@@ -161,11 +172,12 @@ def emit(rows, out):
     for r in rows:
         rule = r["rule"]
         if rule:
-            arg = "VM_RO_ARG_LAST" if rule["arg"] == "last" else "VM_RO_ARG_SECOND_LAST"
+            pre = "VM_RO_ARG_DOM" if rule["prefix"] == "dom" else "VM_RO_ARG_NAME_DOM"
             test = "VM_RO_TEST_MASK" if rule["test"] == "mask" else "VM_RO_TEST_EQUALS"
-            ro_rule = f'{arg}, {test}, {rule["value"]}u, {c_str(rule["message"])}'
+            ro_rule = (f'{pre}, {rule["word"]}, {test}, {rule["value"]}u, '
+                       f'{c_str(rule["message"])}')
         else:
-            ro_rule = "VM_RO_ARG_NONE, VM_RO_TEST_MASK, 0u, NULL"
+            ro_rule = "VM_RO_ARG_NONE, 0, VM_RO_TEST_MASK, 0u, NULL"
         lines.append(
             f'    {{ {PROGRAMS[r["prog"]]}, {r["num"]}, "{r["name"]}", '
             f'{KINDS[r["kind"]]}, {RO[r["ro"]]}, {int(r["fds_in"])}, {int(r["fds_out"])}, '

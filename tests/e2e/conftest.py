@@ -222,3 +222,46 @@ def _close_quietly(conn):
         conn.close()
     except Exception:
         pass
+
+
+@pytest.fixture
+def event_clients():
+    """Factory: event_clients() -> harness.EventClients, a child process
+    with libvirt's default event loop holding libvirt-python connections;
+    every child is ended at teardown."""
+    made = []
+
+    def make():
+        ec = harness.EventClients()
+        made.append(ec)
+        return ec
+    yield make
+    for ec in made:
+        try:
+            ec.close()
+        except Exception:
+            ec.kill()
+
+
+@pytest.fixture
+def raw_subscribers():
+    """Factory: raw_subscribers(port=...) -> harness.RawSubscriber; all are
+    closed at teardown."""
+    made = []
+
+    def make(**kw):
+        sub = harness.RawSubscriber(**kw)
+        made.append(sub)
+        return sub
+    yield make
+    for sub in made:
+        sub.close()
+
+
+@pytest.fixture(scope="module")
+def storage_libvirtd(request, prerequisites):
+    """One libvirtd per module that also loads libvirt's storage driver
+    (storage+tcp://127.0.0.1:PORT/system, see Libvirtd.tcp_uri), in a
+    mount namespace with a private /run/libvirt."""
+    return _start_libvirtd(request, name="storage-libvirtd",
+                           drivers=("storage",))

@@ -34,6 +34,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 LIBVIRTD = os.environ.get("VIRTMUX_LIBVIRTD", "/usr/sbin/libvirtd")
 VIRSH = shutil.which("virsh") or "/usr/bin/virsh"
 VIRT_ADMIN = shutil.which("virt-admin") or "/usr/bin/virt-admin"
+SYSTEM_DRIVER_DIR = os.environ.get(
+    "VIRTMUX_DRIVER_DIR", "/usr/lib/x86_64-linux-gnu/libvirt/connection-driver")
 
 # --------------------------------------------------------------------------
 # protocol constants
@@ -211,12 +213,19 @@ class Libvirtd:
 
     The QEMU and other loadable drivers are disabled by pointing
     LIBVIRT_DRIVER_DIR at an empty directory; ``test:///default`` is served by
-    the test driver built into libvirt.so.
+    the test driver built into libvirt.so. ``drivers=("storage",)`` puts
+    symlinks to those system drivers into that directory (``tcp_uri``).
     """
 
     def __init__(self, port=None, extra_conf=None, name="libvirtd",
-                 start_timeout=20.0):
+                 start_timeout=20.0, drivers=(), env=None):
         self.name = name
+        # extra environment for the daemon, e.g. SASL_CONF_PATH
+        self.extra_env = dict(env or {})
+        # loadable drivers to offer besides the built-in test driver, by
+        # short name ("storage" -> libvirt_driver_storage.so): each is
+        # symlinked into the otherwise empty LIBVIRT_DRIVER_DIR
+        self.drivers = tuple(drivers)
         self.tmpdir = tempfile.mkdtemp(prefix="virtmux-%s-" % name)
         self.rundir = os.path.join(self.tmpdir, "run")
         self.driverdir = os.path.join(self.tmpdir, "drivers")
@@ -242,6 +251,8 @@ class Libvirtd:
 
     @staticmethod
     def _conf_value(v):
+        if isinstance(v, (list, tuple)):
+            return "[%s]" % ", ".join(Libvirtd._conf_value(x) for x in v)
         if isinstance(v, bool):
             return "1" if v else "0"
         if isinstance(v, int):
@@ -275,14 +286,18 @@ class Libvirtd:
                                "(install libvirt-daemon, see scripts/deps.sh)"
                                % LIBVIRTD)
         self.write_config()
+        self._link_drivers()
         env = dict(os.environ)
         env["LIBVIRT_DRIVER_DIR"] = self.driverdir
+        env.update(self.extra_env)
+        argv = [LIBVIRTD, "--listen", "--config", self.conf_path,
+                "--pid-file", self.pid_path]
+        if self.drivers:
+            argv = self._private_run_dir(argv)
         out = open(self.out_path, "ab")
         try:
             self.proc = subprocess.Popen(
-                _die_with_parent([LIBVIRTD, "--listen", "--config",
-                                  self.conf_path, "--pid-file",
-                                  self.pid_path]),
+                _die_with_parent(argv),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 env=env, start_new_session=True, cwd=self.tmpdir)
         finally:
@@ -304,6 +319,37 @@ class Libvirtd:
         raise HarnessError("%s did not accept on port %d within %.0f s\n%s"
                            % (self.name, self.port, self.start_timeout,
                               tail(self.out_path)))
+
+    def _link_drivers(self):
+        for drv in self.drivers:
+            so = "libvirt_driver_%s.so" % drv
+            src = os.path.join(SYSTEM_DRIVER_DIR, so)
+            if not os.path.exists(src):
+                raise HarnessError("driver %s not found (package "
+                                   "libvirt-daemon-driver-%s?)" % (src, drv))
+            dst = os.path.join(self.driverdir, so)
+            if not os.path.lexists(dst):
+                os.symlink(src, dst)
+
+    @staticmethod
+    def _private_run_dir(argv):
+        """Run argv in a mount namespace of its own with an empty tmpfs on
+        /run/libvirt: a stateful driver (storage) takes a machine-wide
+        lock and keeps its state there (/run/libvirt/storage), so two such
+        daemons could not run at once and a test's transient pools would
+        outlive it."""
+        unshare = shutil.which("unshare") or "/usr/bin/unshare"
+        script = ("mkdir -p /run/libvirt && "
+                  "mount -t tmpfs -o mode=0755 virtmux-e2e /run/libvirt && "
+                  'exec "$@"')
+        return [unshare, "--mount", "--propagation", "private", "--",
+                "/bin/sh", "-c", script, "sh"] + argv
+
+    def tcp_uri(self, driver="test", path="default"):
+        """Direct URI of this libvirtd for a driver, e.g.
+        tcp_uri("storage", "system") -> storage+tcp://127.0.0.1:PORT/system
+        (needs drivers=("storage",))."""
+        return "%s+tcp://127.0.0.1:%d/%s" % (driver, self.port, path)
 
     def running(self):
         return self.proc is not None and self.proc.poll() is None
@@ -437,9 +483,11 @@ def upstream_entry(name, uri, **pool):
 
 
 def make_config(upstreams, default_upstream=None, listeners=None,
-                limits=None, keepalive=None):
+                limits=None, keepalive=None, **sections):
     """Build a gateway config; without listeners, one TCP listener on a
-    free loopback port is created."""
+    free loopback port is created. Other top-level sections (events=...,
+    admin=..., log=...) are passed through as given; admin=True means an
+    admin endpoint on a free loopback port."""
     if listeners is None:
         listeners = [{"name": "tcp", "address": "127.0.0.1:%d" % free_port(),
                       "auth": "none"}]
@@ -450,6 +498,11 @@ def make_config(upstreams, default_upstream=None, listeners=None,
         cfg["limits"] = limits
     if keepalive is not None:
         cfg["keepalive"] = keepalive
+    for key, value in sections.items():
+        if key == "admin" and value is True:
+            value = {"address": "127.0.0.1:%d" % free_port()}
+        if value is not None:
+            cfg[key] = value
     return cfg
 
 
@@ -490,6 +543,17 @@ class Virtmux:
     @property
     def host(self):
         return self.tcp_listeners()[0][0]
+
+    def status(self, timeout=5.0):
+        """GET /status from the admin endpoint (config "admin.address")."""
+        addr = (self.config.get("admin") or {}).get("address")
+        if not addr:
+            raise HarnessError("gateway config has no admin.address")
+        return admin_status(addr, timeout=timeout)
+
+    def event_counts(self, timeout=5.0):
+        """(event_registrations, event_subscribers) summed over all pools."""
+        return pool_event_counts(self.status(timeout=timeout))
 
     def uri(self, path="default", driver="test"):
         """Client URI through the first TCP listener, e.g.
@@ -816,11 +880,19 @@ class ConnectionClosed(Exception):
 class RawClient:
     """A socket speaking raw libvirt RPC packets."""
 
-    def __init__(self, host="127.0.0.1", port=None, unix=None, timeout=5.0):
+    def __init__(self, host="127.0.0.1", port=None, unix=None, timeout=5.0,
+                 rcvbuf=None):
         if unix:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.settimeout(timeout)
             self.sock.connect(unix)
+        elif rcvbuf:
+            # a small receive buffer, set before connecting so that the
+            # advertised window stays small (a client that does not read)
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.sock.settimeout(timeout)
+            self.sock.connect((host, port))
         else:
             self.sock = socket.create_connection((host, port), timeout=timeout)
         self.timeout = timeout
@@ -984,3 +1056,490 @@ class RawClient:
         # unsigned char and unsigned short both take 4 bytes in XDR
         r = XdrReader(pkt.payload)
         return (r.u32(), r.u64(), r.u64(), r.u32(), r.u64())
+
+
+# --------------------------------------------------------------------------
+# admin endpoint
+# --------------------------------------------------------------------------
+
+def admin_status(address, timeout=5.0):
+    """GET http://ADDRESS/status -> the decoded JSON document."""
+    import http.client
+    host, port = split_address(address)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", "/status")
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise HarnessError("GET /status: HTTP %d %r" % (resp.status, body[:200]))
+    return json.loads(body)
+
+
+def pool_event_counts(status):
+    """(event_registrations, event_subscribers) summed over the pools of a
+    /status document (a pool with nobody left may already be gone)."""
+    regs = subs = 0
+    for p in status.get("pools", []):
+        regs += p["event_registrations"]
+        subs += p["event_subscribers"]
+    return regs, subs
+
+
+# --------------------------------------------------------------------------
+# events on the wire
+# --------------------------------------------------------------------------
+
+PROC_DOMAIN_EVENT_CALLBACK_REGISTER_ANY = 316
+PROC_DOMAIN_EVENT_CALLBACK_DEREGISTER_ANY = 317
+PROC_DOMAIN_EVENT_CALLBACK_LIFECYCLE = 318
+PROC_DOMAIN_EVENT_CALLBACK_REBOOT = 319
+PROC_CONNECT_REGISTER_CLOSE_CALLBACK = 360
+PROC_CONNECT_UNREGISTER_CLOSE_CALLBACK = 361
+PROC_CONNECT_EVENT_CONNECTION_CLOSED = 362
+
+# virDomainEventID / virDomainEventType
+DOMAIN_EVENT_ID_LIFECYCLE = 0
+DOMAIN_EVENT_ID_REBOOT = 1
+DOMAIN_EVENT_SUSPENDED = 3
+DOMAIN_EVENT_RESUMED = 4
+
+
+def xdr_event_register_args(event_id, dom=None):
+    """remote_connect_domain_event_callback_register_any_args:
+    int eventID; remote_domain dom (optional remote_nonnull_domain)."""
+    if dom is None:
+        return xdr_i32(event_id) + xdr_u32(0)
+    return (xdr_i32(event_id) + xdr_u32(1)
+            + xdr_domain(dom["name"], dom["uuid"], dom["id"]))
+
+
+def raw_register_event(client, event_id=DOMAIN_EVENT_ID_LIFECYCLE, dom=None,
+                       timeout=None):
+    """Register a domain event callback on a RawClient; returns the
+    callbackID the peer gave (HarnessError if refused)."""
+    pkt = client.check_ok(client.call(
+        PROC_DOMAIN_EVENT_CALLBACK_REGISTER_ANY,
+        xdr_event_register_args(event_id, dom), timeout=timeout))
+    r = XdrReader(pkt.payload)
+    cid = r.i32()
+    if r.remaining():
+        raise HarnessError("register reply has %d extra bytes" % r.remaining())
+    return cid
+
+
+def raw_deregister_event(client, callback_id, timeout=None):
+    return client.call(PROC_DOMAIN_EVENT_CALLBACK_DEREGISTER_ANY,
+                       xdr_i32(callback_id), timeout=timeout)
+
+
+def decode_lifecycle(payload):
+    """remote_domain_event_callback_lifecycle_msg:
+    int callbackID; remote_domain_event_lifecycle_msg {dom, event, detail}
+    -> (callbackID, domain name, event, detail)."""
+    r = XdrReader(payload)
+    cid = r.i32()
+    name = r.domain()["name"]
+    return cid, name, r.i32(), r.i32()
+
+
+
+# --------------------------------------------------------------------------
+# libvirt-python event subscribers in a child process
+# --------------------------------------------------------------------------
+
+# The child registers libvirt's default event loop (which would change how
+# every later connection of the test process behaves, hence a child), opens
+# N connections, and obeys one JSON command per stdin line with one JSON
+# answer per stdout line. Event times are time.monotonic() (CLOCK_MONOTONIC,
+# comparable between processes).
+EVENT_CLIENT_SCRIPT = r'''
+import json, random, sys, threading, time
+import libvirt
+
+libvirt.registerErrorHandler(lambda *a: None, None)
+libvirt.virEventRegisterDefaultImpl()
+
+
+def loop():
+    while True:
+        libvirt.virEventRunDefaultImpl()
+
+
+threading.Thread(target=loop, daemon=True).start()
+lock = threading.Lock()
+conns, ids, events, closed = [], [], [], []
+
+
+def lifecycle_cb(i):
+    def cb(conn, dom, event, detail, opaque):
+        t = time.monotonic()
+        with lock:
+            events[i].append([t, dom.name(), event, detail])
+    return cb
+
+
+def close_cb(i):
+    def cb(conn, reason, opaque):
+        with lock:
+            closed[i].append([time.monotonic(), reason])
+    return cb
+
+
+def err(e):
+    if isinstance(e, libvirt.libvirtError):
+        return [e.get_error_code(), str(e)]
+    return [-1, repr(e)]
+
+
+def do_open(uri, n, register, close_callback):
+    out = {"ids": [], "errors": []}
+    for _ in range(n):
+        i = len(conns)
+        events.append([])
+        closed.append([])
+        try:
+            c = libvirt.open(uri)
+        except libvirt.libvirtError as e:
+            out["errors"].append(err(e))
+            conns.append(None)
+            ids.append(None)
+            continue
+        conns.append(c)
+        ids.append(None)
+        if close_callback:
+            c.registerCloseCallback(close_cb(i), None)
+        if register:
+            try:
+                ids[i] = c.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                    lifecycle_cb(i), None)
+            except libvirt.libvirtError as e:
+                out["errors"].append(err(e))
+        out["ids"].append(ids[i])
+    return out
+
+
+def churn(uri, seconds, nthreads):
+    """Threads that open, register, maybe deregister, close, again."""
+    stats = {"cycles": 0, "errors": [], "events": 0}
+    end = time.monotonic() + seconds
+
+    def worker(k):
+        rnd = random.Random(k)
+        while time.monotonic() < end:
+            got = []
+            try:
+                c = libvirt.open(uri)
+                cid = c.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                    lambda *a: got.append(1), None)
+                time.sleep(rnd.uniform(0.0, 0.15))
+                # (a close() without deregistering would keep the socket
+                # open while libvirt holds the callback: subscribers that
+                # vanish are raw sockets in the tests)
+                c.domainEventDeregisterAny(cid)
+                c.close()
+            except Exception as e:
+                with lock:
+                    if len(stats["errors"]) < 10:
+                        stats["errors"].append(err(e))
+            with lock:
+                stats["cycles"] += 1
+                stats["events"] += len(got)
+
+    ts = [threading.Thread(target=worker, args=(k,), daemon=True)
+          for k in range(nthreads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(seconds + 30)
+    stats["stuck"] = sum(1 for t in ts if t.is_alive())
+    return stats
+
+
+def handle(cmd):
+    op = cmd["op"]
+    if op == "open":
+        return do_open(cmd["uri"], cmd.get("n", 1), cmd.get("register", True),
+                       cmd.get("close_callback", False))
+    if op == "events":
+        with lock:
+            return {"events": [list(e) for e in events],
+                    "closed": [list(c) for c in closed]}
+    if op == "count":
+        with lock:
+            return {"counts": [len(e) for e in events],
+                    "closed": [len(c) for c in closed]}
+    if op == "deregister":
+        res = []
+        for i, c in enumerate(conns):
+            if c is None or ids[i] is None:
+                res.append(None)
+                continue
+            try:
+                c.domainEventDeregisterAny(ids[i])
+                ids[i] = None
+                res.append("ok")
+            except libvirt.libvirtError as e:
+                res.append(err(e))
+        return {"deregister": res}
+    if op == "call":
+        # a quick call on each connection: getVersion()
+        res = []
+        for c in conns:
+            t0 = time.monotonic()
+            try:
+                c.lookupByName("test").info()
+                res.append(["ok", time.monotonic() - t0])
+            except libvirt.libvirtError as e:
+                res.append(["error", time.monotonic() - t0] + err(e))
+        return {"call": res}
+    if op == "alive":
+        return {"alive": [c.isAlive() if c else None for c in conns]}
+    if op == "close":
+        res = []
+        for c in conns:
+            try:
+                if c is not None:
+                    c.close()
+                res.append("ok")
+            except libvirt.libvirtError as e:
+                res.append(err(e))
+        del conns[:]
+        return {"close": res}
+    if op == "churn":
+        return churn(cmd["uri"], cmd["seconds"], cmd["threads"])
+    raise ValueError("unknown op %r" % op)
+
+
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    if not line.strip():
+        continue
+    cmd = json.loads(line)
+    if cmd["op"] == "exit":
+        break
+    try:
+        ans = handle(cmd)
+    except Exception as e:
+        ans = {"exception": repr(e)}
+    print(json.dumps(ans), flush=True)
+'''
+
+
+class EventClients:
+    """A child process holding libvirt-python connections with the default
+    event loop (EVENT_CLIENT_SCRIPT); every request is bounded."""
+
+    def __init__(self, python=None):
+        import sys
+        self.proc = subprocess.Popen(
+            [python or sys.executable, "-c", EVENT_CLIENT_SCRIPT],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, start_new_session=True)
+        first = self._readline(20.0)
+        if not first.get("ready"):
+            raise HarnessError("event client did not start: %r" % first)
+
+    def _readline(self, timeout):
+        t, res = start_call(self.proc.stdout.readline)
+        t.join(timeout)
+        if t.is_alive():
+            raise HarnessError("event client: no answer within %.0f s"
+                               % timeout)
+        if res.error is not None:
+            raise res.error
+        if not res.value:
+            err = ""
+            try:
+                self.proc.wait(2)
+                err = self.proc.stderr.read()
+            except Exception:
+                pass
+            raise HarnessError("event client exited (%s): %s"
+                               % (self.proc.returncode, err[-2000:]))
+        return json.loads(res.value)
+
+    def request(self, timeout=30.0, **cmd):
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        ans = self._readline(timeout)
+        if "exception" in ans:
+            raise HarnessError("event client: %s failed: %s"
+                               % (cmd.get("op"), ans["exception"]))
+        return ans
+
+    def open(self, uri, n=1, register=True, close_callback=False,
+             timeout=60.0):
+        return self.request(op="open", uri=uri, n=n, register=register,
+                            close_callback=close_callback, timeout=timeout)
+
+    def events(self):
+        return self.request(op="events")
+
+    def counts(self):
+        return self.request(op="count")["counts"]
+
+    def wait_counts(self, expected, timeout=10.0):
+        """Wait until every connection saw at least `expected` events
+        (bounded); returns the last counts."""
+        deadline = time.monotonic() + timeout
+        while True:
+            counts = self.counts()
+            if all(c >= expected for c in counts) \
+                    or time.monotonic() >= deadline:
+                return counts
+            time.sleep(0.05)
+
+    def close(self, timeout=5.0):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"op": "exit"}) + "\n")
+                self.proc.stdin.flush()
+            except (BrokenPipeError, OSError):
+                pass
+            if not _wait_exit(self.proc, timeout):
+                _signal_group(self.proc, signal.SIGKILL)
+                _wait_exit(self.proc, 5.0)
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+    def kill(self):
+        _signal_group(self.proc, signal.SIGKILL)
+        _wait_exit(self.proc, 5.0)
+
+
+class RawSubscriber:
+    """A raw-protocol event subscriber: a RawClient whose socket is read by
+    a thread once start() is called. MESSAGE packets are kept in
+    ``events`` as (time.monotonic(), Packet); calls made while the thread
+    runs (``call``) get their replies through it. Keepalive PINGs are
+    answered."""
+
+    def __init__(self, port=None, unix=None, name="test:///default",
+                 timeout=5.0):
+        self.client = RawClient(port=port, unix=unix, timeout=timeout)
+        self.client.handshake(name)
+        self.timeout = timeout
+        self.events = []
+        self.closed_at = None       # monotonic time the peer closed
+        self._replies = {}
+        self._cond = threading.Condition()
+        self._thread = None
+        self._stop = False
+
+    def register(self, event_id=DOMAIN_EVENT_ID_LIFECYCLE, dom=None,
+                 proc=PROC_DOMAIN_EVENT_CALLBACK_REGISTER_ANY):
+        pkt = RawClient.check_ok(self.call(
+            proc, xdr_event_register_args(event_id, dom)))
+        return XdrReader(pkt.payload).i32()
+
+    def deregister(self, callback_id,
+                   proc=PROC_DOMAIN_EVENT_CALLBACK_DEREGISTER_ANY):
+        return self.call(proc, xdr_i32(callback_id))
+
+    def call(self, proc, payload=b"", timeout=None):
+        if self._thread is None:
+            pkt = self.client.call(proc, payload, timeout=timeout)
+            self.events.extend((time.monotonic(), m)
+                               for m in self.client.messages
+                               if m.prog != KEEPALIVE_PROGRAM)
+            del self.client.messages[:]
+            return pkt
+        serial = self.client.next_serial()
+        self.client.send_packet(REMOTE_PROGRAM, REMOTE_VERSION, proc,
+                                TYPE_CALL, serial, STATUS_OK, payload)
+        deadline = time.monotonic() + (timeout or self.timeout)
+        with self._cond:
+            while serial not in self._replies:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.closed_at is not None:
+                    raise HarnessError("no reply to proc %d (serial %d)"
+                                       % (proc, serial))
+                self._cond.wait(remaining)
+            return self._replies.pop(serial)
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        c = self.client
+        while not self._stop:
+            try:
+                pkt = c.recv_packet(timeout=0.2)
+            except socket.timeout:
+                continue
+            except (ConnectionClosed, OSError, ValueError):
+                with self._cond:
+                    self.closed_at = time.monotonic()
+                    self._cond.notify_all()
+                return
+            now = time.monotonic()
+            if pkt.prog == KEEPALIVE_PROGRAM:
+                if pkt.proc == PROC_KEEPALIVE_PING:
+                    try:
+                        c.send_packet(KEEPALIVE_PROGRAM, KEEPALIVE_VERSION,
+                                      PROC_KEEPALIVE_PONG, TYPE_MESSAGE, 0)
+                    except OSError:
+                        pass
+                continue
+            with self._cond:
+                if pkt.type == TYPE_REPLY:
+                    self._replies[pkt.serial] = pkt
+                else:
+                    self.events.append((now, pkt))
+                self._cond.notify_all()
+
+    def lifecycle(self):
+        """[(callbackID, domain, event, detail)] of the lifecycle events."""
+        with self._cond:
+            pkts = [p for _, p in self.events]
+        return [decode_lifecycle(p.payload) for p in pkts
+                if p.proc == PROC_DOMAIN_EVENT_CALLBACK_LIFECYCLE]
+
+    def wait_events(self, n, timeout=10.0, proc=None):
+        """Wait until at least n events (of proc, if given) arrived."""
+        def count():
+            with self._cond:
+                return sum(1 for _, p in self.events
+                           if proc is None or p.proc == proc)
+        return wait_until(lambda: count() >= n, timeout) and count()
+
+    def close(self):
+        self._stop = True
+        self.client.close()
+        if self._thread is not None:
+            self._thread.join(2.0)
+
+
+# --------------------------------------------------------------------------
+# socket statistics
+# --------------------------------------------------------------------------
+
+def tcp_bytes_received(pid, peer_port):
+    """Sum of bytes_received over the established TCP sockets of process
+    pid whose peer port is peer_port (from `ss -tinp`)."""
+    r = subprocess.run(["ss", "-Htinp", "state", "established",
+                        "( dport = :%d )" % peer_port],
+                       capture_output=True, text=True, timeout=10)
+    if r.returncode != 0:
+        raise HarnessError("ss failed: %s" % r.stderr.strip())
+    total = 0
+    mine = False
+    for line in r.stdout.splitlines():
+        if not line.startswith((" ", "\t")):
+            mine = ("pid=%d," % pid) in line
+            continue
+        if mine:
+            for field in line.split():
+                if field.startswith("bytes_received:"):
+                    total += int(field.split(":", 1)[1])
+    return total

@@ -95,14 +95,23 @@ static void test_rules(const struct vm_config *cfg)
     CHECK(policy_match(cfg, &mapped)->index == 0);
 }
 
-/* Build CALL packet bytes for (prog, proc) with `nwords` argument words all set to `word`. */
-static struct evbuffer *call_pkt(uint32_t prog, int32_t proc, int nwords, uint32_t word,
-                                 struct vm_hdr *h)
+/* A CALL packet for (prog, proc) whose arguments are a domain reference (preceded by a name
+ * for snapshot/checkpoint procedures when `named`), then `words`, then `trailing` zero words. */
+static struct evbuffer *call_pkt(uint32_t prog, int32_t proc, int named, const uint32_t *words,
+                                 int nwords, int trailing, struct vm_hdr *h)
 {
     struct xbuf b;
     xb_init(&b);
+    if (named)
+        xb_string(&b, "snap1");
+    xb_string(&b, "test");
+    unsigned char uuid[16] = {0x66, 0x95};
+    xb_bytes(&b, uuid, sizeof(uuid));
+    xb_i32(&b, -1);
     for (int i = 0; i < nwords; i++)
-        xb_u32(&b, word);
+        xb_u32(&b, words[i]);
+    for (int i = 0; i < trailing; i++)
+        xb_u32(&b, 0);
     struct evbuffer *pkt = evbuffer_new();
     wire_put_packet(pkt, prog, proc, VM_CALL, 1, VM_STATUS_OK, b.p, b.len);
     wire_hdr_peek(pkt, h);
@@ -110,19 +119,29 @@ static struct evbuffer *call_pkt(uint32_t prog, int32_t proc, int nwords, uint32
     return pkt;
 }
 
+static int allows(uint32_t prog, int32_t proc, int named, const uint32_t *w, int nw, int trailing,
+                  char *msg, size_t len, int *dom)
+{
+    struct vm_hdr h;
+    struct evbuffer *pkt = call_pkt(prog, proc, named, w, nw, trailing, &h);
+    int ok = policy_readonly_allows(&h, pkt, msg, len, dom);
+    evbuffer_free(pkt);
+    return ok;
+}
+
 static void test_readonly_table(void)
 {
     char msg[256];
     int dom;
     int allowed = 0, refused = 0;
+    const uint32_t zeros[3] = {0, 0, 0};
     for (size_t i = 0; i < vm_proc_table_len; i++) {
         const struct vm_proc_info *p = &vm_proc_table[i];
         if (p->prog == VM_PROG_KEEPALIVE)
             continue;
-        struct vm_hdr h;
-        /* Flags clear: only "no", QEMU and LXC are refused. */
-        struct evbuffer *pkt = call_pkt(p->prog, p->proc, 4, 0, &h);
-        int ok = policy_readonly_allows(&h, pkt, msg, sizeof(msg), &dom);
+        int named = p->ro_arg == VM_RO_ARG_NAME_DOM;
+        /* Every deciding word clear: only "no", QEMU and LXC are refused. */
+        int ok = allows(p->prog, p->proc, named, zeros, 3, 0, msg, sizeof(msg), &dom);
         int want = p->prog == VM_PROG_REMOTE && p->ro != VM_RO_NO;
         CHECK(ok == want);
         if (ok != want)
@@ -131,66 +150,45 @@ static void test_readonly_table(void)
             refused++;
             CHECK(strncmp(msg, "operation forbidden: ", 21) == 0);
             CHECK(p->api == NULL || strstr(msg, p->api) != NULL);
+            CHECK(dom == p->err_domain);
         } else {
             allowed++;
         }
-        evbuffer_free(pkt);
-        /* Deciding argument set: "flags" procedures are refused too. */
-        if (p->ro == VM_RO_FLAGS) {
-            uint32_t w = p->ro_test == VM_RO_TEST_MASK ? p->ro_value : p->ro_value;
-            pkt = call_pkt(p->prog, p->proc, 4, w, &h);
-            CHECK(!policy_readonly_allows(&h, pkt, msg, sizeof(msg), &dom));
+        if (p->ro != VM_RO_FLAGS)
+            continue;
+        /* Deciding word set: refused, even with trailing bytes after the arguments (libvirtd
+         * ignores those, so they must not move the word the gateway looks at). */
+        uint32_t set[3] = {0, 0, 0};
+        set[p->ro_word] = p->ro_value;
+        for (int trailing = 0; trailing <= 2; trailing++) {
+            CHECK(!allows(p->prog, p->proc, named, set, 2, trailing, msg, sizeof(msg), &dom));
             CHECK(strstr(msg, p->ro_message) != NULL);
-            evbuffer_free(pkt);
-            /* Too short to decide: refused (never guess in favour of a write). */
-            pkt = call_pkt(p->prog, p->proc, 0, 0, &h);
-            CHECK(!policy_readonly_allows(&h, pkt, msg, sizeof(msg), &dom));
-            evbuffer_free(pkt);
         }
+        /* Arguments too short to reach the word: refused (never guess for a write). */
+        CHECK(!allows(p->prog, p->proc, named, set, 0, 0, msg, sizeof(msg), &dom));
     }
     CHECK(refused == 197 + 7 + 1); /* every REMOTE "no" (197), every QEMU (7), the LXC one */
     CHECK(allowed > 200);
 
     /* Spot checks: the wording and error domain libvirtd uses. */
-    struct vm_hdr h;
-    struct evbuffer *pkt = call_pkt(VM_PROG_REMOTE, 12, 0, 0, &h); /* DOMAIN_DESTROY */
-    CHECK(!policy_readonly_allows(&h, pkt, msg, sizeof(msg), &dom));
+    CHECK(!allows(VM_PROG_REMOTE, 12, 0, NULL, 0, 0, msg, sizeof(msg), &dom)); /* DESTROY */
     CHECK_STR(msg, "operation forbidden: read only access prevents virDomainDestroy");
     CHECK(dom == 20);
-    evbuffer_free(pkt);
-    pkt = call_pkt(VM_PROG_REMOTE, 14, 2, 1, &h); /* DOMAIN_GET_XML_DESC, flags SECURE */
-    CHECK(!policy_readonly_allows(&h, pkt, msg, sizeof(msg), &dom));
+    const uint32_t secure[1] = {1}, inactive[1] = {2};
+    CHECK(!allows(VM_PROG_REMOTE, 14, 0, secure, 1, 0, msg, sizeof(msg), &dom));
     CHECK_STR(msg, "operation forbidden: virDomainGetXMLDesc with secure flag");
-    evbuffer_free(pkt);
-    pkt = call_pkt(VM_PROG_REMOTE, 14, 2, 2, &h); /* flags INACTIVE only: allowed */
-    CHECK(policy_readonly_allows(&h, pkt, msg, sizeof(msg), &dom));
-    evbuffer_free(pkt);
-    pkt = call_pkt(VM_PROG_REMOTE, 42, 0, 0, &h); /* NETWORK_DESTROY */
-    CHECK(!policy_readonly_allows(&h, pkt, msg, sizeof(msg), &dom));
+    CHECK(allows(VM_PROG_REMOTE, 14, 0, inactive, 1, 0, msg, sizeof(msg), &dom));
+    CHECK(!allows(VM_PROG_REMOTE, 42, 0, NULL, 0, 0, msg, sizeof(msg), &dom)); /* NET_DESTROY */
     CHECK(dom == 19);
-    evbuffer_free(pkt);
-    pkt = call_pkt(VM_PROG_REMOTE, 9999, 0, 0, &h); /* unknown */
-    CHECK(!policy_readonly_allows(&h, pkt, msg, sizeof(msg), &dom));
-    evbuffer_free(pkt);
-    /* DOMAIN_INTERFACE_ADDRESSES: source (second to last) == AGENT refused, LEASE allowed. */
-    struct xbuf b;
-    xb_init(&b);
-    xb_u32(&b, 1); /* source AGENT */
-    xb_u32(&b, 0); /* flags */
-    pkt = evbuffer_new();
-    wire_put_packet(pkt, VM_PROG_REMOTE, 353, VM_CALL, 1, VM_STATUS_OK, b.p, b.len);
-    wire_hdr_peek(pkt, &h);
-    CHECK(!policy_readonly_allows(&h, pkt, msg, sizeof(msg), &dom));
-    evbuffer_free(pkt);
-    b.len = 0;
-    xb_u32(&b, 0); /* source LEASE */
-    xb_u32(&b, 0);
-    pkt = evbuffer_new();
-    wire_put_packet(pkt, VM_PROG_REMOTE, 353, VM_CALL, 1, VM_STATUS_OK, b.p, b.len);
-    wire_hdr_peek(pkt, &h);
-    CHECK(policy_readonly_allows(&h, pkt, msg, sizeof(msg), &dom));
-    evbuffer_free(pkt);
-    xb_free(&b);
+    CHECK(!allows(VM_PROG_REMOTE, 192, 0, NULL, 0, 0, msg, sizeof(msg), &dom)); /* REVERT */
+    CHECK(dom == 35);
+    CHECK(!allows(VM_PROG_REMOTE, 250, 0, NULL, 0, 0, msg, sizeof(msg), &dom)); /* NODE_SUSPEND */
+    CHECK(dom == 20);
+    CHECK(!allows(VM_PROG_REMOTE, 9999, 0, NULL, 0, 0, msg, sizeof(msg), &dom)); /* unknown */
+    /* DOMAIN_INTERFACE_ADDRESSES: source AGENT (1) refused, LEASE (0) allowed. */
+    const uint32_t agent[2] = {1, 0}, lease[2] = {0, 0};
+    CHECK(!allows(VM_PROG_REMOTE, 353, 0, agent, 2, 0, msg, sizeof(msg), &dom));
+    CHECK(allows(VM_PROG_REMOTE, 353, 0, lease, 2, 0, msg, sizeof(msg), &dom));
 }
 
 int main(void)
