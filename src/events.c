@@ -15,9 +15,10 @@
 #include "upstream.h"
 
 enum reg_state {
-    REG_IDLE,    /* not registered upstream (new, or the event link was lost) */
-    REG_PENDING, /* register call in flight */
-    REG_ACTIVE,  /* up_id valid */
+    REG_IDLE,          /* not registered upstream (new, or the event link was lost) */
+    REG_PENDING,       /* register call in flight */
+    REG_ACTIVE,        /* up_id valid */
+    REG_DEREGISTERING, /* deregister call in flight; re-registered if subscribers return */
 };
 
 struct vm_evreg;
@@ -185,13 +186,28 @@ static void fail_pending(struct vm_evreg *r, const void *payload, size_t n, cons
 
 /* ---- upstream calls ---- */
 
-static void ignore_reply(void *arg, const struct vm_hdr *h, struct evbuffer *pkt, const char *err)
+static void send_register(struct vm_evreg *r);
+
+/* The deregister call finished. libvirtd runs calls on worker threads, so a register for the
+ * same key must not be sent before this (it would race ahead and be refused as "already
+ * tracked"): subscribers that arrived meanwhile are registered now. */
+static void deregister_done(void *arg, const struct vm_hdr *h, struct evbuffer *pkt,
+                            const char *err)
 {
+    struct vm_evreg *r = arg;
+    r->state = REG_IDLE;
+    if (r->nsubs == 0) {
+        reg_free(r);
+        return;
+    }
+    if (err)
+        return; /* the link is gone: re-registered when it is back */
+    send_register(r);
 }
 
 static void drop_reg(struct vm_evreg *r)
 {
-    if (r->state == REG_PENDING) {
+    if (r->state == REG_PENDING || r->state == REG_DEREGISTERING) {
         r->dead = 1; /* the reply decides */
         return;
     }
@@ -199,10 +215,14 @@ static void drop_reg(struct vm_evreg *r)
         struct xbuf b;
         xb_init(&b);
         xb_i32(&b, r->up_id);
-        if (link_send_internal(r->ev->link, r->prog, dereg_proc_of(r->prog, r->reg_proc), b.p,
-                               b.len, ignore_reply, NULL) < 0)
-            vm_warn(link_tag(r->ev->link), "could not deregister event callback %d", r->up_id);
+        int rc = link_send_internal(r->ev->link, r->prog, dereg_proc_of(r->prog, r->reg_proc),
+                                    b.p, b.len, deregister_done, r);
         xb_free(&b);
+        if (rc == 0) {
+            r->state = REG_DEREGISTERING;
+            return;
+        }
+        vm_warn(link_tag(r->ev->link), "could not deregister event callback %d", r->up_id);
     }
     reg_free(r);
 }
@@ -281,9 +301,11 @@ void events_subscribe(struct vm_events *ev, struct vm_session *s, const struct v
 {
     struct vm_evreg *r;
     TAILQ_FOREACH(r, &ev->regs, entry)
-        if (!r->dead && r->prog == h->prog && r->reg_proc == h->proc && r->nargs == n &&
+        if (r->prog == h->prog && r->reg_proc == h->proc && r->nargs == n &&
             memcmp(r->args, args, n) == 0)
             break;
+    if (r)
+        r->dead = 0; /* one registration per key: revive one that was on its way out */
     if (!r) {
         r = calloc(1, sizeof(*r));
         if (!r)
