@@ -9,6 +9,7 @@ PACKAGES=(
     libvirt-daemon libvirt-clients python3-libvirt
     python3-pytest python3-pytest-timeout
     valgrind
+    sasl2-bin libsasl2-modules openssl
 )
 
 missing=()

@@ -607,10 +607,12 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
             handle_open(s, h, args, argn);
             return;
         case VM_PROC_CONNECT_CLOSE:
-            wire_put_reply(out_of(s), h, NULL, 0);
+            /* Flag first: with the SASL layer the reply is encoded at once and the write
+             * callback that ends the session may run inside wire_put_reply. */
             s->close_after_flush = 1;
             s->close_reason = "client closed the connection (CONNECT_CLOSE)";
             bufferevent_disable(s->bev, EV_READ);
+            wire_put_reply(out_of(s), h, NULL, 0);
             return;
         case VM_PROC_CONNECT_GET_URI:
             if (require_open(s, h)) {

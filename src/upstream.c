@@ -439,7 +439,9 @@ static void handshake_reply(struct vm_link *l, const struct vm_hdr *h, struct ev
         snprintf(why, sizeof(why), "libvirtd refused the %s: %s",
                  l->hs == HS_OPEN ? "open" : l->hs == HS_AUTH_LIST ? "handshake" : "gateway's SASL login",
                  msg);
-        link_down(l, payload, n, why);
+        /* Only libvirtd's refusal of the name is the client's business; a refused SASL login
+         * of the gateway is ours, and must not read as the client's own auth failure. */
+        link_down(l, l->hs == HS_OPEN ? payload : NULL, n, why);
         return;
     }
     const struct vm_upstream_cfg *up = pool_upstream(l->pool);

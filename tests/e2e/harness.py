@@ -509,8 +509,12 @@ def make_config(upstreams, default_upstream=None, listeners=None,
 class Virtmux:
     """The gateway process."""
 
-    def __init__(self, config, binary=None, extra_args=(), start_timeout=10.0):
+    def __init__(self, config, binary=None, extra_args=(), start_timeout=10.0,
+                 verbose=True):
         self.config = config
+        # -v (debug logging) overrides the config's log.level; benchmarks
+        # pass verbose=False so that the configured level applies
+        self.verbose = verbose
         self.binary = Path(binary) if binary else virtmux_binary()
         self.extra_args = list(extra_args)
         self.start_timeout = start_timeout
@@ -577,7 +581,8 @@ class Virtmux:
         try:
             self.proc = subprocess.Popen(
                 _die_with_parent([str(self.binary), "--config",
-                                  self.config_path, "-v"]
+                                  self.config_path]
+                                 + (["-v"] if self.verbose else [])
                                  + self.extra_args),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, cwd=self.tmpdir)
@@ -1171,6 +1176,7 @@ def loop():
 threading.Thread(target=loop, daemon=True).start()
 lock = threading.Lock()
 conns, ids, events, closed = [], [], [], []
+legacy_cbs = {}
 
 
 def lifecycle_cb(i):
@@ -1194,7 +1200,7 @@ def err(e):
     return [-1, repr(e)]
 
 
-def do_open(uri, n, register, close_callback):
+def do_open(uri, n, register, close_callback, legacy=False):
     out = {"ids": [], "errors": []}
     for _ in range(n):
         i = len(conns)
@@ -1211,7 +1217,15 @@ def do_open(uri, n, register, close_callback):
         ids.append(None)
         if close_callback:
             c.registerCloseCallback(close_cb(i), None)
-        if register:
+        if register and legacy:
+            # the pre-0.8 API: one lifecycle callback per connection
+            try:
+                legacy_cbs[i] = lifecycle_cb(i)
+                c.domainEventRegister(legacy_cbs[i], None)
+                ids[i] = "legacy"
+            except libvirt.libvirtError as e:
+                out["errors"].append(err(e))
+        elif register:
             try:
                 ids[i] = c.domainEventRegisterAny(
                     None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
@@ -1264,7 +1278,8 @@ def handle(cmd):
     op = cmd["op"]
     if op == "open":
         return do_open(cmd["uri"], cmd.get("n", 1), cmd.get("register", True),
-                       cmd.get("close_callback", False))
+                       cmd.get("close_callback", False),
+                       cmd.get("legacy", False))
     if op == "events":
         with lock:
             return {"events": [list(e) for e in events],
@@ -1280,7 +1295,10 @@ def handle(cmd):
                 res.append(None)
                 continue
             try:
-                c.domainEventDeregisterAny(ids[i])
+                if ids[i] == "legacy":
+                    c.domainEventDeregister(legacy_cbs.pop(i))
+                else:
+                    c.domainEventDeregisterAny(ids[i])
                 ids[i] = None
                 res.append("ok")
             except libvirt.libvirtError as e:
@@ -1373,9 +1391,13 @@ class EventClients:
         return ans
 
     def open(self, uri, n=1, register=True, close_callback=False,
-             timeout=60.0):
+             legacy=False, timeout=60.0):
+        """Open n connections; register: a lifecycle callback on each
+        (legacy: with virConnectDomainEventRegister); close_callback: a
+        close callback on each. Returns {"ids": [...], "errors": [...]}."""
         return self.request(op="open", uri=uri, n=n, register=register,
-                            close_callback=close_callback, timeout=timeout)
+                            close_callback=close_callback, legacy=legacy,
+                            timeout=timeout)
 
     def events(self):
         return self.request(op="events")

@@ -136,7 +136,8 @@ class Pki:
         os.makedirs(os.path.join(self.dir, "newcerts"), exist_ok=True)
         open(os.path.join(self.dir, "index.txt"), "w").close()
         with open(os.path.join(self.dir, "serial"), "w") as f:
-            f.write("%x\n" % (_next_serial() | 0x1000000))
+            # openssl ca wants an even number of hex digits
+            f.write("%016x\n" % (_next_serial() | 0x1000000))
         _run([OPENSSL, "req", "-x509", "-new", "-nodes", "-config", self.conf,
               "-newkey", "rsa:%d" % bits, "-keyout", self.ca_key,
               "-out", self.ca_cert, "-days", "3650", "-sha256",

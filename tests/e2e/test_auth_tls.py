@@ -30,8 +30,9 @@ ALLOWED = "C=GB,O=Test,CN=client*"
 # --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def certs():
+def certs(request):
     d = tempfile.mkdtemp(prefix="virtmux-pki-tls-")
+    request.addfinalizer(lambda: shutil.rmtree(d, ignore_errors=True))
     ca = pki.Pki(os.path.join(d, "ca"))
     other = pki.Pki(os.path.join(d, "other"), ca_cn="Other CA")
     c = {
@@ -58,8 +59,7 @@ def certs():
         f.write(open(ca.ca_cert).read() + open(other.ca_cert).read())
     c["dir_foreign"] = other.client_dir(
         c["foreign"], directory=os.path.join(d, "pki-foreign"), cacert=both)
-    yield c
-    shutil.rmtree(d, ignore_errors=True)
+    return c
 
 
 def tls_listener(certs, port, name="tls", server=None, allowed=(ALLOWED,)):
@@ -279,3 +279,61 @@ def test_sighup_reloads_server_certificate(certs, libvirtd, gateway,
     assert (serial, first) == (new.serial, b"\x01")
     assert [d.name() for d in old.listAllDomains()] == ["test"]
     assert gw.running()
+
+
+# --------------------------------------------------------------------------
+# policy on the certificate DN
+# --------------------------------------------------------------------------
+
+def test_policy_readonly_by_tls_dn(certs, libvirtd, gateway, connections):
+    port = harness.free_port()
+    cfg = harness.make_config(
+        [harness.upstream_entry("hv1", libvirtd.direct_uri)],
+        default_upstream="hv1", listeners=[tls_listener(certs, port)],
+        policy={"default": "allow",
+                "rules": [{"match": {"tls_dn": "*,CN=client2"},
+                           "readonly": True}]})
+    gateway(cfg)
+    ro = harness.call_with_timeout(
+        libvirt.open, tls_uri(port, certs["dir_client2"]), timeout=30)
+    connections.append(ro)
+    with pytest.raises(libvirt.libvirtError) as ei:
+        ro.lookupByName("test").destroy()
+    assert ei.value.get_error_code() == libvirt.VIR_ERR_OPERATION_DENIED
+    assert "operation forbidden" in str(ei.value)
+    rw = harness.call_with_timeout(
+        libvirt.open, tls_uri(port, certs["dir_client1"]), timeout=30)
+    connections.append(rw)
+    dom = rw.lookupByName("test")
+    dom.destroy()
+    assert dom.info()[0] == libvirt.VIR_DOMAIN_SHUTOFF
+    dom.create()
+    assert dom.info()[0] == libvirt.VIR_DOMAIN_RUNNING
+
+
+def test_auth_tls_forces_a_verified_certificate(certs, shared_libvirtd,
+                                                gateway):
+    """auth "tls" makes the certificate required even when the tls object
+    says optional; an auth "none" TLS listener with verify_client optional
+    serves clients without a certificate (encryption only)."""
+    p_tls, p_none = harness.free_port(), harness.free_port()
+    forced = tls_listener(certs, p_tls, name="forced", allowed=("*",))
+    forced["tls"]["verify_client"] = "optional"
+    plain = tls_listener(certs, p_none, name="enc", allowed=("*",))
+    plain["auth"] = "none"
+    plain["tls"]["verify_client"] = "optional"
+    cfg = harness.make_config(
+        [harness.upstream_entry("hv1", shared_libvirtd.direct_uri)],
+        default_upstream="hv1", listeners=[forced, plain])
+    gw = gateway(cfg)
+    ca = certs["ca"].ca_cert
+    assert pki.peer_certificate(p_tls, cafile=ca)[1] == b""
+    assert pki.peer_certificate(p_tls, client=certs["client1"],
+                                cafile=ca)[1] == b"\x01"
+    assert pki.peer_certificate(p_none, cafile=ca)[1] == b"\x01"
+    # optional still means "verified if presented"
+    assert pki.peer_certificate(p_none, client=certs["foreign"],
+                                cafile=ca)[1] == b""
+    r = harness.virsh(tls_uri(p_none, certs["dir_client1"]), "list")
+    assert r.returncode == 0, r.stderr
+    assert "no client certificate" in gw.log_text()

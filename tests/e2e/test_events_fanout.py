@@ -9,7 +9,6 @@ controller connected straight to libvirtd (it also keeps the test driver's
 state alive for the whole test)."""
 
 import re
-import statistics
 import threading
 import time
 
@@ -513,34 +512,53 @@ def test_subscribe_while_abandoned_registration_pending(
 
 QUEUE_LIMIT = 65536
 SLOW_ROUNDS = 1000
-BIG_NAME = "slow-" + "x" * 4000     # ~4 KiB per event: buffers fill fast
+SLOW_NAME = "slow-" + "x" * 250     # ~330 bytes per event
+SLOW_PAUSE = 0.001
 
 
 def test_subscriber_that_never_reads_is_cut_off(
-        libvirtd, gateway, controller, event_clients):
+        libvirtd, gateway, controller, event_clients, tmp_path):
+    """A raw subscriber that never reads is cut off once its queue passes
+    events.max_queue_bytes; five libvirt-python subscribers of the same
+    registration get every event, in bounded time.
+
+    The one that never reads comes in over the gateway's unix listener: on
+    loopback TCP the kernel would first absorb megabytes (send-buffer
+    autotuning) before anything queued in the gateway; a unix socket holds
+    about net.core.wmem_default (~200 KiB). Events come at a few hundred a
+    second (a pause after every call), so that a reader that keeps up is
+    never more than a few events behind (64 KiB is ~200 of them)."""
     lvd = libvirtd
-    gw = gateway(events_config(lvd, events={"max_queue_bytes": QUEUE_LIMIT}))
+    sock = str(tmp_path / "gw.sock")
+    gw = gateway(events_config(
+        lvd, events={"max_queue_bytes": QUEUE_LIMIT},
+        listeners=[{"name": "tcp", "auth": "none",
+                    "address": "127.0.0.1:%d" % harness.free_port()},
+                   {"name": "local", "auth": "none", "unix": sock}]))
     ctl = controller(lvd)
-    big = ctl.defineXML("<domain type='test'><name>%s</name>"
+    dom = ctl.defineXML("<domain type='test'><name>%s</name>"
                         "<memory>65536</memory><os><type>hvm</type></os>"
-                        "</domain>" % BIG_NAME)
-    big.create()
+                        "</domain>" % SLOW_NAME)
+    dom.create()
 
     readers = event_clients()
     assert readers.open(gw.uri(), n=5)["errors"] == []
-    slow = RawClient(port=gw.port, rcvbuf=4096)
+    slow = RawClient(unix=sock)
     try:
         slow.handshake()
         assert harness.raw_register_event(slow) == 0
+        # one pool, one registration: the unix and TCP sessions share it
         assert pools_with_events(gw) == [("test:///default", False, 1, 6)]
 
-        sent = flip(big, SLOW_ROUNDS)
+        sent = flip(dom, SLOW_ROUNDS, pause=SLOW_PAUSE)
         counts = readers.wait_counts(2 * SLOW_ROUNDS, timeout=60)
-        assert counts == [2 * SLOW_ROUNDS] * 5, counts
+        cut = [ln.split(" ", 1)[1] for ln in gw.log_text().splitlines()
+               if "event queue" in ln]
+        assert counts == [2 * SLOW_ROUNDS] * 5, (counts, cut)
         time.sleep(0.3)
         delays = []
         for evs in readers.events()["events"]:
-            check_sequence(evs, SLOW_ROUNDS, BIG_NAME)
+            check_sequence(evs, SLOW_ROUNDS, SLOW_NAME)
             delays.extend(e[0] - s for e, s in zip(evs, sent))
         p50, p99, worst = (percentile(delays, 50), percentile(delays, 99),
                            max(delays))
@@ -549,13 +567,15 @@ def test_subscriber_that_never_reads_is_cut_off(
                                            len(delays)))
         assert worst < 3.0, "an event took %.3f s to reach a reader" % worst
 
-        # the one that never read was cut off, and said so in the log
+        # the one that never read, and only that one, was cut off, with a
+        # warning
         assert wait_until(lambda: "event queue over the limit"
                           in gw.log_text(), 5.0)
-        cut = [ln for ln in gw.log_text().splitlines()
+        cut = [ln.split(" ", 1)[1] for ln in gw.log_text().splitlines()
                if "event queue" in ln]
-        assert any(" warn " in ln and "cut off" in ln for ln in cut), cut
-        assert any("closed: event queue overflow" in ln for ln in cut), cut
+        assert len(cut) == 2, cut
+        assert cut[0].startswith("warn ") and "cut off" in cut[0], cut
+        assert "closed: event queue overflow" in cut[1], cut
         assert pools_with_events(gw) == [("test:///default", False, 1, 5)]
         # what it got before the cut is an unbroken prefix of the events
         assert slow.wait_closed(timeout=10.0)
@@ -563,15 +583,72 @@ def test_subscriber_that_never_reads_is_cut_off(
                for p in slow.drained if p.type == harness.TYPE_MESSAGE]
         assert 0 < len(got) < 2 * SLOW_ROUNDS
         assert got == [(0, n, e, d) for n, e, d
-                       in flip_events(SLOW_ROUNDS, BIG_NAME)[:len(got)]]
+                       in flip_events(SLOW_ROUNDS, SLOW_NAME)[:len(got)]]
     finally:
         slow.close()
 
     # the others are undisturbed
-    flip(big, 1)
+    flip(dom, 1)
     assert readers.wait_counts(2 * SLOW_ROUNDS + 2, timeout=10) == \
         [2 * SLOW_ROUNDS + 2] * 5
     assert gw.running()
+
+
+PROC_DOMAIN_GET_XML_DESC = 14
+
+
+def test_reading_subscriber_with_a_large_reply_is_not_cut_off(
+        libvirtd, gateway, controller, raw_subscribers):
+    """The queue limit is for subscribers that stop reading. A subscriber
+    that reads all the time but asks for a large reply (a 300 KB domain
+    XML, far below libvirt's 4 MiB string limit) must not be cut off
+    because events arrive while that reply is on its way out to it."""
+    lvd = libvirtd
+    gw = gateway(events_config(lvd, events={"max_queue_bytes": QUEUE_LIMIT}))
+    ctl = controller(lvd)
+    ctl.defineXML("<domain type='test'><name>bigdesc</name>"
+                  "<description>%s</description><memory>65536</memory>"
+                  "<os><type>hvm</type></os></domain>" % ("d" * 300000))
+    sub = raw_subscribers(port=gw.port)
+    cid = sub.register()
+    big = sub.client.lookup_domain("bigdesc")
+    sub.start()
+
+    # events keep coming: another connection flips "test" meanwhile
+    stop = threading.Event()
+    sent = []
+
+    def flipper():
+        dom = controller(lvd).lookupByName("test")
+        while not stop.is_set():
+            flip(dom, 1, sent=sent)
+            time.sleep(0.002)
+
+    ft = threading.Thread(target=flipper, daemon=True)
+    ft.start()
+    failure = None
+    try:
+        for i in range(30):
+            pkt = sub.call(PROC_DOMAIN_GET_XML_DESC,
+                           harness.xdr_domain(big["name"], big["uuid"],
+                                              big["id"])
+                           + harness.xdr_u32(0), timeout=10)
+            assert pkt.status == harness.STATUS_OK
+            assert len(pkt.payload) > 300000
+    except harness.HarnessError as e:
+        failure = "request %d: %s" % (i, e)
+    finally:
+        stop.set()
+        ft.join(10)
+    cut = [ln.split(" ", 1)[1] for ln in gw.log_text().splitlines()
+           if "event queue" in ln]
+    assert (failure, sub.closed_at, cut) == (None, None, []), (
+        "a subscriber that reads was cut off for 'event queue overflow' "
+        "(its queue held the reply to its own call)")
+    rounds = len(sent) // 2
+    assert sub.wait_events(2 * rounds, timeout=10) == 2 * rounds
+    assert sub.lifecycle() == [(cid, "test", e, d)
+                               for _, e, d in flip_events(rounds)]
 
 
 # --------------------------------------------------------------------------
@@ -623,3 +700,16 @@ def test_subscribers_survive_libvirtd_restart(
         assert got == [(cid, "test", e, d) for _, e, d in flip_events(7)]
         assert sub.closed_at is None
     assert gw.event_counts() == (2, 6)
+
+
+@pytest.mark.parametrize("value,valid", [(65535, False), (65536, True),
+                                         (8 << 20, True)])
+def test_max_queue_bytes_bounds(virtmux_bin, value, valid):
+    cfg = harness.make_config(
+        [harness.upstream_entry("hv1", "test+tcp://127.0.0.1/default")],
+        default_upstream="hv1", events={"max_queue_bytes": value})
+    r = harness.check_config(cfg, binary=virtmux_bin)
+    assert r.returncode == (0 if valid else 1), (r.stdout, r.stderr)
+    if not valid:
+        assert "events.max_queue_bytes" in r.stderr
+

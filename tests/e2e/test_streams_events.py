@@ -1,245 +1,238 @@
-"""Streams and events.
+"""Events are relayed, and relayed exactly as libvirtd sends them.
 
-The gateway may refuse them with VIR_ERR_NO_SUPPORT (the first contract) or
-relay them; either way the answer must be clean, and when relayed the
-result must equal what libvirtd gives directly."""
+Callback events (feature 14) are the contract: through the gateway a
+subscriber sees the same events, with the same contents, as a subscriber
+connected straight to libvirtd; only the callbackID word differs (it is the
+subscriber's own). Legacy registration is refused with VIR_ERR_NO_SUPPORT.
+Fan-out, churn, slow subscribers and restarts: test_events_fanout.py;
+streams: test_streams.py; close callbacks: test_close_callback.py."""
 
-import json
-import subprocess
-import sys
-import textwrap
 import time
 
 import libvirt
 import pytest
 
 import harness
-from harness import RawClient, virsh
+from harness import (RawClient, call_with_timeout, wait_until, xdr_i32,
+                     xdr_u32)
 
 NO_SUPPORT = harness.VIR_ERR_NO_SUPPORT
+VIR_ERR_INVALID_ARG = 8
+
+PROC_CONNECT_DOMAIN_EVENT_REGISTER = 105          # legacy
+PROC_CONNECT_DOMAIN_EVENT_DEREGISTER = 106
+PROC_CONNECT_DOMAIN_EVENT_REGISTER_ANY = 167      # legacy
+PROC_CONNECT_DOMAIN_EVENT_DEREGISTER_ANY = 168
+PROC_NETWORK_REGISTER, PROC_NETWORK_DEREGISTER = 313, 314
+PROC_NETWORK_EVENT_LIFECYCLE = 315
+PROC_POOL_REGISTER, PROC_POOL_DEREGISTER = 368, 369
+PROC_POOL_EVENT_LIFECYCLE = 370
 
 
-@pytest.fixture(scope="module")
-def gw(shared_libvirtd, module_gateway_factory):
-    return module_gateway_factory.single(shared_libvirtd.direct_uri)
+@pytest.fixture
+def setup(libvirtd, gateway):
+    gw = gateway(harness.make_config(
+        [harness.upstream_entry("hv1", libvirtd.direct_uri)],
+        default_upstream="hv1", admin=True))
+    ctl = call_with_timeout(libvirt.open, libvirtd.direct_uri, timeout=10)
+    yield libvirtd, gw, ctl
+    t, _ = harness.start_call(ctl.close)
+    t.join(5)
 
 
-def test_screenshot_stream(shared_libvirtd, gw, tmp_path):
-    direct_png = tmp_path / "direct.png"
-    via_png = tmp_path / "via.png"
-    direct = virsh(shared_libvirtd.direct_uri, "screenshot", "test",
-                   str(direct_png))
-    assert direct.returncode == 0, direct.stderr      # the driver can do it
-    via = virsh(gw.uri(), "screenshot", "test", str(via_png))
-    if via.returncode != 0:
-        assert via.returncode == 1
-        assert "not supported" in via.stderr, via.stderr
-    else:
-        assert via.stdout.replace("via.png", "direct.png") == direct.stdout
-        assert via_png.read_bytes() == direct_png.read_bytes()
-    # the connection layer is fine afterwards
-    assert virsh(gw.uri(), "list", "--name").stdout.split() == ["test"]
+def define_start_destroy_undefine(ctl, name):
+    dom = ctl.defineXML("<domain type='test'><name>%s</name>"
+                        "<memory>65536</memory><os><type>hvm</type></os>"
+                        "</domain>" % name)
+    dom.create()
+    dom.destroy()
+    dom.undefine()
 
 
-EVENTS_SCRIPT = textwrap.dedent("""
-    import json, sys, threading, time
-    import libvirt
-    libvirt.registerErrorHandler(lambda *a: None, None)
-    libvirt.virEventRegisterDefaultImpl()
-
-    def loop():
-        while True:
-            libvirt.virEventRunDefaultImpl()
-
-    threading.Thread(target=loop, daemon=True).start()
-    gw_uri, direct_uri, name = sys.argv[1:4]
-    out = {"events": {}, "register": {}}
-    lock = threading.Lock()
-
-    def make_cb(key):
-        def cb(conn, dom, event, detail, opaque):
-            with lock:
-                out["events"].setdefault(key, []).append(
-                    [dom.name(), event, detail])
-        return cb
-
-    conns = {"a": libvirt.open(gw_uri), "b": libvirt.open(gw_uri)}
-    ids = {}
-    for key, conn in conns.items():
-        try:
-            ids[key] = conn.domainEventRegisterAny(
-                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, make_cb(key),
-                None)
-            out["register"][key] = ["ok", ids[key]]
-        except libvirt.libvirtError as e:
-            out["register"][key] = ["error", e.get_error_code(), str(e)]
-
-    if ids:
-        other = libvirt.open(direct_uri)
-        xml = ("<domain type='test'><name>%s</name><memory>65536</memory>"
-               "<os><type>hvm</type></os></domain>" % name)
-        dom = other.defineXML(xml)
-        dom.create()
-        dom.destroy()
-        dom.undefine()
-        deadline = time.time() + 5
-        while time.time() < deadline:
-            with lock:
-                if all(len([e for e in out["events"].get(k, [])
-                            if e[0] == name]) >= 4 for k in ids):
-                    break
-            time.sleep(0.05)
-        time.sleep(0.3)          # anything extra would arrive now
-        for key, cid in ids.items():
-            try:
-                conns[key].domainEventDeregisterAny(cid)
-                out.setdefault("deregister", {})[key] = "ok"
-            except libvirt.libvirtError as e:
-                out.setdefault("deregister", {})[key] = str(e)
-        other.close()
-    out["info"] = conns["a"].lookupByName("test").info()[:4]
-    print(json.dumps(out))
-""")
+def lifecycle_of(ec, name, n, timeout=10.0):
+    """[[name, event, detail], ...] per connection of `ec`, once each has
+    n events about `name` (bounded wait)."""
+    def get():
+        return [[e[1:] for e in evs if e[1] == name]
+                for evs in ec.events()["events"]]
+    wait_until(lambda: all(len(x) >= n for x in get()), timeout)
+    time.sleep(0.3)                     # anything extra would arrive now
+    return get()
 
 
-def run_events(gw_uri, direct_uri, name):
-    r = subprocess.run([sys.executable, "-c", EVENTS_SCRIPT, gw_uri,
-                        direct_uri, name],
-                       stdin=subprocess.DEVNULL, capture_output=True,
-                       text=True, timeout=40)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout.strip().splitlines()[-1])
+def test_lifecycle_events_same_as_direct(setup, event_clients):
+    lvd, gw, ctl = setup
+    via = event_clients()
+    assert via.open(gw.uri(), n=2)["errors"] == []
+    direct = event_clients()
+    assert direct.open(lvd.direct_uri, n=1)["errors"] == []
+
+    define_start_destroy_undefine(ctl, "ev-same")
+    expected = lifecycle_of(direct, "ev-same", 4)[0]
+    # defined, started, stopped (destroyed), undefined
+    assert [e[:2] for e in expected] == [["ev-same", 0], ["ev-same", 2],
+                                         ["ev-same", 5], ["ev-same", 1]]
+    assert lifecycle_of(via, "ev-same", 4) == [expected, expected]
+    assert via.request(op="deregister")["deregister"] == ["ok", "ok"]
+    assert gw.event_counts() == (0, 0)
 
 
-def test_domain_lifecycle_events(shared_libvirtd, gw):
-    lvd = shared_libvirtd
-    # subscribers that vanish without deregistering must not disturb the
-    # others (a python close() would keep the socket open while callbacks
-    # hold references, so use raw sockets)
-    for _ in range(3):
-        with RawClient(port=gw.port) as c:
-            c.handshake()
-            c.call(316, harness.xdr_i32(0) + harness.xdr_u32(0))
-    via = run_events(gw.uri(), lvd.direct_uri, "ev-via")
-    assert via["info"] == [1, 8388608, 2097152, 2]
-    reg = via["register"]
-    if all(r[0] == "error" for r in reg.values()):
-        for r in reg.values():
-            assert r[1] == NO_SUPPORT, r
-        return
-    assert all(r[0] == "ok" for r in reg.values()), reg
-
-    # relayed: both subscribers see exactly what a direct subscriber sees
-    direct = run_events(lvd.direct_uri, lvd.direct_uri, "ev-direct")
-    expected = [[n.replace("ev-direct", "ev-via"), e, d]
-                for n, e, d in direct["events"]["a"]]
-    assert [e[:2] for e in expected] == [
-        ["ev-via", 0], ["ev-via", 2], ["ev-via", 5], ["ev-via", 1]]
-    assert via["events"].get("a") == expected, via
-    assert via["events"].get("b") == expected, via
-    assert via["deregister"] == {"a": "ok", "b": "ok"}
+def test_legacy_api_rides_callback_events(setup, event_clients):
+    """virConnectDomainEventRegister (the old API) works through the
+    gateway: the client library uses callback registration underneath,
+    because the gateway advertises feature 14."""
+    lvd, gw, ctl = setup
+    ec = event_clients()
+    opened = ec.open(gw.uri(), n=1, legacy=True)
+    assert opened == {"ids": ["legacy"], "errors": []}
+    assert gw.event_counts() == (1, 1)
+    define_start_destroy_undefine(ctl, "ev-legacy")
+    got = lifecycle_of(ec, "ev-legacy", 4)
+    assert [[e[:2] for e in evs] for evs in got] == [
+        [["ev-legacy", 0], ["ev-legacy", 2], ["ev-legacy", 5],
+         ["ev-legacy", 1]]]
+    assert ec.request(op="deregister")["deregister"] == ["ok"]
+    assert gw.event_counts() == (0, 0)
 
 
-def test_raw_event_register(shared_libvirtd, gw):
-    # CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY (316):
-    #   args int eventID, remote_domain dom (optional, absent here)
-    #   ret  int callbackID
-    # DOMAIN_EVENT_CALLBACK_LIFECYCLE (318) MESSAGE: int callbackID first
+@pytest.mark.parametrize("proc,args", [
+    (PROC_CONNECT_DOMAIN_EVENT_REGISTER, b""),
+    (PROC_CONNECT_DOMAIN_EVENT_DEREGISTER, b""),
+    (PROC_CONNECT_DOMAIN_EVENT_REGISTER_ANY, xdr_i32(0)),
+    (PROC_CONNECT_DOMAIN_EVENT_DEREGISTER_ANY, xdr_i32(0)),
+], ids=["register", "deregister", "register_any", "deregister_any"])
+def test_legacy_registration_refused(setup, proc, args):
+    lvd, gw, ctl = setup
     with RawClient(port=gw.port) as c:
         c.handshake()
-        pkt = c.call(316, harness.xdr_i32(0) + harness.xdr_u32(0))
-        if pkt.status == harness.STATUS_ERROR:
-            assert harness.decode_error(pkt.payload)["code"] == NO_SUPPORT
-        else:
-            assert len(pkt.payload) == 4
-            cid = harness.XdrReader(pkt.payload).i32()
-            other = libvirt.open(shared_libvirtd.direct_uri)
-            try:
-                other.defineXML(
-                    "<domain type='test'><name>ev-raw</name><memory>65536"
-                    "</memory><os><type>hvm</type></os></domain>").undefine()
-            finally:
-                other.close()
-            got = []
-            while len(got) < 2:
-                ev = c.recv_packet(timeout=5.0)
-                if ev.prog == harness.KEEPALIVE_PROGRAM:
-                    continue
-                assert (ev.prog, ev.type, ev.proc, ev.status) == \
-                    (harness.REMOTE_PROGRAM, harness.TYPE_MESSAGE, 318, 0)
-                r = harness.XdrReader(ev.payload)
-                got.append((r.i32(), r.domain()["name"], r.i32()))
-            assert got == [(cid, "ev-raw", 0), (cid, "ev-raw", 1)]
-            pkt = c.call(317, harness.xdr_i32(cid))
-            assert pkt.status == harness.STATUS_OK
+        pkt = c.call(proc, args)
+        assert (pkt.type, pkt.proc, pkt.status) == (
+            harness.TYPE_REPLY, proc, harness.STATUS_ERROR)
+        err = harness.decode_error(pkt.payload)
+        assert err["code"] == NO_SUPPORT, err
+        assert err["message"].startswith(
+            "this function is not supported by the connection driver: ")
+        assert "legacy event registration" in err["message"]
+        # nothing was registered, and the session goes on
+        assert gw.event_counts() == (0, 0)
         assert [d["name"] for d in c.list_all_domains()] == ["test"]
 
 
-RESTART_SCRIPT = textwrap.dedent("""
-    import json, sys, threading, time
-    import libvirt
-    libvirt.registerErrorHandler(lambda *a: None, None)
-    libvirt.virEventRegisterDefaultImpl()
+def test_other_event_families(setup, raw_subscribers):
+    """Network and storage-pool callback events: one registration per
+    family and filter, callback ids per session across families."""
+    lvd, gw, ctl = setup
+    none = xdr_i32(0) + xdr_u32(0)      # lifecycle, no object filter
+    a = raw_subscribers(port=gw.port)
+    b = raw_subscribers(port=gw.port)
+    ids = {}
+    for sub, order in ((a, (PROC_NETWORK_REGISTER, PROC_POOL_REGISTER)),
+                       (b, (PROC_POOL_REGISTER, PROC_NETWORK_REGISTER))):
+        for proc in order:
+            pkt = RawClient.check_ok(sub.call(proc, none))
+            ids[(id(sub), proc)] = harness.XdrReader(pkt.payload).i32()
+    assert [ids[(id(a), p)] for p in (313, 368)] == [0, 1]
+    assert [ids[(id(b), p)] for p in (313, 368)] == [1, 0]
+    assert gw.event_counts() == (2, 4)
+    a.start()
+    b.start()
 
-    def loop():
-        while True:
-            libvirt.virEventRunDefaultImpl()
+    net = ctl.networkLookupByName("default")
+    net.destroy()
+    net.create()
+    pool = ctl.storagePoolLookupByName("default-pool")
+    pool.destroy()
+    pool.create()
 
-    threading.Thread(target=loop, daemon=True).start()
-    events = []
-    conn = libvirt.open(sys.argv[1])
+    for sub in (a, b):
+        assert sub.wait_events(4, timeout=10) == 4
+    time.sleep(0.3)
+    for sub in (a, b):
+        got = []
+        for _, pkt in sub.events:
+            r = harness.XdrReader(pkt.payload)
+            cid = r.i32()
+            name = r.string()
+            r.opaque_fixed(16)                  # uuid
+            got.append((pkt.proc, cid, name, r.i32()))
+        net_id = ids[(id(sub), PROC_NETWORK_REGISTER)]
+        pool_id = ids[(id(sub), PROC_POOL_REGISTER)]
+        # stopped (3), started (2)
+        assert got == [
+            (PROC_NETWORK_EVENT_LIFECYCLE, net_id, "default", 3),
+            (PROC_NETWORK_EVENT_LIFECYCLE, net_id, "default", 2),
+            (PROC_POOL_EVENT_LIFECYCLE, pool_id, "default-pool", 3),
+            (PROC_POOL_EVENT_LIFECYCLE, pool_id, "default-pool", 2)]
+
+    # each family deregisters with its own procedure and its own ids
+    pkt = a.call(PROC_NETWORK_DEREGISTER, xdr_i32(ids[(id(a), 313)]))
+    assert pkt.status == harness.STATUS_OK
+    pkt = a.call(PROC_POOL_DEREGISTER, xdr_i32(ids[(id(a), 368)]))
+    assert pkt.status == harness.STATUS_OK
+    assert gw.event_counts() == (2, 2)
+    b.close()
+    assert wait_until(lambda: gw.event_counts() == (0, 0), 5.0)
+
+
+def test_readonly_subscribers_use_the_readonly_pool(setup, raw_subscribers):
+    lvd, gw, ctl = setup
+    rw = raw_subscribers(port=gw.port)
+    ro = RawClient(port=gw.port)
     try:
-        conn.domainEventRegisterAny(
-            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-            lambda c, dom, ev, detail, o: events.append([dom.name(), ev]),
-            None)
-        print("registered", flush=True)
-    except libvirt.libvirtError as e:
-        print("error %d" % e.get_error_code(), flush=True)
-        sys.exit(0)
-    sys.stdin.readline()            # the domain has been defined/undefined
-    deadline = time.time() + 5
-    while len(events) < 2 and time.time() < deadline:
-        time.sleep(0.05)
-    print(json.dumps({"events": events, "alive": conn.isAlive()}),
-          flush=True)
-""")
-
-
-def test_events_survive_upstream_restart(libvirtd, gateway):
-    """A subscription made through the gateway keeps delivering events
-    after libvirtd was killed and restarted (the gateway registers again
-    upstream)."""
-    gw = gateway.single(libvirtd.direct_uri)
-    proc = subprocess.Popen([sys.executable, "-c", RESTART_SCRIPT, gw.uri()],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        first = harness.call_with_timeout(proc.stdout.readline,
-                                          timeout=20).strip()
-        if first.startswith("error"):
-            assert first == "error %d" % NO_SUPPORT
-            return
-        assert first == "registered", proc.stderr.read()
-        libvirtd.kill9()
-        libvirtd.start()
-        # wait until the gateway is connected upstream again
-        assert harness.wait_until(lambda: libvirtd.nclients() >= 1, 10.0)
-        time.sleep(0.5)
-        other = libvirt.open(libvirtd.direct_uri)
-        try:
-            other.defineXML(
-                "<domain type='test'><name>after-restart</name>"
-                "<memory>65536</memory><os><type>hvm</type></os>"
-                "</domain>").undefine()
-        finally:
-            other.close()
-        proc.stdin.write("\n")
-        proc.stdin.flush()
-        line = harness.call_with_timeout(proc.stdout.readline, timeout=20)
-        out = json.loads(line)
-        assert out["alive"] == 1
-        assert out["events"] == [["after-restart", 0], ["after-restart", 1]]
+        ro.handshake(readonly=True)
+        assert harness.raw_register_event(ro) == 0
+        assert rw.register() == 0
+        pools = sorted((p["readonly"], p["event_registrations"],
+                        p["event_subscribers"])
+                       for p in gw.status()["pools"])
+        assert pools == [(False, 1, 1), (True, 1, 1)]
+        rw.start()
+        dom = ctl.lookupByName("test")
+        dom.suspend()
+        dom.resume()
+        assert rw.wait_events(2, timeout=10) == 2
+        want = [(0, "test", harness.DOMAIN_EVENT_SUSPENDED, 0),
+                (0, "test", harness.DOMAIN_EVENT_RESUMED, 0)]
+        assert rw.lifecycle() == want
+        got = [harness.decode_lifecycle(ro.recv_packet(timeout=5).payload)
+               for _ in range(2)]
+        assert got == want
     finally:
-        proc.kill()
-        proc.wait(5)
+        ro.close()
+
+
+def test_deregister_unknown_callback_is_an_error(setup):
+    lvd, gw, ctl = setup
+    for port in (lvd.port, gw.port):
+        with RawClient(port=port) as c:
+            c.handshake()
+            pkt = harness.raw_deregister_event(c, 99)
+            assert pkt.status == harness.STATUS_ERROR
+            err = harness.decode_error(pkt.payload)
+            assert "99" in err["message"] and \
+                "not registered" in err["message"], err
+            assert [d["name"] for d in c.list_all_domains()] == ["test"]
+
+
+def test_duplicate_registration_refused_like_libvirtd(setup):
+    """One session registering the same (event, filter) twice: libvirtd
+    refuses the second ("event callback already tracked"); through the
+    gateway the answer must be the same, or one session could hold any
+    number of copies of every event."""
+    lvd, gw, ctl = setup
+    answers = {}
+    for where, port in (("direct", lvd.port), ("virtmux", gw.port)):
+        with RawClient(port=port) as c:
+            c.handshake()
+            harness.raw_register_event(c)
+            pkt = c.call(harness.PROC_DOMAIN_EVENT_CALLBACK_REGISTER_ANY,
+                         harness.xdr_event_register_args(0))
+            if pkt.status == harness.STATUS_OK:
+                answers[where] = ("registered again as callback %d"
+                                  % harness.XdrReader(pkt.payload).i32())
+            else:
+                err = harness.decode_error(pkt.payload)
+                answers[where] = (err["code"], err["message"])
+    assert answers["direct"] == (VIR_ERR_INVALID_ARG, "invalid argument: "
+                                 "event callback already tracked")
+    assert answers["virtmux"] == answers["direct"]
