@@ -208,13 +208,22 @@ def subscriber_process(port, count, pipe):
             if not finished[i] and len(times[i]) >= expected:
                 finished[i] = True
                 done += 1
+    # hang up politely, as libvirt clients do: CONNECT_CLOSE, then wait for
+    # the peer to close (libvirtd logs an error for each client that just
+    # drops its socket)
     for s in socks:
         try:
             s.setblocking(True)
-            s.settimeout(0.5)
-            # hang up politely, as libvirt clients do (libvirtd logs an
-            # error for each client that just drops its socket)
+            s.settimeout(1.0)
             s.sendall(_packet(harness.PROC_CONNECT_CLOSE, 3))
+        except OSError:
+            pass
+    end = time.monotonic() + 5.0
+    for s in socks:
+        try:
+            s.settimeout(max(0.01, end - time.monotonic()))
+            while s.recv(65536):
+                pass
         except OSError:
             pass
         s.close()

@@ -323,7 +323,15 @@ void events_subscribe(struct vm_events *ev, struct vm_session *s, const struct v
         TAILQ_INSERT_TAIL(&ev->regs, r, entry);
         ev->nregs++;
     }
-    struct vm_sub *sub = calloc(1, sizeof(*sub));
+    struct vm_sub *sub;
+    TAILQ_FOREACH(sub, &r->subs, reg_entry) {
+        if (sub->s == s) { /* libvirtd's answer to the same registration twice */
+            wire_put_error(session_output(s), h, VIR_ERR_INVALID_ARG, VIR_FROM_NONE,
+                           "invalid argument: event callback already tracked");
+            return;
+        }
+    }
+    sub = calloc(1, sizeof(*sub));
     if (!sub)
         abort();
     sub->s = s;
@@ -349,10 +357,17 @@ void events_unsubscribe(struct vm_events *ev, struct vm_session *s, const struct
         if (sub->client_id == client_id && !sub->pending)
             break;
     if (!sub) {
+        /* libvirtd's wording, family by family. */
+        const char *family = h->prog == VM_PROG_QEMU ? "qemu monitor"
+                             : h->proc == 314         ? "network"
+                             : h->proc == 369         ? "storage pool"
+                             : h->proc == 375         ? "node device"
+                             : h->proc == 381         ? "secret"
+                                                      : "domain";
         char msg[160];
-        snprintf(msg, sizeof(msg), "invalid argument: event callback %d is not registered",
-                 client_id);
-        wire_put_error(session_output(s), h, VIR_ERR_INVALID_ARG, VIR_FROM_RPC, msg);
+        snprintf(msg, sizeof(msg), "internal error: %s event callback %d not registered",
+                 family, client_id);
+        wire_put_error(session_output(s), h, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, msg);
         return;
     }
     struct vm_evreg *r = sub->reg;
@@ -396,8 +411,8 @@ void events_deliver(struct vm_events *ev, struct vm_link *l, const struct vm_hdr
         return;
     }
     /* Deliver to every subscriber, then cut off those that stopped reading. */
-    struct vm_session *overflow[64];
-    int nover = 0;
+    struct vm_session **overflow = NULL;
+    int nover = 0, capover = 0;
     struct vm_sub *sub;
     TAILQ_FOREACH(sub, &r->subs, reg_entry) {
         if (sub->pending)
@@ -406,15 +421,23 @@ void events_deliver(struct vm_events *ev, struct vm_link *l, const struct vm_hdr
         raw[29] = (uint8_t)((uint32_t)sub->client_id >> 16);
         raw[30] = (uint8_t)((uint32_t)sub->client_id >> 8);
         raw[31] = (uint8_t)sub->client_id;
-        if (session_push_event(sub->s, raw, h->len) < 0 && nover < 64)
+        if (session_push_event(sub->s, raw, h->len) < 0) {
+            if (nover == capover) {
+                capover = capover ? capover * 2 : 8;
+                overflow = realloc(overflow, (size_t)capover * sizeof(*overflow));
+                if (!overflow)
+                    abort();
+            }
             overflow[nover++] = sub->s;
+        }
     }
     for (int i = 0; i < nover; i++) {
         ev->cut_off++;
-        vm_warn(session_tag(overflow[i]), "event queue over the limit: subscriber cut off "
-                "(%lu so far)", ev->cut_off);
+        vm_warn(session_tag(overflow[i]), "event queue overflow: subscriber cut off, it does "
+                "not read (%lu so far)", ev->cut_off);
         session_close(overflow[i], "event queue overflow: the client does not read");
     }
+    free(overflow);
 }
 
 void events_link_ready(struct vm_events *ev, struct vm_link *l)

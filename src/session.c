@@ -78,6 +78,13 @@ struct vm_session {
     struct vm_stream_list streams;     /* owned */
     int blocked;                       /* streams holding our reading (slow upstream) */
     int32_t next_cb_id;
+    /* What is queued to the client, as runs of event bytes and other bytes in FIFO order,
+     * so that only events count against events.max_queue_bytes: a subscriber that reads
+     * but asked for a large reply is not "a subscriber that does not read". */
+    struct out_run { uint32_t len; int event; } *runs;
+    int nruns, caprun, headrun;
+    size_t event_bytes;     /* unsent event bytes */
+    int adding_event;
     int close_cb;                      /* the client registered a close callback */
     int authed;                        /* the listener's auth is satisfied */
     struct vm_sasl *auth;              /* owned: SASL state */
@@ -127,11 +134,56 @@ struct evbuffer *session_output(struct vm_session *s)
 
 int session_push_event(struct vm_session *s, const void *pkt, size_t len)
 {
-    struct evbuffer *out = bufferevent_get_output(s->bev);
-    if (evbuffer_get_length(out) + len > (size_t)gateway_config(s->gw)->event_queue_bytes)
+    if (s->event_bytes + len > (size_t)gateway_config(s->gw)->event_queue_bytes)
         return -1;
-    evbuffer_add(out, pkt, len);
+    s->adding_event = 1;
+    evbuffer_add(bufferevent_get_output(s->bev), pkt, len);
+    s->adding_event = 0;
     return 0;
+}
+
+/* Track what enters and leaves the client's output buffer (see `runs`). */
+static void output_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg)
+{
+    struct vm_session *s = arg;
+    if (info->n_added) {
+        int ev = s->adding_event;
+        struct out_run *last = s->nruns ? &s->runs[(s->headrun + s->nruns - 1) % s->caprun] : NULL;
+        if (last && last->event == ev && last->len + info->n_added >= last->len) {
+            last->len += (uint32_t)info->n_added;
+        } else {
+            if (s->nruns == s->caprun) { /* grow the ring, unrolling it */
+                int cap = s->caprun ? s->caprun * 2 : 16;
+                struct out_run *r = malloc((size_t)cap * sizeof(*r));
+                if (!r)
+                    abort();
+                for (int i = 0; i < s->nruns; i++)
+                    r[i] = s->runs[(s->headrun + i) % s->caprun];
+                free(s->runs);
+                s->runs = r;
+                s->caprun = cap;
+                s->headrun = 0;
+            }
+            s->runs[(s->headrun + s->nruns) % s->caprun] =
+                (struct out_run){(uint32_t)info->n_added, ev};
+            s->nruns++;
+        }
+        if (ev)
+            s->event_bytes += info->n_added;
+    }
+    size_t del = info->n_deleted;
+    while (del && s->nruns) {
+        struct out_run *r = &s->runs[s->headrun];
+        size_t k = del < r->len ? del : r->len;
+        r->len -= (uint32_t)k;
+        del -= k;
+        if (r->event)
+            s->event_bytes -= k;
+        if (!r->len) {
+            s->headrun = (s->headrun + 1) % s->caprun;
+            s->nruns--;
+        }
+    }
 }
 
 const char *session_tag(const struct vm_session *s)
@@ -540,6 +592,7 @@ static void handle_auth(struct vm_session *s, const struct vm_hdr *h, struct evb
             return;
         }
         s->bev = f;
+        evbuffer_add_cb(bufferevent_get_output(s->bev), output_cb, s);
         bufferevent_setcb(s->bev, read_cb, write_cb, event_cb, s);
         bufferevent_setwatermark(s->bev, EV_WRITE, OUT_LOW, 0);
         bufferevent_enable(s->bev, EV_READ);
@@ -865,6 +918,7 @@ void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evut
         abort();
     bufferevent_setcb(s->bev, read_cb, write_cb, event_cb, s);
     bufferevent_setwatermark(s->bev, EV_WRITE, OUT_LOW, 0);
+    evbuffer_add_cb(bufferevent_get_output(s->bev), output_cb, s);
     bufferevent_enable(s->bev, EV_READ);
     gateway_session_opened(gw, s);
     vm_info(s->tag, "connected on listener %s as %s", lcfg->name, s->ident_str);
@@ -874,6 +928,7 @@ static void session_free(void *p)
 {
     struct vm_session *s = p;
     auth_free(s->auth);
+    free(s->runs);
     free(s->opened_name);
     route_clear(&s->route);
     free(s);
