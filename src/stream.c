@@ -44,7 +44,7 @@ static void stream_free(struct vm_stream *st)
         struct vm_link *l = st->link;
         st->link = NULL;
         link_detach_stream(l);
-        link_free(l);
+        link_retire(l);
     }
     if (st->early)
         evbuffer_free(st->early);

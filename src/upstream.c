@@ -72,6 +72,8 @@ struct vm_link {
     time_t down_since;           /* first failure since the link was last READY; 0 = up */
     int awaiting_confirm;        /* TLS: libvirtd's 0x01 byte not read yet */
     enum hs_step hs;             /* which handshake reply is expected */
+    int retiring;                /* CONNECT_CLOSE sent; freed on its reply, EOF or timeout */
+    struct vm_gateway *gw;       /* not owned; the pool may be gone while retiring */
     struct vm_sasl_client *sasl; /* owned during a SASL handshake */
 };
 
@@ -95,11 +97,15 @@ int link_has_room(const struct vm_link *l)
 static void timer_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct vm_link *l = arg;
+    if (l->retiring) {
+        link_free(l); /* libvirtd did not answer CONNECT_CLOSE in time */
+        return;
+    }
     if (l->timer_is_idle) {
         l->timer_is_idle = 0;
         if (l->refs == 0 && l->ninflight == 0 && l->ninternal == 0) {
             vm_info(l->tag, "idle: closing");
-            link_free(l);
+            link_retire(l);
         }
         return;
     }
@@ -132,6 +138,7 @@ struct vm_link *link_new(struct vm_pool *p)
         abort();
     const struct vm_upstream_cfg *up = pool_upstream(p);
     l->pool = p;
+    l->gw = pool_gateway(p);
     l->id = gateway_next_id(pool_gateway(p));
     snprintf(l->tag, sizeof(l->tag), "U#%u %s%s", l->id, up->name, pool_readonly(p) ? " ro" : "");
     l->max_inflight = up->pool.max_inflight;
@@ -195,16 +202,44 @@ void link_free(struct vm_link *l)
     if (l->freeing)
         return;
     l->freeing = 1;
-    if (l->bev)
+    if (l->retiring) {
+        /* Nothing in flight, nobody to tell, and the pool may be gone already. */
+        if (l->bev)
+            bufferevent_free(l->bev);
+        l->bev = NULL;
+        vmsasl_client_end(l->sasl);
+        l->sasl = NULL;
+        vm_debug(l->tag, "closed: said goodbye with CONNECT_CLOSE");
+    } else if (l->bev) {
         link_down(l, NULL, 0, "closed by virtmux");
+    }
     keepalive_stop(&l->ka);
     event_free(l->timer);
     l->timer = NULL;
-    struct vm_pool *p = l->pool;
-    struct vm_gateway *gw = pool_gateway(p);
+    if (!l->dedicated && !l->retiring)
+        pool_link_gone(l->pool, l);
+    gateway_defer_free(l->gw, link_free_mem, l);
+}
+
+void link_retire(struct vm_link *l)
+{
+    if (l->state != VM_LINK_READY || !l->bev || l->ninflight || l->ninternal) {
+        link_free(l);
+        return;
+    }
+    /* Leave the pool now (nothing may be routed here any more), then say goodbye the way a
+     * libvirt client does, so libvirtd does not log a connection that simply vanished. */
     if (!l->dedicated)
-        pool_link_gone(p, l);
-    gateway_defer_free(gw, link_free_mem, l);
+        pool_link_gone(l->pool, l);
+    l->retiring = 1;
+    l->stream = NULL;
+    keepalive_stop(&l->ka);
+    evtimer_del(l->timer);
+    l->timer_is_idle = 0;
+    wire_put_packet(bufferevent_get_output(l->bev), VM_PROG_REMOTE, VM_PROC_CONNECT_CLOSE, VM_CALL,
+                    l->next_serial++, VM_STATUS_OK, NULL, 0);
+    struct timeval tv = {2, 0};
+    evtimer_add(l->timer, &tv);
 }
 
 void link_ref(struct vm_link *l)
@@ -532,6 +567,13 @@ static int handle_packet(struct vm_link *l, struct evbuffer *pkt)
 {
     struct vm_hdr h;
     wire_hdr_peek(pkt, &h);
+    if (l->retiring) {
+        if (h.type == VM_REPLY) {
+            link_free(l); /* CONNECT_CLOSE answered */
+            return -1;
+        }
+        return 0;
+    }
     keepalive_touch(&l->ka);
     if (h.prog == VM_PROG_KEEPALIVE) {
         if (h.proc == VM_PROC_KEEPALIVE_PING)
@@ -590,7 +632,10 @@ static void read_cb(struct bufferevent *bev, void *arg)
         uint32_t len;
         int r = wire_frame_ready(in, &len);
         if (r < 0) {
-            link_down(l, NULL, 0, "libvirtd sent an illegal length word");
+            if (l->retiring)
+                link_free(l);
+            else
+                link_down(l, NULL, 0, "libvirtd sent an illegal length word");
             return;
         }
         if (r == 0)
@@ -616,6 +661,10 @@ static void write_cb(struct bufferevent *bev, void *arg)
 static void event_cb(struct bufferevent *bev, short what, void *arg)
 {
     struct vm_link *l = arg;
+    if (l->retiring) {
+        link_free(l);
+        return;
+    }
     if (what & BEV_EVENT_CONNECTED) {
         evutil_socket_t fd = bufferevent_getfd(bev);
         int one = 1;

@@ -31,6 +31,9 @@ size_t link_output_length(const struct vm_link *l);
 void link_pause_reading(struct vm_link *l, int pause);
 /* Close the socket and free the link. Calls in flight fail; the pool is told. */
 void link_free(struct vm_link *l);
+/* Close an unused READY link politely: it leaves the pool at once, sends CONNECT_CLOSE and is
+ * freed on the reply (or EOF, or after 2 s). Anything else is freed at once. */
+void link_retire(struct vm_link *l);
 
 enum vm_link_state link_state(const struct vm_link *l);
 int link_refs(const struct vm_link *l);
