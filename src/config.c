@@ -528,7 +528,8 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
     static const char *const events_keys[] = {"max_queue_bytes", NULL};
     static const char *const admin_keys[] = {"address", "unix", NULL};
     static const char *const limit_keys[] = {"max_clients", "queue_timeout_ms",
-                                             "max_client_requests", NULL};
+                                             "max_client_requests", "max_unauthenticated",
+                                             "auth_timeout_s", NULL};
     static const char *const ka_keys[] = {"interval_s", "count", NULL};
     static const char *const log_keys[] = {"level", "format", NULL};
     struct vm_config *cfg = calloc(1, sizeof(*cfg));
@@ -593,6 +594,9 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
     cfg->max_clients = get_int(ctx, "limits", limits, "max_clients", 10000, 1, 1000000);
     cfg->queue_timeout_ms = get_int(ctx, "limits", limits, "queue_timeout_ms", 30000, 1, 3600000);
     cfg->max_client_requests = get_int(ctx, "limits", limits, "max_client_requests", 16, 1, 4096);
+    cfg->max_unauthenticated = get_int(ctx, "limits", limits, "max_unauthenticated", 20, 1,
+                                       1000000);
+    cfg->auth_timeout_s = get_int(ctx, "limits", limits, "auth_timeout_s", 30, 1, 3600);
 
     json_t *ka = get_object(ctx, "", root, "keepalive");
     if (ka)

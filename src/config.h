@@ -23,6 +23,9 @@
  *   default_upstream       name, optional
  *   limits.max_clients     int, 10000
  *   limits.queue_timeout_ms int, 30000
+ *   limits.max_unauthenticated int, 20: clients still authenticating at once (like libvirtd's
+ *                          max_anonymous_clients); more are closed on accept
+ *   limits.auth_timeout_s  int, 30: a client that has not authenticated by then is closed
  *   limits.max_client_requests int 1..4096, 16: calls one client may have outstanding before
  *                          the gateway stops reading its socket
  *   keepalive.interval_s   int, 5 (-1 disables the gateway's own PINGs)
@@ -145,6 +148,8 @@ struct vm_config {
     int max_clients;
     int queue_timeout_ms;
     int max_client_requests;
+    int max_unauthenticated;
+    int auth_timeout_s;
     int keepalive_interval_s;
     int keepalive_count;
     int log_level;

@@ -54,6 +54,7 @@ struct vm_gateway {
     SSL_CTX **upstream_tls;       /* owned: per upstream, NULL unless tls:// */
     struct vm_session **sessions; /* registry (not owned): index = session slot */
     int capsessions;
+    int nunauth;                 /* sessions still authenticating */
 };
 
 static void reap(evutil_socket_t fd, short what, void *arg)
@@ -306,6 +307,19 @@ void gateway_session_closed(struct vm_gateway *gw, struct vm_session *s)
     session_set_slot(last, slot);
     if (--gw->nsessions < gw->cfg->max_clients)
         set_accepting(gw, 1);
+}
+
+int gateway_unauth_acquire(struct vm_gateway *gw)
+{
+    if (gw->nunauth >= gw->cfg->max_unauthenticated)
+        return -1;
+    gw->nunauth++;
+    return 0;
+}
+
+void gateway_unauth_release(struct vm_gateway *gw)
+{
+    gw->nunauth--;
 }
 
 void gateway_link_lost(struct vm_gateway *gw, struct vm_link *l, const char *why)

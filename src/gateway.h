@@ -38,6 +38,10 @@ void gateway_pool_check(struct vm_gateway *gw, struct vm_pool *p);
 /* Session registry and max_clients accounting. */
 void gateway_session_opened(struct vm_gateway *gw, struct vm_session *s);
 void gateway_session_closed(struct vm_gateway *gw, struct vm_session *s);
+/* Clients still authenticating: reserve a slot (-1 when max_unauthenticated is reached) and
+ * release it once authenticated or gone. */
+int gateway_unauth_acquire(struct vm_gateway *gw) VM_WUR;
+void gateway_unauth_release(struct vm_gateway *gw);
 /* An upstream connection is lost for good: tell every session homed on it. */
 void gateway_link_lost(struct vm_gateway *gw, struct vm_link *l, const char *why);
 

@@ -85,6 +85,8 @@ struct vm_session {
     int nruns, caprun, headrun;
     size_t event_bytes;     /* unsent event bytes */
     int adding_event;
+    int unauth_slot;        /* holds one of the gateway's max_unauthenticated slots */
+    struct event *auth_timer; /* owned: auth_timeout_s while not authenticated */
     int close_cb;                      /* the client registered a close callback */
     int authed;                        /* the listener's auth is satisfied */
     struct vm_sasl *auth;              /* owned: SASL state */
@@ -95,6 +97,7 @@ struct vm_session {
 };
 
 static void process_input(struct vm_session *s);
+static void auth_timeout_cb(evutil_socket_t fd, short what, void *arg);
 static void read_cb(struct bufferevent *bev, void *arg);
 static void write_cb(struct bufferevent *bev, void *arg);
 static void event_cb(struct bufferevent *bev, short what, void *arg);
@@ -546,9 +549,22 @@ static int uses_sasl(const struct vm_session *s)
     return s->lcfg->auth == VM_AUTH_SASL || s->lcfg->auth == VM_AUTH_TLS_SASL;
 }
 
+static void release_unauth(struct vm_session *s)
+{
+    if (s->unauth_slot) {
+        s->unauth_slot = 0;
+        gateway_unauth_release(s->gw);
+    }
+    if (s->auth_timer) {
+        event_free(s->auth_timer);
+        s->auth_timer = NULL;
+    }
+}
+
 static void set_authenticated(struct vm_session *s, const char *how)
 {
     s->authed = 1;
+    release_unauth(s);
     identity_str(&s->ident, s->ident_str, sizeof(s->ident_str));
     vm_info(s->tag, "authenticated (%s) as %s", how, s->ident_str);
 }
@@ -867,7 +883,7 @@ static void tls_established(struct vm_session *s)
     if (s->lcfg->auth == VM_AUTH_TLS)
         set_authenticated(s, "tls certificate");
     else if (s->lcfg->auth == VM_AUTH_NONE)
-        s->authed = 1;
+        set_authenticated(s, "none");
     identity_str(&s->ident, s->ident_str, sizeof(s->ident_str));
     vm_debug(s->tag, "TLS up (%s), client DN \"%s\"", SSL_get_version(s->ssl), s->tls_dn);
 }
@@ -921,7 +937,29 @@ void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evut
     evbuffer_add_cb(bufferevent_get_output(s->bev), output_cb, s);
     bufferevent_enable(s->bev, EV_READ);
     gateway_session_opened(gw, s);
+    if (!s->authed) {
+        /* Unauthenticated clients are bounded in number and in time. */
+        if (gateway_unauth_acquire(gw) < 0) {
+            vm_warn(s->tag, "refused: max_unauthenticated (%d) clients are authenticating",
+                    gateway_config(gw)->max_unauthenticated);
+            session_close(s, "too many unauthenticated clients");
+            return;
+        }
+        s->unauth_slot = 1;
+        s->auth_timer = evtimer_new(gateway_base(gw), auth_timeout_cb, s);
+        struct timeval tv = {gateway_config(gw)->auth_timeout_s, 0};
+        if (!s->auth_timer || evtimer_add(s->auth_timer, &tv) < 0)
+            abort();
+    }
     vm_info(s->tag, "connected on listener %s as %s", lcfg->name, s->ident_str);
+}
+
+static void auth_timeout_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct vm_session *s = arg;
+    audit_denied(gateway_audit(s->gw), s->tag, s->ident_str, "AUTH", NULL,
+                 "did not authenticate within auth_timeout_s");
+    session_close(s, "authentication timed out");
 }
 
 static void session_free(void *p)
@@ -961,6 +999,7 @@ void session_close(struct vm_session *s, const char *why)
         pool_release(p, s->home);
     s->home = NULL;
     keepalive_stop(&s->ka);
+    release_unauth(s);
     event_free(s->kick);
     s->kick = NULL;
     bufferevent_free(s->bev);

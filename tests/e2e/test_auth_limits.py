@@ -1,0 +1,85 @@
+"""Clients that have not authenticated are bounded in number and in time.
+
+limits.max_unauthenticated (like libvirtd's max_anonymous_clients) caps the
+connections still authenticating; limits.auth_timeout_s closes one that never
+finishes. Neither may disturb authenticated clients."""
+
+import os
+import socket
+import time
+
+import pytest
+
+import harness
+import pki
+from harness import virsh, wait_until
+
+
+def closed_by_peer(sock, timeout=0.2):
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except socket.timeout:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+@pytest.fixture
+def setup(shared_libvirtd, gateway, tmp_path):
+    db = pki.make_sasldb(str(tmp_path / "sasldb"), {"alice": "secret"})
+    authfile = pki.write_authfile(str(tmp_path / "auth"), "alice", "secret")
+    sasl_port, plain_port = harness.free_port(), harness.free_port()
+    cfg = harness.make_config(
+        [harness.upstream_entry("hv1", shared_libvirtd.direct_uri)],
+        default_upstream="hv1",
+        listeners=[{"name": "sasl", "address": "127.0.0.1:%d" % sasl_port,
+                    "auth": "sasl"},
+                   {"name": "plain", "address": "127.0.0.1:%d" % plain_port}],
+        limits={"max_unauthenticated": 3, "auth_timeout_s": 2},
+        sasl={"sasldb": db, "mechanisms": ["digest-md5"]})
+    gw = gateway(cfg)
+    return gw, sasl_port, plain_port, authfile
+
+
+def test_unauthenticated_clients_are_capped_and_timed_out(setup):
+    gw, sasl_port, plain_port, authfile = setup
+    idle = [socket.create_connection(("127.0.0.1", sasl_port))
+            for _ in range(5)]
+    try:
+        time.sleep(0.3)
+        # the first three hold the slots, the other two are closed at once
+        state = [closed_by_peer(s) for s in idle]
+        assert state == [False, False, False, True, True], state
+        assert "max_unauthenticated (3)" in gw.log_text()
+        # while the slots are full, an authenticated-by-listener client (auth
+        # none) is unaffected
+        out = virsh("test+tcp://127.0.0.1:%d/default" % plain_port, "list")
+        assert out.returncode == 0 and "test" in out.stdout, out
+        # the three idle ones are closed by auth_timeout_s (2 s)
+        t0 = time.monotonic()
+        assert wait_until(lambda: all(closed_by_peer(s, 0.05) for s in idle[:3]),
+                          5.0)
+        assert time.monotonic() - t0 < 4.0
+        assert "authentication timed out" in gw.log_text()
+        # slots are free again: a SASL client gets in
+        uri = "test+tcp://127.0.0.1:%d/default?authfile=%s" % (sasl_port,
+                                                                authfile)
+        out = virsh(uri, "list")
+        assert out.returncode == 0 and "test" in out.stdout, out
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_authenticated_session_is_not_timed_out(setup):
+    gw, sasl_port, plain_port, authfile = setup
+    import libvirt
+    conn = libvirt.openAuth(
+        "test+tcp://127.0.0.1:%d/default" % sasl_port,
+        pki.auth_callback("alice", "secret"), 0)
+    try:
+        time.sleep(3.0)  # longer than auth_timeout_s
+        assert conn.lookupByName("test").info()[0] == 1
+    finally:
+        conn.close()
