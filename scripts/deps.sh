@@ -10,6 +10,7 @@ PACKAGES=(
     python3-pytest python3-pytest-timeout
     valgrind
     sasl2-bin libsasl2-modules openssl
+    krb5-kdc krb5-admin-server krb5-user libsasl2-modules-gssapi-mit
 )
 
 missing=()

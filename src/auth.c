@@ -196,7 +196,10 @@ static int do_init(struct vm_sasl *a, const struct vm_hdr *h, struct evbuffer *o
                        "authentication failed: SASL authentication already started");
         return -1;
     }
-    int rc = sasl_server_new("libvirt", NULL, NULL, NULL, NULL, NULL, SASL_SUCCESS_DATA, &a->conn);
+    /* The server name makes the GSSAPI acceptor libvirt/HOST: the name clients put in their
+     * URI, which is not always this machine's hostname. */
+    int rc = sasl_server_new("libvirt", a->cfg->service_host, NULL, NULL, NULL, NULL,
+                             SASL_SUCCESS_DATA, &a->conn);
     if (rc != SASL_OK) {
         fail(a, h, out, tag, sasl_errstring(rc, NULL, NULL));
         return -1;

@@ -524,7 +524,8 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
     static const char *const keys[] = {"listeners", "upstreams", "default_upstream", "limits",
                                        "keepalive", "log", "admin", "policy", "events", "sasl", NULL};
     static const char *const sasl_keys[] = {"sasldb", "mechanisms", "allowed_users", "keytab",
-                                            "max_failures", "failure_window_s", NULL};
+                                            "service_host", "max_failures",
+                                            "failure_window_s", NULL};
     static const char *const events_keys[] = {"max_queue_bytes", NULL};
     static const char *const admin_keys[] = {"address", "unix", NULL};
     static const char *const limit_keys[] = {"max_clients", "queue_timeout_ms",
@@ -646,8 +647,14 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
                 cfg_error(ctx, "sasl.sasldb", "cannot read \"%s\"", db);
         }
         const char *kt = get_string(ctx, "sasl", sasl, "keytab", 0);
-        if (kt)
+        if (kt) {
             sc->keytab = xstrdup(kt);
+            if (!readable(kt))
+                cfg_error(ctx, "sasl.keytab", "cannot read \"%s\"", kt);
+        }
+        const char *sh = get_string(ctx, "sasl", sasl, "service_host", 0);
+        if (sh)
+            sc->service_host = xstrdup(sh);
         char **mechs = get_strings(ctx, "sasl", sasl, "mechanisms");
         char buf[256] = "";
         for (char **m = mechs; m && *m; m++) {
@@ -755,6 +762,7 @@ void config_free(struct vm_config *cfg)
         free(cfg->sasl->sasldb);
         free(cfg->sasl->mechanisms);
         free(cfg->sasl->keytab);
+        free(cfg->sasl->service_host);
         free_strings(cfg->sasl->allowed_users);
         free(cfg->sasl);
     }

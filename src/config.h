@@ -38,6 +38,7 @@
  *   sasl.mechanisms        ["scram-sha-256", "digest-md5", "gssapi"], all three
  *   sasl.allowed_users     [globs], any
  *   sasl.keytab            GSSAPI keytab path, optional
+ *   sasl.service_host      host part of the GSSAPI principal libvirt/HOST, the machine's name
  *   sasl.max_failures / sasl.failure_window_s   5 / 60: failed attempts per source address
  *   upstreams[].tls        {cert, key, ca, crl, no_verify, server_name} for DRIVER+tls:// URIs
  *   upstreams[].sasl       {username, password_file}: when libvirtd asks for SASL
@@ -89,6 +90,7 @@ struct vm_sasl_cfg {
     char *mechanisms;       /* space separated, e.g. "scram-sha-256 digest-md5" */
     char **allowed_users;   /* globs; NULL = any user that authenticates */
     char *keytab;           /* GSSAPI keytab, optional */
+    char *service_host;     /* HOST of the service principal libvirt/HOST; NULL = hostname */
     int max_failures;       /* per source address within failure_window_s */
     int failure_window_s;
 };

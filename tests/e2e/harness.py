@@ -510,8 +510,9 @@ class Virtmux:
     """The gateway process."""
 
     def __init__(self, config, binary=None, extra_args=(), start_timeout=10.0,
-                 verbose=True):
+                 verbose=True, env=None):
         self.config = config
+        self.env = env  # extra environment (e.g. KRB5_CONFIG), or None
         # -v (debug logging) overrides the config's log.level; benchmarks
         # pass verbose=False so that the configured level applies
         self.verbose = verbose
@@ -585,7 +586,8 @@ class Virtmux:
                                  + (["-v"] if self.verbose else [])
                                  + self.extra_args),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, cwd=self.tmpdir)
+                start_new_session=True, cwd=self.tmpdir,
+                env=dict(os.environ, **self.env) if self.env else None)
         finally:
             log.close()
         deadline = time.monotonic() + self.start_timeout
