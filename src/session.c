@@ -11,6 +11,7 @@
  * That bounds what one client can make the gateway hold, and a slow reader only slows itself.
  */
 #include "session.h"
+#include "session_int.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,67 +41,10 @@
 #include "upstream.h"
 #include "wire.h"
 
-#define OUT_HIGH (1u << 20) /* stop reading the client above this much unsent output */
-#define OUT_LOW (256u << 10)
 #define MAX_NAME_LEN 4096
 
-enum session_state { S_TLS, S_NEW, S_OPENING, S_OPEN, S_CLOSING };
-
-struct vm_session {
-    struct vm_gateway *gw;             /* not owned */
-    const struct vm_listener_cfg *lcfg; /* not owned */
-    unsigned id;
-    char tag[160];
-    struct vm_identity ident;          /* immutable after accept (auth will complete it) */
-    char ident_str[160];
-    const struct vm_rule *rule;        /* config snapshot; set at OPEN */
-    int rule_held;                     /* counted against rule->max_sessions */
-    struct bufferevent *bev;           /* owned */
-    enum session_state state;
-    int is_tcp;
-    int paused;                        /* reading disabled for back-pressure */
-    int close_after_flush;             /* hang up once everything is written ... */
-    const char *close_reason;          /* ... for this reason */
-    uint32_t skip_bytes;               /* FD dummy bytes to discard after a refused FD call */
-    struct event *kick;                /* owned: resumes input processing after a pause */
-
-    struct vm_hdr open_hdr;            /* the CONNECT_OPEN being answered */
-    char *opened_name;                 /* owned: the name the client opened */
-    struct vm_route route;             /* owned: upstream and forwarded name */
-    int readonly;
-    struct vm_pool *pool;              /* not owned; valid while home or opening */
-    struct vm_link *home;              /* one reference held while open */
-
-    struct vm_keepalive ka;            /* only armed once the client asked feature 10 */
-    struct vm_call_list calls;         /* owned: outstanding forwarded calls */
-    int noutstanding;
-    struct vm_sub_list subs;           /* event subscriptions (owned by the pool's events) */
-    struct vm_stream_list streams;     /* owned */
-    int blocked;                       /* streams holding our reading (slow upstream) */
-    int32_t next_cb_id;
-    /* What is queued to the client, as runs of event bytes and other bytes in FIFO order,
-     * so that only events count against events.max_queue_bytes: a subscriber that reads
-     * but asked for a large reply is not "a subscriber that does not read". */
-    struct out_run { uint32_t len; int event; } *runs;
-    int nruns, caprun, headrun;
-    size_t event_bytes;     /* unsent event bytes */
-    int adding_event;
-    int unauth_slot;        /* holds one of the gateway's max_unauthenticated slots */
-    struct event *auth_timer; /* owned: auth_timeout_s while not authenticated */
-    int close_cb;                      /* the client registered a close callback */
-    int authed;                        /* the listener's auth is satisfied */
-    struct vm_sasl *auth;              /* owned: SASL state */
-    SSL *ssl;                          /* owned by the TLS bufferevent */
-    char sasl_user[256];               /* identity storage */
-    char tls_dn[512];
-    int slot;                          /* index in the gateway's registry */
-};
 
 static void process_input(struct vm_session *s);
-static void auth_timeout_cb(evutil_socket_t fd, short what, void *arg);
-static void read_cb(struct bufferevent *bev, void *arg);
-static void write_cb(struct bufferevent *bev, void *arg);
-static void event_cb(struct bufferevent *bev, short what, void *arg);
 
 struct vm_sub_list *session_subs(struct vm_session *s)
 {
@@ -146,7 +90,7 @@ int session_push_event(struct vm_session *s, const void *pkt, size_t len)
 }
 
 /* Track what enters and leaves the client's output buffer (see `runs`). */
-static void output_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg)
+void session_output_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg)
 {
     struct vm_session *s = arg;
     if (info->n_added) {
@@ -218,7 +162,8 @@ void session_upstream_lost(struct vm_session *s, const char *why)
         struct xbuf b;
         xb_init(&b);
         xb_i32(&b, 1); /* VIR_CONNECT_CLOSE_REASON_EOF */
-        wire_put_packet(bufferevent_get_output(s->bev), VM_PROG_REMOTE, VM_PROC_CONNECT_EVENT_CONNECTION_CLOSED,
+        wire_put_packet(bufferevent_get_output(s->bev), VM_PROG_REMOTE,
+                        VM_PROC_CONNECT_EVENT_CONNECTION_CLOSED,
                         VM_MESSAGE, 1, VM_STATUS_OK, b.p, b.len);
         xb_free(&b);
     }
@@ -233,16 +178,16 @@ void session_upstream_lost(struct vm_session *s, const char *why)
         session_close(s, "upstream lost for good");
 }
 
-static struct evbuffer *out_of(struct vm_session *s)
+struct evbuffer *session_out(struct vm_session *s)
 {
     return bufferevent_get_output(s->bev);
 }
 
-static void reply_error(struct vm_session *s, const struct vm_hdr *h, int code, int domain,
-                        const char *msg)
+void session_reply_error(struct vm_session *s, const struct vm_hdr *h, int code, int domain,
+                         const char *msg)
 {
     vm_debug(s->tag, "proc %d serial %u: error %d: %s", h->proc, h->serial, code, msg);
-    wire_put_error(out_of(s), h, code, domain, msg);
+    wire_put_error(session_out(s), h, code, domain, msg);
 }
 
 static void reply_u32(struct vm_session *s, const struct vm_hdr *h, uint32_t v)
@@ -250,7 +195,7 @@ static void reply_u32(struct vm_session *s, const struct vm_hdr *h, uint32_t v)
     struct xbuf b;
     xb_init(&b);
     xb_u32(&b, v);
-    wire_put_reply(out_of(s), h, b.p, b.len);
+    wire_put_reply(session_out(s), h, b.p, b.len);
     xb_free(&b);
 }
 
@@ -260,7 +205,7 @@ static void update_flow(struct vm_session *s)
     if (s->state == S_CLOSING)
         return;
     int max = gateway_config(s->gw)->max_client_requests;
-    size_t out = evbuffer_get_length(out_of(s));
+    size_t out = evbuffer_get_length(session_out(s));
     int busy = s->noutstanding >= max || out > OUT_HIGH || s->blocked > 0;
     if (busy && !s->paused) {
         s->paused = 1;
@@ -298,7 +243,7 @@ void call_finish(struct vm_call *c, struct evbuffer *pkt)
         c->done(c->done_arg, &h, pkt, NULL);
     } else if (s) {
         wire_set_serial(pkt, c->hdr.serial);
-        evbuffer_add_buffer(out_of(s), pkt);
+        evbuffer_add_buffer(session_out(s), pkt);
         call_detach(c);
         update_flow(s);
     }
@@ -312,7 +257,7 @@ void call_fail(struct vm_call *c, int code, int domain, const char *message)
     if (c->done) {
         c->done(c->done_arg, NULL, NULL, message);
     } else if (s) {
-        reply_error(s, &c->hdr, code, domain, message);
+        session_reply_error(s, &c->hdr, code, domain, message);
         call_detach(c);
         update_flow(s);
     }
@@ -324,7 +269,7 @@ void call_fail(struct vm_call *c, int code, int domain, const char *message)
 static void ka_ping(void *arg)
 {
     struct vm_session *s = arg;
-    wire_put_keepalive(out_of(s), VM_PROC_KEEPALIVE_PING);
+    wire_put_keepalive(session_out(s), VM_PROC_KEEPALIVE_PING);
 }
 
 static void ka_dead(void *arg)
@@ -339,7 +284,7 @@ static void deny_open(struct vm_session *s, const struct vm_hdr *h, const char *
 {
     audit_denied(gateway_audit(s->gw), s->tag, s->ident_str, "CONNECT_OPEN",
                  s->route.upstream->name, err);
-    reply_error(s, h, VIR_ERR_ACCESS_DENIED, VIR_FROM_ACCESS, err);
+    session_reply_error(s, h, VIR_ERR_ACCESS_DENIED, VIR_FROM_ACCESS, err);
     route_clear(&s->route);
     free(name);
 }
@@ -347,7 +292,8 @@ static void deny_open(struct vm_session *s, const struct vm_hdr *h, const char *
 static void handle_open(struct vm_session *s, const struct vm_hdr *h, const uint8_t *args, size_t n)
 {
     if (s->state != S_NEW) {
-        reply_error(s, h, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, "internal error: connection already open");
+        session_reply_error(s, h, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC,
+                            "internal error: connection already open");
         return;
     }
     struct xrd r;
@@ -357,7 +303,7 @@ static void handle_open(struct vm_session *s, const struct vm_hdr *h, const uint
     uint32_t flags = xr_u32(&r);
     if (r.err) {
         free(name);
-        reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "Unable to decode message payload");
+        session_reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "Unable to decode message payload");
         return;
     }
     if (!name) {
@@ -372,13 +318,13 @@ static void handle_open(struct vm_session *s, const struct vm_hdr *h, const uint
         snprintf(err, sizeof(err), "access denied: virtmux policy does not admit %s",
                  s->ident_str);
         audit_denied(gateway_audit(s->gw), s->tag, s->ident_str, "CONNECT_OPEN", NULL, err);
-        reply_error(s, h, VIR_ERR_ACCESS_DENIED, VIR_FROM_ACCESS, err);
+        session_reply_error(s, h, VIR_ERR_ACCESS_DENIED, VIR_FROM_ACCESS, err);
         free(name);
         return;
     }
     if (router_resolve(cfg, s->lcfg->upstream, name, &s->route, err, sizeof(err)) < 0) {
         vm_info(s->tag, "open \"%s\" refused: %s", name, err);
-        reply_error(s, h, VIR_ERR_NO_CONNECT, VIR_FROM_NONE, err);
+        session_reply_error(s, h, VIR_ERR_NO_CONNECT, VIR_FROM_NONE, err);
         free(name);
         return;
     }
@@ -415,7 +361,7 @@ void session_open_done(struct vm_session *s, struct vm_link *home, const void *e
     if (home) {
         s->home = home;
         s->state = S_OPEN;
-        wire_put_reply(out_of(s), &s->open_hdr, NULL, 0);
+        wire_put_reply(session_out(s), &s->open_hdr, NULL, 0);
         vm_debug(s->tag, "open: home %s", link_tag(home));
         return;
     }
@@ -424,10 +370,10 @@ void session_open_done(struct vm_session *s, struct vm_link *home, const void *e
     s->state = S_NEW;
     route_clear(&s->route);
     if (err_payload) {
-        wire_put_packet(out_of(s), s->open_hdr.prog, s->open_hdr.proc, VM_REPLY,
+        wire_put_packet(session_out(s), s->open_hdr.prog, s->open_hdr.proc, VM_REPLY,
                         s->open_hdr.serial, VM_STATUS_ERROR, err_payload, n);
     } else {
-        reply_error(s, &s->open_hdr, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, message);
+        session_reply_error(s, &s->open_hdr, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, message);
     }
     vm_info(s->tag, "open failed: %s", message ? message : "refused by upstream");
     gateway_pool_check(s->gw, p);
@@ -463,8 +409,8 @@ static int require_open(struct vm_session *s, const struct vm_hdr *h)
 {
     if (s->state == S_OPEN)
         return 1;
-    reply_error(s, h, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC,
-                "internal error: hypervisor connection not open");
+    session_reply_error(s, h, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC,
+                        "internal error: hypervisor connection not open");
     return 0;
 }
 
@@ -475,7 +421,7 @@ static void handle_feature(struct vm_session *s, const struct vm_hdr *h, struct 
     xr_init(&r, args, n);
     int32_t feature = xr_i32(&r);
     if (r.err) {
-        reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "Unable to decode message payload");
+        session_reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "Unable to decode message payload");
         return;
     }
     const struct vm_config *cfg = gateway_config(s->gw);
@@ -512,7 +458,7 @@ static void refuse(struct vm_session *s, const struct vm_hdr *h, const char *wha
     snprintf(msg, sizeof(msg),
              "this function is not supported by the connection driver: %s (%s) through virtmux",
              what, info ? info->name : "?");
-    reply_error(s, h, VIR_ERR_NO_SUPPORT, VIR_FROM_RPC, msg);
+    session_reply_error(s, h, VIR_ERR_NO_SUPPORT, VIR_FROM_RPC, msg);
 }
 
 /* Event (de)registration: fanned out through the pool's events state. */
@@ -526,7 +472,7 @@ static void handle_event_call(struct vm_session *s, const struct vm_hdr *h, stru
     }
     size_t n = h->len - VM_HDR_LEN;
     if (n > 65536) {
-        reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "Unable to decode message payload");
+        session_reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "Unable to decode message payload");
         return;
     }
     uint8_t *args = evbuffer_pullup(pkt, -1) + VM_HDR_LEN;
@@ -538,82 +484,10 @@ static void handle_event_call(struct vm_session *s, const struct vm_hdr *h, stru
     xr_init(&r, args, n);
     int32_t id = xr_i32(&r);
     if (r.err) {
-        reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "Unable to decode message payload");
+        session_reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "Unable to decode message payload");
         return;
     }
     events_unsubscribe(pool_events(s->pool), s, h, id);
-}
-
-static int uses_sasl(const struct vm_session *s)
-{
-    return s->lcfg->auth == VM_AUTH_SASL || s->lcfg->auth == VM_AUTH_TLS_SASL;
-}
-
-static void release_unauth(struct vm_session *s)
-{
-    if (s->unauth_slot) {
-        s->unauth_slot = 0;
-        gateway_unauth_release(s->gw);
-    }
-    if (s->auth_timer) {
-        event_free(s->auth_timer);
-        s->auth_timer = NULL;
-    }
-}
-
-static void set_authenticated(struct vm_session *s, const char *how)
-{
-    s->authed = 1;
-    release_unauth(s);
-    identity_str(&s->ident, s->ident_str, sizeof(s->ident_str));
-    vm_info(s->tag, "authenticated (%s) as %s", how, s->ident_str);
-}
-
-/* AUTH_SASL_INIT/START/STEP and AUTH_POLKIT. */
-static void handle_auth(struct vm_session *s, const struct vm_hdr *h, struct evbuffer *pkt)
-{
-    const struct vm_config *cfg = gateway_config(s->gw);
-    if (!uses_sasl(s) || h->proc == 70 /* AUTH_POLKIT */ || !cfg->sasl) {
-        reply_error(s, h, VIR_ERR_AUTH_FAILED, VIR_FROM_RPC,
-                    "authentication failed: unsupported authentication type");
-        return;
-    }
-    if (s->authed) {
-        reply_error(s, h, VIR_ERR_AUTH_FAILED, VIR_FROM_RPC,
-                    "authentication failed: already authenticated");
-        return;
-    }
-    if (!s->auth)
-        s->auth = auth_new(cfg->sasl, s->ssl || !s->is_tcp,
-                           s->ssl ? SSL_get_cipher_bits(s->ssl, NULL) : 0, s->ident.source);
-    size_t n = h->len - VM_HDR_LEN;
-    const uint8_t *args = evbuffer_pullup(pkt, -1) + VM_HDR_LEN;
-    int rc = auth_handle(s->auth, h, args, n, out_of(s), s->tag);
-    if (rc < 0) {
-        audit_denied(gateway_audit(s->gw), s->tag, s->ident_str, "AUTH_SASL", NULL,
-                     "authentication failed");
-        return;
-    }
-    if (rc == 0)
-        return;
-    snprintf(s->sasl_user, sizeof(s->sasl_user), "%s", auth_user(s->auth));
-    s->ident.sasl_user = s->sasl_user;
-    set_authenticated(s, "sasl");
-    if (auth_ssf(s->auth) > 0) {
-        /* The reply above is still plain; from the next byte on both directions are
-         * SASL-encoded. The filter takes over the socket bufferevent. */
-        struct bufferevent *f = auth_wrap(s->auth, s->bev);
-        if (!f) {
-            session_close(s, "cannot start the SASL security layer");
-            return;
-        }
-        s->bev = f;
-        evbuffer_add_cb(bufferevent_get_output(s->bev), output_cb, s);
-        bufferevent_setcb(s->bev, read_cb, write_cb, event_cb, s);
-        bufferevent_setwatermark(s->bev, EV_WRITE, OUT_LOW, 0);
-        bufferevent_enable(s->bev, EV_READ);
-        vm_debug(s->tag, "SASL security layer on (ssf %d)", auth_ssf(s->auth));
-    }
 }
 
 /* A CALL. `pkt` holds the whole packet; consumed only when forwarded. */
@@ -622,13 +496,13 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
     char msg[200];
     if (h->status != VM_STATUS_OK) {
         snprintf(msg, sizeof(msg), "Unexpected message status %u", h->status);
-        reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, msg);
+        session_reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, msg);
         return;
     }
     if ((h->prog != VM_PROG_REMOTE && h->prog != VM_PROG_QEMU && h->prog != VM_PROG_LXC) ||
         h->vers != VM_PROG_VERSION) {
         snprintf(msg, sizeof(msg), "Cannot find program %d version %d", (int)h->prog, (int)h->vers);
-        reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, msg);
+        session_reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, msg);
         return;
     }
     const struct vm_proc_info *info = vm_proc_lookup(h->prog, h->proc);
@@ -637,7 +511,7 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
      * (keepalive never gets here); nothing else is looked at, let alone forwarded. */
     if (!s->authed && !(h->prog == VM_PROG_REMOTE &&
                         (h->proc == VM_PROC_AUTH_LIST || (info && info->kind == VM_PK_AUTH)))) {
-        reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "authentication required");
+        session_reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "authentication required");
         return;
     }
 
@@ -651,8 +525,8 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
                 struct xbuf b;
                 xb_init(&b);
                 xb_u32(&b, 1);
-                xb_u32(&b, uses_sasl(s) ? 1 : 0); /* REMOTE_AUTH_SASL / REMOTE_AUTH_NONE */
-                wire_put_reply(out_of(s), h, b.p, b.len);
+                xb_u32(&b, session_uses_sasl(s) ? 1 : 0); /* REMOTE_AUTH_SASL / REMOTE_AUTH_NONE */
+                wire_put_reply(session_out(s), h, b.p, b.len);
                 xb_free(&b);
             }
             return;
@@ -667,8 +541,8 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
             return;
         case VM_PROC_CONNECT_OPEN:
             if (argn > sizeof(args)) {
-                reply_error(s, h, VIR_ERR_INVALID_ARG, VIR_FROM_RPC,
-                            "invalid argument: connection name too long");
+                session_reply_error(s, h, VIR_ERR_INVALID_ARG, VIR_FROM_RPC,
+                                    "invalid argument: connection name too long");
                 return;
             }
             evbuffer_drain(pkt, VM_HDR_LEN);
@@ -681,14 +555,14 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
             s->close_after_flush = 1;
             s->close_reason = "client closed the connection (CONNECT_CLOSE)";
             bufferevent_disable(s->bev, EV_READ);
-            wire_put_reply(out_of(s), h, NULL, 0);
+            wire_put_reply(session_out(s), h, NULL, 0);
             return;
         case VM_PROC_CONNECT_GET_URI:
             if (require_open(s, h)) {
                 struct xbuf b;
                 xb_init(&b);
                 xb_string(&b, s->opened_name[0] ? s->opened_name : s->route.name);
-                wire_put_reply(out_of(s), h, b.p, b.len);
+                wire_put_reply(session_out(s), h, b.p, b.len);
                 xb_free(&b);
             }
             return;
@@ -696,7 +570,7 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
         case VM_PROC_CONNECT_UNREGISTER_CLOSE_CALLBACK:
             if (require_open(s, h)) {
                 s->close_cb = h->proc == VM_PROC_CONNECT_REGISTER_CLOSE_CALLBACK;
-                wire_put_reply(out_of(s), h, NULL, 0);
+                wire_put_reply(session_out(s), h, NULL, 0);
             }
             return;
         case VM_PROC_CONNECT_SET_IDENTITY: {
@@ -705,14 +579,14 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
                               "forward it";
             audit_denied(gateway_audit(s->gw), s->tag, s->ident_str, "CONNECT_SET_IDENTITY",
                          s->route.upstream ? s->route.upstream->name : NULL, why);
-            reply_error(s, h, VIR_ERR_OPERATION_DENIED, VIR_FROM_NONE, why);
+            session_reply_error(s, h, VIR_ERR_OPERATION_DENIED, VIR_FROM_NONE, why);
             return;
         }
         default:
             break;
         }
         if (info && info->kind == VM_PK_AUTH) {
-            handle_auth(s, h, pkt);
+            session_handle_auth(s, h, pkt);
             return;
         }
     }
@@ -728,7 +602,7 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
                      h->proc);
             audit_denied(gateway_audit(s->gw), s->tag, s->ident_str, info ? info->name : pname,
                          s->route.upstream->name, msg);
-            reply_error(s, h, VIR_ERR_OPERATION_DENIED, domain, msg);
+            session_reply_error(s, h, VIR_ERR_OPERATION_DENIED, domain, msg);
             return;
         }
     }
@@ -762,7 +636,7 @@ static void handle_packet(struct vm_session *s, struct evbuffer *pkt)
             return;
         }
         if (h.proc == VM_PROC_KEEPALIVE_PING)
-            wire_put_keepalive(out_of(s), VM_PROC_KEEPALIVE_PONG);
+            wire_put_keepalive(session_out(s), VM_PROC_KEEPALIVE_PONG);
         return;
     }
 
@@ -783,9 +657,9 @@ static void handle_packet(struct vm_session *s, struct evbuffer *pkt)
             return;
         }
         s->skip_bytes = nfds;
-        reply_error(s, &h, VIR_ERR_NO_SUPPORT, VIR_FROM_RPC,
-                    "this function is not supported by the connection driver: file descriptor "
-                    "passing through virtmux");
+        session_reply_error(s, &h, VIR_ERR_NO_SUPPORT, VIR_FROM_RPC,
+                            "this function is not supported by the connection driver: "
+                            "file descriptor passing through virtmux");
         return;
     }
     case VM_STREAM:
@@ -829,7 +703,8 @@ static void process_input(struct vm_session *s)
             char why[80];
             uint8_t w[4];
             evbuffer_copyout(in, w, 4);
-            snprintf(why, sizeof(why), "illegal length word 0x%02x%02x%02x%02x", w[0], w[1], w[2], w[3]);
+            snprintf(why, sizeof(why), "illegal length word 0x%02x%02x%02x%02x", w[0], w[1], w[2],
+                     w[3]);
             session_close(s, why);
             return;
         }
@@ -849,15 +724,15 @@ static void kick_cb(evutil_socket_t fd, short what, void *arg)
     process_input(arg);
 }
 
-static void read_cb(struct bufferevent *bev, void *arg)
+void session_read_cb(struct bufferevent *bev, void *arg)
 {
     process_input(arg);
 }
 
-static void write_cb(struct bufferevent *bev, void *arg)
+void session_write_cb(struct bufferevent *bev, void *arg)
 {
     struct vm_session *s = arg;
-    if (s->close_after_flush && evbuffer_get_length(out_of(s)) == 0) {
+    if (s->close_after_flush && evbuffer_get_length(session_out(s)) == 0) {
         session_close(s, s->close_reason);
         return;
     }
@@ -865,34 +740,11 @@ static void write_cb(struct bufferevent *bev, void *arg)
     update_flow(s);
 }
 
-/* The TLS handshake is done: check the client certificate, then libvirt's 0x01 byte. */
-static void tls_established(struct vm_session *s)
-{
-    char err[600];
-    const struct vm_tls_cfg *t = s->lcfg->tls;
-    if (tls_check_client(s->ssl, t, s->tls_dn, sizeof(s->tls_dn), err, sizeof(err)) < 0) {
-        audit_denied(gateway_audit(s->gw), s->tag, s->ident_str, "TLS", NULL, err);
-        session_close(s, err); /* no 0x01: the client reports the refusal */
-        return;
-    }
-    if (s->tls_dn[0])
-        s->ident.tls_dn = s->tls_dn;
-    static const uint8_t ok = 1;
-    evbuffer_add(out_of(s), &ok, 1);
-    s->state = S_NEW;
-    if (s->lcfg->auth == VM_AUTH_TLS)
-        set_authenticated(s, "tls certificate");
-    else if (s->lcfg->auth == VM_AUTH_NONE)
-        set_authenticated(s, "none");
-    identity_str(&s->ident, s->ident_str, sizeof(s->ident_str));
-    vm_debug(s->tag, "TLS up (%s), client DN \"%s\"", SSL_get_version(s->ssl), s->tls_dn);
-}
-
-static void event_cb(struct bufferevent *bev, short what, void *arg)
+void session_event_cb(struct bufferevent *bev, short what, void *arg)
 {
     struct vm_session *s = arg;
     if ((what & BEV_EVENT_CONNECTED) && s->state == S_TLS) {
-        tls_established(s);
+        session_tls_established(s);
         return;
     }
     if (what & BEV_EVENT_EOF)
@@ -932,9 +784,9 @@ void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evut
     s->kick = event_new(gateway_base(gw), -1, 0, kick_cb, s);
     if (!s->bev || !s->kick)
         abort();
-    bufferevent_setcb(s->bev, read_cb, write_cb, event_cb, s);
+    bufferevent_setcb(s->bev, session_read_cb, session_write_cb, session_event_cb, s);
     bufferevent_setwatermark(s->bev, EV_WRITE, OUT_LOW, 0);
-    evbuffer_add_cb(bufferevent_get_output(s->bev), output_cb, s);
+    evbuffer_add_cb(bufferevent_get_output(s->bev), session_output_cb, s);
     bufferevent_enable(s->bev, EV_READ);
     gateway_session_opened(gw, s);
     if (!s->authed) {
@@ -946,20 +798,12 @@ void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evut
             return;
         }
         s->unauth_slot = 1;
-        s->auth_timer = evtimer_new(gateway_base(gw), auth_timeout_cb, s);
+        s->auth_timer = evtimer_new(gateway_base(gw), session_auth_timeout_cb, s);
         struct timeval tv = {gateway_config(gw)->auth_timeout_s, 0};
         if (!s->auth_timer || evtimer_add(s->auth_timer, &tv) < 0)
             abort();
     }
     vm_info(s->tag, "connected on listener %s as %s", lcfg->name, s->ident_str);
-}
-
-static void auth_timeout_cb(evutil_socket_t fd, short what, void *arg)
-{
-    struct vm_session *s = arg;
-    audit_denied(gateway_audit(s->gw), s->tag, s->ident_str, "AUTH", NULL,
-                 "did not authenticate within auth_timeout_s");
-    session_close(s, "authentication timed out");
 }
 
 static void session_free(void *p)
@@ -999,7 +843,7 @@ void session_close(struct vm_session *s, const char *why)
         pool_release(p, s->home);
     s->home = NULL;
     keepalive_stop(&s->ka);
-    release_unauth(s);
+    session_release_unauth(s);
     event_free(s->kick);
     s->kick = NULL;
     bufferevent_free(s->bev);
