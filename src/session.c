@@ -206,7 +206,10 @@ static void update_flow(struct vm_session *s)
         return;
     int max = gateway_config(s->gw)->max_client_requests;
     size_t out = evbuffer_get_length(session_out(s));
-    int busy = s->noutstanding >= max || out > OUT_HIGH || s->blocked > 0;
+    /* Calls are bounded in number and in bytes: 16 calls of 32 MiB would otherwise let one
+     * client park half a gigabyte in the gateway. */
+    int busy = s->noutstanding >= max || s->outstanding_bytes > OUTSTANDING_BYTES_MAX ||
+               out > OUT_HIGH || s->blocked > 0;
     if (busy && !s->paused) {
         s->paused = 1;
         bufferevent_disable(s->bev, EV_READ);
@@ -231,6 +234,7 @@ static void call_detach(struct vm_call *c)
     struct vm_session *s = c->session;
     TAILQ_REMOVE(&s->calls, c, sentry);
     s->noutstanding--;
+    s->outstanding_bytes -= c->hdr.len;
     c->session = NULL;
 }
 
@@ -400,6 +404,7 @@ static void forward_call(struct vm_session *s, const struct vm_hdr *h, struct ev
     evbuffer_add_buffer(c->pkt, pkt);
     TAILQ_INSERT_TAIL(&s->calls, c, sentry);
     s->noutstanding++;
+    s->outstanding_bytes += h->len;
     pool_submit(s->pool, s->home, c);
     if (s->state != S_CLOSING)
         update_flow(s);

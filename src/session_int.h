@@ -24,6 +24,7 @@ typedef struct ssl_st SSL;
 
 #define OUT_HIGH (1u << 20) /* stop reading the client above this much unsent output */
 #define OUT_LOW (256u << 10)
+#define OUTSTANDING_BYTES_MAX ((size_t)64 << 20) /* call bytes one client may have in flight */
 
 enum session_state { S_TLS, S_NEW, S_OPENING, S_OPEN, S_CLOSING };
 
@@ -55,6 +56,7 @@ struct vm_session {
     struct vm_keepalive ka;            /* only armed once the client asked feature 10 */
     struct vm_call_list calls;         /* owned: outstanding forwarded calls */
     int noutstanding;
+    size_t outstanding_bytes;          /* bytes of those calls */
     struct vm_sub_list subs;           /* event subscriptions (owned by the pool's events) */
     struct vm_stream_list streams;     /* owned */
     int blocked;                       /* streams holding our reading (slow upstream) */
