@@ -54,6 +54,7 @@ struct vm_events {
     int nregs;              /* including dead ones awaiting their reply */
     int nsubs;
     unsigned long cut_off;  /* subscribers dropped for not reading */
+    int dying;              /* the pool is being freed: calls finishing now change nothing */
     char tag[64];
 };
 
@@ -75,15 +76,23 @@ static void reg_free(struct vm_evreg *r)
     ev->nregs--;
     free(r->args);
     free(r);
-    if (ev->nregs == 0 && ev->link) {
+    if (ev->nregs == 0 && ev->link && !ev->dying) {
         struct vm_link *l = ev->link;
         ev->link = NULL;
         link_unref(l);
     }
 }
 
+void events_shutdown(struct vm_events *ev)
+{
+    ev->dying = 1;
+    ev->link = NULL; /* the pool frees its links next; no reference games with them */
+}
+
 void events_free(struct vm_events *ev)
 {
+    ev->dying = 1;
+    ev->link = NULL;
     struct vm_evreg *r;
     while ((r = TAILQ_FIRST(&ev->regs))) {
         struct vm_sub *sub;
@@ -195,6 +204,8 @@ static void deregister_done(void *arg, const struct vm_hdr *h, struct evbuffer *
                             const char *err)
 {
     struct vm_evreg *r = arg;
+    if (r->ev->dying)
+        return; /* events_free frees it */
     r->state = REG_IDLE;
     if (r->nsubs == 0) {
         reg_free(r);
@@ -230,6 +241,8 @@ static void drop_reg(struct vm_evreg *r)
 static void register_done(void *arg, const struct vm_hdr *h, struct evbuffer *pkt, const char *err)
 {
     struct vm_evreg *r = arg;
+    if (r->ev->dying)
+        return; /* events_free frees it */
     r->state = REG_IDLE;
     if (!h || h->status != VM_STATUS_OK) {
         const uint8_t *payload = NULL;

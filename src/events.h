@@ -23,6 +23,9 @@ struct vm_sub;
 TAILQ_HEAD(vm_sub_list, vm_sub);
 
 struct vm_events *events_new(struct vm_pool *p);
+/* The pool is going away: from now on calls finishing on its links leave this state alone
+ * (call before the pool frees its links, then events_free). */
+void events_shutdown(struct vm_events *ev);
 void events_free(struct vm_events *ev);
 /* Upstream registrations currently held (status, tests). */
 int events_registrations(const struct vm_events *ev);

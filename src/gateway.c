@@ -104,14 +104,15 @@ int gateway_start(struct vm_gateway *gw)
     }
     if (gw->cfg->sasl && auth_global_init(gw->cfg->sasl) < 0)
         return -1;
-    for (int i = 0; i < gw->cfg->nlisteners; i++) {
-        gw->listeners[i] = listener_new(gw, &gw->cfg->listeners[i]);
-        if (!gw->listeners[i])
-            return -1;
-    }
+    /* The admin endpoint first: once clients can connect, the status is there too. */
     if (gw->cfg->admin_address || gw->cfg->admin_unix) {
         gw->admin = admin_new(gw);
         if (!gw->admin)
+            return -1;
+    }
+    for (int i = 0; i < gw->cfg->nlisteners; i++) {
+        gw->listeners[i] = listener_new(gw, &gw->cfg->listeners[i]);
+        if (!gw->listeners[i])
             return -1;
     }
     if (!gw->cfg->policy_present)

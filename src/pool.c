@@ -78,11 +78,14 @@ struct vm_pool *pool_new(struct vm_gateway *gw, const struct vm_upstream_cfg *up
 void pool_free(struct vm_pool *p)
 {
     p->dying = 1; /* links leaving below must not re-enter the gateway's pool check */
-    events_free(p->events);
-    p->events = NULL;
+    /* Links first (their failing event calls must find the registrations, told to stay
+     * put), then the events state. */
+    events_shutdown(p->events);
     struct link_node *n;
     while ((n = TAILQ_FIRST(&p->links)))
         link_free(n->link); /* calls pool_link_gone, which removes the node */
+    events_free(p->events);
+    p->events = NULL;
     struct vm_call *c;
     while ((c = TAILQ_FIRST(&p->queue))) {
         TAILQ_REMOVE(&p->queue, c, qentry);
