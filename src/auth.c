@@ -237,18 +237,6 @@ static int do_init(struct vm_sasl *a, const struct vm_hdr *h, struct evbuffer *o
     return 0;
 }
 
-/* Decode `int nil; char data<65536>` (4 wire bytes per char) into buf. */
-static int read_data(struct xrd *r, unsigned char *buf, unsigned *len, int *nil)
-{
-    *nil = xr_i32(r);
-    uint32_t n = xr_u32(r);
-    if (r->err || n > SASL_DATA_MAX)
-        return -1;
-    for (uint32_t i = 0; i < n; i++)
-        buf[i] = (unsigned char)xr_u32(r);
-    *len = n;
-    return r->err ? -1 : 0;
-}
 
 static int finish_step(struct vm_sasl *a, int rc, const char *data, unsigned dlen,
                        const struct vm_hdr *h, struct evbuffer *out, const char *tag)
@@ -293,10 +281,7 @@ static int finish_step(struct vm_sasl *a, int rc, const char *data, unsigned dle
     struct xbuf b;
     xb_init(&b);
     xb_i32(&b, complete);
-    xb_i32(&b, data ? 0 : 1);
-    xb_u32(&b, data ? dlen : 0);
-    for (unsigned i = 0; data && i < dlen; i++)
-        xb_u32(&b, (unsigned char)data[i]);
+    xb_nil_chars(&b, data, dlen);
     wire_put_reply(out, h, b.p, b.len);
     xb_free(&b);
     return complete;
@@ -330,7 +315,7 @@ int auth_handle(struct vm_sasl *a, const struct vm_hdr *h, const uint8_t *args, 
     int rc;
     if (h->proc == PROC_AUTH_SASL_START) {
         char *mech = xr_string(&r, 100);
-        if (!mech || read_data(&r, data, &dlen, &nil) < 0 || a->started) {
+        if (!mech || xr_nil_chars(&r, data, sizeof(data), &dlen, &nil) < 0 || a->started) {
             free(mech);
             fail(a, h, out, tag, "malformed or repeated AUTH_SASL_START");
             return -1;
@@ -341,7 +326,7 @@ int auth_handle(struct vm_sasl *a, const struct vm_hdr *h, const uint8_t *args, 
                                &outlen);
         free(mech);
     } else if (h->proc == PROC_AUTH_SASL_STEP) {
-        if (read_data(&r, data, &dlen, &nil) < 0 || !a->started) {
+        if (xr_nil_chars(&r, data, sizeof(data), &dlen, &nil) < 0 || !a->started) {
             fail(a, h, out, tag, "malformed AUTH_SASL_STEP");
             return -1;
         }

@@ -103,17 +103,6 @@ int policy_allows_upstream(const struct vm_rule *rule, const char *name)
     return 0;
 }
 
-/* Skip an XDR string without copying it. */
-static void skip_string(struct xrd *r)
-{
-    uint32_t n = xr_u32(r);
-    size_t padded = ((size_t)n + 3) & ~(size_t)3;
-    if (r->err || n > VM_STRING_MAX || r->len - r->off < padded)
-        r->err = 1;
-    else
-        r->off += padded;
-}
-
 /* The deciding word of a "flags" procedure, read from the front of the arguments the way
  * libvirtd decodes them; -1 when the arguments do not even reach it (then: refuse). */
 static int deciding_word(const struct vm_proc_info *p, const struct vm_hdr *h,
@@ -125,8 +114,8 @@ static int deciding_word(const struct vm_proc_info *p, const struct vm_hdr *h,
     struct xrd r;
     xr_init(&r, evbuffer_pullup(pkt, -1) + VM_HDR_LEN, n);
     if (p->ro_arg == VM_RO_ARG_NAME_DOM)
-        skip_string(&r);
-    skip_string(&r);  /* domain name */
+        xr_skip_string(&r);
+    xr_skip_string(&r); /* domain name */
     xr_u32(&r);       /* uuid[16] */
     xr_u32(&r);
     xr_u32(&r);

@@ -381,10 +381,7 @@ static void send_sasl(struct vm_link *l, const char *mech, const char *data, uns
     xb_init(&b);
     if (mech)
         xb_string(&b, mech);
-    xb_i32(&b, data ? 0 : 1);
-    xb_u32(&b, data ? len : 0);
-    for (unsigned i = 0; data && i < len; i++)
-        xb_u32(&b, (unsigned char)data[i]);
+    xb_nil_chars(&b, data, len);
     l->hs = HS_SASL_STEP;
     send_call(l, mech ? 68 : 69, b.p, b.len);
     xb_free(&b);
@@ -418,15 +415,13 @@ static int sasl_reply(struct vm_link *l, const uint8_t *payload, size_t n)
         return 0;
     }
     int complete = xr_i32(&r);
-    int nil = xr_i32(&r);
-    uint32_t len = xr_u32(&r);
+    int nil;
+    unsigned len;
     static char data[65536];
-    if (r.err || len > sizeof(data)) {
+    if (xr_nil_chars(&r, data, sizeof(data), &len, &nil) < 0) {
         link_down(l, NULL, 0, "bad SASL reply from libvirtd");
         return -1;
     }
-    for (uint32_t i = 0; i < len; i++)
-        data[i] = (char)xr_u32(&r);
     if (!complete || !vmsasl_client_done(l->sasl)) {
         /* Answer the token; after complete=1 this is the local mutual-auth step only. */
         if ((!complete || !nil) &&

@@ -140,6 +140,15 @@ void xb_opt_string(struct xbuf *b, const char *s)
         xb_string(b, s);
 }
 
+void xb_nil_chars(struct xbuf *b, const void *data, unsigned len)
+{
+    const unsigned char *p = data;
+    xb_i32(b, data ? 0 : 1);
+    xb_u32(b, data ? len : 0);
+    for (unsigned i = 0; data && i < len; i++)
+        xb_u32(b, p[i]);
+}
+
 /* ---- XDR reader ---- */
 
 void xr_init(struct xrd *r, const void *p, size_t len)
@@ -183,6 +192,31 @@ char *xr_string(struct xrd *r, size_t max)
     s[n] = '\0';
     r->off += padded;
     return s;
+}
+
+void xr_skip_string(struct xrd *r)
+{
+    uint32_t n = xr_u32(r);
+    size_t padded = ((size_t)n + 3) & ~(size_t)3;
+    if (r->err || n > VM_STRING_MAX || r->len - r->off < padded)
+        r->err = 1;
+    else
+        r->off += padded;
+}
+
+int xr_nil_chars(struct xrd *r, void *buf, size_t cap, unsigned *len, int *nil)
+{
+    unsigned char *p = buf;
+    *nil = xr_i32(r);
+    uint32_t n = xr_u32(r);
+    if (r->err || n > cap) {
+        r->err = 1;
+        return -1;
+    }
+    for (uint32_t i = 0; i < n; i++)
+        p[i] = (unsigned char)xr_u32(r);
+    *len = n;
+    return r->err ? -1 : 0;
 }
 
 char *xr_opt_string(struct xrd *r, size_t max, int *present)

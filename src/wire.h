@@ -92,6 +92,9 @@ void xb_i32(struct xbuf *b, int32_t v);
 void xb_bytes(struct xbuf *b, const void *data, size_t n); /* raw, no length, padded */
 void xb_string(struct xbuf *b, const char *s);              /* XDR string */
 void xb_opt_string(struct xbuf *b, const char *s);          /* presence flag + string; NULL = absent */
+/* libvirt's SASL token pair `int nil; char data<>`: nil=1 when data is NULL, and each char
+ * takes four wire bytes (XDR char is an int). */
+void xb_nil_chars(struct xbuf *b, const void *data, unsigned len);
 
 /* --- XDR reader over a flat buffer. Errors are sticky: check `err` once at the end. --- */
 struct xrd {
@@ -107,6 +110,10 @@ int32_t xr_i32(struct xrd *r);
 char *xr_string(struct xrd *r, size_t max);
 /* Optional string: *present is set; returns NULL when absent or on error. */
 char *xr_opt_string(struct xrd *r, size_t max, int *present);
+/* Step over a string without copying it. */
+void xr_skip_string(struct xrd *r);
+/* The `int nil; char data<>` pair into buf (at most cap chars); -1 on error or overflow. */
+int xr_nil_chars(struct xrd *r, void *buf, size_t cap, unsigned *len, int *nil);
 
 /* --- Packets the gateway makes. Each appends one whole packet to `out`. --- */
 

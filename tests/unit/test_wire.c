@@ -183,6 +183,42 @@ static void test_xdr_reader_bounds(void)
     CHECK(xr_u32(&r) == 0 && r.err);
 }
 
+static void test_sasl_chars(void)
+{
+    /* XDR char is an int: "ab" is nil=0, count 2, then one 4-byte word per char. */
+    unsigned char want[16], buf[8];
+    hex_bytes("00000000 00000002 00000061 00000062", want, sizeof(want));
+    struct xbuf b;
+    xb_init(&b);
+    xb_nil_chars(&b, "ab", 2);
+    CHECK(b.len == 16 && memcmp(b.p, want, 16) == 0);
+    struct xrd r;
+    unsigned len;
+    int nil;
+    xr_init(&r, b.p, b.len);
+    CHECK(xr_nil_chars(&r, buf, sizeof(buf), &len, &nil) == 0 && len == 2 && !nil);
+    CHECK(buf[0] == 'a' && buf[1] == 'b');
+    /* NULL data is nil=1 with no chars; a count above the buffer is an error. */
+    b.len = 0;
+    xb_nil_chars(&b, NULL, 5);
+    hex_bytes("00000001 00000000", want, sizeof(want));
+    CHECK(b.len == 8 && memcmp(b.p, want, 8) == 0);
+    xr_init(&r, want, 8);
+    CHECK(xr_nil_chars(&r, buf, sizeof(buf), &len, &nil) == 0 && nil == 1 && len == 0);
+    hex_bytes("00000000 00000009", want, sizeof(want));
+    xr_init(&r, want, 8);
+    CHECK(xr_nil_chars(&r, buf, sizeof(buf), &len, &nil) < 0 && r.err);
+    /* Skipping a string lands on the next word; a string past the end is an error. */
+    hex_bytes("00000005 68656c6c 6f000000 0000002a", want, sizeof(want));
+    xr_init(&r, want, 16);
+    xr_skip_string(&r);
+    CHECK(xr_u32(&r) == 42 && !r.err);
+    xr_init(&r, want, 8);
+    xr_skip_string(&r);
+    CHECK(r.err);
+    xb_free(&b);
+}
+
 int main(void)
 {
     test_open_call_golden();
@@ -191,5 +227,6 @@ int main(void)
     test_framing();
     test_serial_rewrite();
     test_xdr_reader_bounds();
+    test_sasl_chars();
     return check_done();
 }
