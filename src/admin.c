@@ -14,6 +14,7 @@
 #include "gateway.h"
 #include "listener.h"
 #include "log.h"
+#include "util.h"
 
 struct vm_admin {
     struct vm_gateway *gw; /* not owned */
@@ -54,9 +55,7 @@ struct vm_admin *admin_new(struct vm_gateway *gw)
             close(fd);
         return NULL;
     }
-    struct vm_admin *a = calloc(1, sizeof(*a));
-    if (!a)
-        abort();
+    struct vm_admin *a = vm_calloc(1, sizeof(*a));
     a->gw = gw;
     a->unix_path = cfg->admin_unix;
     a->http = evhttp_new(gateway_base(gw));

@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "log.h"
+#include "util.h"
 
 #define BUCKETS 256
 
@@ -20,9 +21,7 @@ struct vm_audit {
 
 struct vm_audit *audit_new(void)
 {
-    struct vm_audit *a = calloc(1, sizeof(*a));
-    if (!a)
-        abort();
+    struct vm_audit *a = vm_calloc(1, sizeof(*a));
     return a;
 }
 
@@ -53,14 +52,6 @@ static unsigned hash(const char *a, const char *b, const char *c)
     return h % BUCKETS;
 }
 
-static char *dup(const char *s)
-{
-    char *d = strdup(s);
-    if (!d)
-        abort();
-    return d;
-}
-
 void audit_denied(struct vm_audit *a, const char *tag, const char *identity, const char *proc,
                   const char *upstream, const char *reason)
 {
@@ -77,12 +68,10 @@ void audit_denied(struct vm_audit *a, const char *tag, const char *identity, con
             return;
         }
     }
-    struct entry *e = calloc(1, sizeof(*e));
-    if (!e)
-        abort();
-    e->identity = dup(identity);
-    e->proc = dup(proc);
-    e->upstream = dup(upstream);
+    struct entry *e = vm_calloc(1, sizeof(*e));
+    e->identity = vm_strdup(identity);
+    e->proc = vm_strdup(proc);
+    e->upstream = vm_strdup(upstream);
     e->count = 1;
     e->next = a->bucket[h];
     a->bucket[h] = e;

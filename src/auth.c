@@ -13,6 +13,7 @@
 #include "config.h"
 #include "log.h"
 #include "proc.h"
+#include "util.h"
 
 #define SASL_DATA_MAX 65536
 #define FAIL_SLOTS 1024
@@ -149,9 +150,7 @@ static void record_failure(struct vm_sasl *a, const char *tag, const char *why)
 struct vm_sasl *auth_new(const struct vm_sasl_cfg *cfg, int secure, int ext_ssf,
                          const char *source)
 {
-    struct vm_sasl *a = calloc(1, sizeof(*a));
-    if (!a)
-        abort();
+    struct vm_sasl *a = vm_calloc(1, sizeof(*a));
     a->cfg = cfg;
     a->secure = secure;
     a->ext_ssf = ext_ssf;
@@ -388,9 +387,7 @@ static enum bufferevent_filter_result encode_out(struct evbuffer *src, struct ev
 
 static struct bufferevent *wrap(sasl_conn_t *conn, unsigned maxout, struct bufferevent *under)
 {
-    struct layer *ly = calloc(1, sizeof(*ly));
-    if (!ly)
-        abort();
+    struct layer *ly = vm_calloc(1, sizeof(*ly));
     ly->conn = conn;
     ly->maxout = maxout;
     struct bufferevent *f = bufferevent_filter_new(under, decode_in, encode_out,
@@ -463,9 +460,7 @@ struct vm_sasl_client *vmsasl_client_begin(const char *user, const char *passwor
     fclose(f);
     while (n && (pw[n - 1] == '\n' || pw[n - 1] == '\r'))
         n--;
-    struct vm_sasl_client *c = calloc(1, sizeof(*c));
-    if (!c)
-        abort();
+    struct vm_sasl_client *c = vm_calloc(1, sizeof(*c));
     snprintf(c->user, sizeof(c->user), "%s", user);
     c->secret = malloc(sizeof(sasl_secret_t) + n + 1);
     if (!c->secret)
@@ -477,9 +472,7 @@ struct vm_sasl_client *vmsasl_client_begin(const char *user, const char *passwor
 
     /* The callbacks live as long as the connection: keep them in static storage per
      * client by allocating them with it. */
-    sasl_callback_t *cbs = calloc(5, sizeof(*cbs));
-    if (!cbs)
-        abort();
+    sasl_callback_t *cbs = vm_calloc(5, sizeof(*cbs));
     cbs[0] = (sasl_callback_t){SASL_CB_USER, SASL_FN(cb_user), c};
     cbs[1] = (sasl_callback_t){SASL_CB_AUTHNAME, SASL_FN(cb_user), c};
     cbs[2] = (sasl_callback_t){SASL_CB_PASS, SASL_FN(cb_pass), c};

@@ -9,6 +9,7 @@
 #include <jansson.h>
 
 #include "log.h"
+#include "util.h"
 
 struct parse_ctx {
     FILE *errs;
@@ -26,14 +27,6 @@ static void VM_PRINTF(3, 4) cfg_error(struct parse_ctx *ctx, const char *path, c
     }
     va_end(ap);
     ctx->nerr++;
-}
-
-static char *xstrdup(const char *s)
-{
-    char *d = strdup(s);
-    if (!d)
-        abort();
-    return d;
 }
 
 /* Complain about keys of `obj` not in `known` (a NULL-terminated list): typos must not pass. */
@@ -141,16 +134,14 @@ static char **get_strings(struct parse_ctx *ctx, const char *path, json_t *obj, 
         cfg_error(ctx, p, "must be an array of strings");
         return NULL;
     }
-    char **out = calloc(json_array_size(arr) + 1, sizeof(char *));
-    if (!out)
-        abort();
+    char **out = vm_calloc(json_array_size(arr) + 1, sizeof(char *));
     size_t i, n = 0;
     json_t *v;
     json_array_foreach(arr, i, v) {
         if (!json_is_string(v))
             cfg_error(ctx, p, "entry %zu must be a string", i);
         else
-            out[n++] = xstrdup(json_string_value(v));
+            out[n++] = vm_strdup(json_string_value(v));
     }
     return out;
 }
@@ -184,16 +175,14 @@ static struct vm_tls_cfg *parse_tls(struct parse_ctx *ctx, const char *path, jso
         return NULL;
     }
     check_keys(ctx, path, o, server ? server_keys : client_keys);
-    struct vm_tls_cfg *t = calloc(1, sizeof(*t));
-    if (!t)
-        abort();
+    struct vm_tls_cfg *t = vm_calloc(1, sizeof(*t));
     static const char *const files[] = {"cert", "key", "ca", "crl"};
     char **slots[] = {&t->cert, &t->key, &t->ca, &t->crl};
     for (int i = 0; i < 4; i++) {
         const char *f = get_string(ctx, path, o, files[i], server && i < 3);
         if (!f)
             continue;
-        *slots[i] = xstrdup(f);
+        *slots[i] = vm_strdup(f);
         if (!readable(f)) {
             char p[160];
             snprintf(p, sizeof(p), "%s.%s", path, files[i]);
@@ -223,7 +212,7 @@ static struct vm_tls_cfg *parse_tls(struct parse_ctx *ctx, const char *path, jso
         t->no_verify = get_bool(ctx, path, o, "no_verify", 0);
         const char *sn = get_string(ctx, path, o, "server_name", 0);
         if (sn)
-            t->server_name = xstrdup(sn);
+            t->server_name = vm_strdup(sn);
         if (!t->ca && !t->no_verify)
             cfg_error(ctx, path, "needs \"ca\" to verify libvirtd (or \"no_verify\": true)");
     }
@@ -261,11 +250,11 @@ static void parse_upstream(struct parse_ctx *ctx, int i, json_t *o, struct vm_up
         snprintf(p, sizeof(p), "%s.name", path);
         cfg_error(ctx, p, "\"%s\" may only contain letters, digits, '-', '_' and '.'", name);
     }
-    u->name = xstrdup(name ? name : "");
+    u->name = vm_strdup(name ? name : "");
     const char *uri = get_string(ctx, path, o, "uri", 1);
     if (uri) {
         char err[256];
-        u->uri_text = xstrdup(uri);
+        u->uri_text = vm_strdup(uri);
         if (uri_parse(uri, &u->uri, err, sizeof(err)) < 0) {
             snprintf(p, sizeof(p), "%s.uri", path);
             cfg_error(ctx, p, "%s", err);
@@ -286,9 +275,9 @@ static void parse_upstream(struct parse_ctx *ctx, int i, json_t *o, struct vm_up
         const char *un = get_string(ctx, p, us, "username", 1);
         const char *pf = get_string(ctx, p, us, "password_file", 1);
         if (un)
-            u->sasl_user = xstrdup(un);
+            u->sasl_user = vm_strdup(un);
         if (pf) {
-            u->sasl_password_file = xstrdup(pf);
+            u->sasl_password_file = vm_strdup(pf);
             if (!readable(pf)) {
                 char q[128];
                 snprintf(q, sizeof(q), "%s.password_file", p);
@@ -321,7 +310,7 @@ static void parse_listener(struct parse_ctx *ctx, int i, json_t *o, struct vm_li
     const char *name = get_string(ctx, path, o, "name", 0);
     char defname[32];
     snprintf(defname, sizeof(defname), "listener%d", i);
-    l->name = xstrdup(name ? name : defname);
+    l->name = vm_strdup(name ? name : defname);
     const char *addr = get_string(ctx, path, o, "address", 0);
     const char *unix_path = get_string(ctx, path, o, "unix", 0);
     if (!addr == !unix_path)
@@ -332,14 +321,14 @@ static void parse_listener(struct parse_ctx *ctx, int i, json_t *o, struct vm_li
             snprintf(p, sizeof(p), "%s.address", path);
             cfg_error(ctx, p, "\"%s\" is not host:port", addr);
         }
-        l->address = xstrdup(addr);
+        l->address = vm_strdup(addr);
     }
     if (unix_path) {
         if (unix_path[0] != '/' || strlen(unix_path) >= 108) {
             snprintf(p, sizeof(p), "%s.unix", path);
             cfg_error(ctx, p, "must be an absolute path shorter than 108 bytes");
         }
-        l->unix_path = xstrdup(unix_path);
+        l->unix_path = vm_strdup(unix_path);
     }
     l->mode = 0666;
     const char *mode = get_string(ctx, path, o, "mode", 0);
@@ -381,7 +370,7 @@ static void parse_listener(struct parse_ctx *ctx, int i, json_t *o, struct vm_li
     }
     const char *up = get_string(ctx, path, o, "upstream", 0);
     if (up)
-        l->upstream = xstrdup(up);
+        l->upstream = vm_strdup(up);
     l->readonly = get_bool(ctx, path, o, "readonly", 0);
 }
 
@@ -432,9 +421,7 @@ static void parse_grant(struct parse_ctx *ctx, const char *path, json_t *o, stru
         cfg_error(ctx, p, "must be \"*\" or an array of upstream names");
         return;
     }
-    r->upstreams = calloc(json_array_size(ups) + 1, sizeof(char *));
-    if (!r->upstreams)
-        abort();
+    r->upstreams = vm_calloc(json_array_size(ups) + 1, sizeof(char *));
     size_t i;
     json_t *v;
     json_array_foreach(ups, i, v) {
@@ -445,7 +432,7 @@ static void parse_grant(struct parse_ctx *ctx, const char *path, json_t *o, stru
         const char *name = json_string_value(v);
         if (strcmp(name, "*") != 0 && !config_upstream(cfg, name))
             cfg_error(ctx, p, "no upstream is called \"%s\"", name);
-        r->upstreams[i] = xstrdup(name);
+        r->upstreams[i] = vm_strdup(name);
     }
 }
 
@@ -481,9 +468,7 @@ static void parse_policy(struct parse_ctx *ctx, json_t *pol, struct vm_config *c
         return;
     }
     cfg->nrules = (int)json_array_size(rules);
-    cfg->rules = calloc((size_t)cfg->nrules + 1, sizeof(*cfg->rules));
-    if (!cfg->rules)
-        abort();
+    cfg->rules = vm_calloc((size_t)cfg->nrules + 1, sizeof(*cfg->rules));
     for (int i = 0; i < cfg->nrules; i++) {
         char path[64], p[96];
         snprintf(path, sizeof(path), "policy.rules[%d]", i);
@@ -504,11 +489,11 @@ static void parse_policy(struct parse_ctx *ctx, json_t *pol, struct vm_config *c
         check_keys(ctx, p, m, match_keys);
         const char *s;
         if ((s = get_string(ctx, p, m, "listener", 0)))
-            r->listener = xstrdup(s);
+            r->listener = vm_strdup(s);
         if ((s = get_string(ctx, p, m, "sasl_user", 0)))
-            r->sasl_user = xstrdup(s);
+            r->sasl_user = vm_strdup(s);
         if ((s = get_string(ctx, p, m, "tls_dn", 0)))
-            r->tls_dn = xstrdup(s);
+            r->tls_dn = vm_strdup(s);
         if ((s = get_string(ctx, p, m, "source", 0)) && parse_cidr(s, r) < 0) {
             char q[128];
             snprintf(q, sizeof(q), "%s.source", p);
@@ -533,9 +518,7 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
                                              "auth_timeout_s", NULL};
     static const char *const ka_keys[] = {"interval_s", "count", NULL};
     static const char *const log_keys[] = {"level", "format", NULL};
-    struct vm_config *cfg = calloc(1, sizeof(*cfg));
-    if (!cfg)
-        abort();
+    struct vm_config *cfg = vm_calloc(1, sizeof(*cfg));
     if (!json_is_object(root)) {
         cfg_error(ctx, "(root)", "must be an object");
         return cfg;
@@ -547,9 +530,7 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
         cfg_error(ctx, "upstreams", "must be a non-empty array");
     } else {
         cfg->nupstreams = (int)json_array_size(ups);
-        cfg->upstreams = calloc((size_t)cfg->nupstreams, sizeof(*cfg->upstreams));
-        if (!cfg->upstreams)
-            abort();
+        cfg->upstreams = vm_calloc((size_t)cfg->nupstreams, sizeof(*cfg->upstreams));
         for (int i = 0; i < cfg->nupstreams; i++) {
             parse_upstream(ctx, i, json_array_get(ups, (size_t)i), &cfg->upstreams[i]);
             for (int j = 0; j < i; j++)
@@ -568,9 +549,7 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
         cfg_error(ctx, "listeners", "must be a non-empty array");
     } else {
         cfg->nlisteners = (int)json_array_size(ls);
-        cfg->listeners = calloc((size_t)cfg->nlisteners, sizeof(*cfg->listeners));
-        if (!cfg->listeners)
-            abort();
+        cfg->listeners = vm_calloc((size_t)cfg->nlisteners, sizeof(*cfg->listeners));
         for (int i = 0; i < cfg->nlisteners; i++) {
             struct vm_listener_cfg *l = &cfg->listeners[i];
             parse_listener(ctx, i, json_array_get(ls, (size_t)i), l);
@@ -584,7 +563,7 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
 
     const char *def = get_string(ctx, "", root, "default_upstream", 0);
     if (def) {
-        cfg->default_upstream = xstrdup(def);
+        cfg->default_upstream = vm_strdup(def);
         if (!config_upstream(cfg, def))
             cfg_error(ctx, "default_upstream", "no upstream is called \"%s\"", def);
     }
@@ -636,25 +615,23 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
         cfg_error(ctx, "sasl", "a listener uses SASL: give at least \"sasldb\" or \"keytab\"");
     if (sasl) {
         check_keys(ctx, "sasl", sasl, sasl_keys);
-        struct vm_sasl_cfg *sc = calloc(1, sizeof(*sc));
-        if (!sc)
-            abort();
+        struct vm_sasl_cfg *sc = vm_calloc(1, sizeof(*sc));
         cfg->sasl = sc;
         const char *db = get_string(ctx, "sasl", sasl, "sasldb", 0);
         if (db) {
-            sc->sasldb = xstrdup(db);
+            sc->sasldb = vm_strdup(db);
             if (!readable(db))
                 cfg_error(ctx, "sasl.sasldb", "cannot read \"%s\"", db);
         }
         const char *kt = get_string(ctx, "sasl", sasl, "keytab", 0);
         if (kt) {
-            sc->keytab = xstrdup(kt);
+            sc->keytab = vm_strdup(kt);
             if (!readable(kt))
                 cfg_error(ctx, "sasl.keytab", "cannot read \"%s\"", kt);
         }
         const char *sh = get_string(ctx, "sasl", sasl, "service_host", 0);
         if (sh)
-            sc->service_host = xstrdup(sh);
+            sc->service_host = vm_strdup(sh);
         char **mechs = get_strings(ctx, "sasl", sasl, "mechanisms");
         char buf[256] = "";
         for (char **m = mechs; m && *m; m++) {
@@ -669,7 +646,7 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
             }
         }
         free_strings(mechs);
-        sc->mechanisms = xstrdup(buf[0] ? buf : "scram-sha-256 digest-md5 gssapi");
+        sc->mechanisms = vm_strdup(buf[0] ? buf : "scram-sha-256 digest-md5 gssapi");
         sc->allowed_users = get_strings(ctx, "sasl", sasl, "allowed_users");
         sc->max_failures = get_int(ctx, "sasl", sasl, "max_failures", 5, 1, 100000);
         sc->failure_window_s = get_int(ctx, "sasl", sasl, "failure_window_s", 60, 1, 86400);
@@ -689,9 +666,9 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
         if (!a == !u)
             cfg_error(ctx, "admin", "needs exactly one of \"address\" and \"unix\"");
         if (a)
-            cfg->admin_address = xstrdup(a);
+            cfg->admin_address = vm_strdup(a);
         if (u)
-            cfg->admin_unix = xstrdup(u);
+            cfg->admin_unix = vm_strdup(u);
     }
 
     cfg->default_rule.index = -1;

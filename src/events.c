@@ -13,6 +13,7 @@
 #include "proc.h"
 #include "session.h"
 #include "upstream.h"
+#include "util.h"
 
 enum reg_state {
     REG_IDLE,          /* not registered upstream (new, or the event link was lost) */
@@ -60,9 +61,7 @@ struct vm_events {
 
 struct vm_events *events_new(struct vm_pool *p)
 {
-    struct vm_events *ev = calloc(1, sizeof(*ev));
-    if (!ev)
-        abort();
+    struct vm_events *ev = vm_calloc(1, sizeof(*ev));
     ev->pool = p;
     TAILQ_INIT(&ev->regs);
     snprintf(ev->tag, sizeof(ev->tag), "E:%s", pool_upstream(p) ? "pool" : "?");
@@ -320,9 +319,7 @@ void events_subscribe(struct vm_events *ev, struct vm_session *s, const struct v
     if (r)
         r->dead = 0; /* one registration per key: revive one that was on its way out */
     if (!r) {
-        r = calloc(1, sizeof(*r));
-        if (!r)
-            abort();
+        r = vm_calloc(1, sizeof(*r));
         r->ev = ev;
         r->prog = h->prog;
         r->reg_proc = h->proc;
@@ -344,9 +341,7 @@ void events_subscribe(struct vm_events *ev, struct vm_session *s, const struct v
             return;
         }
     }
-    sub = calloc(1, sizeof(*sub));
-    if (!sub)
-        abort();
+    sub = vm_calloc(1, sizeof(*sub));
     sub->s = s;
     sub->reg = r;
     sub->client_id = session_next_callback_id(s);

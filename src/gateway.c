@@ -24,6 +24,7 @@
 #include "pool.h"
 #include "session.h"
 #include "tls.h"
+#include "util.h"
 
 struct reap_node {
     void (*fn)(void *);
@@ -70,9 +71,7 @@ static void reap(evutil_socket_t fd, short what, void *arg)
 
 struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
 {
-    struct vm_gateway *gw = calloc(1, sizeof(*gw));
-    if (!gw)
-        abort();
+    struct vm_gateway *gw = vm_calloc(1, sizeof(*gw));
     gw->base = base;
     gw->cfg = cfg;
     gw->accepting = 1;
@@ -88,9 +87,7 @@ struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
 
 int gateway_start(struct vm_gateway *gw)
 {
-    gw->upstream_tls = calloc((size_t)gw->cfg->nupstreams, sizeof(SSL_CTX *));
-    if (!gw->upstream_tls)
-        abort();
+    gw->upstream_tls = vm_calloc((size_t)gw->cfg->nupstreams, sizeof(SSL_CTX *));
     for (int i = 0; i < gw->cfg->nupstreams; i++) {
         const struct vm_upstream_cfg *up = &gw->cfg->upstreams[i];
         if (!up->tls)
@@ -247,9 +244,7 @@ struct vm_pool *gateway_pool(struct vm_gateway *gw, const struct vm_upstream_cfg
     LIST_FOREACH(n, &gw->pools, entry)
         if (!n->dying && pool_matches(n->pool, up, name, readonly))
             return n->pool;
-    n = calloc(1, sizeof(*n));
-    if (!n)
-        abort();
+    n = vm_calloc(1, sizeof(*n));
     n->pool = pool_new(gw, up, name, readonly);
     LIST_INSERT_HEAD(&gw->pools, n, entry);
     gw->npools++;

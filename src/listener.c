@@ -21,6 +21,7 @@
 #include "log.h"
 #include "session.h"
 #include "tls.h"
+#include "util.h"
 
 struct vm_listener {
     struct vm_gateway *gw;             /* not owned */
@@ -151,9 +152,7 @@ evutil_socket_t listener_bind_unix(const char *path, unsigned mode, char *err, s
 
 struct vm_listener *listener_new(struct vm_gateway *gw, const struct vm_listener_cfg *cfg)
 {
-    struct vm_listener *l = calloc(1, sizeof(*l));
-    if (!l)
-        abort();
+    struct vm_listener *l = vm_calloc(1, sizeof(*l));
     l->gw = gw;
     l->cfg = cfg;
     snprintf(l->tag, sizeof(l->tag), "L:%s", cfg->name);

@@ -27,6 +27,7 @@
 #include "log.h"
 #include "session.h"
 #include "upstream.h"
+#include "util.h"
 
 struct link_node {
     struct vm_link *link;
@@ -57,9 +58,7 @@ static struct vm_link *least_referenced_ready(struct vm_pool *p);
 struct vm_pool *pool_new(struct vm_gateway *gw, const struct vm_upstream_cfg *up,
                          const char *name, int readonly)
 {
-    struct vm_pool *p = calloc(1, sizeof(*p));
-    if (!p)
-        abort();
+    struct vm_pool *p = vm_calloc(1, sizeof(*p));
     p->gw = gw;
     p->up = up;
     p->name = strdup(name);
@@ -187,9 +186,7 @@ static int any_connecting(struct vm_pool *p)
 
 static void add_link(struct vm_pool *p)
 {
-    struct link_node *n = calloc(1, sizeof(*n));
-    if (!n)
-        abort();
+    struct link_node *n = vm_calloc(1, sizeof(*n));
     TAILQ_INSERT_TAIL(&p->links, n, entry);
     p->nlinks++;
     n->link = link_new(p); /* may report failure synchronously through pool_link_down */

@@ -5,20 +5,13 @@
 #include <string.h>
 
 #include "config.h"
+#include "util.h"
 
 void route_clear(struct vm_route *r)
 {
     free(r->name);
     r->name = NULL;
     r->upstream = NULL;
-}
-
-static char *xstrdup(const char *s)
-{
-    char *d = strdup(s);
-    if (!d)
-        abort();
-    return d;
 }
 
 int router_resolve(const struct vm_config *cfg, const char *listener_upstream, const char *name,
@@ -63,6 +56,6 @@ int router_resolve(const struct vm_config *cfg, const char *listener_upstream, c
         snprintf(err, errlen, "no connection driver available for %s", name);
         return -1;
     }
-    r->name = name[0] ? xstrdup(name) : uri_default_name(&r->upstream->uri);
+    r->name = name[0] ? vm_strdup(name) : uri_default_name(&r->upstream->uri);
     return 0;
 }

@@ -40,6 +40,7 @@
 #include "tls.h"
 #include "upstream.h"
 #include "wire.h"
+#include "util.h"
 
 #define MAX_NAME_LEN 4096
 
@@ -393,9 +394,7 @@ void session_home_lost(struct vm_session *s)
 /* Hand a call to the pool; the packet moves into the call record. */
 static void forward_call(struct vm_session *s, const struct vm_hdr *h, struct evbuffer *pkt)
 {
-    struct vm_call *c = calloc(1, sizeof(*c));
-    if (!c)
-        abort();
+    struct vm_call *c = vm_calloc(1, sizeof(*c));
     c->session = s;
     c->hdr = *h;
     c->pkt = evbuffer_new();
@@ -761,9 +760,7 @@ void session_event_cb(struct bufferevent *bev, short what, void *arg)
 void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evutil_socket_t fd,
                  const char *peer, const struct vm_identity *id, SSL_CTX *tls)
 {
-    struct vm_session *s = calloc(1, sizeof(*s));
-    if (!s)
-        abort();
+    struct vm_session *s = vm_calloc(1, sizeof(*s));
     s->gw = gw;
     s->lcfg = lcfg;
     s->id = gateway_next_id(gw);

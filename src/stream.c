@@ -13,6 +13,7 @@
 #include "proc.h"
 #include "session.h"
 #include "upstream.h"
+#include "util.h"
 
 #define UP_HIGH (1u << 20) /* stop reading the client above this much unsent upstream output */
 
@@ -55,9 +56,7 @@ static void stream_free(struct vm_stream *st)
 void stream_start(struct vm_session *s, struct vm_pool *p, const struct vm_hdr *h,
                   struct evbuffer *pkt)
 {
-    struct vm_stream *st = calloc(1, sizeof(*st));
-    if (!st)
-        abort();
+    struct vm_stream *st = vm_calloc(1, sizeof(*st));
     st->s = s;
     st->call = *h;
     st->early = evbuffer_new();

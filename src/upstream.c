@@ -42,6 +42,7 @@
 #include "proc.h"
 #include "stream.h"
 #include "wire.h"
+#include "util.h"
 
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 2000
@@ -133,9 +134,7 @@ static void arm_timer(struct vm_link *l, int ms, int idle)
 
 struct vm_link *link_new(struct vm_pool *p)
 {
-    struct vm_link *l = calloc(1, sizeof(*l));
-    if (!l)
-        abort();
+    struct vm_link *l = vm_calloc(1, sizeof(*l));
     const struct vm_upstream_cfg *up = pool_upstream(p);
     l->pool = p;
     l->gw = pool_gateway(p);
@@ -295,9 +294,7 @@ int link_send_internal(struct vm_link *l, uint32_t prog, int32_t proc, const voi
 {
     if (l->state != VM_LINK_READY || l->ninflight + l->ninternal >= l->nslots)
         return -1;
-    struct vm_call *c = calloc(1, sizeof(*c));
-    if (!c)
-        abort();
+    struct vm_call *c = vm_calloc(1, sizeof(*c));
     c->done = done;
     c->done_arg = arg;
     c->pkt = evbuffer_new();

@@ -1,4 +1,5 @@
 #include "uri.h"
+#include "util.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,24 +20,16 @@ void uri_clear(struct vm_uri *u)
     memset(u, 0, sizeof(*u));
 }
 
-static char *dupn(const char *s, size_t n)
-{
-    char *d = strndup(s, n);
-    if (!d)
-        abort();
-    return d;
-}
-
 /* Split the query: take socket=..., keep the rest for the driver. */
 static int take_query(struct vm_uri *u, const char *q, char *err, size_t errlen)
 {
-    char *copy = dupn(q, strlen(q));
+    char *copy = vm_strndup(q, strlen(q));
     char rest[1024] = "";
     char *save = NULL;
     for (char *kv = strtok_r(copy, "&", &save); kv; kv = strtok_r(NULL, "&", &save)) {
         if (strncasecmp(kv, "socket=", 7) == 0) {
             free(u->socket);
-            u->socket = dupn(kv + 7, strlen(kv + 7));
+            u->socket = vm_strndup(kv + 7, strlen(kv + 7));
         } else if (strncasecmp(kv, "name=", 5) == 0) {
             snprintf(err, errlen, "the \"name\" parameter is not supported");
             free(copy);
@@ -49,7 +42,7 @@ static int take_query(struct vm_uri *u, const char *q, char *err, size_t errlen)
     }
     free(copy);
     if (rest[0])
-        u->query = dupn(rest, strlen(rest));
+        u->query = vm_strndup(rest, strlen(rest));
     return 0;
 }
 
@@ -64,7 +57,7 @@ int uri_parse(const char *s, struct vm_uri *u, char *err, size_t errlen)
     const char *plus = memchr(s, '+', (size_t)(sep - s));
     const char *tr = plus ? plus + 1 : NULL;
     size_t trlen = plus ? (size_t)(sep - tr) : 0;
-    u->driver = dupn(s, plus ? (size_t)(plus - s) : (size_t)(sep - s));
+    u->driver = vm_strndup(s, plus ? (size_t)(plus - s) : (size_t)(sep - s));
     if (!u->driver[0]) {
         snprintf(err, errlen, "missing driver in \"%s\"", s);
         goto fail;
@@ -99,12 +92,12 @@ int uri_parse(const char *s, struct vm_uri *u, char *err, size_t errlen)
                 snprintf(err, errlen, "unterminated IPv6 address");
                 goto fail;
             }
-            u->host = dupn(auth + 1, (size_t)(close - auth - 1));
+            u->host = vm_strndup(auth + 1, (size_t)(close - auth - 1));
             if ((size_t)(close + 1 - auth) < authlen && close[1] == ':')
                 colon = close + 1;
         } else {
             colon = memchr(auth, ':', authlen);
-            u->host = dupn(auth, colon ? (size_t)(colon - auth) : authlen);
+            u->host = vm_strndup(auth, colon ? (size_t)(colon - auth) : authlen);
         }
         u->port = u->transport == VM_TR_TLS ? DEFAULT_TLS_PORT : DEFAULT_TCP_PORT;
         if (colon) {
@@ -123,11 +116,11 @@ int uri_parse(const char *s, struct vm_uri *u, char *err, size_t errlen)
 
     const char *p = auth + authlen;
     const char *q = strchr(p, '?');
-    u->path = dupn(p, q ? (size_t)(q - p) : strlen(p));
+    u->path = vm_strndup(p, q ? (size_t)(q - p) : strlen(p));
     if (q && take_query(u, q + 1, err, errlen) < 0)
         goto fail;
     if (u->transport == VM_TR_UNIX && !u->socket)
-        u->socket = dupn(DEFAULT_UNIX_SOCKET, strlen(DEFAULT_UNIX_SOCKET));
+        u->socket = vm_strndup(DEFAULT_UNIX_SOCKET, strlen(DEFAULT_UNIX_SOCKET));
     if (u->transport != VM_TR_UNIX && u->socket) {
         snprintf(err, errlen, "\"socket\" only applies to unix URIs");
         goto fail;
