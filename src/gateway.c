@@ -23,6 +23,7 @@
 #include "log.h"
 #include "pool.h"
 #include "session.h"
+#include "stream.h"
 #include "tls.h"
 #include "util.h"
 
@@ -177,15 +178,34 @@ void gateway_log_status(struct vm_gateway *gw)
         pool_log_status(n->pool);
 }
 
+/* Counters that must return to their resting values once clients leave (fault tests read
+ * them): every session, call, queued call, link reference and stream is accounted here. */
+static json_t *totals_json(struct vm_gateway *gw)
+{
+    struct vm_pool_totals t = {0};
+    struct pool_node *n;
+    LIST_FOREACH(n, &gw->pools, entry)
+        pool_add_totals(n->pool, &t);
+    int outstanding = 0;
+    for (int i = 0; i < gw->nsessions; i++)
+        outstanding += session_outstanding(gw->sessions[i]);
+    return json_pack("{s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:i}", "sessions",
+                     gw->nsessions, "unauthenticated", gw->nunauth, "calls_outstanding",
+                     outstanding, "pools", gw->npools, "links", t.links, "link_refs",
+                     t.link_refs, "inflight", t.inflight, "internal_inflight", t.internal,
+                     "queued", t.queued, "opening", t.opening, "streams", stream_count());
+}
+
 json_t *gateway_status_json(struct vm_gateway *gw)
 {
     json_t *pools = json_array();
     struct pool_node *n;
     LIST_FOREACH(n, &gw->pools, entry)
         json_array_append_new(pools, pool_status_json(n->pool));
-    return json_pack("{s:i, s:i, s:o, s:I, s:o}", "sessions", gw->nsessions, "max_clients",
-                     gw->cfg->max_clients, "pools", pools, "denials_total",
-                     (json_int_t)audit_total(gw->audit), "denials", audit_json(gw->audit));
+    return json_pack("{s:i, s:i, s:o, s:o, s:I, s:o}", "sessions", gw->nsessions, "max_clients",
+                     gw->cfg->max_clients, "totals", totals_json(gw), "pools", pools,
+                     "denials_total", (json_int_t)audit_total(gw->audit), "denials",
+                     audit_json(gw->audit));
 }
 
 struct vm_audit *gateway_audit(const struct vm_gateway *gw)

@@ -427,6 +427,19 @@ void pool_link_gone(struct vm_pool *p, struct vm_link *l)
     gateway_pool_check(p->gw, p);
 }
 
+void pool_add_totals(const struct vm_pool *p, struct vm_pool_totals *t)
+{
+    struct link_node *n;
+    TAILQ_FOREACH(n, &p->links, entry) {
+        t->links++;
+        t->link_refs += link_refs(n->link);
+        t->inflight += link_inflight(n->link);
+        t->internal += link_internal(n->link);
+    }
+    t->queued += p->nqueued;
+    t->opening += p->nwaiters;
+}
+
 static const char *const link_states[] = {"connecting", "handshake", "ready", "backoff"};
 
 json_t *pool_status_json(const struct vm_pool *p)

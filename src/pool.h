@@ -57,6 +57,11 @@ void pool_link_down(struct vm_pool *p, struct vm_link *l, const void *err_payloa
 /* The link is being freed and leaves the pool. */
 void pool_link_gone(struct vm_pool *p, struct vm_link *l);
 
+/* Running totals over pools, for the admin status (each field is added to). */
+struct vm_pool_totals {
+    int links, link_refs, inflight, internal, queued, opening;
+};
+void pool_add_totals(const struct vm_pool *p, struct vm_pool_totals *t);
 /* The pool and its links as JSON (admin status); caller owns it. */
 json_t *pool_status_json(const struct vm_pool *p);
 

@@ -144,6 +144,11 @@ struct vm_link *session_home(const struct vm_session *s)
     return s->home;
 }
 
+int session_outstanding(const struct vm_session *s)
+{
+    return s->noutstanding;
+}
+
 int session_slot(const struct vm_session *s)
 {
     return s->slot;

@@ -27,6 +27,8 @@ void session_home_lost(struct vm_session *s);
 
 const char *session_tag(const struct vm_session *s);
 struct vm_link *session_home(const struct vm_session *s);
+/* Calls of `s` forwarded or queued and not yet answered. */
+int session_outstanding(const struct vm_session *s);
 int session_slot(const struct vm_session *s);
 void session_set_slot(struct vm_session *s, int slot);
 

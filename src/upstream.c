@@ -88,6 +88,7 @@ static void event_cb(struct bufferevent *bev, short what, void *arg);
 enum vm_link_state link_state(const struct vm_link *l) { return l->state; }
 int link_refs(const struct vm_link *l) { return l->refs; }
 int link_inflight(const struct vm_link *l) { return l->ninflight; }
+int link_internal(const struct vm_link *l) { return l->ninternal; }
 const char *link_tag(const struct vm_link *l) { return l->tag; }
 
 int link_has_room(const struct vm_link *l)

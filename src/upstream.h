@@ -38,6 +38,8 @@ void link_retire(struct vm_link *l);
 enum vm_link_state link_state(const struct vm_link *l);
 int link_refs(const struct vm_link *l);
 int link_inflight(const struct vm_link *l);
+/* The gateway's own calls in flight (event registrations). */
+int link_internal(const struct vm_link *l);
 int link_has_room(const struct vm_link *l);
 const char *link_tag(const struct vm_link *l);
 
