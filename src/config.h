@@ -20,6 +20,8 @@
  *     .pool.give_up_s      int 0..86400, 60: after this long without reconnecting, sessions
  *                          homed on a lost connection are told (close callback) and closed;
  *                          0 = keep retrying forever
+ *     .pool.max_streams    int 1..1024, 8: streams (each on its own upstream connection) open
+ *                          at once; more wait up to limits.queue_timeout_ms, then fail
  *   default_upstream       name, optional
  *   limits.max_clients     int, 10000
  *   limits.queue_timeout_ms int, 30000
@@ -129,6 +131,7 @@ struct vm_pool_cfg {
     int idle_timeout_s;
     int connect_timeout_ms;
     int give_up_s;
+    int max_streams;
 };
 
 struct vm_upstream_cfg {

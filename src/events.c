@@ -154,9 +154,20 @@ static int32_t family_of(uint32_t prog, const char *event_name)
 
 /* ---- answering subscribers ---- */
 
+/* The subscriber's register call is answered (or abandoned): it no longer counts against the
+ * session's max_client_requests. */
+static void settle(struct vm_sub *sub)
+{
+    if (sub->pending) {
+        sub->pending = 0;
+        session_request_end(sub->s);
+    }
+}
+
 static void sub_remove(struct vm_sub *sub)
 {
     struct vm_evreg *r = sub->reg;
+    settle(sub);
     TAILQ_REMOVE(&r->subs, sub, reg_entry);
     TAILQ_REMOVE(session_subs(sub->s), sub, sess_entry);
     r->nsubs--;
@@ -171,7 +182,7 @@ static void answer_ok(struct vm_sub *sub)
     xb_i32(&b, sub->client_id);
     wire_put_reply(session_output(sub->s), &sub->hdr, b.p, b.len);
     xb_free(&b);
-    sub->pending = 0;
+    settle(sub);
 }
 
 /* Fail every pending subscriber of `r`, with the upstream's error payload or our message. */
@@ -346,6 +357,7 @@ void events_subscribe(struct vm_events *ev, struct vm_session *s, const struct v
     sub->reg = r;
     sub->client_id = session_next_callback_id(s);
     sub->pending = 1;
+    session_request_begin(s);
     sub->hdr = *h;
     TAILQ_INSERT_TAIL(&r->subs, sub, reg_entry);
     TAILQ_INSERT_TAIL(session_subs(s), sub, sess_entry);

@@ -69,6 +69,18 @@ int session_output_full(struct vm_session *s)
 
 static void update_flow(struct vm_session *s);
 
+void session_request_begin(struct vm_session *s)
+{
+    s->noutstanding++;
+    update_flow(s);
+}
+
+void session_request_end(struct vm_session *s)
+{
+    s->noutstanding--;
+    update_flow(s);
+}
+
 void session_block_reading(struct vm_session *s, int on)
 {
     s->blocked += on ? 1 : -1;
@@ -725,6 +737,9 @@ static void process_input(struct vm_session *s)
         evbuffer_remove_buffer(in, pkt, len);
         handle_packet(s, pkt);
         evbuffer_free(pkt);
+        /* Every packet may have added output (a local answer, an error, a PONG): a client
+         * that sends but never reads is stopped here, whatever it sent. */
+        update_flow(s);
     }
 }
 

@@ -81,8 +81,6 @@ struct vm_session {
 
 /* session.c */
 struct evbuffer *session_out(struct vm_session *s);
-void session_reply_error(struct vm_session *s, const struct vm_hdr *h, int code, int domain,
-                         const char *msg);
 void session_read_cb(struct bufferevent *bev, void *arg);
 void session_write_cb(struct bufferevent *bev, void *arg);
 void session_event_cb(struct bufferevent *bev, short what, void *arg);
