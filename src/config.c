@@ -512,7 +512,7 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
     static const char *const sasl_keys[] = {"sasldb", "mechanisms", "allowed_users", "keytab",
                                             "service_host", "max_failures",
                                             "failure_window_s", NULL};
-    static const char *const events_keys[] = {"max_queue_bytes", NULL};
+    static const char *const events_keys[] = {"max_queue_bytes", "max_per_session", NULL};
     static const char *const admin_keys[] = {"address", "unix", NULL};
     static const char *const limit_keys[] = {"max_clients", "queue_timeout_ms",
                                              "max_client_requests", "max_unauthenticated",
@@ -658,6 +658,7 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
         check_keys(ctx, "events", evs, events_keys);
     cfg->event_queue_bytes = get_int(ctx, "events", evs, "max_queue_bytes", 8 << 20, 65536,
                                      1 << 30);
+    cfg->event_max_per_session = get_int(ctx, "events", evs, "max_per_session", 256, 1, 65536);
 
     json_t *admin = get_object(ctx, "", root, "admin");
     if (admin) {

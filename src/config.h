@@ -34,6 +34,7 @@
  *   keepalive.count        int, 5
  *   log.level              "error" | "warn" | "info" | "debug", "info"
  *   log.format             "text" | "json", "text"
+ *   events.max_per_session int 1..65536, 256: event registrations one session may hold
  *   events.max_queue_bytes int, 8388608: a subscriber whose unsent output would pass this is
  *                          cut off (closed), so it cannot hold the others back
  *   sasl.sasldb            path of the sasldb (never /etc unless you say so)
@@ -160,6 +161,7 @@ struct vm_config {
     int log_level;
     int log_json;
     int event_queue_bytes;
+    int event_max_per_session;
     struct vm_sasl_cfg *sasl; /* needed by listeners with SASL */
     char *admin_address;    /* HTTP status endpoint, or NULL */
     char *admin_unix;

@@ -8,6 +8,7 @@
 
 #include "call.h"
 #include "config.h"
+#include "gateway.h"
 #include "log.h"
 #include "pool.h"
 #include "proc.h"
@@ -322,6 +323,18 @@ static void send_register(struct vm_evreg *r)
 void events_subscribe(struct vm_events *ev, struct vm_session *s, const struct vm_hdr *h,
                       const uint8_t *args, size_t n)
 {
+    struct vm_sub *sub;
+    int mine = 0;
+    TAILQ_FOREACH(sub, session_subs(s), sess_entry)
+        mine++;
+    int max = gateway_config(pool_gateway(ev->pool))->event_max_per_session;
+    if (mine >= max) {
+        char msg[200];
+        snprintf(msg, sizeof(msg), "operation failed: this connection already holds %d event "
+                 "registrations (virtmux events.max_per_session)", max);
+        wire_put_error(session_output(s), h, VIR_ERR_OPERATION_FAILED, VIR_FROM_NONE, msg);
+        return;
+    }
     struct vm_evreg *r;
     TAILQ_FOREACH(r, &ev->regs, entry)
         if (r->prog == h->prog && r->reg_proc == h->proc && r->nargs == n &&
@@ -344,7 +357,6 @@ void events_subscribe(struct vm_events *ev, struct vm_session *s, const struct v
         TAILQ_INSERT_TAIL(&ev->regs, r, entry);
         ev->nregs++;
     }
-    struct vm_sub *sub;
     TAILQ_FOREACH(sub, &r->subs, reg_entry) {
         if (sub->s == s) { /* libvirtd's answer to the same registration twice */
             wire_put_error(session_output(s), h, VIR_ERR_INVALID_ARG, VIR_FROM_NONE,

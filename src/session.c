@@ -492,7 +492,7 @@ static void handle_event_call(struct vm_session *s, const struct vm_hdr *h, stru
         return;
     }
     size_t n = h->len - VM_HDR_LEN;
-    if (n > 65536) {
+    if (n > EVENT_ARGS_MAX) {
         session_reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "Unable to decode message payload");
         return;
     }

@@ -24,6 +24,9 @@ typedef struct ssl_st SSL;
 
 #define OUT_HIGH (1u << 20) /* stop reading the client above this much unsent output */
 #define OUT_LOW (256u << 10)
+/* Event registration arguments are an event id and an optional object reference: a few
+ * hundred bytes. They are kept for the registration's life, so they are bounded. */
+#define EVENT_ARGS_MAX 8192
 #define OUTSTANDING_BYTES_MAX ((size_t)64 << 20) /* call bytes one client may have in flight */
 
 enum session_state { S_TLS, S_NEW, S_OPENING, S_OPEN, S_CLOSING };

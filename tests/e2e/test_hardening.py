@@ -279,3 +279,42 @@ def test_streams_hold_the_clients_request_slots(libvirtd, gateway):
     # four streams are open (never finished by this client); the rest are not read
     assert libvirtd.nclients() <= 1 + 4, libvirtd.nclients()
     c.close()
+
+
+# ---------------------------------------------------------------------------
+# bounds that held already, proved the same way
+# ---------------------------------------------------------------------------
+
+def test_forwarded_calls_from_a_client_that_never_reads(shared_libvirtd, gateway):
+    gw = gateway.single(shared_libvirtd.direct_uri)
+    c = harness.RawClient(port=gw.port, rcvbuf=4096)
+    c.handshake()
+    before = rss_bytes(gw.proc.pid)
+    call = build_packet(REMOTE_PROGRAM, REMOTE_VERSION, harness.PROC_CONNECT_LIST_ALL_DOMAINS,
+                        TYPE_CALL, 99, payload=struct.pack(">iI", 1, 0))
+    sent = flood(c.sock, call, 6)
+    assert_bounded(gw, before, sent, "forwarded calls, replies never read")
+    c.close()
+
+
+def test_event_registrations_per_session_are_capped(shared_libvirtd, gateway):
+    cfg = harness.make_config([harness.upstream_entry("hv1", shared_libvirtd.direct_uri)],
+                              default_upstream="hv1", events={"max_per_session": 4})
+    gw = gateway(cfg)
+    c = raw_open(gw)
+    for event_id in range(4):
+        p = c.call(PROC_REGISTER_ANY, struct.pack(">iI", event_id, 0))
+        assert p.status == STATUS_OK, harness.decode_error(p.payload)
+    p = c.call(PROC_REGISTER_ANY, struct.pack(">iI", 5, 0))
+    assert p.status == STATUS_ERROR
+    assert "events.max_per_session" in harness.decode_error(p.payload)["message"]
+    # registration arguments are kept for the registration's life: a huge one is refused
+    p = c.call(PROC_REGISTER_ANY, struct.pack(">iI", 6, 0) + b"\0" * 9000)
+    assert p.status == STATUS_ERROR
+    assert "decode" in harness.decode_error(p.payload)["message"]
+    # deregistering one frees a place
+    p = c.call(PROC_REGISTER_ANY + 1, struct.pack(">i", 0))
+    assert p.status == STATUS_OK
+    p = c.call(PROC_REGISTER_ANY, struct.pack(">iI", 5, 0))
+    assert p.status == STATUS_OK, harness.decode_error(p.payload)
+    c.close()
