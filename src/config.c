@@ -330,7 +330,7 @@ static void parse_listener(struct parse_ctx *ctx, int i, json_t *o, struct vm_li
         }
         l->unix_path = vm_strdup(unix_path);
     }
-    l->mode = 0666;
+    l->mode = 0660; /* owner and group: local users are not clients unless let in */
     const char *mode = get_string(ctx, path, o, "mode", 0);
     if (mode) {
         char *end;

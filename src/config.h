@@ -5,7 +5,7 @@
  *     .name                string, "listenerN"
  *     .address             "host:port" TCP listener            } exactly one of
  *     .unix                path of a unix socket listener      } address / unix
- *     .mode                octal string for the unix socket, "0666"
+ *     .mode                octal string for the unix socket, "0660"
  *     .auth                "none" | "sasl" | "tls" | "tls+sasl" | "peer", "none"
  *     .tls                 {cert, key, ca, crl, verify_client: "required"|"optional"|"none",
  *                           allowed_dn: [globs]}: makes it a TLS listener

@@ -52,6 +52,10 @@ int main(void)
         config_free(cfg);
     }
 
+    cfg = config_parse("{\"listeners\":[{\"unix\":\"/run/virtmux/s\"}]," UP "}", stderr);
+    CHECK(cfg && cfg->listeners[0].mode == 0660); /* owner and group only by default */
+    config_free(cfg);
+
     const char *e;
     e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}],"
                   " \"upstreams\":[{\"name\":\"a\",\"uri\":\"qemu+tcp://h/system\"},"
