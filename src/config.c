@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 
 #include <jansson.h>
 
@@ -164,6 +165,18 @@ static int readable(const char *file)
     return 1;
 }
 
+/* A file holding a secret (private key, sasldb, keytab, password) must not be open to other
+ * users: refuse the config rather than serve with a key anyone on the host may have copied.
+ * Group access is allowed (a service group is the usual way to share it). */
+static void check_private(struct parse_ctx *ctx, const char *path, const char *file)
+{
+    struct stat st;
+    if (stat(file, &st) < 0 || !(st.st_mode & (S_IROTH | S_IWOTH)))
+        return;
+    cfg_error(ctx, path, "\"%s\" holds a secret but other users may read or write it "
+              "(mode %04o): chmod o-rw it", file, (unsigned)(st.st_mode & 07777));
+}
+
 static struct vm_tls_cfg *parse_tls(struct parse_ctx *ctx, const char *path, json_t *o, int server)
 {
     static const char *const server_keys[] = {"cert", "key", "ca", "crl", "verify_client",
@@ -183,11 +196,12 @@ static struct vm_tls_cfg *parse_tls(struct parse_ctx *ctx, const char *path, jso
         if (!f)
             continue;
         *slots[i] = vm_strdup(f);
-        if (!readable(f)) {
-            char p[160];
-            snprintf(p, sizeof(p), "%s.%s", path, files[i]);
+        char p[160];
+        snprintf(p, sizeof(p), "%s.%s", path, files[i]);
+        if (!readable(f))
             cfg_error(ctx, p, "cannot read \"%s\"", f);
-        }
+        else if (slots[i] == &t->key)
+            check_private(ctx, p, f);
     }
     if (!t->cert != !t->key)
         cfg_error(ctx, path, "cert and key go together");
@@ -278,11 +292,12 @@ static void parse_upstream(struct parse_ctx *ctx, int i, json_t *o, struct vm_up
             u->sasl_user = vm_strdup(un);
         if (pf) {
             u->sasl_password_file = vm_strdup(pf);
-            if (!readable(pf)) {
-                char q[128];
-                snprintf(q, sizeof(q), "%s.password_file", p);
+            char q[128];
+            snprintf(q, sizeof(q), "%s.password_file", p);
+            if (!readable(pf))
                 cfg_error(ctx, q, "cannot read \"%s\"", pf);
-            }
+            else
+                check_private(ctx, q, pf);
         }
     }
     snprintf(p, sizeof(p), "%s.pool", path);
@@ -622,12 +637,16 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
             sc->sasldb = vm_strdup(db);
             if (!readable(db))
                 cfg_error(ctx, "sasl.sasldb", "cannot read \"%s\"", db);
+            else
+                check_private(ctx, "sasl.sasldb", db);
         }
         const char *kt = get_string(ctx, "sasl", sasl, "keytab", 0);
         if (kt) {
             sc->keytab = vm_strdup(kt);
             if (!readable(kt))
                 cfg_error(ctx, "sasl.keytab", "cannot read \"%s\"", kt);
+            else
+                check_private(ctx, "sasl.keytab", kt);
         }
         const char *sh = get_string(ctx, "sasl", sasl, "service_host", 0);
         if (sh)

@@ -34,6 +34,8 @@
  *   log.format             "text" | "json", "text"
  *   events.max_queue_bytes int, 8388608: a subscriber whose unsent output would pass this is
  *                          cut off (closed), so it cannot hold the others back
+ *   Secret files (TLS keys, sasl.sasldb, sasl.keytab, upstreams[].sasl.password_file) with
+ *   mode & 0006 are refused: other users must not read or write them.
  *   sasl.sasldb            path of the sasldb (never /etc unless you say so)
  *   sasl.mechanisms        ["scram-sha-256", "digest-md5", "gssapi"], all three
  *   sasl.allowed_users     [globs], any
