@@ -41,7 +41,8 @@
  *   sasl.allowed_users     [globs], any
  *   sasl.keytab            GSSAPI keytab path, optional
  *   sasl.service_host      host part of the GSSAPI principal libvirt/HOST, the machine's name
- *   sasl.max_failures / sasl.failure_window_s   5 / 60: failed attempts per source address
+ *   sasl.max_failures / sasl.failure_window_s   5 / 60: failed attempts per source (TCP
+ *                          address; the uid for unix clients)
  *   upstreams[].tls        {cert, key, ca, crl, no_verify, server_name} for DRIVER+tls:// URIs
  *   upstreams[].sasl       {username, password_file}: when libvirtd asks for SASL
  *   admin.address          "host:port" of the HTTP status endpoint (GET /status), optional

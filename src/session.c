@@ -767,6 +767,7 @@ void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evut
     s->is_tcp = !id->is_unix;
     s->ident = *id;
     identity_str(&s->ident, s->ident_str, sizeof(s->ident_str));
+    identity_source(&s->ident, s->source, sizeof(s->source));
     TAILQ_INIT(&s->calls);
     TAILQ_INIT(&s->subs);
     TAILQ_INIT(&s->streams);

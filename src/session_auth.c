@@ -62,7 +62,7 @@ void session_handle_auth(struct vm_session *s, const struct vm_hdr *h, struct ev
     }
     if (!s->auth)
         s->auth = auth_new(cfg->sasl, s->ssl || !s->is_tcp,
-                           s->ssl ? SSL_get_cipher_bits(s->ssl, NULL) : 0, s->ident.source);
+                           s->ssl ? SSL_get_cipher_bits(s->ssl, NULL) : 0, s->source);
     size_t n = h->len - VM_HDR_LEN;
     const uint8_t *args = evbuffer_pullup(pkt, -1) + VM_HDR_LEN;
     int rc = auth_handle(s->auth, h, args, n, session_out(s), s->tag);

@@ -35,6 +35,7 @@ struct vm_session {
     char tag[160];
     struct vm_identity ident;          /* immutable after accept (auth will complete it) */
     char ident_str[160];
+    char source[64];                   /* identity_source: key of the per-source limits */
     const struct vm_rule *rule;        /* config snapshot; set at OPEN */
     int rule_held;                     /* counted against rule->max_sessions */
     struct bufferevent *bev;           /* owned */
