@@ -530,6 +530,7 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
     static const char *const admin_keys[] = {"address", "unix", NULL};
     static const char *const limit_keys[] = {"max_clients", "queue_timeout_ms",
                                              "max_client_requests", "max_unauthenticated",
+                                             "max_unauthenticated_per_source",
                                              "auth_timeout_s", NULL};
     static const char *const ka_keys[] = {"interval_s", "count", NULL};
     static const char *const log_keys[] = {"level", "format", NULL};
@@ -591,6 +592,14 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
     cfg->max_client_requests = get_int(ctx, "limits", limits, "max_client_requests", 16, 1, 4096);
     cfg->max_unauthenticated = get_int(ctx, "limits", limits, "max_unauthenticated", 20, 1,
                                        1000000);
+    int per_source = cfg->max_unauthenticated < 5 ? cfg->max_unauthenticated : 5;
+    cfg->max_unauthenticated_per_source = get_int(ctx, "limits", limits,
+                                                  "max_unauthenticated_per_source", per_source,
+                                                  1, 1000000);
+    if (cfg->max_unauthenticated_per_source > cfg->max_unauthenticated)
+        cfg_error(ctx, "limits.max_unauthenticated_per_source",
+                  "%d is more than limits.max_unauthenticated (%d)",
+                  cfg->max_unauthenticated_per_source, cfg->max_unauthenticated);
     cfg->auth_timeout_s = get_int(ctx, "limits", limits, "auth_timeout_s", 30, 1, 3600);
 
     json_t *ka = get_object(ctx, "", root, "keepalive");

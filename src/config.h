@@ -25,6 +25,9 @@
  *   limits.queue_timeout_ms int, 30000
  *   limits.max_unauthenticated int, 20: clients still authenticating at once (like libvirtd's
  *                          max_anonymous_clients); more are closed on accept
+ *   limits.max_unauthenticated_per_source int, 5 (or max_unauthenticated if lower), at most
+ *                          max_unauthenticated: the same per source (TCP address, unix uid),
+ *                          so one source cannot take every slot
  *   limits.auth_timeout_s  int, 30: a client that has not authenticated by then is closed
  *   limits.max_client_requests int 1..4096, 16: calls one client may have outstanding before
  *                          the gateway stops reading its socket
@@ -154,6 +157,7 @@ struct vm_config {
     int queue_timeout_ms;
     int max_client_requests;
     int max_unauthenticated;
+    int max_unauthenticated_per_source;
     int auth_timeout_s;
     int keepalive_interval_s;
     int keepalive_count;

@@ -471,7 +471,10 @@ def upstream_libvirtd(kind, env, request, tmp_path):
 def test_hundred_clients_one_upstream_connection(env, request, tmp_path,
                                                  gateway, kind):
     lvd, entry, (key, value) = upstream_libvirtd(kind, env, request, tmp_path)
-    gw = gateway(sasl_config(env, [entry]))
+    cfg = sasl_config(env, [entry])
+    # ten threads log in at once from one address (and one uid): let them
+    cfg["limits"] = {"max_unauthenticated_per_source": 10}
+    gw = gateway(cfg)
     uris = Uris(gw, env)
     users = ["alice", "monitor", "mona"]
     conns, errors = [], []
