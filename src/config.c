@@ -1,6 +1,8 @@
 #include "config.h"
 
 #include <arpa/inet.h>
+#include <grp.h>
+#include <pwd.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -519,10 +521,35 @@ static void parse_policy(struct parse_ctx *ctx, json_t *pol, struct vm_config *c
     }
 }
 
+/* process.user / process.group: checked here so that --check-config catches a typo, resolved
+ * again when privileges are dropped (privs.c). */
+static void parse_process(struct parse_ctx *ctx, json_t *proc, struct vm_config *cfg)
+{
+    static const char *const keys[] = {"user", "group", NULL};
+    if (!proc)
+        return;
+    check_keys(ctx, "process", proc, keys);
+    const char *user = get_string(ctx, "process", proc, "user", 0);
+    const char *group = get_string(ctx, "process", proc, "group", 0);
+    if (user) {
+        cfg->process_user = vm_strdup(user);
+        if (!getpwnam(user))
+            cfg_error(ctx, "process.user", "no user \"%s\"", user);
+    }
+    if (group) {
+        cfg->process_group = vm_strdup(group);
+        if (!user)
+            cfg_error(ctx, "process.group", "needs process.user");
+        else if (!getgrnam(group))
+            cfg_error(ctx, "process.group", "no group \"%s\"", group);
+    }
+}
+
 static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
 {
     static const char *const keys[] = {"listeners", "upstreams", "default_upstream", "limits",
-                                       "keepalive", "log", "admin", "policy", "events", "sasl", NULL};
+                                       "keepalive", "log", "admin", "policy", "events", "sasl",
+                                       "process", NULL};
     static const char *const sasl_keys[] = {"sasldb", "mechanisms", "allowed_users", "keytab",
                                             "service_host", "max_failures",
                                             "failure_window_s", NULL};
@@ -699,6 +726,8 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
             cfg->admin_unix = vm_strdup(u);
     }
 
+    parse_process(ctx, get_object(ctx, "", root, "process"), cfg);
+
     cfg->default_rule.index = -1;
     cfg->default_rule.uid = cfg->default_rule.gid = -1;
     json_t *pol = get_object(ctx, "", root, "policy");
@@ -773,6 +802,8 @@ void config_free(struct vm_config *cfg)
     }
     free(cfg->admin_address);
     free(cfg->admin_unix);
+    free(cfg->process_user);
+    free(cfg->process_group);
     for (int i = 0; i < cfg->nlisteners; i++) {
         struct vm_listener_cfg *l = &cfg->listeners[i];
         free(l->name);

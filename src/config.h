@@ -50,6 +50,10 @@
  *   upstreams[].sasl       {username, password_file}: when libvirtd asks for SASL
  *   admin.address          "host:port" of the HTTP status endpoint (GET /status), optional
  *   admin.unix             or a unix socket path for it
+ *   process.user           user name to run as once listeners are bound and keys read
+ *                          (needs root at start), optional; the sasldb, keytab and upstream
+ *                          password files must be readable by it
+ *   process.group          group name, optional: the user's primary group
  *   listeners[].readonly   bool, false: force read-only for every client of this listener
  *   policy                 optional; absent = every client may reach every upstream read-write
  *   policy.default         "deny" (the default) | "allow" | {grant}: when no rule matches
@@ -167,6 +171,8 @@ struct vm_config {
     struct vm_sasl_cfg *sasl; /* needed by listeners with SASL */
     char *admin_address;    /* HTTP status endpoint, or NULL */
     char *admin_unix;
+    char *process_user;     /* drop to this user after start-up, or NULL */
+    char *process_group;    /* ... and this group (NULL: the user's primary group) */
     int policy_present;     /* a policy section was given */
     struct vm_rule *rules;
     int nrules;
