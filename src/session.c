@@ -787,6 +787,7 @@ void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evut
     s->is_tcp = !id->is_unix;
     s->ident = *id;
     identity_str(&s->ident, s->ident_str, sizeof(s->ident_str));
+    identity_source(&s->ident, s->source, sizeof(s->source));
     TAILQ_INIT(&s->calls);
     TAILQ_INIT(&s->subs);
     TAILQ_INIT(&s->streams);
@@ -811,20 +812,8 @@ void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evut
     evbuffer_add_cb(bufferevent_get_output(s->bev), session_output_cb, s);
     bufferevent_enable(s->bev, EV_READ);
     gateway_session_opened(gw, s);
-    if (!s->authed) {
-        /* Unauthenticated clients are bounded in number and in time. */
-        if (gateway_unauth_acquire(gw) < 0) {
-            vm_warn(s->tag, "refused: max_unauthenticated (%d) clients are authenticating",
-                    gateway_config(gw)->max_unauthenticated);
-            session_close(s, "too many unauthenticated clients");
-            return;
-        }
-        s->unauth_slot = 1;
-        s->auth_timer = evtimer_new(gateway_base(gw), session_auth_timeout_cb, s);
-        struct timeval tv = {gateway_config(gw)->auth_timeout_s, 0};
-        if (!s->auth_timer || evtimer_add(s->auth_timer, &tv) < 0)
-            abort();
-    }
+    if (!s->authed && session_hold_unauth(s) < 0)
+        return;
     vm_info(s->tag, "connected on listener %s as %s", lcfg->name, s->ident_str);
 }
 

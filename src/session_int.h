@@ -38,6 +38,7 @@ struct vm_session {
     char tag[160];
     struct vm_identity ident;          /* immutable after accept (auth will complete it) */
     char ident_str[160];
+    char source[64];                   /* identity_source: key of the per-source limits */
     const struct vm_rule *rule;        /* config snapshot; set at OPEN */
     int rule_held;                     /* counted against rule->max_sessions */
     struct bufferevent *bev;           /* owned */
@@ -91,6 +92,9 @@ void session_output_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info
 
 /* session_auth.c */
 int session_uses_sasl(const struct vm_session *s);
+/* Unauthenticated clients are bounded in number (overall and per source) and in time: take
+ * a slot and start the auth timer, or close the session and return -1. */
+int session_hold_unauth(struct vm_session *s) VM_WUR;
 /* Give back the max_unauthenticated slot and the auth timer, if held. */
 void session_release_unauth(struct vm_session *s);
 void session_set_authenticated(struct vm_session *s, const char *how);
