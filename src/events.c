@@ -211,8 +211,8 @@ static void send_register(struct vm_evreg *r);
 /* The deregister call finished. libvirtd runs calls on worker threads, so a register for the
  * same key must not be sent before this (it would race ahead and be refused as "already
  * tracked"): subscribers that arrived meanwhile are registered now. */
-static void deregister_done(void *arg, const struct vm_hdr *h, struct evbuffer *pkt,
-                            const char *err)
+static void deregister_done(void *arg, struct vm_call *c, const struct vm_hdr *h,
+                            struct evbuffer *pkt, const struct vm_call_error *err)
 {
     struct vm_evreg *r = arg;
     if (r->ev->dying)
@@ -249,7 +249,8 @@ static void drop_reg(struct vm_evreg *r)
     reg_free(r);
 }
 
-static void register_done(void *arg, const struct vm_hdr *h, struct evbuffer *pkt, const char *err)
+static void register_done(void *arg, struct vm_call *c, const struct vm_hdr *h,
+                          struct evbuffer *pkt, const struct vm_call_error *err)
 {
     struct vm_evreg *r = arg;
     if (r->ev->dying)
@@ -264,7 +265,7 @@ static void register_done(void *arg, const struct vm_hdr *h, struct evbuffer *pk
         }
         char msg[400];
         snprintf(msg, sizeof(msg), "internal error: virtmux could not register the event "
-                 "upstream: %s", err ? err : "refused");
+                 "upstream: %s", err ? err->message : "refused");
         fail_pending(r, payload, n, msg);
         if (r->dead || r->nsubs == 0)
             reg_free(r);

@@ -296,7 +296,7 @@ static void put_inflight(struct vm_link *l, struct vm_call *c)
     if (slot == l->nslots)
         abort(); /* a sender skipped link_has_room / slot_free: never write past the table */
     l->inflight[slot] = c;
-    if (c->done)
+    if (c->internal)
         l->ninternal++;
     else
         l->ninflight++;
@@ -307,12 +307,7 @@ int link_send_internal(struct vm_link *l, uint32_t prog, int32_t proc, const voi
 {
     if (l->state != VM_LINK_READY)
         return -1;
-    struct vm_call *c = vm_calloc(1, sizeof(*c));
-    c->done = done;
-    c->done_arg = arg;
-    c->pkt = evbuffer_new();
-    if (!c->pkt)
-        abort();
+    struct vm_call *c = call_new(done, arg, 1);
     wire_put_packet(c->pkt, prog, proc, VM_CALL, 0, VM_STATUS_OK, args, n);
     c->hdr.prog = prog;
     c->hdr.proc = proc;
@@ -366,7 +361,7 @@ static void clear_slot(struct vm_link *l, int i)
 {
     struct vm_call *c = l->inflight[i];
     l->inflight[i] = NULL;
-    if (c->done)
+    if (c->internal)
         l->ninternal--;
     else
         l->ninflight--;
