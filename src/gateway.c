@@ -22,17 +22,12 @@
 #include "listener.h"
 #include "log.h"
 #include "pool.h"
+#include "reap.h"
 #include "session.h"
 #include "srccount.h"
 #include "stream.h"
 #include "tls.h"
 #include "util.h"
-
-struct reap_node {
-    void (*fn)(void *);
-    void *p;
-    struct reap_node *next;
-};
 
 struct pool_node {
     struct vm_pool *pool;
@@ -49,8 +44,7 @@ struct vm_gateway {
     unsigned next_id;
     int nsessions;
     int accepting;
-    struct event *reaper;        /* owned */
-    struct reap_node *reap_head; /* owned */
+    struct vm_reaper *reaper;    /* owned */
     struct vm_audit *audit;      /* owned */
     struct vm_admin *admin;      /* owned, optional */
     int *rule_sessions;          /* owned: open sessions per rule; last slot = default */
@@ -63,17 +57,6 @@ struct vm_gateway {
     long refused_unauth_source;  /* closed on accept: their source's share reached */
 };
 
-static void reap(evutil_socket_t fd, short what, void *arg)
-{
-    struct vm_gateway *gw = arg;
-    while (gw->reap_head) {
-        struct reap_node *n = gw->reap_head;
-        gw->reap_head = n->next;
-        n->fn(n->p);
-        free(n);
-    }
-}
-
 struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
 {
     struct vm_gateway *gw = vm_calloc(1, sizeof(*gw));
@@ -82,7 +65,7 @@ struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
     gw->accepting = 1;
     LIST_INIT(&gw->pools);
     gw->listeners = calloc((size_t)cfg->nlisteners, sizeof(*gw->listeners));
-    gw->reaper = event_new(base, -1, 0, reap, gw);
+    gw->reaper = reaper_new(base);
     gw->audit = audit_new();
     gw->rule_sessions = calloc((size_t)cfg->nrules + 1, sizeof(int));
     gw->unauth_by_source = srccount_new();
@@ -151,8 +134,7 @@ void gateway_free(struct vm_gateway *gw)
         if (!n->dying)
             pool_node_free(n);
     }
-    reap(-1, 0, gw);
-    event_free(gw->reaper);
+    reaper_free(gw->reaper);
     audit_free(gw->audit);
     if (gw->cfg->sasl)
         auth_global_done();
@@ -367,12 +349,10 @@ void gateway_link_lost(struct vm_gateway *gw, struct vm_link *l, const char *why
 
 void gateway_defer_free(struct vm_gateway *gw, void (*fn)(void *), void *p)
 {
-    struct reap_node *n = malloc(sizeof(*n));
-    if (!n)
-        abort();
-    n->fn = fn;
-    n->p = p;
-    n->next = gw->reap_head;
-    gw->reap_head = n;
-    event_active(gw->reaper, 0, 0);
+    reaper_defer(gw->reaper, fn, p);
+}
+
+struct vm_reaper *gateway_reaper(const struct vm_gateway *gw)
+{
+    return gw->reaper;
 }

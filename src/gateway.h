@@ -63,5 +63,6 @@ json_t *gateway_status_json(struct vm_gateway *gw);
 /* Free `p` with `fn` after the current loop turn (never free an object inside its own
  * callback). */
 void gateway_defer_free(struct vm_gateway *gw, void (*fn)(void *), void *p);
+struct vm_reaper *gateway_reaper(const struct vm_gateway *gw);
 
 #endif

@@ -25,6 +25,7 @@
 #include "events.h"
 #include "gateway.h"
 #include "log.h"
+#include "reap.h"
 #include "session.h"
 #include "upstream.h"
 #include "util.h"
@@ -57,6 +58,7 @@ struct vm_pool {
 };
 
 static void queue_timeout(evutil_socket_t fd, short what, void *arg);
+static const struct vm_link_ops pool_link_ops;
 static void stream_wait_timeout(evutil_socket_t fd, short what, void *arg);
 static struct vm_link *least_referenced_ready(struct vm_pool *p);
 
@@ -89,7 +91,7 @@ void pool_free(struct vm_pool *p)
     events_shutdown(p->events);
     struct link_node *n;
     while ((n = TAILQ_FIRST(&p->links)))
-        link_free(n->link); /* calls pool_link_gone, which removes the node */
+        link_free(n->link); /* tells on_link_gone, which removes the node */
     events_free(p->events);
     p->events = NULL;
     struct vm_call *c;
@@ -148,10 +150,20 @@ struct vm_link *pool_ready_link(struct vm_pool *p)
     return least_referenced_ready(p);
 }
 
-void pool_link_event(struct vm_pool *p, struct vm_link *l, const struct vm_hdr *h,
-                     struct evbuffer *pkt)
+void pool_link_params(struct vm_pool *p, struct vm_link_params *lp)
 {
-    events_deliver(p->events, l, h, pkt);
+    const struct vm_config *cfg = gateway_config(p->gw);
+    *lp = (struct vm_link_params){
+        .base = gateway_base(p->gw),
+        .reaper = gateway_reaper(p->gw),
+        .up = p->up,
+        .name = p->name,
+        .readonly = p->readonly,
+        .id = gateway_next_id(p->gw),
+        .tls = gateway_upstream_tls(p->gw, p->up),
+        .keepalive_interval_s = cfg->keepalive_interval_s,
+        .keepalive_count = cfg->keepalive_count,
+    };
 }
 
 /* ---- choosing links ---- */
@@ -198,7 +210,9 @@ static void add_link(struct vm_pool *p)
     struct link_node *n = vm_calloc(1, sizeof(*n));
     TAILQ_INSERT_TAIL(&p->links, n, entry);
     p->nlinks++;
-    n->link = link_new(p); /* may report failure synchronously through pool_link_down */
+    struct vm_link_params lp;
+    pool_link_params(p, &lp);
+    n->link = link_new(&lp, &pool_link_ops, p);
 }
 
 /* Make sure some link is on its way to READY: grow, or cut a backoff short. */
@@ -467,8 +481,11 @@ void pool_release(struct vm_pool *p, struct vm_link *home)
 
 /* ---- link events ---- */
 
-void pool_link_ready(struct vm_pool *p, struct vm_link *l)
+/* ---- what the links report (their ops) ---- */
+
+static void on_link_ready(void *owner, struct vm_link *l)
 {
+    struct vm_pool *p = owner;
     snprintf(p->last_error, sizeof(p->last_error), "no error");
     events_link_ready(p->events, l);
     while (p->nwaiters > 0) {
@@ -481,14 +498,24 @@ void pool_link_ready(struct vm_pool *p, struct vm_link *l)
     pump(p);
 }
 
-void pool_link_slot_free(struct vm_pool *p, struct vm_link *l)
+static void on_link_slot_free(void *owner, struct vm_link *l)
 {
-    pump(p);
+    pump(owner);
 }
 
-void pool_link_down(struct vm_pool *p, struct vm_link *l, const void *err_payload, size_t n,
-                    const char *message)
+static void on_link_event(void *owner, struct vm_link *l, const struct vm_hdr *h,
+                       struct evbuffer *pkt)
 {
+    struct vm_pool *p = owner;
+    events_deliver(p->events, l, h, pkt);
+}
+
+/* The link lost its socket (or never got one). `err_payload` is the upstream's error when it
+ * refused the open, else NULL; `message` is our own description. */
+static void on_link_down(void *owner, struct vm_link *l, const void *err_payload, size_t n,
+                      const char *message)
+{
+    struct vm_pool *p = owner;
     snprintf(p->last_error, sizeof(p->last_error), "%s", message);
     events_link_down(p->events, l);
     if (any_connecting(p) || least_loaded_ready(p, 0))
@@ -499,8 +526,16 @@ void pool_link_down(struct vm_pool *p, struct vm_link *l, const void *err_payloa
     fail_queue(p, msg);
 }
 
-void pool_link_gone(struct vm_pool *p, struct vm_link *l)
+static void on_link_lost_for_good(void *owner, struct vm_link *l, const char *why)
 {
+    struct vm_pool *p = owner;
+    gateway_link_lost(p->gw, l, why);
+}
+
+/* The link is being freed (or retires) and leaves the pool. */
+static void on_link_gone(void *owner, struct vm_link *l)
+{
+    struct vm_pool *p = owner;
     struct link_node *n;
     TAILQ_FOREACH(n, &p->links, entry) {
         if (n->link == l) {
@@ -512,6 +547,15 @@ void pool_link_gone(struct vm_pool *p, struct vm_link *l)
     }
     gateway_pool_check(p->gw, p);
 }
+
+static const struct vm_link_ops pool_link_ops = {
+    .ready = on_link_ready,
+    .packet = on_link_event,
+    .slot_free = on_link_slot_free,
+    .down = on_link_down,
+    .gone = on_link_gone,
+    .lost_for_good = on_link_lost_for_good,
+};
 
 void pool_add_totals(const struct vm_pool *p, struct vm_pool_totals *t)
 {

@@ -64,17 +64,10 @@ struct vm_events *pool_events(const struct vm_pool *p);
 /* A READY link (the least referenced), or NULL. */
 struct vm_link *pool_ready_link(struct vm_pool *p);
 
-/* Events from links. */
-void pool_link_event(struct vm_pool *p, struct vm_link *l, const struct vm_hdr *h,
-                     struct evbuffer *pkt);
-void pool_link_ready(struct vm_pool *p, struct vm_link *l);
-void pool_link_slot_free(struct vm_pool *p, struct vm_link *l);
-/* The link lost its socket (or never got one). `err_payload` is the upstream's error when it
- * refused the open, else NULL; `message` is our own description. */
-void pool_link_down(struct vm_pool *p, struct vm_link *l, const void *err_payload, size_t n,
-                    const char *message);
-/* The link is being freed and leaves the pool. */
-void pool_link_gone(struct vm_pool *p, struct vm_link *l);
+/* Parameters for a new link to this pool's upstream, name and read-only flag (a stream's
+ * dedicated link uses them too). The result points into the pool and the config. */
+struct vm_link_params;
+void pool_link_params(struct vm_pool *p, struct vm_link_params *lp);
 
 /* Running totals over pools, for the admin status (each field is added to). */
 struct vm_pool_totals {
