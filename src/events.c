@@ -8,7 +8,7 @@
 
 #include "call.h"
 #include "config.h"
-#include "gateway.h"
+#include "env.h"
 #include "log.h"
 #include "pool.h"
 #include "proc.h"
@@ -51,6 +51,7 @@ struct vm_evreg {
 
 struct vm_events {
     struct vm_pool *pool;   /* owner */
+    struct vm_env *env;     /* not owned */
     struct vm_link *link;   /* the link holding the registrations; one reference held */
     TAILQ_HEAD(, vm_evreg) regs;
     int nregs;              /* including dead ones awaiting their reply */
@@ -60,10 +61,11 @@ struct vm_events {
     char tag[64];
 };
 
-struct vm_events *events_new(struct vm_pool *p)
+struct vm_events *events_new(struct vm_pool *p, struct vm_env *env)
 {
     struct vm_events *ev = vm_calloc(1, sizeof(*ev));
     ev->pool = p;
+    ev->env = env;
     TAILQ_INIT(&ev->regs);
     snprintf(ev->tag, sizeof(ev->tag), "E:%s", pool_upstream(p) ? "pool" : "?");
     return ev;
@@ -328,7 +330,7 @@ void events_subscribe(struct vm_events *ev, struct vm_session *s, const struct v
     int mine = 0;
     TAILQ_FOREACH(sub, session_subs(s), sess_entry)
         mine++;
-    int max = gateway_config(pool_gateway(ev->pool))->event_max_per_session;
+    int max = ev->env->cfg->event_max_per_session;
     if (mine >= max) {
         char msg[200];
         snprintf(msg, sizeof(msg), "operation failed: this connection already holds %d event "

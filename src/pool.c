@@ -23,10 +23,9 @@
 #include "call.h"
 #include "config.h"
 #include "events.h"
-#include "gateway.h"
+#include "env.h"
 #include "log.h"
 #include "reap.h"
-#include "session.h"
 #include "upstream.h"
 #include "util.h"
 
@@ -36,7 +35,10 @@ struct link_node {
 };
 
 struct vm_pool {
-    struct vm_gateway *gw;              /* not owned */
+    struct vm_env *env;                 /* not owned */
+    const struct vm_pool_ops *ops;
+    void *owner;                        /* not owned: the gateway */
+    SSL_CTX *tls;                       /* not owned: client context for tls:// upstreams */
     const struct vm_upstream_cfg *up;   /* not owned (config snapshot) */
     char *name;                         /* owned: the name opened upstream */
     int readonly;
@@ -46,7 +48,7 @@ struct vm_pool {
     struct vm_call_list queue;          /* calls waiting; owned by their sessions */
     int nqueued;
     struct event *qtimer;               /* owned: fires at the head's deadline */
-    struct vm_session **waiters;        /* sessions whose OPEN waits for a READY link */
+    struct vm_open_wait **waiters;      /* sessions whose OPEN waits for a READY link */
     int nwaiters, capwaiters;
     char last_error[256];
     struct vm_events *events;           /* owned */
@@ -62,24 +64,28 @@ static const struct vm_link_ops pool_link_ops;
 static void stream_wait_timeout(evutil_socket_t fd, short what, void *arg);
 static struct vm_link *least_referenced_ready(struct vm_pool *p);
 
-struct vm_pool *pool_new(struct vm_gateway *gw, const struct vm_upstream_cfg *up,
-                         const char *name, int readonly)
+struct vm_pool *pool_new(struct vm_env *env, const struct vm_pool_ops *ops, void *owner,
+                         const struct vm_upstream_cfg *up, const char *name, int readonly,
+                         SSL_CTX *tls)
 {
     struct vm_pool *p = vm_calloc(1, sizeof(*p));
-    p->gw = gw;
+    p->env = env;
+    p->ops = ops;
+    p->owner = owner;
+    p->tls = tls;
     p->up = up;
     p->name = strdup(name);
     p->readonly = readonly;
     TAILQ_INIT(&p->links);
     TAILQ_INIT(&p->queue);
     snprintf(p->tag, sizeof(p->tag), "P:%s %s%s", up->name, name, readonly ? " ro" : "");
-    p->qtimer = evtimer_new(gateway_base(gw), queue_timeout, p);
-    p->stimer = evtimer_new(gateway_base(gw), stream_wait_timeout, p);
+    p->qtimer = evtimer_new(env->base, queue_timeout, p);
+    p->stimer = evtimer_new(env->base, stream_wait_timeout, p);
     TAILQ_INIT(&p->swait);
     if (!p->name || !p->qtimer || !p->stimer)
         abort();
     snprintf(p->last_error, sizeof(p->last_error), "not connected yet");
-    p->events = events_new(p);
+    p->events = events_new(p, env);
     return p;
 }
 
@@ -127,11 +133,6 @@ int pool_readonly(const struct vm_pool *p)
     return p->readonly;
 }
 
-struct vm_gateway *pool_gateway(const struct vm_pool *p)
-{
-    return p->gw;
-}
-
 int pool_is_empty(const struct vm_pool *p)
 {
     if (p->dying)
@@ -152,15 +153,15 @@ struct vm_link *pool_ready_link(struct vm_pool *p)
 
 void pool_link_params(struct vm_pool *p, struct vm_link_params *lp)
 {
-    const struct vm_config *cfg = gateway_config(p->gw);
+    const struct vm_config *cfg = p->env->cfg;
     *lp = (struct vm_link_params){
-        .base = gateway_base(p->gw),
-        .reaper = gateway_reaper(p->gw),
+        .base = p->env->base,
+        .reaper = p->env->reaper,
         .up = p->up,
         .name = p->name,
         .readonly = p->readonly,
-        .id = gateway_next_id(p->gw),
-        .tls = gateway_upstream_tls(p->gw, p->up),
+        .id = env_next_id(p->env),
+        .tls = p->tls,
         .keepalive_interval_s = cfg->keepalive_interval_s,
         .keepalive_count = cfg->keepalive_count,
     };
@@ -235,12 +236,12 @@ static void ensure_connecting(struct vm_pool *p)
 
 /* ---- opening sessions ---- */
 
-void pool_open(struct vm_pool *p, struct vm_session *s)
+void pool_open(struct vm_pool *p, struct vm_open_wait *w)
 {
     struct vm_link *l = least_referenced_ready(p);
     if (l) {
         link_ref(l);
-        session_open_done(s, l, NULL, 0, NULL);
+        w->done(w, l, NULL, 0, NULL);
         return;
     }
     if (p->nwaiters == p->capwaiters) {
@@ -249,14 +250,14 @@ void pool_open(struct vm_pool *p, struct vm_session *s)
         if (!p->waiters)
             abort();
     }
-    p->waiters[p->nwaiters++] = s;
+    p->waiters[p->nwaiters++] = w;
     ensure_connecting(p);
 }
 
-void pool_cancel_open(struct vm_pool *p, struct vm_session *s)
+void pool_cancel_open(struct vm_pool *p, struct vm_open_wait *w)
 {
     for (int i = 0; i < p->nwaiters; i++) {
-        if (p->waiters[i] == s) {
+        if (p->waiters[i] == w) {
             memmove(&p->waiters[i], &p->waiters[i + 1],
                     (size_t)(p->nwaiters - i - 1) * sizeof(*p->waiters));
             p->nwaiters--;
@@ -269,9 +270,9 @@ void pool_cancel_open(struct vm_pool *p, struct vm_session *s)
 static void fail_waiters(struct vm_pool *p, const void *err_payload, size_t n, const char *message)
 {
     while (p->nwaiters > 0) {
-        struct vm_session *s = p->waiters[0];
-        pool_cancel_open(p, s);
-        session_open_done(s, NULL, err_payload, n, message);
+        struct vm_open_wait *w = p->waiters[0];
+        pool_cancel_open(p, w);
+        w->done(w, NULL, err_payload, n, message);
     }
 }
 
@@ -281,8 +282,8 @@ static void fail_waiters(struct vm_pool *p, const void *err_payload, size_t n, c
 static void set_deadline(struct vm_pool *p, struct timeval *deadline)
 {
     struct timeval now, add;
-    int ms = gateway_config(p->gw)->queue_timeout_ms;
-    event_base_gettimeofday_cached(gateway_base(p->gw), &now);
+    int ms = p->env->cfg->queue_timeout_ms;
+    event_base_gettimeofday_cached(p->env->base, &now);
     add.tv_sec = ms / 1000;
     add.tv_usec = (ms % 1000) * 1000;
     evutil_timeradd(&now, &add, deadline);
@@ -296,7 +297,7 @@ static void arm_for(struct vm_pool *p, struct event *timer, const struct timeval
         return;
     }
     struct timeval now, tv;
-    event_base_gettimeofday_cached(gateway_base(p->gw), &now);
+    event_base_gettimeofday_cached(p->env->base, &now);
     if (evutil_timercmp(deadline, &now, <))
         evutil_timerclear(&tv);
     else
@@ -334,9 +335,9 @@ static void queue_timeout(evutil_socket_t fd, short what, void *arg)
 {
     struct vm_pool *p = arg;
     struct timeval now;
-    event_base_gettimeofday_cached(gateway_base(p->gw), &now);
+    event_base_gettimeofday_cached(p->env->base, &now);
     struct vm_call *c;
-    int ms = gateway_config(p->gw)->queue_timeout_ms;
+    int ms = p->env->cfg->queue_timeout_ms;
     while ((c = TAILQ_FIRST(&p->queue)) && !evutil_timercmp(&now, &c->deadline, <)) {
         dequeue(p);
         char msg[400];
@@ -347,7 +348,7 @@ static void queue_timeout(evutil_socket_t fd, short what, void *arg)
         call_fail(c, VIR_ERR_OPERATION_TIMEOUT, VIR_FROM_RPC, msg);
     }
     arm_qtimer(p);
-    gateway_pool_check(p->gw, p);
+    p->ops->maybe_empty(p->owner, p);
 }
 
 /* Move queued calls onto links with room, oldest first. */
@@ -430,7 +431,7 @@ void pool_stream_cancel(struct vm_pool *p, struct vm_slot_wait *w)
     TAILQ_REMOVE(&p->swait, w, entry);
     p->nswait--;
     arm_stimer(p);
-    gateway_pool_check(p->gw, p);
+    p->ops->maybe_empty(p->owner, p);
 }
 
 void pool_stream_release(struct vm_pool *p)
@@ -444,14 +445,14 @@ void pool_stream_release(struct vm_pool *p)
         w->granted(w);
     }
     arm_stimer(p);
-    gateway_pool_check(p->gw, p);
+    p->ops->maybe_empty(p->owner, p);
 }
 
 static void stream_wait_timeout(evutil_socket_t fd, short what, void *arg)
 {
     struct vm_pool *p = arg;
     struct timeval now;
-    event_base_gettimeofday_cached(gateway_base(p->gw), &now);
+    event_base_gettimeofday_cached(p->env->base, &now);
     struct vm_slot_wait *w;
     while ((w = TAILQ_FIRST(&p->swait)) && !evutil_timercmp(&now, &w->deadline, <)) {
         TAILQ_REMOVE(&p->swait, w, entry);
@@ -459,12 +460,12 @@ static void stream_wait_timeout(evutil_socket_t fd, short what, void *arg)
         char msg[400];
         snprintf(msg, sizeof(msg), "operation timed out: virtmux waited %d ms for one of the %d "
                  "stream connections to upstream %s (pool.max_streams)",
-                 gateway_config(p->gw)->queue_timeout_ms, p->up->pool.max_streams, p->up->name);
+                 p->env->cfg->queue_timeout_ms, p->up->pool.max_streams, p->up->name);
         vm_warn(p->tag, "stream waited too long for a slot (%d still waiting)", p->nswait);
         w->expired(w, msg);
     }
     arm_stimer(p);
-    gateway_pool_check(p->gw, p);
+    p->ops->maybe_empty(p->owner, p);
 }
 
 void pool_cancel_call(struct vm_pool *p, struct vm_call *c)
@@ -489,11 +490,11 @@ static void on_link_ready(void *owner, struct vm_link *l)
     snprintf(p->last_error, sizeof(p->last_error), "no error");
     events_link_ready(p->events, l);
     while (p->nwaiters > 0) {
-        struct vm_session *s = p->waiters[0];
-        pool_cancel_open(p, s);
+        struct vm_open_wait *w = p->waiters[0];
+        pool_cancel_open(p, w);
         struct vm_link *home = least_referenced_ready(p);
         link_ref(home);
-        session_open_done(s, home, NULL, 0, NULL);
+        w->done(w, home, NULL, 0, NULL);
     }
     pump(p);
 }
@@ -529,7 +530,7 @@ static void on_link_down(void *owner, struct vm_link *l, const void *err_payload
 static void on_link_lost_for_good(void *owner, struct vm_link *l, const char *why)
 {
     struct vm_pool *p = owner;
-    gateway_link_lost(p->gw, l, why);
+    p->ops->link_lost(p->owner, l, why);
 }
 
 /* The link is being freed (or retires) and leaves the pool. */
@@ -545,7 +546,7 @@ static void on_link_gone(void *owner, struct vm_link *l)
             break;
         }
     }
-    gateway_pool_check(p->gw, p);
+    p->ops->maybe_empty(p->owner, p);
 }
 
 static const struct vm_link_ops pool_link_ops = {

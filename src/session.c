@@ -13,6 +13,7 @@
 #include "session.h"
 #include "session_int.h"
 
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -287,6 +288,9 @@ static void deny_open(struct vm_session *s, const struct vm_hdr *h, const char *
     free(name);
 }
 
+static void open_done(struct vm_open_wait *w, struct vm_link *home, const void *err_payload,
+                      size_t n, const char *message);
+
 static void handle_open(struct vm_session *s, const struct vm_hdr *h, const uint8_t *args, size_t n)
 {
     if (s->state != S_NEW) {
@@ -350,12 +354,15 @@ static void handle_open(struct vm_session *s, const struct vm_hdr *h, const uint
     s->pool = gateway_pool(s->gw, s->route.upstream, s->route.name, s->readonly);
     vm_info(s->tag, "open \"%s\" -> upstream %s as \"%s\"%s", name, s->route.upstream->name,
             s->route.name, s->readonly ? " (read-only)" : "");
-    pool_open(s->pool, s);
+    s->open_wait.done = open_done;
+    pool_open(s->pool, &s->open_wait);
 }
 
-void session_open_done(struct vm_session *s, struct vm_link *home, const void *err_payload,
-                       size_t n, const char *message)
+/* The pool answered our CONNECT_OPEN (w is s->open_wait). */
+static void open_done(struct vm_open_wait *w, struct vm_link *home, const void *err_payload,
+                      size_t n, const char *message)
 {
+    struct vm_session *s = (struct vm_session *)((char *)w - offsetof(struct vm_session, open_wait));
     if (home) {
         s->home = home;
         s->state = S_OPEN;
@@ -375,11 +382,6 @@ void session_open_done(struct vm_session *s, struct vm_link *home, const void *e
     }
     vm_info(s->tag, "open failed: %s", message ? message : "refused by upstream");
     gateway_pool_check(s->gw, p);
-}
-
-void session_home_lost(struct vm_session *s)
-{
-    s->home = NULL;
 }
 
 /* ---- dispatch ---- */
@@ -822,7 +824,7 @@ void session_close(struct vm_session *s, const char *why)
     if (p)
         events_session_gone(pool_events(p), s);
     if (was == S_OPENING)
-        pool_cancel_open(p, s);
+        pool_cancel_open(p, &s->open_wait);
     if (s->home)
         pool_release(p, s->home);
     s->home = NULL;
