@@ -48,53 +48,49 @@
 
 static void process_input(struct vm_session *s);
 
-struct vm_sub_list *session_subs(struct vm_session *s)
-{
-    return &s->subs;
-}
-
-int32_t session_next_callback_id(struct vm_session *s)
-{
-    return s->next_cb_id++;
-}
-
-struct vm_stream_list *session_streams(struct vm_session *s)
-{
-    return &s->streams;
-}
-
-int session_output_full(struct vm_session *s)
-{
-    return evbuffer_get_length(bufferevent_get_output(s->bev)) > OUT_HIGH;
-}
-
 static void update_flow(struct vm_session *s);
 
-void session_request_begin(struct vm_session *s)
+/* ---- the client as events and streams see it (vm_peer ops) ---- */
+
+static struct vm_session *of_peer(struct vm_peer *c)
 {
+    return (struct vm_session *)((char *)c - offsetof(struct vm_session, peer));
+}
+
+static struct evbuffer *peer_output(struct vm_peer *c)
+{
+    return bufferevent_get_output(of_peer(c)->bev);
+}
+
+static int peer_output_full(struct vm_peer *c)
+{
+    return evbuffer_get_length(peer_output(c)) > OUT_HIGH;
+}
+
+static void peer_request_begin(struct vm_peer *c)
+{
+    struct vm_session *s = of_peer(c);
     s->noutstanding++;
     update_flow(s);
 }
 
-void session_request_end(struct vm_session *s)
+static void peer_request_end(struct vm_peer *c)
 {
+    struct vm_session *s = of_peer(c);
     s->noutstanding--;
     update_flow(s);
 }
 
-void session_block_reading(struct vm_session *s, int on)
+static void peer_block_reading(struct vm_peer *c, int on)
 {
+    struct vm_session *s = of_peer(c);
     s->blocked += on ? 1 : -1;
     update_flow(s);
 }
 
-struct evbuffer *session_output(struct vm_session *s)
+static int peer_push_event(struct vm_peer *c, const void *pkt, size_t len)
 {
-    return bufferevent_get_output(s->bev);
-}
-
-int session_push_event(struct vm_session *s, const void *pkt, size_t len)
-{
+    struct vm_session *s = of_peer(c);
     if (s->event_bytes + len > (size_t)gateway_config(s->gw)->event_queue_bytes)
         return -1;
     s->adding_event = 1;
@@ -102,6 +98,21 @@ int session_push_event(struct vm_session *s, const void *pkt, size_t len)
     s->adding_event = 0;
     return 0;
 }
+
+static void peer_close(struct vm_peer *c, const char *why)
+{
+    session_close(of_peer(c), why);
+}
+
+static const struct vm_peer_ops session_peer_ops = {
+    .output = peer_output,
+    .push_event = peer_push_event,
+    .output_full = peer_output_full,
+    .block_reading = peer_block_reading,
+    .request_begin = peer_request_begin,
+    .request_end = peer_request_end,
+    .close = peer_close,
+};
 
 /* Track what enters and leaves the client's output buffer (see `runs`). */
 void session_output_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg)
@@ -472,7 +483,7 @@ static void handle_event_call(struct vm_session *s, const struct vm_hdr *h, stru
     }
     uint8_t *args = evbuffer_pullup(pkt, -1) + VM_HDR_LEN;
     if (info->kind == VM_PK_EVENT_REGISTER) {
-        events_subscribe(pool_events(s->pool), s, h, args, n);
+        events_subscribe(pool_events(s->pool), &s->peer, h, args, n);
         return;
     }
     struct xrd r;
@@ -482,7 +493,7 @@ static void handle_event_call(struct vm_session *s, const struct vm_hdr *h, stru
         session_reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "Unable to decode message payload");
         return;
     }
-    events_unsubscribe(pool_events(s->pool), s, h, id);
+    events_unsubscribe(pool_events(s->pool), &s->peer, h, id);
 }
 
 /* A CALL. `pkt` holds the whole packet; consumed only when forwarded. */
@@ -606,7 +617,7 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
         return;
     }
     if (info && info->kind == VM_PK_STREAM_CREATE) {
-        stream_start(s, s->pool, h, pkt);
+        stream_start(&s->peer, s->pool, h, pkt);
         return;
     }
     if (info && (info->fds_in || info->fds_out)) {
@@ -659,7 +670,7 @@ static void handle_packet(struct vm_session *s, struct evbuffer *pkt)
     }
     case VM_STREAM:
     case VM_STREAM_HOLE:
-        if (stream_client_packet(s, &h, pkt) == 0)
+        if (stream_client_packet(&s->peer, &h, pkt) == 0)
             return;
         vm_debug(s->tag, "stream packet for unknown serial %u dropped", h.serial);
         return;
@@ -734,7 +745,7 @@ void session_write_cb(struct bufferevent *bev, void *arg)
         session_close(s, s->close_reason);
         return;
     }
-    stream_session_drained(s);
+    stream_peer_drained(&s->peer);
     update_flow(s);
 }
 
@@ -763,8 +774,10 @@ void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evut
     identity_str(&s->ident, s->ident_str, sizeof(s->ident_str));
     identity_source(&s->ident, s->source, sizeof(s->source));
     TAILQ_INIT(&s->calls);
-    TAILQ_INIT(&s->subs);
-    TAILQ_INIT(&s->streams);
+    s->peer.ops = &session_peer_ops;
+    s->peer.tag = s->tag;
+    TAILQ_INIT(&s->peer.subs);
+    TAILQ_INIT(&s->peer.streams);
     snprintf(s->tag, sizeof(s->tag), "C#%u %s", s->id, peer);
     if (tls) {
         s->ssl = SSL_new(tls);
@@ -820,9 +833,9 @@ void session_close(struct vm_session *s, const char *why)
         }
     }
     struct vm_pool *p = s->pool;
-    stream_session_gone(s);
+    stream_peer_gone(&s->peer);
     if (p)
-        events_session_gone(pool_events(p), s);
+        events_peer_gone(pool_events(p), &s->peer);
     if (was == S_OPENING)
         pool_cancel_open(p, &s->open_wait);
     if (s->home)

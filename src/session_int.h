@@ -13,6 +13,7 @@
 #include "events.h"
 #include "identity.h"
 #include "keepalive.h"
+#include "peer.h"
 #include "pool.h"
 #include "router.h"
 #include "stream.h"
@@ -63,10 +64,8 @@ struct vm_session {
     struct vm_call_list calls;         /* owned: outstanding forwarded calls */
     int noutstanding;
     size_t outstanding_bytes;          /* bytes of those calls */
-    struct vm_sub_list subs;           /* event subscriptions (owned by the pool's events) */
-    struct vm_stream_list streams;     /* owned */
+    struct vm_peer peer;               /* what events and streams see of us; their lists */
     int blocked;                       /* streams holding our reading (slow upstream) */
-    int32_t next_cb_id;
     /* What is queued to the client, as runs of event bytes and other bytes in FIFO order,
      * so that only events count against events.max_queue_bytes: a subscriber that reads
      * but asked for a large reply is not "a subscriber that does not read". */
@@ -87,6 +86,9 @@ struct vm_session {
 
 /* session.c */
 struct evbuffer *session_out(struct vm_session *s);
+/* An error REPLY (libvirt's error layout) to the session's call `h`. */
+void session_reply_error(struct vm_session *s, const struct vm_hdr *h, int code, int domain,
+                         const char *msg);
 void session_read_cb(struct bufferevent *bev, void *arg);
 void session_write_cb(struct bufferevent *bev, void *arg);
 void session_event_cb(struct bufferevent *bev, short what, void *arg);
