@@ -7,14 +7,16 @@
 #include <event2/util.h>
 
 #include "fwd.h"
+#include "session_host.h"
 
 struct vm_identity;
 typedef struct ssl_ctx_st SSL_CTX;
 
 /* Take over an accepted socket `fd`. `peer` is a printable address for the log tag; `id` (copied)
- * is what the listener knows of the client. */
-void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evutil_socket_t fd,
-                 const char *peer, const struct vm_identity *id, SSL_CTX *tls);
+ * is what the listener knows of the client. `host` must outlive the session. */
+void session_new(const struct vm_session_host *host, const struct vm_listener_cfg *lcfg,
+                 evutil_socket_t fd, const char *peer, const struct vm_identity *id,
+                 SSL_CTX *tls);
 
 
 
