@@ -18,7 +18,6 @@
 #define SASL_DATA_MAX 65536
 #define FAIL_SLOTS 1024
 
-enum { PROC_AUTH_SASL_INIT = 67, PROC_AUTH_SASL_START = 68, PROC_AUTH_SASL_STEP = 69 };
 
 struct vm_sasl {
     const struct vm_sasl_cfg *cfg; /* config snapshot */
@@ -289,7 +288,7 @@ static int finish_step(struct vm_sasl *a, int rc, const char *data, unsigned dle
 int auth_handle(struct vm_sasl *a, const struct vm_hdr *h, const uint8_t *args, size_t n,
                 struct evbuffer *out, const char *tag)
 {
-    if (h->proc == PROC_AUTH_SASL_INIT)
+    if (h->proc == VM_PROC_AUTH_SASL_INIT)
         return do_init(a, h, out, tag) < 0 ? -1 : 0;
     if (!a->conn) {
         wire_put_error(out, h, VIR_ERR_AUTH_FAILED, VIR_FROM_RPC,
@@ -312,7 +311,7 @@ int auth_handle(struct vm_sasl *a, const struct vm_hdr *h, const uint8_t *args, 
     const char *outdata = NULL;
     unsigned outlen = 0;
     int rc;
-    if (h->proc == PROC_AUTH_SASL_START) {
+    if (h->proc == VM_PROC_AUTH_SASL_START) {
         char *mech = xr_string(&r, 100);
         if (!mech || xr_nil_chars(&r, data, sizeof(data), &dlen, &nil) < 0 || a->started) {
             free(mech);
@@ -324,7 +323,7 @@ int auth_handle(struct vm_sasl *a, const struct vm_hdr *h, const uint8_t *args, 
         rc = sasl_server_start(a->conn, mech, nil ? NULL : (const char *)data, dlen, &outdata,
                                &outlen);
         free(mech);
-    } else if (h->proc == PROC_AUTH_SASL_STEP) {
+    } else if (h->proc == VM_PROC_AUTH_SASL_STEP) {
         if (xr_nil_chars(&r, data, sizeof(data), &dlen, &nil) < 0 || !a->started) {
             fail(a, h, out, tag, "malformed AUTH_SASL_STEP");
             return -1;

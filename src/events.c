@@ -131,29 +131,10 @@ int events_busy(const struct vm_events *ev)
     return ev && ev->nregs > 0;
 }
 
+/* The deregister procedure of a register procedure (generated table). */
 static int32_t dereg_proc_of(uint32_t prog, int32_t reg_proc)
 {
-    if (prog == VM_PROG_QEMU)
-        return 5;
-    return reg_proc + 1; /* 313/314, 316/317, 368/369, 374/375, 380/381 */
-}
-
-/* Which register procedure an event belongs to (callback ids are per driver family). */
-static int32_t family_of(uint32_t prog, const char *event_name)
-{
-    if (prog == VM_PROG_QEMU)
-        return 4;
-    static const struct {
-        const char *prefix;
-        int32_t reg;
-    } map[] = {
-        {"DOMAIN_EVENT", 316}, {"NETWORK_EVENT", 313}, {"STORAGE_POOL_EVENT", 368},
-        {"NODE_DEVICE_EVENT", 374}, {"SECRET_EVENT", 380},
-    };
-    for (size_t i = 0; i < sizeof(map) / sizeof(map[0]); i++)
-        if (strncmp(event_name, map[i].prefix, strlen(map[i].prefix)) == 0)
-            return map[i].reg;
-    return -1;
+    return vm_proc_lookup(prog, reg_proc)->pair;
 }
 
 /* ---- answering subscribers ---- */
@@ -394,12 +375,13 @@ void events_unsubscribe(struct vm_events *ev, struct vm_peer *c, const struct vm
             break;
     if (!sub) {
         /* libvirtd's wording, family by family. */
-        const char *family = h->prog == VM_PROG_QEMU ? "qemu monitor"
-                             : h->proc == 314         ? "network"
-                             : h->proc == 369         ? "storage pool"
-                             : h->proc == 375         ? "node device"
-                             : h->proc == 381         ? "secret"
-                                                      : "domain";
+        const char *family =
+            h->prog == VM_PROG_QEMU                                  ? "qemu monitor"
+            : h->proc == VM_PROC_CONNECT_NETWORK_EVENT_DEREGISTER_ANY ? "network"
+            : h->proc == VM_PROC_CONNECT_STORAGE_POOL_EVENT_DEREGISTER_ANY ? "storage pool"
+            : h->proc == VM_PROC_CONNECT_NODE_DEVICE_EVENT_DEREGISTER_ANY  ? "node device"
+            : h->proc == VM_PROC_CONNECT_SECRET_EVENT_DEREGISTER_ANY       ? "secret"
+                                                                           : "domain";
         char msg[160];
         snprintf(msg, sizeof(msg), "internal error: %s event callback %d not registered",
                  family, client_id);
@@ -436,7 +418,7 @@ void events_deliver(struct vm_events *ev, struct vm_link *l, const struct vm_hdr
     uint8_t *raw = evbuffer_pullup(pkt, -1);
     int32_t up_id = (int32_t)((uint32_t)raw[28] << 24 | (uint32_t)raw[29] << 16 |
                               (uint32_t)raw[30] << 8 | raw[31]);
-    int32_t family = family_of(h->prog, info->name);
+    int32_t family = info->family; /* callback ids are per register procedure */
     struct vm_evreg *r;
     TAILQ_FOREACH(r, &ev->regs, entry)
         if (r->state == REG_ACTIVE && !r->dead && r->up_id == up_id && r->prog == h->prog &&

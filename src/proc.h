@@ -48,6 +48,9 @@ struct vm_proc_info {
     enum vm_ro_test ro_test;
     uint32_t ro_value;    /* mask or value of the deciding word */
     const char *ro_message; /* refusal text after "operation forbidden: " */
+    int32_t family;       /* events: the register procedure whose callback ids they carry;
+                           * register/deregister: the register procedure */
+    int32_t pair;         /* register <-> deregister counterpart (0 for others) */
 };
 
 extern const struct vm_proc_info vm_proc_table[];
@@ -56,20 +59,9 @@ extern const size_t vm_proc_table_len;
 /* Look up a procedure; NULL when the number is unknown. The result is static. */
 const struct vm_proc_info *vm_proc_lookup(uint32_t prog, int32_t proc);
 
-/* Well-known procedure numbers the gateway handles itself. */
-enum {
-    VM_PROC_CONNECT_OPEN = 1,
-    VM_PROC_CONNECT_CLOSE = 2,
-    VM_PROC_CONNECT_SUPPORTS_FEATURE = 60,
-    VM_PROC_AUTH_LIST = 66,
-    VM_PROC_CONNECT_GET_URI = 110,
-    VM_PROC_CONNECT_REGISTER_CLOSE_CALLBACK = 360,
-    VM_PROC_CONNECT_UNREGISTER_CLOSE_CALLBACK = 361,
-    VM_PROC_CONNECT_EVENT_CONNECTION_CLOSED = 362,
-    VM_PROC_CONNECT_SET_IDENTITY = 419,
-    VM_PROC_KEEPALIVE_PING = 1,
-    VM_PROC_KEEPALIVE_PONG = 2,
-};
+/* Procedure numbers by name (VM_PROC_CONNECT_OPEN, VM_QEMU_PROC_..., VM_PROC_KEEPALIVE_PING),
+ * generated from the same table. */
+#include "proc_names.h"
 
 /* Driver features (CONNECT_SUPPORTS_FEATURE) that are properties of one hop. */
 enum {

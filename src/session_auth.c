@@ -69,7 +69,7 @@ void session_set_authenticated(struct vm_session *s, const char *how)
 int session_handle_auth(struct vm_session *s, const struct vm_hdr *h, struct evbuffer *pkt)
 {
     const struct vm_config *cfg = s->env->cfg;
-    if (!session_uses_sasl(s) || h->proc == 70 /* AUTH_POLKIT */ || !cfg->sasl) {
+    if (!session_uses_sasl(s) || h->proc == VM_PROC_AUTH_POLKIT || !cfg->sasl) {
         session_reply_error(s, h, VIR_ERR_AUTH_FAILED, VIR_FROM_RPC,
                             "authentication failed: unsupported authentication type");
         return 0;

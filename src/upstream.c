@@ -420,7 +420,7 @@ static void send_sasl(struct vm_link *l, const char *mech, const char *data, uns
         xb_string(&b, mech);
     xb_nil_chars(&b, data, len);
     l->hs = HS_SASL_STEP;
-    send_call(l, mech ? 68 : 69, b.p, b.len);
+    send_call(l, mech ? VM_PROC_AUTH_SASL_START : VM_PROC_AUTH_SASL_STEP, b.p, b.len);
     xb_free(&b);
 }
 
@@ -539,7 +539,7 @@ static void handshake_reply(struct vm_link *l, const struct vm_hdr *h, struct ev
                 return;
             }
             l->hs = HS_SASL_INIT;
-            send_call(l, 67, NULL, 0);
+            send_call(l, VM_PROC_AUTH_SASL_INIT, NULL, 0);
             return;
         }
         if (r.err || !none) {

@@ -38,5 +38,27 @@ int main(void)
     CHECK(vm_proc_lookup(VM_PROG_REMOTE, 100000) == NULL);
     CHECK(vm_proc_lookup(VM_PROG_REMOTE, -1) == NULL);
     CHECK(vm_proc_lookup(0x12345678, 1) == NULL);
+
+    /* Generated names and event families: every callback event names the register
+     * procedure its ids come from, and register/deregister procedures pair up. */
+    CHECK(VM_PROC_DOMAIN_GET_INFO == 16 && VM_PROC_AUTH_SASL_STEP == 69);
+    CHECK(VM_QEMU_PROC_CONNECT_DOMAIN_MONITOR_EVENT_DEREGISTER == 5);
+    CHECK(VM_PROC_KEEPALIVE_PONG == 2);
+    for (size_t i = 0; i < vm_proc_table_len; i++) {
+        const struct vm_proc_info *e = &vm_proc_table[i];
+        if (e->kind == VM_PK_EVENT && e->cb_first) {
+            const struct vm_proc_info *r = vm_proc_lookup(e->prog, e->family);
+            CHECK(r && r->kind == VM_PK_EVENT_REGISTER && !r->legacy);
+        }
+        if ((e->kind == VM_PK_EVENT_REGISTER || e->kind == VM_PK_EVENT_DEREGISTER) &&
+            !e->legacy) {
+            const struct vm_proc_info *q = vm_proc_lookup(e->prog, e->pair);
+            CHECK(q && q->pair == e->proc && q->kind != e->kind);
+        }
+    }
+    p = vm_proc_lookup(VM_PROG_REMOTE, VM_PROC_NETWORK_EVENT_LIFECYCLE);
+    CHECK(p && p->family == VM_PROC_CONNECT_NETWORK_EVENT_REGISTER_ANY);
+    p = vm_proc_lookup(VM_PROG_REMOTE, VM_PROC_DOMAIN_EVENT_CALLBACK_LIFECYCLE);
+    CHECK(p && p->family == VM_PROC_CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY);
     return check_done();
 }
