@@ -28,6 +28,7 @@
 #include "auth.h"
 #include "call.h"
 #include "config.h"
+#include "conn.h"
 #include "events.h"
 #include "env.h"
 #include "reap.h"
@@ -47,11 +48,7 @@
 #define MAX_NAME_LEN 4096
 
 
-static void process_input(struct vm_session *s);
-static void install_bev(struct vm_session *s);
-static void session_read_cb(struct bufferevent *bev, void *arg);
-static void session_write_cb(struct bufferevent *bev, void *arg);
-static void session_event_cb(struct bufferevent *bev, short what, void *arg);
+static const struct vm_conn_ops session_conn_ops;
 
 static void update_flow(struct vm_session *s);
 
@@ -64,7 +61,7 @@ static struct vm_session *of_peer(struct vm_peer *c)
 
 static struct evbuffer *peer_output(struct vm_peer *c)
 {
-    return bufferevent_get_output(of_peer(c)->bev);
+    return conn_output(of_peer(c)->conn);
 }
 
 static int peer_output_full(struct vm_peer *c)
@@ -99,7 +96,7 @@ static int peer_push_event(struct vm_peer *c, const void *pkt, size_t len)
     if (s->event_bytes + len > (size_t)s->env->cfg->event_queue_bytes)
         return -1;
     s->adding_event = 1;
-    evbuffer_add(bufferevent_get_output(s->bev), pkt, len);
+    evbuffer_add(conn_output(s->conn), pkt, len);
     s->adding_event = 0;
     return 0;
 }
@@ -197,7 +194,7 @@ void session_upstream_lost(struct vm_session *s, const char *why)
         struct xbuf b;
         xb_init(&b);
         xb_i32(&b, 1); /* VIR_CONNECT_CLOSE_REASON_EOF */
-        wire_put_packet(bufferevent_get_output(s->bev), VM_PROG_REMOTE,
+        wire_put_packet(session_out(s), VM_PROG_REMOTE,
                         VM_PROC_CONNECT_EVENT_CONNECTION_CLOSED,
                         VM_MESSAGE, 1, VM_STATUS_OK, b.p, b.len);
         xb_free(&b);
@@ -208,8 +205,8 @@ void session_upstream_lost(struct vm_session *s, const char *why)
     }
     s->close_after_flush = 1;
     s->close_reason = "upstream lost for good";
-    bufferevent_disable(s->bev, EV_READ);
-    if (evbuffer_get_length(bufferevent_get_output(s->bev)) == 0)
+    conn_pause(s->conn, 1);
+    if (conn_output_length(s->conn) == 0)
         session_close(s, "upstream lost for good");
 }
 
@@ -226,7 +223,7 @@ static void reply_u32(struct vm_session *s, const struct vm_hdr *h, uint32_t v)
 /* Pause or resume reading from the client according to its load. */
 static void update_flow(struct vm_session *s)
 {
-    if (s->state == S_CLOSING)
+    if (s->state == S_CLOSING || s->close_after_flush)
         return;
     int max = s->env->cfg->max_client_requests;
     size_t out = evbuffer_get_length(session_out(s));
@@ -234,14 +231,10 @@ static void update_flow(struct vm_session *s)
      * client park half a gigabyte in the gateway. */
     int busy = s->noutstanding >= max || s->outstanding_bytes > OUTSTANDING_BYTES_MAX ||
                out > OUT_HIGH || s->blocked > 0;
-    if (busy && !s->paused) {
-        s->paused = 1;
-        bufferevent_disable(s->bev, EV_READ);
-    } else if (!busy && s->paused && out <= OUT_LOW) {
-        s->paused = 0;
-        bufferevent_enable(s->bev, EV_READ);
-        event_active(s->kick, 0, 0); /* frames may already be buffered */
-    }
+    if (busy)
+        conn_pause(s->conn, 1);
+    else if (out <= OUT_LOW)
+        conn_pause(s->conn, 0);
 }
 
 /* ---- calls ---- */
@@ -554,7 +547,7 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
              * callback that ends the session may run inside wire_put_reply. */
             s->close_after_flush = 1;
             s->close_reason = "client closed the connection (CONNECT_CLOSE)";
-            bufferevent_disable(s->bev, EV_READ);
+            conn_pause(s->conn, 1);
             wire_put_reply(session_out(s), h, NULL, 0);
             return;
         case VM_PROC_CONNECT_GET_URI:
@@ -588,8 +581,6 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
         if (info && info->kind == VM_PK_AUTH) {
             if (session_handle_auth(s, h, pkt) < 0)
                 session_close(s, "cannot start the SASL security layer");
-            else if (s->bev != s->installed_bev)
-                install_bev(s); /* the security layer's filter took over the socket */
             return;
         }
     }
@@ -626,10 +617,9 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
 }
 
 /* One whole packet from the client, in `pkt` (freed by the caller). */
-static void handle_packet(struct vm_session *s, struct evbuffer *pkt)
+static void handle_packet(struct vm_session *s, const struct vm_hdr *hp, struct evbuffer *pkt)
 {
-    struct vm_hdr h;
-    wire_hdr_peek(pkt, &h);
+    struct vm_hdr h = *hp;
     keepalive_touch(&s->ka);
 
     if (h.prog == VM_PROG_KEEPALIVE) {
@@ -659,7 +649,7 @@ static void handle_packet(struct vm_session *s, struct evbuffer *pkt)
             session_close(s, "bad CALL_WITH_FDS packet");
             return;
         }
-        s->skip_bytes = nfds;
+        conn_skip(s->conn, nfds);
         session_reply_error(s, &h, VIR_ERR_NO_SUPPORT, VIR_FROM_RPC,
                             "this function is not supported by the connection driver: "
                             "file descriptor passing through virtmux");
@@ -686,43 +676,25 @@ static void handle_packet(struct vm_session *s, struct evbuffer *pkt)
     }
 }
 
-static void process_input(struct vm_session *s)
+/* ---- the client connection (vm_conn ops) ---- */
+
+static int on_packet(void *owner, struct vm_conn *c, const struct vm_hdr *h, struct evbuffer *pkt)
 {
-    while (s->state != S_CLOSING && !s->paused && !s->close_after_flush) {
-        /* Fetched each time: the SASL security layer may replace the bufferevent. */
-        struct evbuffer *in = bufferevent_get_input(s->bev);
-        if (s->skip_bytes) {
-            size_t n = evbuffer_get_length(in);
-            if (!n)
-                break;
-            size_t k = n < s->skip_bytes ? n : s->skip_bytes;
-            evbuffer_drain(in, k);
-            s->skip_bytes -= (uint32_t)k;
-            continue;
-        }
-        uint32_t len;
-        int r = wire_frame_ready(in, &len);
-        if (r < 0) {
-            char why[80];
-            uint8_t w[4];
-            evbuffer_copyout(in, w, 4);
-            snprintf(why, sizeof(why), "illegal length word 0x%02x%02x%02x%02x", w[0], w[1], w[2],
-                     w[3]);
-            session_close(s, why);
-            return;
-        }
-        if (r == 0)
-            break;
-        struct evbuffer *pkt = evbuffer_new();
-        if (!pkt)
-            abort();
-        evbuffer_remove_buffer(in, pkt, len);
-        handle_packet(s, pkt);
-        evbuffer_free(pkt);
-        /* Every packet may have added output (a local answer, an error, a PONG): a client
-         * that sends but never reads is stopped here, whatever it sent. */
-        update_flow(s);
-    }
+    struct vm_session *s = owner;
+    handle_packet(s, h, pkt);
+    if (s->state == S_CLOSING)
+        return -1;
+    /* Every packet may have added output (a local answer, an error, a PONG): a client that
+     * sends but never reads is stopped here, whatever it sent. */
+    update_flow(s);
+    return 0;
+}
+
+static void on_bad_length(void *owner, struct vm_conn *c, const uint8_t w[4])
+{
+    char why[80];
+    snprintf(why, sizeof(why), "illegal length word 0x%02x%02x%02x%02x", w[0], w[1], w[2], w[3]);
+    session_close(owner, why);
 }
 
 static void auth_timeout_cb(evutil_socket_t fd, short what, void *arg)
@@ -733,29 +705,9 @@ static void auth_timeout_cb(evutil_socket_t fd, short what, void *arg)
     session_close(s, "authentication timed out");
 }
 
-/* Our callbacks on the current bufferevent (the socket's, or the SASL layer's filter). */
-static void install_bev(struct vm_session *s)
+static void on_drained(void *owner, struct vm_conn *c)
 {
-    s->installed_bev = s->bev;
-    bufferevent_setcb(s->bev, session_read_cb, session_write_cb, session_event_cb, s);
-    bufferevent_setwatermark(s->bev, EV_WRITE, OUT_LOW, 0);
-    evbuffer_add_cb(bufferevent_get_output(s->bev), session_output_cb, s);
-    bufferevent_enable(s->bev, EV_READ);
-}
-
-static void kick_cb(evutil_socket_t fd, short what, void *arg)
-{
-    process_input(arg);
-}
-
-static void session_read_cb(struct bufferevent *bev, void *arg)
-{
-    process_input(arg);
-}
-
-static void session_write_cb(struct bufferevent *bev, void *arg)
-{
-    struct vm_session *s = arg;
+    struct vm_session *s = owner;
     if (s->close_after_flush && evbuffer_get_length(session_out(s)) == 0) {
         session_close(s, s->close_reason);
         return;
@@ -764,9 +716,9 @@ static void session_write_cb(struct bufferevent *bev, void *arg)
     update_flow(s);
 }
 
-static void session_event_cb(struct bufferevent *bev, short what, void *arg)
+static void on_event(void *owner, struct vm_conn *c, short what)
 {
-    struct vm_session *s = arg;
+    struct vm_session *s = owner;
     if ((what & BEV_EVENT_CONNECTED) && s->state == S_TLS) {
         char err[600];
         if (session_tls_established(s, err, sizeof(err)) < 0)
@@ -778,6 +730,13 @@ static void session_event_cb(struct bufferevent *bev, short what, void *arg)
     else if (what & BEV_EVENT_ERROR)
         session_close(s, evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
 }
+
+static const struct vm_conn_ops session_conn_ops = {
+    .packet = on_packet,
+    .drained = on_drained,
+    .event = on_event,
+    .bad_length = on_bad_length,
+};
 
 void session_new(const struct vm_session_host *host, const struct vm_listener_cfg *lcfg,
                  evutil_socket_t fd, const char *peer, const struct vm_identity *id,
@@ -798,22 +757,24 @@ void session_new(const struct vm_session_host *host, const struct vm_listener_cf
     TAILQ_INIT(&s->peer.subs);
     TAILQ_INIT(&s->peer.streams);
     snprintf(s->tag, sizeof(s->tag), "C#%u %s", s->id, peer);
+    struct bufferevent *bev;
     if (tls) {
         s->ssl = SSL_new(tls);
         if (!s->ssl)
             abort();
-        s->bev = bufferevent_openssl_socket_new(s->env->base, fd, s->ssl,
-                                                BUFFEREVENT_SSL_ACCEPTING, BEV_OPT_CLOSE_ON_FREE);
+        bev = bufferevent_openssl_socket_new(s->env->base, fd, s->ssl,
+                                             BUFFEREVENT_SSL_ACCEPTING, BEV_OPT_CLOSE_ON_FREE);
         s->state = S_TLS;
     } else {
-        s->bev = bufferevent_socket_new(s->env->base, fd, BEV_OPT_CLOSE_ON_FREE);
+        bev = bufferevent_socket_new(s->env->base, fd, BEV_OPT_CLOSE_ON_FREE);
         s->state = S_NEW;
         s->authed = lcfg->auth == VM_AUTH_NONE || lcfg->auth == VM_AUTH_PEER;
     }
-    s->kick = event_new(s->env->base, -1, 0, kick_cb, s);
-    if (!s->bev || !s->kick)
+    if (!bev)
         abort();
-    install_bev(s);
+    s->conn = conn_new(bev, &session_conn_ops, s);
+    conn_set_low_mark(s->conn, OUT_LOW);
+    conn_watch_output(s->conn, session_output_cb, s);
     host->ops->opened(host->owner, s);
     if (!s->authed) {
         const char *why = session_hold_unauth(s);
@@ -868,10 +829,8 @@ void session_close(struct vm_session *s, const char *why)
     s->home = NULL;
     keepalive_stop(&s->ka);
     session_release_unauth(s);
-    event_free(s->kick);
-    s->kick = NULL;
-    bufferevent_free(s->bev);
-    s->bev = NULL;
+    conn_free(s->conn);
+    s->conn = NULL;
     s->host->ops->closed(s->host->owner, s);
     if (s->rule_held)
         s->host->ops->rule_release(s->host->owner, s->rule);

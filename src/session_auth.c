@@ -66,6 +66,11 @@ void session_set_authenticated(struct vm_session *s, const char *how)
 }
 
 /* AUTH_SASL_INIT/START/STEP and AUTH_POLKIT. */
+static struct bufferevent *wrap_layer(void *arg, struct bufferevent *under)
+{
+    return auth_wrap(arg, under);
+}
+
 int session_handle_auth(struct vm_session *s, const struct vm_hdr *h, struct evbuffer *pkt)
 {
     const struct vm_config *cfg = s->env->cfg;
@@ -98,10 +103,8 @@ int session_handle_auth(struct vm_session *s, const struct vm_hdr *h, struct evb
     if (auth_ssf(s->auth) > 0) {
         /* The reply above is still plain; from the next byte on both directions are
          * SASL-encoded. The filter takes over the socket bufferevent. */
-        struct bufferevent *f = auth_wrap(s->auth, s->bev);
-        if (!f)
+        if (conn_push_filter(s->conn, wrap_layer, s->auth) < 0)
             return -1;
-        s->bev = f;
         vm_debug(s->tag, "SASL security layer on (ssf %d)", auth_ssf(s->auth));
     }
     return 0;

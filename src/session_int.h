@@ -14,6 +14,7 @@
 #include "call.h"
 #include "events.h"
 #include "identity.h"
+#include "conn.h"
 #include "keepalive.h"
 #include "log.h"
 #include "peer.h"
@@ -48,15 +49,11 @@ struct vm_session {
     char source[64];                   /* identity_source: key of the per-source limits */
     const struct vm_rule *rule;        /* config snapshot; set at OPEN */
     int rule_held;                     /* counted against rule->max_sessions */
-    struct bufferevent *bev;           /* owned */
-    struct bufferevent *installed_bev; /* the one our callbacks are on */
+    struct vm_conn *conn;              /* owned: the client's socket, framing, output */
     enum session_state state;
     int is_tcp;
-    int paused;                        /* reading disabled for back-pressure */
     int close_after_flush;             /* hang up once everything is written ... */
     const char *close_reason;          /* ... for this reason */
-    uint32_t skip_bytes;               /* FD dummy bytes to discard after a refused FD call */
-    struct event *kick;                /* owned: resumes input processing after a pause */
 
     struct vm_hdr open_hdr;            /* the CONNECT_OPEN being answered */
     struct vm_open_wait open_wait;     /* our place among the pool's waiters */
@@ -93,7 +90,7 @@ struct vm_session {
 /* Helpers both files use; inline so that session_auth.c never calls into session.c. */
 static inline struct evbuffer *session_out(struct vm_session *s)
 {
-    return bufferevent_get_output(s->bev);
+    return conn_output(s->conn);
 }
 
 /* An error REPLY (libvirt's error layout) to the session's call `h`. */
@@ -113,7 +110,7 @@ const char *session_hold_unauth(struct vm_session *s);
 void session_release_unauth(struct vm_session *s);
 void session_set_authenticated(struct vm_session *s, const char *how);
 /* AUTH_SASL_INIT/START/STEP and AUTH_POLKIT, answered on the session's output. When the
- * SASL security layer starts, s->bev is replaced by its filter. -1: close the session. */
+ * SASL security layer starts, it is pushed onto the connection. -1: close the session. */
 int session_handle_auth(struct vm_session *s, const struct vm_hdr *h, struct evbuffer *pkt);
 /* The TLS handshake is done: check the client certificate, then libvirt's 0x01 byte.
  * -1 with the reason in err: close the session without the byte. */

@@ -37,6 +37,7 @@
 #include "auth.h"
 #include "call.h"
 #include "config.h"
+#include "conn.h"
 #include "keepalive.h"
 #include "log.h"
 #include "proc.h"
@@ -59,7 +60,7 @@ struct vm_link {
     unsigned id;
     char tag[200];
     enum vm_link_state state;
-    struct bufferevent *bev;     /* owned while connected */
+    struct vm_conn *conn;        /* owned while connected */
     struct event *timer;         /* owned: start, backoff and idle */
     int timer_is_idle;
     int backoff_ms;
@@ -84,9 +85,7 @@ struct vm_link {
 static void link_connect(struct vm_link *l);
 static void link_down(struct vm_link *l, const void *err_payload, size_t n, const char *why);
 static void maybe_idle(struct vm_link *l);
-static void read_cb(struct bufferevent *bev, void *arg);
-static void write_cb(struct bufferevent *bev, void *arg);
-static void event_cb(struct bufferevent *bev, short what, void *arg);
+static const struct vm_conn_ops link_conn_ops;
 
 enum vm_link_state link_state(const struct vm_link *l) { return l->state; }
 int link_refs(const struct vm_link *l) { return l->refs; }
@@ -186,25 +185,21 @@ static void leave_owner(struct vm_link *l)
 
 void link_write(struct vm_link *l, struct evbuffer *pkt)
 {
-    if (l->bev)
-        bufferevent_write_buffer(l->bev, pkt);
+    if (l->conn)
+        evbuffer_add_buffer(conn_output(l->conn), pkt);
     else
         evbuffer_drain(pkt, evbuffer_get_length(pkt));
 }
 
 size_t link_output_length(const struct vm_link *l)
 {
-    return l->bev ? evbuffer_get_length(bufferevent_get_output(l->bev)) : 0;
+    return l->conn ? conn_output_length(l->conn) : 0;
 }
 
 void link_pause_reading(struct vm_link *l, int pause)
 {
-    if (!l->bev)
-        return;
-    if (pause)
-        bufferevent_disable(l->bev, EV_READ);
-    else
-        bufferevent_enable(l->bev, EV_READ);
+    if (l->conn)
+        conn_pause(l->conn, pause);
 }
 
 static void link_free_mem(void *arg)
@@ -222,13 +217,12 @@ void link_free(struct vm_link *l)
     l->freeing = 1;
     if (l->retiring) {
         /* Nothing in flight, nobody to tell, and the pool may be gone already. */
-        if (l->bev)
-            bufferevent_free(l->bev);
-        l->bev = NULL;
+        conn_free(l->conn);
+        l->conn = NULL;
         vmsasl_client_end(l->sasl);
         l->sasl = NULL;
         vm_debug(l->tag, "closed: said goodbye with CONNECT_CLOSE");
-    } else if (l->bev) {
+    } else if (l->conn) {
         link_down(l, NULL, 0, "closed by virtmux");
     }
     keepalive_stop(&l->ka);
@@ -240,7 +234,7 @@ void link_free(struct vm_link *l)
 
 void link_retire(struct vm_link *l)
 {
-    if (l->state != VM_LINK_READY || !l->bev || l->ninflight || l->ninternal) {
+    if (l->state != VM_LINK_READY || !l->conn || l->ninflight || l->ninternal) {
         link_free(l);
         return;
     }
@@ -251,7 +245,7 @@ void link_retire(struct vm_link *l)
     keepalive_stop(&l->ka);
     evtimer_del(l->timer);
     l->timer_is_idle = 0;
-    wire_put_packet(bufferevent_get_output(l->bev), VM_PROG_REMOTE, VM_PROC_CONNECT_CLOSE, VM_CALL,
+    wire_put_packet(conn_output(l->conn), VM_PROG_REMOTE, VM_PROC_CONNECT_CLOSE, VM_CALL,
                     l->next_serial++, VM_STATUS_OK, NULL, 0);
     struct timeval tv = {2, 0};
     evtimer_add(l->timer, &tv);
@@ -289,7 +283,7 @@ static void maybe_idle(struct vm_link *l)
 
 static void send_call(struct vm_link *l, int32_t proc, const void *args, size_t n)
 {
-    wire_put_packet(bufferevent_get_output(l->bev), VM_PROG_REMOTE, proc, VM_CALL,
+    wire_put_packet(conn_output(l->conn), VM_PROG_REMOTE, proc, VM_CALL,
                     l->next_serial++, VM_STATUS_OK, args, n);
 }
 
@@ -353,7 +347,7 @@ void link_send(struct vm_link *l, struct vm_call *c)
     c->link = l;
     c->up_serial = l->next_serial++;
     wire_set_serial(c->pkt, c->up_serial);
-    bufferevent_write_buffer(l->bev, c->pkt);
+    evbuffer_add_buffer(conn_output(l->conn), c->pkt);
     evbuffer_free(c->pkt);
     c->pkt = NULL;
     if (l->timer_is_idle) {
@@ -390,8 +384,8 @@ static struct vm_call *take_inflight(struct vm_link *l, uint32_t serial)
 static void ka_ping(void *arg)
 {
     struct vm_link *l = arg;
-    if (l->bev)
-        wire_put_keepalive(bufferevent_get_output(l->bev), VM_PROC_KEEPALIVE_PING);
+    if (l->conn)
+        wire_put_keepalive(conn_output(l->conn), VM_PROC_KEEPALIVE_PING);
 }
 
 static void ka_dead(void *arg)
@@ -427,6 +421,11 @@ static void send_sasl(struct vm_link *l, const char *mech, const char *data, uns
 static int sasl_secure(const struct vm_link *l)
 {
     return l->up->uri.transport != VM_TR_TCP;
+}
+
+static struct bufferevent *wrap_layer(void *arg, struct bufferevent *under)
+{
+    return vmsasl_client_wrap(arg, under);
 }
 
 /* One SASL handshake reply (INIT's mechlist, or START/STEP's token). 0, or -1 when down. */
@@ -480,14 +479,10 @@ static int sasl_reply(struct vm_link *l, const uint8_t *payload, size_t n)
     vm_info(l->tag, "authenticated to libvirtd as SASL user %s%s", l->up->sasl_user,
             layer > 0 ? " (security layer on)" : "");
     if (layer > 0) {
-        struct bufferevent *f = vmsasl_client_wrap(l->sasl, l->bev);
-        if (!f) {
+        if (conn_push_filter(l->conn, wrap_layer, l->sasl) < 0) {
             link_down(l, NULL, 0, "cannot start the SASL security layer");
             return -1;
         }
-        l->bev = f;
-        bufferevent_setcb(l->bev, read_cb, l->dedicated ? write_cb : NULL, event_cb, l);
-        bufferevent_enable(l->bev, EV_READ | EV_WRITE);
     }
     send_feature_keepalive(l);
     return 0;
@@ -529,7 +524,7 @@ static void handshake_reply(struct vm_link *l, const struct vm_hdr *h, struct ev
         }
         if (!r.err && !none && sasl && up->sasl_user) {
             char err[300];
-            SSL *ssl = up->uri.transport == VM_TR_TLS ? bufferevent_openssl_get_ssl(l->bev) : NULL;
+            SSL *ssl = up->uri.transport == VM_TR_TLS ? bufferevent_openssl_get_ssl(conn_bev(l->conn)) : NULL;
             l->sasl = vmsasl_client_begin(up->sasl_user, up->sasl_password_file,
                                           up->uri.host ? up->uri.host : "localhost",
                                           sasl_secure(l), ssl ? SSL_get_cipher_bits(ssl, NULL) : 0,
@@ -569,13 +564,13 @@ static void handshake_reply(struct vm_link *l, const struct vm_hdr *h, struct ev
         l->state = VM_LINK_READY;
         l->backoff_ms = BACKOFF_MIN_MS;
         l->down_since = 0;
-        bufferevent_set_timeouts(l->bev, NULL, NULL);
+        bufferevent_set_timeouts(conn_bev(l->conn), NULL, NULL);
         if (keepalive_start(&l->ka, l->p.base, l->p.keepalive_interval_s,
                             l->p.keepalive_count, ka_ping, ka_dead, l) < 0)
             vm_warn(l->tag, "cannot arm keepalive");
         vm_info(l->tag, "ready: opened \"%s\"%s", l->p.name, l->p.readonly ? " read-only" : "");
         if (l->dedicated)
-            bufferevent_setwatermark(l->bev, EV_WRITE, 256u << 10, 0);
+            conn_set_low_mark(l->conn, 256u << 10);
         if (l->owner)
             l->ops->ready(l->owner, l);
         if (!l->dedicated && !l->freeing)
@@ -589,11 +584,12 @@ static void handshake_reply(struct vm_link *l, const struct vm_hdr *h, struct ev
 
 /* ---- reading ---- */
 
-/* Returns 0 to keep reading, -1 when the link went down. */
-static int handle_packet(struct vm_link *l, struct evbuffer *pkt)
+/* One packet from libvirtd (vm_conn ops). 0 to keep reading, -1 when the link went down. */
+static int on_packet(void *owner, struct vm_conn *conn, const struct vm_hdr *hp,
+                     struct evbuffer *pkt)
 {
-    struct vm_hdr h;
-    wire_hdr_peek(pkt, &h);
+    struct vm_link *l = owner;
+    struct vm_hdr h = *hp;
     if (l->retiring) {
         if (h.type == VM_REPLY) {
             link_free(l); /* CONNECT_CLOSE answered */
@@ -604,17 +600,17 @@ static int handle_packet(struct vm_link *l, struct evbuffer *pkt)
     keepalive_touch(&l->ka);
     if (h.prog == VM_PROG_KEEPALIVE) {
         if (h.proc == VM_PROC_KEEPALIVE_PING)
-            wire_put_keepalive(bufferevent_get_output(l->bev), VM_PROC_KEEPALIVE_PONG);
+            wire_put_keepalive(conn_output(l->conn), VM_PROC_KEEPALIVE_PONG);
         return 0;
     }
     if (l->state == VM_LINK_HANDSHAKE && (h.type == VM_REPLY || h.type == VM_REPLY_WITH_FDS)) {
         handshake_reply(l, &h, pkt);
-        return l->bev ? 0 : -1;
+        return l->conn ? 0 : -1;
     }
     if (l->dedicated) {
         if (l->owner)
             l->ops->packet(l->owner, l, &h, pkt);
-        return l->bev ? 0 : -1;
+        return l->conn ? 0 : -1;
     }
     if (h.type == VM_REPLY || h.type == VM_REPLY_WITH_FDS) {
         struct vm_call *c = take_inflight(l, h.serial);
@@ -628,7 +624,7 @@ static int handle_packet(struct vm_link *l, struct evbuffer *pkt)
         evbuffer_add_buffer(moved, pkt);
         call_finish(c, moved);
         send_waiting(l);
-        if (l->freeing || !l->bev)
+        if (l->freeing || !l->conn)
             return -1;
         if (l->owner && l->ops->slot_free)
             l->ops->slot_free(l->owner, l);
@@ -638,61 +634,49 @@ static int handle_packet(struct vm_link *l, struct evbuffer *pkt)
     if (h.type == VM_MESSAGE) {
         if (l->owner)
             l->ops->packet(l->owner, l, &h, pkt);
-        return l->bev ? 0 : -1;
+        return l->conn ? 0 : -1;
     }
     vm_debug(l->tag, "dropped packet type %u proc %d", h.type, h.proc);
     return 0;
 }
 
-static void read_cb(struct bufferevent *bev, void *arg)
+/* libvirt's TLS confirmation byte, before any frame. */
+static int on_raw(void *owner, struct vm_conn *conn, struct evbuffer *in)
 {
-    struct vm_link *l = arg;
-    struct evbuffer *in = bufferevent_get_input(bev);
-    if (l->awaiting_confirm) {
-        uint8_t b;
-        if (evbuffer_remove(in, &b, 1) != 1)
-            return;
-        if (b != 1) {
-            link_down(l, NULL, 0, "libvirtd did not confirm the TLS session");
-            return;
-        }
-        l->awaiting_confirm = 0;
-        l->hs = HS_AUTH_LIST;
-        send_call(l, VM_PROC_AUTH_LIST, NULL, 0);
+    struct vm_link *l = owner;
+    uint8_t b;
+    if (evbuffer_remove(in, &b, 1) != 1)
+        return 0;
+    if (b != 1) {
+        link_down(l, NULL, 0, "libvirtd did not confirm the TLS session");
+        return -1;
     }
-    for (;;) {
-        uint32_t len;
-        int r = wire_frame_ready(in, &len);
-        if (r < 0) {
-            if (l->retiring)
-                link_free(l);
-            else
-                link_down(l, NULL, 0, "libvirtd sent an illegal length word");
-            return;
-        }
-        if (r == 0)
-            return;
-        struct evbuffer *pkt = evbuffer_new();
-        if (!pkt)
-            abort();
-        evbuffer_remove_buffer(in, pkt, len);
-        int rc = handle_packet(l, pkt);
-        evbuffer_free(pkt);
-        if (rc < 0 || !l->bev)
-            return;
-    }
+    l->awaiting_confirm = 0;
+    l->hs = HS_AUTH_LIST;
+    send_call(l, VM_PROC_AUTH_LIST, NULL, 0);
+    return 1;
 }
 
-static void write_cb(struct bufferevent *bev, void *arg)
+static void on_bad_length(void *owner, struct vm_conn *conn, const uint8_t word[4])
 {
-    struct vm_link *l = arg;
+    struct vm_link *l = owner;
+    if (l->retiring)
+        link_free(l);
+    else
+        link_down(l, NULL, 0, "libvirtd sent an illegal length word");
+}
+
+static void on_drained(void *owner, struct vm_conn *conn)
+{
+    struct vm_link *l = owner;
     if (l->owner && l->ops->drained)
         l->ops->drained(l->owner, l);
 }
 
-static void event_cb(struct bufferevent *bev, short what, void *arg)
+static void on_event(void *owner, struct vm_conn *conn, short what)
 {
-    struct vm_link *l = arg;
+    struct vm_link *l = owner;
+    struct bufferevent *bev = conn_bev(conn);
     if (l->retiring) {
         link_free(l);
         return;
@@ -716,6 +700,7 @@ static void event_cb(struct bufferevent *bev, short what, void *arg)
                 return;
             }
             l->awaiting_confirm = 1; /* libvirtd checks our certificate, then sends 0x01 */
+            conn_expect_raw(conn);
             return;
         }
         l->hs = HS_AUTH_LIST;
@@ -742,6 +727,14 @@ static void event_cb(struct bufferevent *bev, short what, void *arg)
         snprintf(why, sizeof(why), "%s", evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
     link_down(l, NULL, 0, why);
 }
+
+static const struct vm_conn_ops link_conn_ops = {
+    .packet = on_packet,
+    .raw = on_raw,
+    .drained = on_drained,
+    .event = on_event,
+    .bad_length = on_bad_length,
+};
 
 static int make_addr(const struct vm_uri *u, struct sockaddr_storage *ss, socklen_t *len,
                      char *err, size_t errlen)
@@ -787,6 +780,7 @@ static void link_connect(struct vm_link *l)
         return;
     }
     l->awaiting_confirm = 0;
+    struct bufferevent *bev;
     if (up->uri.transport == VM_TR_TLS) {
         SSL *ssl = SSL_new(l->p.tls);
         if (!ssl)
@@ -798,22 +792,20 @@ static void link_connect(struct vm_link *l)
                 X509_VERIFY_PARAM_set1_host(vp, name, 0);
         }
         /* No SNI, like libvirt's own client. */
-        l->bev = bufferevent_openssl_socket_new(l->p.base, -1, ssl,
-                                                BUFFEREVENT_SSL_CONNECTING,
-                                                BEV_OPT_CLOSE_ON_FREE);
+        bev = bufferevent_openssl_socket_new(l->p.base, -1, ssl, BUFFEREVENT_SSL_CONNECTING,
+                                             BEV_OPT_CLOSE_ON_FREE);
     } else {
-        l->bev = bufferevent_socket_new(l->p.base, -1,
-                                        BEV_OPT_CLOSE_ON_FREE);
+        bev = bufferevent_socket_new(l->p.base, -1, BEV_OPT_CLOSE_ON_FREE);
     }
-    if (!l->bev)
+    if (!bev)
         abort();
-    bufferevent_setcb(l->bev, read_cb, l->dedicated ? write_cb : NULL, event_cb, l);
+    l->conn = conn_new(bev, &link_conn_ops, l);
     int ms = up->pool.connect_timeout_ms;
     struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
-    bufferevent_set_timeouts(l->bev, &tv, &tv);
-    bufferevent_enable(l->bev, EV_READ | EV_WRITE);
+    bufferevent_set_timeouts(bev, &tv, &tv);
+    bufferevent_enable(bev, EV_READ | EV_WRITE);
     vm_debug(l->tag, "connecting to %s", up->uri_text);
-    if (bufferevent_socket_connect(l->bev, (struct sockaddr *)&ss, (int)sslen) < 0) {
+    if (bufferevent_socket_connect(bev, (struct sockaddr *)&ss, (int)sslen) < 0) {
         link_down(l, NULL, 0, strerror(errno));
         return;
     }
@@ -833,10 +825,8 @@ static void link_down(struct vm_link *l, const void *err_payload, size_t n, cons
 {
     int was_ready = l->state == VM_LINK_READY;
     keepalive_stop(&l->ka);
-    if (l->bev) {
-        bufferevent_free(l->bev);
-        l->bev = NULL;
-    }
+    conn_free(l->conn);
+    l->conn = NULL;
     vmsasl_client_end(l->sasl); /* after the bufferevent: its filter used the connection */
     l->sasl = NULL;
     if (l->freeing)

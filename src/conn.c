@@ -1,0 +1,192 @@
+#include "conn.h"
+
+#include <stdlib.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+
+#include "util.h"
+
+struct vm_conn {
+    struct bufferevent *bev;     /* owned: the top of the stack (socket, TLS, or filter) */
+    const struct vm_conn_ops *ops;
+    void *owner;                 /* not owned */
+    struct event *kick;          /* owned: resumes framing from the loop */
+    size_t skip;                 /* raw bytes to drop before the next frame */
+    size_t low_mark;
+    int paused;
+    int raw;                     /* ops->raw reads the input first */
+    void (*watch)(struct evbuffer *, const struct evbuffer_cb_info *, void *);
+    void *watch_arg;
+};
+
+/* Frames at the front of the input, handled one by one until the input runs dry, the owner
+ * pauses, or it closes the connection (then `c` is gone: return at once). */
+static void process(struct vm_conn *c)
+{
+    while (!c->paused) {
+        struct evbuffer *in = bufferevent_get_input(c->bev);
+        if (c->raw) {
+            int r = c->ops->raw(c->owner, c, in);
+            if (r <= 0)
+                return;
+            c->raw = 0;
+            continue;
+        }
+        if (c->skip) {
+            size_t n = evbuffer_get_length(in);
+            if (!n)
+                return;
+            size_t k = n < c->skip ? n : c->skip;
+            evbuffer_drain(in, k);
+            c->skip -= k;
+            continue;
+        }
+        uint32_t len;
+        int r = wire_frame_ready(in, &len);
+        if (r < 0) {
+            uint8_t w[4];
+            evbuffer_copyout(in, w, 4);
+            c->ops->bad_length(c->owner, c, w);
+            return;
+        }
+        if (r == 0)
+            return;
+        struct evbuffer *pkt = evbuffer_new();
+        if (!pkt)
+            abort();
+        evbuffer_remove_buffer(in, pkt, len);
+        struct vm_hdr h;
+        wire_hdr_peek(pkt, &h);
+        int rc = c->ops->packet(c->owner, c, &h, pkt);
+        evbuffer_free(pkt);
+        if (rc < 0)
+            return;
+    }
+}
+
+static void read_cb(struct bufferevent *bev, void *arg)
+{
+    process(arg);
+}
+
+static void kick_cb(evutil_socket_t fd, short what, void *arg)
+{
+    process(arg);
+}
+
+static void write_cb(struct bufferevent *bev, void *arg)
+{
+    struct vm_conn *c = arg;
+    if (c->ops->drained)
+        c->ops->drained(c->owner, c);
+}
+
+static void event_cb(struct bufferevent *bev, short what, void *arg)
+{
+    struct vm_conn *c = arg;
+    c->ops->event(c->owner, c, what);
+}
+
+static void install(struct vm_conn *c)
+{
+    bufferevent_setcb(c->bev, read_cb, write_cb, event_cb, c);
+    bufferevent_setwatermark(c->bev, EV_WRITE, c->low_mark, 0);
+    if (c->watch)
+        evbuffer_add_cb(bufferevent_get_output(c->bev), c->watch, c->watch_arg);
+    if (!c->paused)
+        bufferevent_enable(c->bev, EV_READ);
+}
+
+struct vm_conn *conn_new(struct bufferevent *bev, const struct vm_conn_ops *ops, void *owner)
+{
+    struct vm_conn *c = vm_calloc(1, sizeof(*c));
+    c->bev = bev;
+    c->ops = ops;
+    c->owner = owner;
+    c->kick = event_new(bufferevent_get_base(bev), -1, 0, kick_cb, c);
+    if (!c->kick)
+        abort();
+    install(c);
+    return c;
+}
+
+void conn_free(struct vm_conn *c)
+{
+    if (!c)
+        return;
+    event_free(c->kick);
+    bufferevent_free(c->bev);
+    free(c);
+}
+
+struct evbuffer *conn_output(struct vm_conn *c)
+{
+    return bufferevent_get_output(c->bev);
+}
+
+size_t conn_output_length(const struct vm_conn *c)
+{
+    return evbuffer_get_length(bufferevent_get_output(c->bev));
+}
+
+struct bufferevent *conn_bev(struct vm_conn *c)
+{
+    return c->bev;
+}
+
+void conn_set_low_mark(struct vm_conn *c, size_t low)
+{
+    c->low_mark = low;
+    bufferevent_setwatermark(c->bev, EV_WRITE, low, 0);
+}
+
+void conn_watch_output(struct vm_conn *c,
+                       void (*cb)(struct evbuffer *, const struct evbuffer_cb_info *, void *),
+                       void *arg)
+{
+    c->watch = cb;
+    c->watch_arg = arg;
+    evbuffer_add_cb(bufferevent_get_output(c->bev), cb, arg);
+}
+
+void conn_pause(struct vm_conn *c, int paused)
+{
+    if (paused == c->paused)
+        return;
+    c->paused = paused;
+    if (paused) {
+        bufferevent_disable(c->bev, EV_READ);
+    } else {
+        bufferevent_enable(c->bev, EV_READ);
+        event_active(c->kick, 0, 0); /* frames may already be buffered */
+    }
+}
+
+int conn_paused(const struct vm_conn *c)
+{
+    return c->paused;
+}
+
+void conn_skip(struct vm_conn *c, size_t n)
+{
+    c->skip += n;
+}
+
+void conn_expect_raw(struct vm_conn *c)
+{
+    c->raw = 1;
+}
+
+int conn_push_filter(struct vm_conn *c,
+                     struct bufferevent *(*wrap)(void *arg, struct bufferevent *under),
+                     void *arg)
+{
+    struct bufferevent *f = wrap(arg, c->bev);
+    if (!f)
+        return -1;
+    c->bev = f; /* the filter owns the one below */
+    install(c);
+    return 0;
+}
