@@ -71,10 +71,23 @@ check() {   # check NAME CMD...: run CMD, count and report it
     fi
 }
 
+# One engine per data root: a second run waits for the first to finish.
+mkdir -p "$(dirname "$DATA_ROOT")"
+exec 9> "$DATA_ROOT.lock"
+if ! flock -w 1200 9; then
+    echo "docker: $DATA_ROOT is in use by another run for 20 minutes" >&2
+    echo "docker: 0 passed, 1 failed (data root locked)"
+    exit 1
+fi
+
 start_dockerd() {   # start_dockerd [STORAGE_DRIVER]
     local args=(--data-root "$DATA_ROOT" --exec-root "$TMP/exec"
                 --pidfile "$TMP/docker.pid" -H "$DOCKER_HOST"
-                --bridge=none --iptables=false --ip-masq=false)
+                --bridge=none --iptables=false --ip-masq=false
+                # a system containerd (Debian's docker.io starts one) is shared
+                # with the system dockerd: keep our containers apart from its
+                --containerd-namespace virtmux-test
+                --containerd-plugins-namespace virtmux-test-plugins)
     [[ -z "${1:-}" ]] || args+=(--storage-driver="$1")
     mkdir -p "$DATA_ROOT"
     dockerd "${args[@]}" > "$TMP/dockerd.log" 2>&1 &
