@@ -120,6 +120,8 @@ def test_man_page_renders_without_warnings(dest, page):
             env=dict(os.environ, LC_ALL="C.UTF-8", MANWIDTH="80", MAN_KEEP_STDERR="1"))
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert "NAME" in r.stdout and "SEE ALSO" in r.stdout
+    title = re.search(r'^\.TH .*"virtmux ([^"]+)"', path.read_text(), re.M)
+    assert title and title.group(1) == project_version()
 
 
 def test_man8_documents_options_and_signals(dest):
