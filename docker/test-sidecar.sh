@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The container test: build the virtmux image with a private Docker engine and
 # run it as a sidecar next to a private libvirtd, checked with virsh and
-# libvirt-python (docker/sidecar_check.py); validate the compose files.
+# libvirt-python (docker/sidecar_check.py); validate the compose files; run
+# the installed virtmux.service under systemd in a container
+# (docker/Dockerfile.service-test, docker/service_check.py).
 #
 #   bash docker/test-sidecar.sh          # as root, from a clean clone
 #
@@ -152,18 +154,40 @@ for f in docker/compose/*.yml; do
     check "docker-compose config $f" compose_valid "$f"
 done
 
-echo "=== docker: sidecar next to libvirtd ==="
-set +e
-/usr/bin/python3 docker/sidecar_check.py "$IMAGE" | tee "$TMP/sidecar.out"
-rc=${PIPESTATUS[0]}
-set -e
-line=$(grep -E '^sidecar: [0-9]+ passed, [0-9]+ failed' "$TMP/sidecar.out" | tail -1 || true)
-if [[ -n "$line" ]]; then
-    read -r p f <<< "$(sed -E 's/^sidecar: ([0-9]+) passed, ([0-9]+) failed.*/\1 \2/' <<< "$line")"
+run_checks() {   # run_checks SCRIPT IMAGE: its "NAME: N passed, M failed" line counts
+    local out rc line p f
+    out=$TMP/$(basename "$1").out
+    set +e
+    /usr/bin/python3 "$1" "$2" | tee "$out"
+    rc=${PIPESTATUS[0]}
+    set -e
+    line=$(grep -E '^[a-z]+: [0-9]+ passed, [0-9]+ failed' "$out" | tail -1 || true)
+    p=0
+    f=0
+    if [[ -n "$line" ]]; then
+        read -r p f <<< "$(sed -E 's/^[a-z]+: ([0-9]+) passed, ([0-9]+) failed.*/\1 \2/' <<< "$line")"
+    fi
+    if [[ $rc -ne 0 && $f -eq 0 ]]; then
+        f=1     # it died before its summary
+    fi
     passed=$((passed + p))
     failed=$((failed + f))
-fi
-if [[ $rc -ne 0 && ( -z "$line" || ${f:-0} -eq 0 ) ]]; then
+}
+
+echo "=== docker: sidecar next to libvirtd ==="
+run_checks docker/sidecar_check.py "$IMAGE"
+
+echo "=== docker: virtmux.service under systemd (docker/Dockerfile.service-test) ==="
+if "$DOCKER" build --network host --build-arg BASE="$BASE_TAG" --target build \
+        -f docker/Dockerfile -t virtmux:build . > "$TMP/build-stage.log" 2>&1 &&
+   "$DOCKER" build --network host --build-arg BASE="$BASE_TAG" \
+        --build-arg BUILD=virtmux:build -f docker/Dockerfile.service-test \
+        -t virtmux:service-test . > "$TMP/service-build.log" 2>&1; then
+    "$DOCKER" image prune -f >/dev/null 2>&1 || true
+    run_checks docker/service_check.py virtmux:service-test
+else
+    tail -30 "$TMP/build-stage.log" "$TMP/service-build.log" 2>/dev/null
+    echo "FAIL - service test image build"
     failed=$((failed + 1))
 fi
 

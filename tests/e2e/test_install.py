@@ -182,7 +182,7 @@ def test_unit_verifies_and_is_hardened(dest):
     exe = str(dest["sbindir"] / "virtmux")
     directives = dict(re.findall(r"^([A-Za-z]+)=(.*)$", unit, re.M))
     assert directives["ExecStart"].split()[:2] == [exe, "--config"]
-    assert directives["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert directives["ExecReload"] == "kill -HUP $MAINPID"
     for key, value in {"ProtectSystem": "strict", "NoNewPrivileges": "yes",
                        "RuntimeDirectory": "virtmux", "ProtectHome": "yes",
                        "PrivateTmp": "yes", "CapabilityBoundingSet": "",
