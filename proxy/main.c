@@ -11,20 +11,33 @@
 #include "gateway.h"
 #include "log.h"
 #include "privs.h"
+#include "version.h"
 
 static void usage(FILE *f)
 {
     fputs("usage: virtmux --config FILE [-v] [--log-format text|json]\n"
           "       virtmux --check-config FILE\n"
+          "       virtmux --version | --help\n"
           "\n"
-          "A libvirt connection-multiplexing gateway. See README.md for the config keys.\n"
+          "A libvirt connection-multiplexing gateway: libvirt clients connect to it as to\n"
+          "libvirtd; their calls travel over pooled connections to one or more libvirtds.\n"
+          "It runs in the foreground and logs to standard error.\n"
+          "\n"
+          "Options:\n"
           "  -c, --config FILE        run the gateway with this JSON config\n"
-          "  -t, --check-config FILE  validate the config and exit 0 (valid) or 1\n"
-          "  -v, --verbose            log at debug level\n"
-          "      --log-format FMT     text (default) or json\n"
-          "  -h, --help               this text\n"
-          "Signals: SIGTERM/SIGINT stop; SIGUSR1 logs pools and upstream connections;\n"
-          "SIGHUP reloads TLS certificates and keys.\n",
+          "  -t, --check-config FILE  validate the config and exit 0 (valid) or 1 (invalid)\n"
+          "  -v, --verbose            log at debug level (overrides log.level)\n"
+          "      --log-format FMT     text or json (overrides log.format)\n"
+          "  -V, --version            print the version and exit\n"
+          "  -h, --help               print this text and exit\n"
+          "\n"
+          "Signals:\n"
+          "  SIGTERM, SIGINT  stop: close listeners and connections, exit 0\n"
+          "  SIGHUP           re-read the TLS listeners' certificate, key, CA and CRL files\n"
+          "  SIGUSR1          log pools, upstream connections and calls in flight\n"
+          "\n"
+          "Exit status: 0 stopped by a signal or config valid; 1 invalid config or start-up\n"
+          "failure; 2 bad command line. Config keys: virtmux.json(5); see also virtmux(8).\n",
           f);
 }
 
@@ -53,11 +66,12 @@ int main(int argc, char **argv)
         {"verbose", no_argument, NULL, 'v'},
         {"log-format", required_argument, NULL, 'f'},
         {"help", no_argument, NULL, 'h'},
+        {"version", no_argument, NULL, 'V'},
         {NULL, 0, NULL, 0},
     };
     const char *config_path = NULL;
     int check_only = 0, verbose = 0, json = -1, c;
-    while ((c = getopt_long(argc, argv, "c:t:vh", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "c:t:vhV", opts, NULL)) != -1) {
         switch (c) {
         case 'c':
             config_path = optarg;
@@ -78,6 +92,9 @@ int main(int argc, char **argv)
             break;
         case 'h':
             usage(stdout);
+            return 0;
+        case 'V':
+            printf("virtmux %s\n", VIRTMUX_VERSION);
             return 0;
         default:
             usage(stderr);

@@ -1,17 +1,40 @@
 #!/usr/bin/env bash
 # Install the Debian packages virtmux needs to build and test.
 # Idempotent: only runs apt-get when something is missing.
+#
+#   bash scripts/deps.sh              # build + test (what CI and the quick start need)
+#   bash scripts/deps.sh build        # only what building needs (the Docker build stage)
+#   bash scripts/deps.sh docker       # the container test: Docker engine, compose, debootstrap
+#   bash scripts/deps.sh build docker # groups combine
 set -euo pipefail
 
-PACKAGES=(
+BUILD_PACKAGES=(
     build-essential meson ninja-build pkg-config
     libevent-dev libjansson-dev libssl-dev libsasl2-dev
+)
+TEST_PACKAGES=(
     libvirt-daemon libvirt-clients python3-libvirt
     python3-pytest python3-pytest-timeout
     valgrind
     sasl2-bin libsasl2-modules openssl
     krb5-kdc krb5-admin-server krb5-user libsasl2-modules-gssapi-mit
+    groff-base man-db systemd
 )
+DOCKER_PACKAGES=(
+    docker.io docker-compose debootstrap
+)
+
+groups=("$@")
+[[ ${#groups[@]} -gt 0 ]] || groups=(build test)
+PACKAGES=()
+for group in "${groups[@]}"; do
+    case $group in
+        build) PACKAGES+=("${BUILD_PACKAGES[@]}") ;;
+        test) PACKAGES+=("${TEST_PACKAGES[@]}") ;;
+        docker) PACKAGES+=("${DOCKER_PACKAGES[@]}") ;;
+        *) echo "deps: unknown group '$group' (build, test, docker)" >&2; exit 2 ;;
+    esac
+done
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
@@ -22,7 +45,7 @@ for pkg in "${PACKAGES[@]}"; do
 done
 
 if [[ ${#missing[@]} -eq 0 ]]; then
-    echo "deps: all ${#PACKAGES[@]} packages present"
+    echo "deps: all ${#PACKAGES[@]} packages present (${groups[*]})"
     exit 0
 fi
 

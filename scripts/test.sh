@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install dependencies, build, run the unit tests and the end-to-end suite.
+# Install dependencies, build, run the unit tests, the container test and the
+# end-to-end suite.
 # Exits non-zero if anything fails (including pytest collecting no tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,16 @@ status=0
 echo "=== unit tests (meson test) ==="
 if ! meson test -C "$VIRTMUX_BUILD" --print-errorlogs; then
     echo "unit tests FAILED"
+    status=1
+fi
+
+echo "=== container image and sidecar (docker/test-sidecar.sh) ==="
+# Builds the image with a private dockerd and runs it next to a private
+# libvirtd; VIRTMUX_SKIP_DOCKER=1 leaves it out (the summary says so).
+if [[ "${VIRTMUX_SKIP_DOCKER:-0}" == 1 ]]; then
+    echo "container tests SKIPPED (VIRTMUX_SKIP_DOCKER=1)"
+elif ! bash docker/test-sidecar.sh; then
+    echo "container tests FAILED"
     status=1
 fi
 

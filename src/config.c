@@ -620,11 +620,13 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
     cfg->max_client_requests = get_int(ctx, "limits", limits, "max_client_requests", 16, 1, 4096);
     cfg->max_unauthenticated = get_int(ctx, "limits", limits, "max_unauthenticated", 20, 1,
                                        1000000);
-    int per_source = cfg->max_unauthenticated < 5 ? cfg->max_unauthenticated : 5;
     cfg->max_unauthenticated_per_source = get_int(ctx, "limits", limits,
-                                                  "max_unauthenticated_per_source", per_source,
-                                                  1, 1000000);
-    if (cfg->max_unauthenticated_per_source > cfg->max_unauthenticated)
+                                                  "max_unauthenticated_per_source", 5, 1,
+                                                  1000000);
+    int per_source_given = limits && json_object_get(limits, "max_unauthenticated_per_source");
+    if (!per_source_given && cfg->max_unauthenticated_per_source > cfg->max_unauthenticated)
+        cfg->max_unauthenticated_per_source = cfg->max_unauthenticated; /* follows a lower cap */
+    else if (cfg->max_unauthenticated_per_source > cfg->max_unauthenticated)
         cfg_error(ctx, "limits.max_unauthenticated_per_source",
                   "%d is more than limits.max_unauthenticated (%d)",
                   cfg->max_unauthenticated_per_source, cfg->max_unauthenticated);
