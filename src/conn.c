@@ -13,6 +13,10 @@ struct vm_conn {
     const struct vm_conn_ops *ops;
     void *owner;                 /* not owned */
     struct event *kick;          /* owned: resumes framing from the loop */
+    struct event *flush;         /* owned: writes a plain socket at the end of the turn */
+    int plain;                   /* we write the socket ourselves (see conn.h) */
+    int connected;
+    int flush_pending;
     size_t skip;                 /* raw bytes to drop before the next frame */
     size_t low_mark;
     int paused;
@@ -79,19 +83,57 @@ static void kick_cb(evutil_socket_t fd, short what, void *arg)
 static void write_cb(struct bufferevent *bev, void *arg)
 {
     struct vm_conn *c = arg;
+    if (c->plain && evbuffer_get_length(bufferevent_get_output(bev)) == 0)
+        bufferevent_disable(bev, EV_WRITE); /* finished a short write: ours again */
     if (c->ops->drained)
         c->ops->drained(c->owner, c);
+}
+
+/* Output was appended to a plain socket's buffer: write it at the end of this turn. */
+static void output_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg)
+{
+    struct vm_conn *c = arg;
+    if (info->n_added && c->plain && !c->flush_pending) {
+        c->flush_pending = 1;
+        event_active(c->flush, 0, 0);
+    }
+}
+
+/* One writev of everything queued. What the socket does not take now is left to the
+ * bufferevent (write interest, then write_cb gives the socket back to us). */
+static void flush_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct vm_conn *c = arg;
+    c->flush_pending = 0;
+    struct evbuffer *out = bufferevent_get_output(c->bev);
+    if (!c->plain || !evbuffer_get_length(out))
+        return;
+    if (!c->connected || evbuffer_write(out, bufferevent_getfd(c->bev)) < 0 ||
+        evbuffer_get_length(out)) {
+        /* not yet connected, would block, or failed: the bufferevent writes (and reports
+         * an error through event_cb) */
+        bufferevent_enable(c->bev, EV_WRITE);
+        return;
+    }
+    if (c->ops->drained)
+        c->ops->drained(c->owner, c); /* may free c: nothing after this */
 }
 
 static void event_cb(struct bufferevent *bev, short what, void *arg)
 {
     struct vm_conn *c = arg;
+    if (what & BEV_EVENT_CONNECTED)
+        c->connected = 1;
     c->ops->event(c->owner, c, what);
 }
 
 static void install(struct vm_conn *c)
 {
     bufferevent_setcb(c->bev, read_cb, write_cb, event_cb, c);
+    if (c->plain) {
+        bufferevent_disable(c->bev, EV_WRITE);
+        evbuffer_add_cb(bufferevent_get_output(c->bev), output_cb, c);
+    }
     bufferevent_setwatermark(c->bev, EV_WRITE, c->low_mark, 0);
     if (c->watch)
         evbuffer_add_cb(bufferevent_get_output(c->bev), c->watch, c->watch_arg);
@@ -99,14 +141,18 @@ static void install(struct vm_conn *c)
         bufferevent_enable(c->bev, EV_READ);
 }
 
-struct vm_conn *conn_new(struct bufferevent *bev, const struct vm_conn_ops *ops, void *owner)
+struct vm_conn *conn_new(struct bufferevent *bev, const struct vm_conn_ops *ops, void *owner,
+                         int flags)
 {
     struct vm_conn *c = vm_calloc(1, sizeof(*c));
     c->bev = bev;
     c->ops = ops;
     c->owner = owner;
+    c->plain = !!(flags & VM_CONN_PLAIN);
+    c->connected = !!(flags & VM_CONN_CONNECTED);
     c->kick = event_new(bufferevent_get_base(bev), -1, 0, kick_cb, c);
-    if (!c->kick)
+    c->flush = event_new(bufferevent_get_base(bev), -1, 0, flush_cb, c);
+    if (!c->kick || !c->flush)
         abort();
     install(c);
     return c;
@@ -117,6 +163,7 @@ void conn_free(struct vm_conn *c)
     if (!c)
         return;
     event_free(c->kick);
+    event_free(c->flush);
     bufferevent_free(c->bev);
     free(c);
 }
@@ -186,6 +233,12 @@ int conn_push_filter(struct vm_conn *c,
     struct bufferevent *f = wrap(arg, c->bev);
     if (!f)
         return -1;
+    if (c->plain) {
+        /* The filter writes through the socket's bufferevent, which writes for itself from
+         * now on; what we queued before (the last plain reply) goes first. */
+        c->plain = 0;
+        bufferevent_enable(c->bev, EV_WRITE);
+    }
     c->bev = f; /* the filter owns the one below */
     install(c);
     return 0;

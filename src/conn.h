@@ -36,8 +36,18 @@ struct vm_conn_ops {
     void (*bad_length)(void *owner, struct vm_conn *c, const uint8_t word[4]);
 };
 
+/* How the connection writes. A plain socket is written by the connection itself: output
+ * appended anywhere during a loop turn is written once, at the end of the turn, with one
+ * writev, and write interest is registered only when a write was short. TLS (and later a
+ * SASL layer) leave writing to the bufferevent. */
+enum {
+    VM_CONN_PLAIN = 1,     /* `bev` is a plain socket bufferevent */
+    VM_CONN_CONNECTED = 2, /* its socket is connected already (accepted) */
+};
+
 /* Take over `bev` (freed with the connection) and start reading. */
-struct vm_conn *conn_new(struct bufferevent *bev, const struct vm_conn_ops *ops, void *owner);
+struct vm_conn *conn_new(struct bufferevent *bev, const struct vm_conn_ops *ops, void *owner,
+                         int flags);
 /* Close the socket and free the connection now. Never touch `c` after this. */
 void conn_free(struct vm_conn *c);
 

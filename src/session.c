@@ -772,7 +772,7 @@ void session_new(const struct vm_session_host *host, const struct vm_listener_cf
     }
     if (!bev)
         abort();
-    s->conn = conn_new(bev, &session_conn_ops, s);
+    s->conn = conn_new(bev, &session_conn_ops, s, tls ? 0 : VM_CONN_PLAIN | VM_CONN_CONNECTED);
     conn_set_low_mark(s->conn, OUT_LOW);
     conn_watch_output(s->conn, session_output_cb, s);
     host->ops->opened(host->owner, s);
