@@ -449,3 +449,69 @@ def test_1000_pipelined_calls(env):
     facts = run_flood(probe, flood, "1000 pipelined calls per write")
     assert facts["calls"] >= 1000
     at_rest(gw, probe)
+
+
+# --------------------------------------------------------------------------
+# a client that sends and never reads
+# --------------------------------------------------------------------------
+
+NEVER_READ_MIB = 28
+RSS_BOUND_KIB = 16 * 1024
+
+
+def never_reader(port, packet, opened, seconds, rss):
+    """Send `packet` over and over (NEVER_READ_MIB in all) without reading
+    a byte; returns (bytes the gateway accepted, largest RSS rise seen)."""
+    c = RawClient(port=port, rcvbuf=4096)
+    try:
+        if opened:
+            c.handshake()
+        rss0 = rss()
+        blob = packet * (NEVER_READ_MIB * 1024 * 1024 // len(packet))
+        c.sock.setblocking(False)
+        sent, view, peak = 0, memoryview(blob), 0
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                n = c.sock.send(view[sent:sent + 65536])
+                sent += n
+                if sent >= len(blob):
+                    break
+            except BlockingIOError:
+                time.sleep(0.01)
+            peak = max(peak, rss() - rss0)
+        time.sleep(0.3)
+        peak = max(peak, rss() - rss0)
+        return sent, peak
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("kind", ["ping", "call-before-open",
+                                  "call-after-open"])
+def test_client_that_never_reads(env, kind):
+    """Local answers (PONG; "connection not open" errors) and forwarded
+    replies to a client that never reads: the gateway stops reading that
+    client once 1 MiB is unsent to it, so it holds a bounded amount."""
+    gw, plain, sasl, probe = env
+    if kind == "ping":
+        pkt = build_packet(harness.KEEPALIVE_PROGRAM, 1,
+                           harness.PROC_KEEPALIVE_PING, harness.TYPE_MESSAGE,
+                           0)
+    else:
+        pkt = build_packet(harness.REMOTE_PROGRAM, 1,
+                           harness.PROC_CONNECT_LIST_ALL_DOMAINS,
+                           harness.TYPE_CALL, 7,
+                           payload=xdr_i32(1) + xdr_u32(0))
+    opened = kind == "call-after-open"
+
+    def flood():
+        sent, peak = never_reader(
+            plain, pkt, opened, FLOOD_S,
+            lambda: faultkit.proc_rss_kib(gw.proc.pid))
+        return {"sent_kib": sent // 1024, "rss_peak_rise_kib": peak}
+    facts = run_flood(probe, flood, "never reads (%s)" % kind)
+    assert facts["rss_peak_rise_kib"] < RSS_BOUND_KIB, facts
+    # the gateway stopped reading: most of the flood was never accepted
+    assert facts["sent_kib"] < NEVER_READ_MIB * 1024 // 2, facts
+    at_rest(gw, probe)
