@@ -10,6 +10,7 @@
 #include "config.h"
 #include "gateway.h"
 #include "log.h"
+#include "privs.h"
 
 static void usage(FILE *f)
 {
@@ -127,7 +128,8 @@ int main(int argc, char **argv)
     evsignal_add(sigusr1, NULL);
 
     int rc = 0;
-    if (gateway_start(gw) < 0) {
+    /* Privileges go once every socket is bound and every key read, before any client. */
+    if (gateway_start(gw) < 0 || privs_drop(gateway_config(gw)) < 0) {
         rc = 1;
     } else {
         vm_info(NULL, "virtmux ready");

@@ -1,7 +1,7 @@
 /* Client authentication at the gateway: SASL (cyrus-sasl, service "libvirt") with libvirt's
  * AUTH_SASL_INIT/START/STEP procedures, the SASL security layer on plain TCP, and the failure
- * rate limit per source address. TLS certificate checks live in tls.c, unix peer credentials
- * in listener.c; all three end in the session's immutable identity.
+ * rate limit per source (TCP address or unix uid). TLS certificate checks live in tls.c,
+ * unix peer credentials in listener.c; all three end in the session's immutable identity.
  *
  *   AUTH_LIST -> [SASL]   AUTH_SASL_INIT -> mechlist   START/STEP ... complete=1
  *        -> username allowlist -> identity.sasl_user -> (plain TCP) encode/decode from the
@@ -26,7 +26,8 @@ struct vm_sasl;
 int auth_global_init(const struct vm_sasl_cfg *cfg) VM_WUR;
 void auth_global_done(void);
 
-/* Per-session SASL state. `secure`: TLS or unix (no security layer); `ext_ssf`: TLS key bits. */
+/* Per-session SASL state. `secure`: TLS or unix (no security layer); `ext_ssf`: TLS key bits;
+ * `source`: what the failure rate limit counts against (identity_source). */
 struct vm_sasl *auth_new(const struct vm_sasl_cfg *cfg, int secure, int ext_ssf,
                          const char *source);
 void auth_free(struct vm_sasl *a);

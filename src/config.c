@@ -1,10 +1,13 @@
 #include "config.h"
 
 #include <arpa/inet.h>
+#include <grp.h>
+#include <pwd.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 
 #include <jansson.h>
 
@@ -164,6 +167,18 @@ static int readable(const char *file)
     return 1;
 }
 
+/* A file holding a secret (private key, sasldb, keytab, password) must not be open to other
+ * users: refuse the config rather than serve with a key anyone on the host may have copied.
+ * Group access is allowed (a service group is the usual way to share it). */
+static void check_private(struct parse_ctx *ctx, const char *path, const char *file)
+{
+    struct stat st;
+    if (stat(file, &st) < 0 || !(st.st_mode & (S_IROTH | S_IWOTH)))
+        return;
+    cfg_error(ctx, path, "\"%s\" holds a secret but other users may read or write it "
+              "(mode %04o): chmod o-rw it", file, (unsigned)(st.st_mode & 07777));
+}
+
 static struct vm_tls_cfg *parse_tls(struct parse_ctx *ctx, const char *path, json_t *o, int server)
 {
     static const char *const server_keys[] = {"cert", "key", "ca", "crl", "verify_client",
@@ -183,11 +198,12 @@ static struct vm_tls_cfg *parse_tls(struct parse_ctx *ctx, const char *path, jso
         if (!f)
             continue;
         *slots[i] = vm_strdup(f);
-        if (!readable(f)) {
-            char p[160];
-            snprintf(p, sizeof(p), "%s.%s", path, files[i]);
+        char p[160];
+        snprintf(p, sizeof(p), "%s.%s", path, files[i]);
+        if (!readable(f))
             cfg_error(ctx, p, "cannot read \"%s\"", f);
-        }
+        else if (slots[i] == &t->key)
+            check_private(ctx, p, f);
     }
     if (!t->cert != !t->key)
         cfg_error(ctx, path, "cert and key go together");
@@ -237,7 +253,7 @@ static void parse_upstream(struct parse_ctx *ctx, int i, json_t *o, struct vm_up
     static const char *const keys[] = {"name", "uri", "pool", "tls", "sasl", NULL};
     static const char *const sasl_keys[] = {"username", "password_file", NULL};
     static const char *const pool_keys[] = {"max_connections", "max_inflight", "idle_timeout_s",
-                                            "connect_timeout_ms", "give_up_s", NULL};
+                                            "connect_timeout_ms", "give_up_s", "max_streams", NULL};
     char path[64], p[96];
     snprintf(path, sizeof(path), "upstreams[%d]", i);
     if (!json_is_object(o)) {
@@ -278,11 +294,12 @@ static void parse_upstream(struct parse_ctx *ctx, int i, json_t *o, struct vm_up
             u->sasl_user = vm_strdup(un);
         if (pf) {
             u->sasl_password_file = vm_strdup(pf);
-            if (!readable(pf)) {
-                char q[128];
-                snprintf(q, sizeof(q), "%s.password_file", p);
+            char q[128];
+            snprintf(q, sizeof(q), "%s.password_file", p);
+            if (!readable(pf))
                 cfg_error(ctx, q, "cannot read \"%s\"", pf);
-            }
+            else
+                check_private(ctx, q, pf);
         }
     }
     snprintf(p, sizeof(p), "%s.pool", path);
@@ -294,6 +311,7 @@ static void parse_upstream(struct parse_ctx *ctx, int i, json_t *o, struct vm_up
     u->pool.idle_timeout_s = get_int(ctx, p, pool, "idle_timeout_s", 60, 0, 86400);
     u->pool.connect_timeout_ms = get_int(ctx, p, pool, "connect_timeout_ms", 10000, 100, 600000);
     u->pool.give_up_s = get_int(ctx, p, pool, "give_up_s", 60, 0, 86400);
+    u->pool.max_streams = get_int(ctx, p, pool, "max_streams", 8, 1, 1024);
 }
 
 static void parse_listener(struct parse_ctx *ctx, int i, json_t *o, struct vm_listener_cfg *l)
@@ -330,7 +348,7 @@ static void parse_listener(struct parse_ctx *ctx, int i, json_t *o, struct vm_li
         }
         l->unix_path = vm_strdup(unix_path);
     }
-    l->mode = 0666;
+    l->mode = 0660; /* owner and group: local users are not clients unless let in */
     const char *mode = get_string(ctx, path, o, "mode", 0);
     if (mode) {
         char *end;
@@ -504,17 +522,43 @@ static void parse_policy(struct parse_ctx *ctx, json_t *pol, struct vm_config *c
     }
 }
 
+/* process.user / process.group: checked here so that --check-config catches a typo, resolved
+ * again when privileges are dropped (privs.c). */
+static void parse_process(struct parse_ctx *ctx, json_t *proc, struct vm_config *cfg)
+{
+    static const char *const keys[] = {"user", "group", NULL};
+    if (!proc)
+        return;
+    check_keys(ctx, "process", proc, keys);
+    const char *user = get_string(ctx, "process", proc, "user", 0);
+    const char *group = get_string(ctx, "process", proc, "group", 0);
+    if (user) {
+        cfg->process_user = vm_strdup(user);
+        if (!getpwnam(user))
+            cfg_error(ctx, "process.user", "no user \"%s\"", user);
+    }
+    if (group) {
+        cfg->process_group = vm_strdup(group);
+        if (!user)
+            cfg_error(ctx, "process.group", "needs process.user");
+        else if (!getgrnam(group))
+            cfg_error(ctx, "process.group", "no group \"%s\"", group);
+    }
+}
+
 static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
 {
     static const char *const keys[] = {"listeners", "upstreams", "default_upstream", "limits",
-                                       "keepalive", "log", "admin", "policy", "events", "sasl", NULL};
+                                       "keepalive", "log", "admin", "policy", "events", "sasl",
+                                       "process", NULL};
     static const char *const sasl_keys[] = {"sasldb", "mechanisms", "allowed_users", "keytab",
                                             "service_host", "max_failures",
                                             "failure_window_s", NULL};
-    static const char *const events_keys[] = {"max_queue_bytes", NULL};
+    static const char *const events_keys[] = {"max_queue_bytes", "max_per_session", NULL};
     static const char *const admin_keys[] = {"address", "unix", NULL};
     static const char *const limit_keys[] = {"max_clients", "queue_timeout_ms",
                                              "max_client_requests", "max_unauthenticated",
+                                             "max_unauthenticated_per_source",
                                              "auth_timeout_s", NULL};
     static const char *const ka_keys[] = {"interval_s", "count", NULL};
     static const char *const log_keys[] = {"level", "format", NULL};
@@ -576,6 +620,14 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
     cfg->max_client_requests = get_int(ctx, "limits", limits, "max_client_requests", 16, 1, 4096);
     cfg->max_unauthenticated = get_int(ctx, "limits", limits, "max_unauthenticated", 20, 1,
                                        1000000);
+    int per_source = cfg->max_unauthenticated < 5 ? cfg->max_unauthenticated : 5;
+    cfg->max_unauthenticated_per_source = get_int(ctx, "limits", limits,
+                                                  "max_unauthenticated_per_source", per_source,
+                                                  1, 1000000);
+    if (cfg->max_unauthenticated_per_source > cfg->max_unauthenticated)
+        cfg_error(ctx, "limits.max_unauthenticated_per_source",
+                  "%d is more than limits.max_unauthenticated (%d)",
+                  cfg->max_unauthenticated_per_source, cfg->max_unauthenticated);
     cfg->auth_timeout_s = get_int(ctx, "limits", limits, "auth_timeout_s", 30, 1, 3600);
 
     json_t *ka = get_object(ctx, "", root, "keepalive");
@@ -622,12 +674,16 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
             sc->sasldb = vm_strdup(db);
             if (!readable(db))
                 cfg_error(ctx, "sasl.sasldb", "cannot read \"%s\"", db);
+            else
+                check_private(ctx, "sasl.sasldb", db);
         }
         const char *kt = get_string(ctx, "sasl", sasl, "keytab", 0);
         if (kt) {
             sc->keytab = vm_strdup(kt);
             if (!readable(kt))
                 cfg_error(ctx, "sasl.keytab", "cannot read \"%s\"", kt);
+            else
+                check_private(ctx, "sasl.keytab", kt);
         }
         const char *sh = get_string(ctx, "sasl", sasl, "service_host", 0);
         if (sh)
@@ -657,6 +713,7 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
         check_keys(ctx, "events", evs, events_keys);
     cfg->event_queue_bytes = get_int(ctx, "events", evs, "max_queue_bytes", 8 << 20, 65536,
                                      1 << 30);
+    cfg->event_max_per_session = get_int(ctx, "events", evs, "max_per_session", 256, 1, 65536);
 
     json_t *admin = get_object(ctx, "", root, "admin");
     if (admin) {
@@ -670,6 +727,8 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
         if (u)
             cfg->admin_unix = vm_strdup(u);
     }
+
+    parse_process(ctx, get_object(ctx, "", root, "process"), cfg);
 
     cfg->default_rule.index = -1;
     cfg->default_rule.uid = cfg->default_rule.gid = -1;
@@ -745,6 +804,8 @@ void config_free(struct vm_config *cfg)
     }
     free(cfg->admin_address);
     free(cfg->admin_unix);
+    free(cfg->process_user);
+    free(cfg->process_group);
     for (int i = 0; i < cfg->nlisteners; i++) {
         struct vm_listener_cfg *l = &cfg->listeners[i];
         free(l->name);

@@ -5,7 +5,7 @@
  *     .name                string, "listenerN"
  *     .address             "host:port" TCP listener            } exactly one of
  *     .unix                path of a unix socket listener      } address / unix
- *     .mode                octal string for the unix socket, "0666"
+ *     .mode                octal string for the unix socket, "0660"
  *     .auth                "none" | "sasl" | "tls" | "tls+sasl" | "peer", "none"
  *     .tls                 {cert, key, ca, crl, verify_client: "required"|"optional"|"none",
  *                           allowed_dn: [globs]}: makes it a TLS listener
@@ -20,11 +20,16 @@
  *     .pool.give_up_s      int 0..86400, 60: after this long without reconnecting, sessions
  *                          homed on a lost connection are told (close callback) and closed;
  *                          0 = keep retrying forever
+ *     .pool.max_streams    int 1..1024, 8: streams (each on its own upstream connection) open
+ *                          at once; more wait up to limits.queue_timeout_ms, then fail
  *   default_upstream       name, optional
  *   limits.max_clients     int, 10000
  *   limits.queue_timeout_ms int, 30000
  *   limits.max_unauthenticated int, 20: clients still authenticating at once (like libvirtd's
  *                          max_anonymous_clients); more are closed on accept
+ *   limits.max_unauthenticated_per_source int, 5 (or max_unauthenticated if lower), at most
+ *                          max_unauthenticated: the same per source (TCP address, unix uid),
+ *                          so one source cannot take every slot
  *   limits.auth_timeout_s  int, 30: a client that has not authenticated by then is closed
  *   limits.max_client_requests int 1..4096, 16: calls one client may have outstanding before
  *                          the gateway stops reading its socket
@@ -32,18 +37,26 @@
  *   keepalive.count        int, 5
  *   log.level              "error" | "warn" | "info" | "debug", "info"
  *   log.format             "text" | "json", "text"
+ *   events.max_per_session int 1..65536, 256: event registrations one session may hold
  *   events.max_queue_bytes int, 8388608: a subscriber whose unsent output would pass this is
  *                          cut off (closed), so it cannot hold the others back
+ *   Secret files (TLS keys, sasl.sasldb, sasl.keytab, upstreams[].sasl.password_file) with
+ *   mode & 0006 are refused: other users must not read or write them.
  *   sasl.sasldb            path of the sasldb (never /etc unless you say so)
  *   sasl.mechanisms        ["scram-sha-256", "digest-md5", "gssapi"], all three
  *   sasl.allowed_users     [globs], any
  *   sasl.keytab            GSSAPI keytab path, optional
  *   sasl.service_host      host part of the GSSAPI principal libvirt/HOST, the machine's name
- *   sasl.max_failures / sasl.failure_window_s   5 / 60: failed attempts per source address
+ *   sasl.max_failures / sasl.failure_window_s   5 / 60: failed attempts per source (TCP
+ *                          address; the uid for unix clients)
  *   upstreams[].tls        {cert, key, ca, crl, no_verify, server_name} for DRIVER+tls:// URIs
  *   upstreams[].sasl       {username, password_file}: when libvirtd asks for SASL
  *   admin.address          "host:port" of the HTTP status endpoint (GET /status), optional
  *   admin.unix             or a unix socket path for it
+ *   process.user           user name to run as once listeners are bound and keys read
+ *                          (needs root at start), optional; the sasldb, keytab and upstream
+ *                          password files must be readable by it
+ *   process.group          group name, optional: the user's primary group
  *   listeners[].readonly   bool, false: force read-only for every client of this listener
  *   policy                 optional; absent = every client may reach every upstream read-write
  *   policy.default         "deny" (the default) | "allow" | {grant}: when no rule matches
@@ -129,6 +142,7 @@ struct vm_pool_cfg {
     int idle_timeout_s;
     int connect_timeout_ms;
     int give_up_s;
+    int max_streams;
 };
 
 struct vm_upstream_cfg {
@@ -151,15 +165,19 @@ struct vm_config {
     int queue_timeout_ms;
     int max_client_requests;
     int max_unauthenticated;
+    int max_unauthenticated_per_source;
     int auth_timeout_s;
     int keepalive_interval_s;
     int keepalive_count;
     int log_level;
     int log_json;
     int event_queue_bytes;
+    int event_max_per_session;
     struct vm_sasl_cfg *sasl; /* needed by listeners with SASL */
     char *admin_address;    /* HTTP status endpoint, or NULL */
     char *admin_unix;
+    char *process_user;     /* drop to this user after start-up, or NULL */
+    char *process_group;    /* ... and this group (NULL: the user's primary group) */
     int policy_present;     /* a policy section was given */
     struct vm_rule *rules;
     int nrules;

@@ -8,6 +8,7 @@
 
 #include "call.h"
 #include "config.h"
+#include "gateway.h"
 #include "log.h"
 #include "pool.h"
 #include "proc.h"
@@ -154,9 +155,20 @@ static int32_t family_of(uint32_t prog, const char *event_name)
 
 /* ---- answering subscribers ---- */
 
+/* The subscriber's register call is answered (or abandoned): it no longer counts against the
+ * session's max_client_requests. */
+static void settle(struct vm_sub *sub)
+{
+    if (sub->pending) {
+        sub->pending = 0;
+        session_request_end(sub->s);
+    }
+}
+
 static void sub_remove(struct vm_sub *sub)
 {
     struct vm_evreg *r = sub->reg;
+    settle(sub);
     TAILQ_REMOVE(&r->subs, sub, reg_entry);
     TAILQ_REMOVE(session_subs(sub->s), sub, sess_entry);
     r->nsubs--;
@@ -171,7 +183,7 @@ static void answer_ok(struct vm_sub *sub)
     xb_i32(&b, sub->client_id);
     wire_put_reply(session_output(sub->s), &sub->hdr, b.p, b.len);
     xb_free(&b);
-    sub->pending = 0;
+    settle(sub);
 }
 
 /* Fail every pending subscriber of `r`, with the upstream's error payload or our message. */
@@ -311,6 +323,18 @@ static void send_register(struct vm_evreg *r)
 void events_subscribe(struct vm_events *ev, struct vm_session *s, const struct vm_hdr *h,
                       const uint8_t *args, size_t n)
 {
+    struct vm_sub *sub;
+    int mine = 0;
+    TAILQ_FOREACH(sub, session_subs(s), sess_entry)
+        mine++;
+    int max = gateway_config(pool_gateway(ev->pool))->event_max_per_session;
+    if (mine >= max) {
+        char msg[200];
+        snprintf(msg, sizeof(msg), "operation failed: this connection already holds %d event "
+                 "registrations (virtmux events.max_per_session)", max);
+        wire_put_error(session_output(s), h, VIR_ERR_OPERATION_FAILED, VIR_FROM_NONE, msg);
+        return;
+    }
     struct vm_evreg *r;
     TAILQ_FOREACH(r, &ev->regs, entry)
         if (r->prog == h->prog && r->reg_proc == h->proc && r->nargs == n &&
@@ -333,7 +357,6 @@ void events_subscribe(struct vm_events *ev, struct vm_session *s, const struct v
         TAILQ_INSERT_TAIL(&ev->regs, r, entry);
         ev->nregs++;
     }
-    struct vm_sub *sub;
     TAILQ_FOREACH(sub, &r->subs, reg_entry) {
         if (sub->s == s) { /* libvirtd's answer to the same registration twice */
             wire_put_error(session_output(s), h, VIR_ERR_INVALID_ARG, VIR_FROM_NONE,
@@ -346,6 +369,7 @@ void events_subscribe(struct vm_events *ev, struct vm_session *s, const struct v
     sub->reg = r;
     sub->client_id = session_next_callback_id(s);
     sub->pending = 1;
+    session_request_begin(s);
     sub->hdr = *h;
     TAILQ_INSERT_TAIL(&r->subs, sub, reg_entry);
     TAILQ_INSERT_TAIL(session_subs(s), sub, sess_entry);

@@ -23,6 +23,7 @@
 #include "log.h"
 #include "pool.h"
 #include "session.h"
+#include "srccount.h"
 #include "stream.h"
 #include "tls.h"
 #include "util.h"
@@ -57,6 +58,9 @@ struct vm_gateway {
     struct vm_session **sessions; /* registry (not owned): index = session slot */
     int capsessions;
     int nunauth;                 /* sessions still authenticating */
+    struct vm_srccount *unauth_by_source; /* owned: the same, per source */
+    long refused_unauth;         /* closed on accept: max_unauthenticated reached */
+    long refused_unauth_source;  /* closed on accept: their source's share reached */
 };
 
 static void reap(evutil_socket_t fd, short what, void *arg)
@@ -81,6 +85,7 @@ struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
     gw->reaper = event_new(base, -1, 0, reap, gw);
     gw->audit = audit_new();
     gw->rule_sessions = calloc((size_t)cfg->nrules + 1, sizeof(int));
+    gw->unauth_by_source = srccount_new();
     if (!gw->listeners || !gw->reaper || !gw->rule_sessions)
         abort();
     return gw;
@@ -152,6 +157,7 @@ void gateway_free(struct vm_gateway *gw)
     if (gw->cfg->sasl)
         auth_global_done();
     free(gw->rule_sessions);
+    srccount_free(gw->unauth_by_source);
     free(gw->sessions);
     for (int i = 0; gw->upstream_tls && i < gw->cfg->nupstreams; i++)
         if (gw->upstream_tls[i])
@@ -202,10 +208,14 @@ json_t *gateway_status_json(struct vm_gateway *gw)
     struct pool_node *n;
     LIST_FOREACH(n, &gw->pools, entry)
         json_array_append_new(pools, pool_status_json(n->pool));
-    return json_pack("{s:i, s:i, s:o, s:o, s:I, s:o}", "sessions", gw->nsessions, "max_clients",
-                     gw->cfg->max_clients, "totals", totals_json(gw), "pools", pools,
-                     "denials_total", (json_int_t)audit_total(gw->audit), "denials",
-                     audit_json(gw->audit));
+    json_t *unauth = json_pack("{s:i, s:i, s:I, s:I}", "clients", gw->nunauth, "sources",
+                               srccount_sources(gw->unauth_by_source), "refused",
+                               (json_int_t)gw->refused_unauth, "refused_per_source",
+                               (json_int_t)gw->refused_unauth_source);
+    return json_pack("{s:i, s:i, s:o, s:o, s:I, s:o, s:o}", "sessions", gw->nsessions,
+                     "max_clients", gw->cfg->max_clients, "totals", totals_json(gw), "pools",
+                     pools, "denials_total", (json_int_t)audit_total(gw->audit), "denials",
+                     audit_json(gw->audit), "unauthenticated", unauth);
 }
 
 struct vm_audit *gateway_audit(const struct vm_gateway *gw)
@@ -325,16 +335,25 @@ void gateway_session_closed(struct vm_gateway *gw, struct vm_session *s)
         set_accepting(gw, 1);
 }
 
-int gateway_unauth_acquire(struct vm_gateway *gw)
+enum vm_unauth gateway_unauth_acquire(struct vm_gateway *gw, const char *source)
 {
-    if (gw->nunauth >= gw->cfg->max_unauthenticated)
-        return -1;
+    if (gw->nunauth >= gw->cfg->max_unauthenticated) {
+        gw->refused_unauth++;
+        return VM_UNAUTH_FULL;
+    }
+    /* One source alone cannot fill the gateway-wide cap and lock every other client out. */
+    if (srccount_acquire(gw->unauth_by_source, source,
+                         gw->cfg->max_unauthenticated_per_source) < 0) {
+        gw->refused_unauth_source++;
+        return VM_UNAUTH_SOURCE_FULL;
+    }
     gw->nunauth++;
-    return 0;
+    return VM_UNAUTH_OK;
 }
 
-void gateway_unauth_release(struct vm_gateway *gw)
+void gateway_unauth_release(struct vm_gateway *gw, const char *source)
 {
+    srccount_release(gw->unauth_by_source, source);
     gw->nunauth--;
 }
 

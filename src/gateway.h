@@ -38,10 +38,15 @@ void gateway_pool_check(struct vm_gateway *gw, struct vm_pool *p);
 /* Session registry and max_clients accounting. */
 void gateway_session_opened(struct vm_gateway *gw, struct vm_session *s);
 void gateway_session_closed(struct vm_gateway *gw, struct vm_session *s);
-/* Clients still authenticating: reserve a slot (-1 when max_unauthenticated is reached) and
- * release it once authenticated or gone. */
-int gateway_unauth_acquire(struct vm_gateway *gw) VM_WUR;
-void gateway_unauth_release(struct vm_gateway *gw);
+/* Clients still authenticating: reserve a slot for a client from `source` (identity_source)
+ * and release it, with the same source, once authenticated or gone. Refusals are counted. */
+enum vm_unauth {
+    VM_UNAUTH_OK,
+    VM_UNAUTH_FULL,        /* limits.max_unauthenticated clients are authenticating */
+    VM_UNAUTH_SOURCE_FULL, /* this source holds limits.max_unauthenticated_per_source */
+};
+enum vm_unauth gateway_unauth_acquire(struct vm_gateway *gw, const char *source) VM_WUR;
+void gateway_unauth_release(struct vm_gateway *gw, const char *source);
 /* An upstream connection is lost for good: tell every session homed on it. */
 void gateway_link_lost(struct vm_gateway *gw, struct vm_link *l, const char *why);
 

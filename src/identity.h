@@ -21,5 +21,9 @@ struct vm_identity {
 
 /* A short printable form for logs and audit keys: "uid=0@local", "127.0.0.1@tcp". */
 const char *identity_str(const struct vm_identity *id, char *buf, size_t len);
+/* Who per-source limits (SASL failures, unauthenticated sockets) count against: the TCP peer
+ * address, "uid=N" for a unix client, "unix" when its credentials are unknown. One local user
+ * must not spend another's allowance, and every local user shares the address "unix". */
+const char *identity_source(const struct vm_identity *id, char *buf, size_t len);
 
 #endif

@@ -35,6 +35,15 @@ const char *identity_str(const struct vm_identity *id, char *buf, size_t len)
     return buf;
 }
 
+const char *identity_source(const struct vm_identity *id, char *buf, size_t len)
+{
+    if (id->has_cred)
+        snprintf(buf, len, "uid=%u", (unsigned)id->uid);
+    else
+        snprintf(buf, len, "%s", id->source[0] ? id->source : "unix");
+    return buf;
+}
+
 static int glob_match(const char *pattern, const char *s)
 {
     return s && fnmatch(pattern, s, 0) == 0;

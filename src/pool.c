@@ -49,10 +49,15 @@ struct vm_pool {
     int nwaiters, capwaiters;
     char last_error[256];
     struct vm_events *events;           /* owned */
+    int nstreams;                       /* stream slots taken (max_streams) */
+    TAILQ_HEAD(, vm_slot_wait) swait;   /* streams waiting for a slot; owned by their streams */
+    int nswait;
+    struct event *stimer;               /* owned: fires at the first waiter's deadline */
     int dying;                          /* pool_free in progress */
 };
 
 static void queue_timeout(evutil_socket_t fd, short what, void *arg);
+static void stream_wait_timeout(evutil_socket_t fd, short what, void *arg);
 static struct vm_link *least_referenced_ready(struct vm_pool *p);
 
 struct vm_pool *pool_new(struct vm_gateway *gw, const struct vm_upstream_cfg *up,
@@ -67,7 +72,9 @@ struct vm_pool *pool_new(struct vm_gateway *gw, const struct vm_upstream_cfg *up
     TAILQ_INIT(&p->queue);
     snprintf(p->tag, sizeof(p->tag), "P:%s %s%s", up->name, name, readonly ? " ro" : "");
     p->qtimer = evtimer_new(gateway_base(gw), queue_timeout, p);
-    if (!p->name || !p->qtimer)
+    p->stimer = evtimer_new(gateway_base(gw), stream_wait_timeout, p);
+    TAILQ_INIT(&p->swait);
+    if (!p->name || !p->qtimer || !p->stimer)
         abort();
     snprintf(p->last_error, sizeof(p->last_error), "not connected yet");
     p->events = events_new(p);
@@ -91,6 +98,7 @@ void pool_free(struct vm_pool *p)
         call_fail(c, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, "internal error: virtmux is shutting down");
     }
     event_free(p->qtimer);
+    event_free(p->stimer);
     free(p->waiters);
     free(p->name);
     free(p);
@@ -126,7 +134,8 @@ int pool_is_empty(const struct vm_pool *p)
 {
     if (p->dying)
         return 0;
-    return p->nlinks == 0 && p->nwaiters == 0 && p->nqueued == 0 && !events_busy(p->events);
+    return p->nlinks == 0 && p->nwaiters == 0 && p->nqueued == 0 && p->nstreams == 0 &&
+           p->nswait == 0 && !events_busy(p->events);
 }
 
 struct vm_events *pool_events(const struct vm_pool *p)
@@ -254,30 +263,42 @@ static void fail_waiters(struct vm_pool *p, const void *err_payload, size_t n, c
 
 /* ---- the queue ---- */
 
-static void arm_qtimer(struct vm_pool *p)
-{
-    struct vm_call *head = TAILQ_FIRST(&p->queue);
-    if (!head) {
-        evtimer_del(p->qtimer);
-        return;
-    }
-    struct timeval now, tv;
-    event_base_gettimeofday_cached(gateway_base(p->gw), &now);
-    if (evutil_timercmp(&head->deadline, &now, <))
-        evutil_timerclear(&tv);
-    else
-        evutil_timersub(&head->deadline, &now, &tv);
-    evtimer_add(p->qtimer, &tv);
-}
-
-static void enqueue(struct vm_pool *p, struct vm_call *c)
+/* Deadline of a new waiter: now + queue_timeout_ms (deadlines grow along a FIFO). */
+static void set_deadline(struct vm_pool *p, struct timeval *deadline)
 {
     struct timeval now, add;
     int ms = gateway_config(p->gw)->queue_timeout_ms;
     event_base_gettimeofday_cached(gateway_base(p->gw), &now);
     add.tv_sec = ms / 1000;
     add.tv_usec = (ms % 1000) * 1000;
-    evutil_timeradd(&now, &add, &c->deadline);
+    evutil_timeradd(&now, &add, deadline);
+}
+
+/* Arm `timer` for the FIFO head's `deadline`, or disarm it when the FIFO is empty. */
+static void arm_for(struct vm_pool *p, struct event *timer, const struct timeval *deadline)
+{
+    if (!deadline) {
+        evtimer_del(timer);
+        return;
+    }
+    struct timeval now, tv;
+    event_base_gettimeofday_cached(gateway_base(p->gw), &now);
+    if (evutil_timercmp(deadline, &now, <))
+        evutil_timerclear(&tv);
+    else
+        evutil_timersub(deadline, &now, &tv);
+    evtimer_add(timer, &tv);
+}
+
+static void arm_qtimer(struct vm_pool *p)
+{
+    struct vm_call *head = TAILQ_FIRST(&p->queue);
+    arm_for(p, p->qtimer, head ? &head->deadline : NULL);
+}
+
+static void enqueue(struct vm_pool *p, struct vm_call *c)
+{
+    set_deadline(p, &c->deadline);
     int was_empty = TAILQ_EMPTY(&p->queue);
     TAILQ_INSERT_TAIL(&p->queue, c, qentry);
     p->nqueued++;
@@ -365,6 +386,71 @@ void pool_submit(struct vm_pool *p, struct vm_link *home, struct vm_call *c)
     enqueue(p, c);
     if (!any_connecting(p) && can_grow)
         add_link(p);
+}
+
+/* ---- stream slots ---- */
+
+static void arm_stimer(struct vm_pool *p)
+{
+    struct vm_slot_wait *head = TAILQ_FIRST(&p->swait);
+    arm_for(p, p->stimer, head ? &head->deadline : NULL);
+}
+
+int pool_stream_acquire(struct vm_pool *p, struct vm_slot_wait *w)
+{
+    if (p->nstreams < p->up->pool.max_streams && TAILQ_EMPTY(&p->swait)) {
+        p->nstreams++;
+        return 1;
+    }
+    set_deadline(p, &w->deadline);
+    TAILQ_INSERT_TAIL(&p->swait, w, entry);
+    p->nswait++;
+    vm_info(p->tag, "max_streams (%d) open: stream waits (%d waiting)", p->up->pool.max_streams,
+            p->nswait);
+    arm_stimer(p);
+    return 0;
+}
+
+void pool_stream_cancel(struct vm_pool *p, struct vm_slot_wait *w)
+{
+    TAILQ_REMOVE(&p->swait, w, entry);
+    p->nswait--;
+    arm_stimer(p);
+    gateway_pool_check(p->gw, p);
+}
+
+void pool_stream_release(struct vm_pool *p)
+{
+    p->nstreams--;
+    struct vm_slot_wait *w;
+    while (p->nstreams < p->up->pool.max_streams && (w = TAILQ_FIRST(&p->swait))) {
+        TAILQ_REMOVE(&p->swait, w, entry);
+        p->nswait--;
+        p->nstreams++;
+        w->granted(w);
+    }
+    arm_stimer(p);
+    gateway_pool_check(p->gw, p);
+}
+
+static void stream_wait_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    struct vm_pool *p = arg;
+    struct timeval now;
+    event_base_gettimeofday_cached(gateway_base(p->gw), &now);
+    struct vm_slot_wait *w;
+    while ((w = TAILQ_FIRST(&p->swait)) && !evutil_timercmp(&now, &w->deadline, <)) {
+        TAILQ_REMOVE(&p->swait, w, entry);
+        p->nswait--;
+        char msg[400];
+        snprintf(msg, sizeof(msg), "operation timed out: virtmux waited %d ms for one of the %d "
+                 "stream connections to upstream %s (pool.max_streams)",
+                 gateway_config(p->gw)->queue_timeout_ms, p->up->pool.max_streams, p->up->name);
+        vm_warn(p->tag, "stream waited too long for a slot (%d still waiting)", p->nswait);
+        w->expired(w, msg);
+    }
+    arm_stimer(p);
+    gateway_pool_check(p->gw, p);
 }
 
 void pool_cancel_call(struct vm_pool *p, struct vm_call *c)

@@ -8,6 +8,9 @@
 #ifndef VM_POOL_H
 #define VM_POOL_H
 
+#include <sys/queue.h>
+#include <sys/time.h>
+
 #include <jansson.h>
 
 #include "fwd.h"
@@ -39,6 +42,22 @@ void pool_submit(struct vm_pool *p, struct vm_link *home, struct vm_call *c);
 void pool_cancel_call(struct vm_pool *p, struct vm_call *c);
 /* A session drops its reference on its home link. */
 void pool_release(struct vm_pool *p, struct vm_link *home);
+
+/* A stream waiting for one of the pool's max_streams slots. The owner embeds it and is told
+ * through its callbacks: `granted` when a slot is its own (it must pool_stream_release it
+ * later), `expired` after limits.queue_timeout_ms (it is off the queue then). */
+struct vm_slot_wait {
+    void (*granted)(struct vm_slot_wait *w);
+    void (*expired)(struct vm_slot_wait *w, const char *message);
+    struct timeval deadline;
+    TAILQ_ENTRY(vm_slot_wait) entry;
+};
+/* Take a stream slot: 1 when taken now, 0 when `w` was queued (answered by its callbacks). */
+int pool_stream_acquire(struct vm_pool *p, struct vm_slot_wait *w) VM_WUR;
+/* Remove a queued `w` (its stream ended before it got a slot). */
+void pool_stream_cancel(struct vm_pool *p, struct vm_slot_wait *w);
+/* A stream that held a slot ended: the next waiter gets it. */
+void pool_stream_release(struct vm_pool *p);
 
 /* The pool's event fan-out state. */
 struct vm_events *pool_events(const struct vm_pool *p);

@@ -69,6 +69,18 @@ int session_output_full(struct vm_session *s)
 
 static void update_flow(struct vm_session *s);
 
+void session_request_begin(struct vm_session *s)
+{
+    s->noutstanding++;
+    update_flow(s);
+}
+
+void session_request_end(struct vm_session *s)
+{
+    s->noutstanding--;
+    update_flow(s);
+}
+
 void session_block_reading(struct vm_session *s, int on)
 {
     s->blocked += on ? 1 : -1;
@@ -480,7 +492,7 @@ static void handle_event_call(struct vm_session *s, const struct vm_hdr *h, stru
         return;
     }
     size_t n = h->len - VM_HDR_LEN;
-    if (n > 65536) {
+    if (n > EVENT_ARGS_MAX) {
         session_reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "Unable to decode message payload");
         return;
     }
@@ -725,6 +737,9 @@ static void process_input(struct vm_session *s)
         evbuffer_remove_buffer(in, pkt, len);
         handle_packet(s, pkt);
         evbuffer_free(pkt);
+        /* Every packet may have added output (a local answer, an error, a PONG): a client
+         * that sends but never reads is stopped here, whatever it sent. */
+        update_flow(s);
     }
 }
 
@@ -772,6 +787,7 @@ void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evut
     s->is_tcp = !id->is_unix;
     s->ident = *id;
     identity_str(&s->ident, s->ident_str, sizeof(s->ident_str));
+    identity_source(&s->ident, s->source, sizeof(s->source));
     TAILQ_INIT(&s->calls);
     TAILQ_INIT(&s->subs);
     TAILQ_INIT(&s->streams);
@@ -796,20 +812,8 @@ void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evut
     evbuffer_add_cb(bufferevent_get_output(s->bev), session_output_cb, s);
     bufferevent_enable(s->bev, EV_READ);
     gateway_session_opened(gw, s);
-    if (!s->authed) {
-        /* Unauthenticated clients are bounded in number and in time. */
-        if (gateway_unauth_acquire(gw) < 0) {
-            vm_warn(s->tag, "refused: max_unauthenticated (%d) clients are authenticating",
-                    gateway_config(gw)->max_unauthenticated);
-            session_close(s, "too many unauthenticated clients");
-            return;
-        }
-        s->unauth_slot = 1;
-        s->auth_timer = evtimer_new(gateway_base(gw), session_auth_timeout_cb, s);
-        struct timeval tv = {gateway_config(gw)->auth_timeout_s, 0};
-        if (!s->auth_timer || evtimer_add(s->auth_timer, &tv) < 0)
-            abort();
-    }
+    if (!s->authed && session_hold_unauth(s) < 0)
+        return;
     vm_info(s->tag, "connected on listener %s as %s", lcfg->name, s->ident_str);
 }
 

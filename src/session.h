@@ -27,6 +27,15 @@ void session_home_lost(struct vm_session *s);
 
 const char *session_tag(const struct vm_session *s);
 struct vm_link *session_home(const struct vm_session *s);
+/* Requests the session answers later that are not forwarded calls (a stream, for its whole
+ * life; an event registration until it is answered) count against max_client_requests too,
+ * so they are back-pressured like calls. Every begin is matched by one end. */
+void session_request_begin(struct vm_session *s);
+void session_request_end(struct vm_session *s);
+/* An error REPLY (libvirt's error layout) to the session's call `h`. */
+struct vm_hdr;
+void session_reply_error(struct vm_session *s, const struct vm_hdr *h, int code, int domain,
+                         const char *msg);
 /* Calls of `s` forwarded or queued and not yet answered. */
 int session_outstanding(const struct vm_session *s);
 int session_slot(const struct vm_session *s);

@@ -26,11 +26,36 @@ int session_uses_sasl(const struct vm_session *s)
     return s->lcfg->auth == VM_AUTH_SASL || s->lcfg->auth == VM_AUTH_TLS_SASL;
 }
 
+int session_hold_unauth(struct vm_session *s)
+{
+    const struct vm_config *cfg = gateway_config(s->gw);
+    switch (gateway_unauth_acquire(s->gw, s->source)) {
+    case VM_UNAUTH_OK:
+        break;
+    case VM_UNAUTH_FULL:
+        vm_warn(s->tag, "refused: max_unauthenticated (%d) clients are authenticating",
+                cfg->max_unauthenticated);
+        session_close(s, "too many unauthenticated clients");
+        return -1;
+    case VM_UNAUTH_SOURCE_FULL:
+        vm_warn(s->tag, "refused: %s already has max_unauthenticated_per_source (%d) clients "
+                "authenticating", s->source, cfg->max_unauthenticated_per_source);
+        session_close(s, "too many unauthenticated clients from this source");
+        return -1;
+    }
+    s->unauth_slot = 1;
+    s->auth_timer = evtimer_new(gateway_base(s->gw), session_auth_timeout_cb, s);
+    struct timeval tv = {cfg->auth_timeout_s, 0};
+    if (!s->auth_timer || evtimer_add(s->auth_timer, &tv) < 0)
+        abort();
+    return 0;
+}
+
 void session_release_unauth(struct vm_session *s)
 {
     if (s->unauth_slot) {
         s->unauth_slot = 0;
-        gateway_unauth_release(s->gw);
+        gateway_unauth_release(s->gw, s->source);
     }
     if (s->auth_timer) {
         event_free(s->auth_timer);
@@ -62,7 +87,7 @@ void session_handle_auth(struct vm_session *s, const struct vm_hdr *h, struct ev
     }
     if (!s->auth)
         s->auth = auth_new(cfg->sasl, s->ssl || !s->is_tcp,
-                           s->ssl ? SSL_get_cipher_bits(s->ssl, NULL) : 0, s->ident.source);
+                           s->ssl ? SSL_get_cipher_bits(s->ssl, NULL) : 0, s->source);
     size_t n = h->len - VM_HDR_LEN;
     const uint8_t *args = evbuffer_pullup(pkt, -1) + VM_HDR_LEN;
     int rc = auth_handle(s->auth, h, args, n, session_out(s), s->tag);

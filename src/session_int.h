@@ -24,6 +24,9 @@ typedef struct ssl_st SSL;
 
 #define OUT_HIGH (1u << 20) /* stop reading the client above this much unsent output */
 #define OUT_LOW (256u << 10)
+/* Event registration arguments are an event id and an optional object reference: a few
+ * hundred bytes. They are kept for the registration's life, so they are bounded. */
+#define EVENT_ARGS_MAX 8192
 #define OUTSTANDING_BYTES_MAX ((size_t)64 << 20) /* call bytes one client may have in flight */
 
 enum session_state { S_TLS, S_NEW, S_OPENING, S_OPEN, S_CLOSING };
@@ -35,6 +38,7 @@ struct vm_session {
     char tag[160];
     struct vm_identity ident;          /* immutable after accept (auth will complete it) */
     char ident_str[160];
+    char source[64];                   /* identity_source: key of the per-source limits */
     const struct vm_rule *rule;        /* config snapshot; set at OPEN */
     int rule_held;                     /* counted against rule->max_sessions */
     struct bufferevent *bev;           /* owned */
@@ -81,8 +85,6 @@ struct vm_session {
 
 /* session.c */
 struct evbuffer *session_out(struct vm_session *s);
-void session_reply_error(struct vm_session *s, const struct vm_hdr *h, int code, int domain,
-                         const char *msg);
 void session_read_cb(struct bufferevent *bev, void *arg);
 void session_write_cb(struct bufferevent *bev, void *arg);
 void session_event_cb(struct bufferevent *bev, short what, void *arg);
@@ -90,6 +92,9 @@ void session_output_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info
 
 /* session_auth.c */
 int session_uses_sasl(const struct vm_session *s);
+/* Unauthenticated clients are bounded in number (overall and per source) and in time: take
+ * a slot and start the auth timer, or close the session and return -1. */
+int session_hold_unauth(struct vm_session *s) VM_WUR;
 /* Give back the max_unauthenticated slot and the auth timer, if held. */
 void session_release_unauth(struct vm_session *s);
 void session_set_authenticated(struct vm_session *s, const char *how);

@@ -1,5 +1,6 @@
 #include "stream.h"
 
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +20,10 @@
 
 struct vm_stream {
     struct vm_session *s;     /* owner */
+    struct vm_pool *pool;     /* not owned; kept alive by our slot or our place in its queue */
+    struct vm_slot_wait wait; /* our place in the pool's max_streams queue */
+    int waiting;              /* queued for a slot */
+    int has_slot;             /* holds one of the pool's max_streams slots */
     struct vm_link *link;     /* owned: dedicated upstream connection */
     struct vm_hdr call;       /* the creating call */
     struct evbuffer *early;   /* owned: what the client sent before the link was READY */
@@ -49,8 +54,37 @@ static void stream_free(struct vm_stream *st)
     }
     if (st->early)
         evbuffer_free(st->early);
+    if (st->waiting)
+        pool_stream_cancel(st->pool, &st->wait);
+    if (st->has_slot)
+        pool_stream_release(st->pool);
+    session_request_end(st->s);
     free(st);
     nstreams--;
+}
+
+static void open_link(struct vm_stream *st)
+{
+    const struct vm_proc_info *info = vm_proc_lookup(st->call.prog, st->call.proc);
+    vm_info(session_tag(st->s), "stream %s serial %u: opening a dedicated upstream connection",
+            info ? info->name : "?", st->call.serial);
+    st->has_slot = 1;
+    st->link = link_new_dedicated(st->pool, st);
+}
+
+static void slot_granted(struct vm_slot_wait *w)
+{
+    struct vm_stream *st = (struct vm_stream *)((char *)w - offsetof(struct vm_stream, wait));
+    st->waiting = 0;
+    open_link(st);
+}
+
+static void slot_expired(struct vm_slot_wait *w, const char *message)
+{
+    struct vm_stream *st = (struct vm_stream *)((char *)w - offsetof(struct vm_stream, wait));
+    st->waiting = 0;
+    session_reply_error(st->s, &st->call, VIR_ERR_OPERATION_TIMEOUT, VIR_FROM_RPC, message);
+    stream_free(st);
 }
 
 void stream_start(struct vm_session *s, struct vm_pool *p, const struct vm_hdr *h,
@@ -58,6 +92,7 @@ void stream_start(struct vm_session *s, struct vm_pool *p, const struct vm_hdr *
 {
     struct vm_stream *st = vm_calloc(1, sizeof(*st));
     st->s = s;
+    st->pool = p;
     st->call = *h;
     st->early = evbuffer_new();
     if (!st->early)
@@ -65,10 +100,15 @@ void stream_start(struct vm_session *s, struct vm_pool *p, const struct vm_hdr *
     evbuffer_add_buffer(st->early, pkt);
     TAILQ_INSERT_TAIL(session_streams(s), st, entry);
     nstreams++;
-    const struct vm_proc_info *info = vm_proc_lookup(h->prog, h->proc);
-    vm_info(session_tag(s), "stream %s serial %u: opening a dedicated upstream connection",
-            info ? info->name : "?", h->serial);
-    st->link = link_new_dedicated(p, st);
+    /* A stream holds one of the client's max_client_requests for its whole life: it is
+     * what bounds how many upstream connections one client can make the gateway open. */
+    session_request_begin(s);
+    st->wait.granted = slot_granted;
+    st->wait.expired = slot_expired;
+    if (pool_stream_acquire(p, &st->wait))
+        open_link(st);
+    else
+        st->waiting = 1;
 }
 
 static struct vm_stream *find(struct vm_session *s, uint32_t serial, int32_t proc)
@@ -95,7 +135,13 @@ int stream_client_packet(struct vm_session *s, const struct vm_hdr *h, struct ev
     if (!st)
         return -1;
     if (!st->ready) {
+        /* Held until the stream's connection is READY, and bounded like an upload: past
+         * UP_HIGH the client is not read until the link drains it. */
         evbuffer_add_buffer(st->early, pkt);
+        if (!st->blocking_client && evbuffer_get_length(st->early) > UP_HIGH) {
+            st->blocking_client = 1;
+            session_block_reading(st->s, 1);
+        }
         return 0;
     }
     link_write(st->link, pkt);
@@ -109,6 +155,11 @@ void stream_link_ready(struct vm_stream *st)
     link_write(st->link, st->early);
     evbuffer_free(st->early);
     st->early = NULL;
+    if (st->blocking_client && link_output_length(st->link) <= UP_HIGH) {
+        st->blocking_client = 0; /* the early bytes are on their way; the link's own
+                                  * watermark takes over from here */
+        session_block_reading(st->s, 0);
+    }
     check_upload_pressure(st);
 }
 

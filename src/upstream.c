@@ -67,6 +67,8 @@ struct vm_link {
     struct vm_call **inflight;   /* owned slots; the calls belong to their sessions */
     int max_inflight, ninflight; /* client calls */
     int nslots, ninternal;       /* max_inflight + INTERNAL_RESERVE; gateway's own calls */
+    struct vm_call_list waiting; /* owned: the gateway's own calls waiting for a free slot */
+    int nwaiting;
     struct vm_keepalive ka;
     struct vm_stream *stream;    /* dedicated to this stream (not in the pool), or NULL */
     int dedicated;
@@ -91,9 +93,16 @@ int link_inflight(const struct vm_link *l) { return l->ninflight; }
 int link_internal(const struct vm_link *l) { return l->ninternal; }
 const char *link_tag(const struct vm_link *l) { return l->tag; }
 
+/* Client calls may use max_inflight slots; the gateway's own calls may use the reserve too.
+ * Both kinds share one table of nslots, so every sender checks the total. */
+static int slot_free(const struct vm_link *l)
+{
+    return l->ninflight + l->ninternal < l->nslots;
+}
+
 int link_has_room(const struct vm_link *l)
 {
-    return l->ninflight < l->max_inflight;
+    return l->ninflight < l->max_inflight && slot_free(l);
 }
 
 static void timer_cb(evutil_socket_t fd, short what, void *arg)
@@ -147,6 +156,7 @@ struct vm_link *link_new(struct vm_pool *p)
     l->timer = evtimer_new(gateway_base(pool_gateway(p)), timer_cb, l);
     if (!l->inflight || !l->timer)
         abort();
+    TAILQ_INIT(&l->waiting);
     l->state = VM_LINK_CONNECTING;
     l->backoff_ms = BACKOFF_MIN_MS;
     arm_timer(l, 0, 0); /* connect from the loop, never inside the caller */
@@ -281,8 +291,10 @@ static void send_call(struct vm_link *l, int32_t proc, const void *args, size_t 
 static void put_inflight(struct vm_link *l, struct vm_call *c)
 {
     int slot = 0;
-    while (l->inflight[slot])
+    while (slot < l->nslots && l->inflight[slot])
         slot++;
+    if (slot == l->nslots)
+        abort(); /* a sender skipped link_has_room / slot_free: never write past the table */
     l->inflight[slot] = c;
     if (c->done)
         l->ninternal++;
@@ -293,7 +305,7 @@ static void put_inflight(struct vm_link *l, struct vm_call *c)
 int link_send_internal(struct vm_link *l, uint32_t prog, int32_t proc, const void *args,
                        size_t n, vm_call_done_fn done, void *arg)
 {
-    if (l->state != VM_LINK_READY || l->ninflight + l->ninternal >= l->nslots)
+    if (l->state != VM_LINK_READY)
         return -1;
     struct vm_call *c = vm_calloc(1, sizeof(*c));
     c->done = done;
@@ -304,8 +316,35 @@ int link_send_internal(struct vm_link *l, uint32_t prog, int32_t proc, const voi
     wire_put_packet(c->pkt, prog, proc, VM_CALL, 0, VM_STATUS_OK, args, n);
     c->hdr.prog = prog;
     c->hdr.proc = proc;
+    if (!slot_free(l) || l->nwaiting) { /* FIFO: never overtake an earlier one */
+        TAILQ_INSERT_TAIL(&l->waiting, c, qentry);
+        l->nwaiting++;
+        return 0;
+    }
     link_send(l, c);
     return 0;
+}
+
+/* A slot freed up: the gateway's own waiting calls go first (they are few and short). */
+static void send_waiting(struct vm_link *l)
+{
+    struct vm_call *c;
+    while (l->state == VM_LINK_READY && slot_free(l) && (c = TAILQ_FIRST(&l->waiting))) {
+        TAILQ_REMOVE(&l->waiting, c, qentry);
+        l->nwaiting--;
+        link_send(l, c);
+    }
+}
+
+/* Fail the gateway's own calls that never got a slot (the link went down). */
+static void fail_waiting(struct vm_link *l, const char *msg)
+{
+    struct vm_call *c;
+    while ((c = TAILQ_FIRST(&l->waiting))) {
+        TAILQ_REMOVE(&l->waiting, c, qentry);
+        l->nwaiting--;
+        call_fail(c, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, msg);
+    }
 }
 
 void link_send(struct vm_link *l, struct vm_call *c)
@@ -593,6 +632,9 @@ static int handle_packet(struct vm_link *l, struct evbuffer *pkt)
             abort();
         evbuffer_add_buffer(moved, pkt);
         call_finish(c, moved);
+        send_waiting(l);
+        if (l->freeing || !l->bev)
+            return -1;
         pool_link_slot_free(l->pool, l);
         maybe_idle(l);
         return 0;
@@ -817,6 +859,7 @@ static void link_down(struct vm_link *l, const void *err_payload, size_t n, cons
         clear_slot(l, i);
         call_fail(c, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, msg);
     }
+    fail_waiting(l, msg);
 
     l->state = VM_LINK_BACKOFF;
     if (!l->down_since)

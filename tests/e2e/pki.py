@@ -226,6 +226,7 @@ def replace_files(src_cert, dst_cert_path, dst_key_path):
                      (src_cert.key, dst_key_path)):
         tmp = dst + ".new"
         shutil.copyfile(src, tmp)
+        os.chmod(tmp, os.stat(src).st_mode & 0o777)   # keys stay private
         os.replace(tmp, dst)
 
 

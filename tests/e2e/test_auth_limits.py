@@ -1,8 +1,10 @@
 """Clients that have not authenticated are bounded in number and in time.
 
 limits.max_unauthenticated (like libvirtd's max_anonymous_clients) caps the
-connections still authenticating; limits.auth_timeout_s closes one that never
-finishes. Neither may disturb authenticated clients."""
+connections still authenticating, limits.max_unauthenticated_per_source the
+share of one source (TCP address, unix uid) so that one source cannot take
+every slot; limits.auth_timeout_s closes one that never finishes. None may
+disturb authenticated clients."""
 
 import os
 import socket
@@ -13,6 +15,14 @@ import pytest
 import harness
 import pki
 from harness import virsh, wait_until
+
+
+def connect_from(source, port):
+    """An idle TCP connection to the gateway from loopback address `source`."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    return s
 
 
 def closed_by_peer(sock, timeout=0.2):
@@ -48,8 +58,9 @@ def setup(shared_libvirtd, gateway, tmp_path):
 def test_unauthenticated_clients_are_capped_and_timed_out(setup):
     gw, sasl_port, plain_port, authfile = setup
     opened = time.monotonic()
-    idle = [socket.create_connection(("127.0.0.1", sasl_port))
-            for _ in range(5)]
+    # five sources, so that the gateway-wide cap is what refuses
+    idle = [connect_from("127.0.0.%d" % (10 + i), sasl_port)
+            for i in range(5)]
     try:
         # the first three hold the slots, the other two are closed at once
         # (well before auth_timeout_s)
@@ -88,3 +99,40 @@ def test_authenticated_session_is_not_timed_out(setup):
         assert conn.lookupByName("test").info()[0] == 1
     finally:
         conn.close()
+
+
+def test_one_source_cannot_take_every_slot(shared_libvirtd, gateway, tmp_path):
+    """With the default limits (20 overall, 5 per source) 25 idle sockets
+    from 127.0.0.2 hold five slots; the other 20 are closed at once, and a
+    client from 127.0.0.1 still authenticates and works."""
+    db = pki.make_sasldb(str(tmp_path / "sasldb"), {"alice": "secret"})
+    authfile = pki.write_authfile(str(tmp_path / "auth"), "alice", "secret")
+    port = harness.free_port()
+    gw = gateway(harness.make_config(
+        [harness.upstream_entry("hv1", shared_libvirtd.direct_uri)],
+        default_upstream="hv1",
+        listeners=[{"name": "sasl", "address": "127.0.0.1:%d" % port,
+                    "auth": "sasl"}],
+        sasl={"sasldb": db, "mechanisms": ["digest-md5"]}, admin=True))
+    assert wait_until(lambda: gw.status()["sessions"] == 0, 10.0)
+    idle = [connect_from("127.0.0.2", port) for _ in range(25)]
+    try:
+        assert wait_until(
+            lambda: sum(closed_by_peer(s, 0.02) for s in idle) >= 20, 3.0)
+        state = [closed_by_peer(s, 0.02) for s in idle]
+        assert state == [False] * 5 + [True] * 20, state
+        assert "refused: 127.0.0.2 already has max_unauthenticated_per_source" \
+               " (5) clients authenticating" in gw.log_text()
+        unauth = gw.status()["unauthenticated"]
+        assert unauth["clients"] == 5 and unauth["sources"] == 1, unauth
+        assert unauth["refused_per_source"] == 20, unauth
+        uri = "test+tcp://127.0.0.1:%d/default?authfile=%s" % (port, authfile)
+        r = virsh(uri, "list", "--name")
+        assert r.returncode == 0 and r.stdout.split() == ["test"], r.stderr
+    finally:
+        for s in idle:
+            s.close()
+    # the offender's slots come back when it leaves, and its entry goes
+    assert wait_until(lambda: gw.status()["unauthenticated"]["sources"] == 0,
+                      5.0), gw.status()["unauthenticated"]
+    assert gw.status()["unauthenticated"]["clients"] == 0

@@ -1,13 +1,14 @@
 """SASL at the gateway: SCRAM-SHA-256 over TLS and over a unix socket,
 DIGEST-MD5 with the security layer over plain TCP; refusals (wrong password,
 unknown user, user outside sasl.allowed_users) while other clients keep
-working; the failure rate limit per source address; 100 authenticated
+working; the failure rate limit per source address (per uid on unix); 100 authenticated
 clients over one upstream connection that carries the gateway's identity,
 never the clients'; policy rules on the SASL user.
 """
 
 import os
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -365,6 +366,70 @@ def test_failure_rate_limit(env, libvirtd, gateway, connections):
     assert domain_names(conn) == ["test"]
 
 
+def virsh_as(uid, home, uri, *args):
+    """virsh as another user (uid = gid, no supplementary groups)."""
+    cmd = [shutil.which("setpriv") or "/usr/bin/setpriv",
+           "--reuid=%d" % uid, "--regid=%d" % uid, "--clear-groups", "--",
+           "env", "HOME=%s" % home, "LC_ALL=C", harness.VIRSH, "-c", uri]
+    return subprocess.run(cmd + list(args), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_failure_rate_limit_is_per_unix_uid(env, libvirtd, gateway):
+    """On a unix listener the failures count against the client's uid: a
+    local user guessing passwords locks out only itself."""
+    offender, victim = 23001, 23002
+    d = tempfile.mkdtemp(prefix="virtmux-uids-")
+    try:
+        os.chmod(d, 0o755)
+        cfg = sasl_config(env, [harness.upstream_entry(
+            "hv1", libvirtd.direct_uri)], max_failures=3, window=60)
+        sock = os.path.join(d, "gw.sock")
+        cfg["listeners"][2].update(unix=sock, mode="0666")
+        gw = gateway(cfg)
+        files = {}
+        for uid in (offender, victim):
+            home = os.path.join(d, "home-%d" % uid)
+            os.mkdir(home)
+            for key in ("alice", "alice-wrong"):
+                af = shutil.copy(env["authfile"][key],
+                                 os.path.join(home, key + ".auth"))
+                os.chown(af, uid, uid)
+            os.chown(home, uid, uid)
+            files[uid] = home
+
+        def uri(uid, key):
+            return "test+unix:///default?socket=%s&authfile=%s" % (
+                sock, os.path.join(files[uid], key + ".auth"))
+
+        for i in range(3):
+            r = virsh_as(offender, files[offender],
+                         uri(offender, "alice-wrong"), "list")
+            assert r.returncode != 0 and "authentication failed" in r.stderr, \
+                (i, r.stderr)
+        # the offender is now refused even with the right password ...
+        r = virsh_as(offender, files[offender], uri(offender, "alice"), "list")
+        assert r.returncode != 0 and "authentication failed" in r.stderr, \
+            r.stderr
+        # ... while another local user logs in as the same SASL user
+        r = virsh_as(victim, files[victim], uri(victim, "alice"), "list",
+                     "--name")
+        assert r.returncode == 0 and r.stdout.split() == ["test"], r.stderr
+        assert log_has(gw, "SASL attempt from uid=%d refused: too many "
+                       "failures" % offender)
+        assert log_has(gw, "unix:uid=%d" % victim)
+        # and root, on the same socket, too
+        r = harness.virsh(uris_unix(sock, env, "alice"), "list", "--name")
+        assert r.returncode == 0 and r.stdout.split() == ["test"], r.stderr
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def uris_unix(sock, env, key):
+    return "test+unix:///default?socket=%s&authfile=%s" % (
+        sock, env["authfile"][key])
+
+
 # --------------------------------------------------------------------------
 # many clients, one upstream connection with the gateway's identity
 # --------------------------------------------------------------------------
@@ -406,7 +471,10 @@ def upstream_libvirtd(kind, env, request, tmp_path):
 def test_hundred_clients_one_upstream_connection(env, request, tmp_path,
                                                  gateway, kind):
     lvd, entry, (key, value) = upstream_libvirtd(kind, env, request, tmp_path)
-    gw = gateway(sasl_config(env, [entry]))
+    cfg = sasl_config(env, [entry])
+    # ten threads log in at once from one address (and one uid): let them
+    cfg["limits"] = {"max_unauthenticated_per_source": 10}
+    gw = gateway(cfg)
     uris = Uris(gw, env)
     users = ["alice", "monitor", "mona"]
     conns, errors = [], []

@@ -68,21 +68,29 @@ def test_idle_upstream_closed_and_reopened(libvirtd, gateway):
 
 
 def test_unix_listener_mode(libvirtd, gateway):
+    """Unix listeners default to 0660 (not every local user is a client);
+    an explicit mode is honoured."""
     d = tempfile.mkdtemp(prefix="virtmux-sock-")
-    path = os.path.join(d, "gw-sock")
+    default_path = os.path.join(d, "gw-default")
+    strict_path = os.path.join(d, "gw-strict")
     cfg = harness.make_config(
         [harness.upstream_entry("hv1", libvirtd.direct_uri)],
-        listeners=[{"name": "local", "unix": path, "mode": "0660",
+        listeners=[{"name": "default", "unix": default_path,
+                    "auth": "none", "upstream": "hv1"},
+                   {"name": "strict", "unix": strict_path, "mode": "0600",
                     "auth": "none", "upstream": "hv1"}])
     try:
         gw = gateway(cfg)
-        assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
-        r = virsh(gw.unix_uri(0), "list", "--name")
-        assert r.returncode == 0 and r.stdout.split() == ["test"], r.stderr
+        assert stat.S_IMODE(os.stat(default_path).st_mode) == 0o660
+        assert stat.S_IMODE(os.stat(strict_path).st_mode) == 0o600
+        for i in (0, 1):
+            r = virsh(gw.unix_uri(i), "list", "--name")
+            assert r.returncode == 0 and r.stdout.split() == ["test"], r.stderr
         gw.stop()
     finally:
-        if os.path.exists(path):
-            os.unlink(path)
+        for p in (default_path, strict_path):
+            if os.path.exists(p):
+                os.unlink(p)
         os.rmdir(d)
 
 

@@ -52,6 +52,15 @@ int main(void)
         config_free(cfg);
     }
 
+    cfg = config_parse("{\"listeners\":[{\"unix\":\"/run/virtmux/s\"}]," UP "}", stderr);
+    CHECK(cfg && cfg->listeners[0].mode == 0660); /* owner and group only by default */
+    CHECK(cfg && cfg->max_unauthenticated == 20 && cfg->max_unauthenticated_per_source == 5);
+    config_free(cfg);
+    cfg = config_parse("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}]," UP
+                       ",\"limits\":{\"max_unauthenticated\":3}}", stderr);
+    CHECK(cfg && cfg->max_unauthenticated_per_source == 3); /* the default never exceeds it */
+    config_free(cfg);
+
     const char *e;
     e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}],"
                   " \"upstreams\":[{\"name\":\"a\",\"uri\":\"qemu+tcp://h/system\"},"
@@ -106,6 +115,10 @@ int main(void)
     e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}]," UP
                   ",\"sasl\":{\"mechanisms\":[\"plain\"]}}");
     CHECK(e && strstr(e, "sasl.mechanisms: \"plain\" is not"));
+    e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}]," UP
+                  ",\"limits\":{\"max_unauthenticated\":4,\"max_unauthenticated_per_source\":6}}");
+    CHECK(e && strstr(e, "limits.max_unauthenticated_per_source: 6 is more than "
+                         "limits.max_unauthenticated (4)"));
     e = errors_of("not json");
     CHECK(e && strstr(e, "(string):1"));
     return check_done();
