@@ -34,8 +34,9 @@ from faultkit import Probe, wait_rest
 from harness import (RawClient, XdrReader, build_packet, start_call,
                      xdr_domain, xdr_i32, xdr_u32)
 
-BASELINE_S = 3.0
+BASELINE_S = 4.0
 FLOOD_S = 3.0
+SLICES = 3
 FLOOR_MS = float(os.environ.get("VIRTMUX_P99_FLOOR_MS", "5"))
 PROBE_INTERVAL = 0.005
 # The flooding clients stand for other hosts: they run at nice 10 so that
@@ -85,25 +86,46 @@ def env(libvirtd, gateway, tmp_path):
         probe.close()
 
 
+def merge_facts(a, b):
+    """Per-slice facts summed (numbers), joined (lists), maximised (keys
+    with "peak"), or kept (anything else)."""
+    out = dict(a)
+    for k, v in b.items():
+        if k not in out:
+            out[k] = v
+        elif "peak" in k:
+            out[k] = max(out[k], v)
+        elif isinstance(v, (int, float, list)) and not isinstance(v, bool):
+            out[k] = out[k] + v
+        else:
+            out[k] = v
+    return out
+
+
 def run_flood(probe, flood, name):
-    """Baseline, then flood() (which returns a dict of facts) with the probe
-    measured throughout; asserts the probe's health and returns the facts."""
+    """SLICES rounds of (quiet window, flood(i, seconds)) and a last quiet
+    window, the probe measured throughout; flood returns a dict of facts.
+    Asserts the probe's health; returns the merged facts."""
     probe.take()
-    time.sleep(BASELINE_S)
-    base = probe.take()
-    t0 = time.monotonic()
-    t, res = start_call(niced, flood)
-    t.join(FLOOD_TIMEOUT_S)
-    assert not t.is_alive(), "%s did not end in %d s" % (name,
-                                                         FLOOD_TIMEOUT_S)
-    took = time.monotonic() - t0
-    if res.error is not None:
-        raise res.error
-    facts = res.value
-    during = probe.take()
+    base, during, facts, took = [], [], {}, 0.0
+    for i in range(SLICES + 1):
+        time.sleep(BASELINE_S / (SLICES + 1))
+        base += probe.take()
+        if i == SLICES:
+            break
+        t0 = time.monotonic()
+        t, res = start_call(niced, flood, i, FLOOD_S / SLICES)
+        t.join(FLOOD_TIMEOUT_S)
+        assert not t.is_alive(), "%s did not end in %d s" % (
+            name, FLOOD_TIMEOUT_S)
+        took += time.monotonic() - t0
+        during += probe.take()
+        if res.error is not None:
+            raise res.error
+        facts = merge_facts(facts, res.value)
     nb, _, p99b, _, errb = faultkit.latency_summary(base)
     nd, _, p99d, worst, errd = faultkit.latency_summary(during)
-    print("%s: %.1f s, %s; probe p99 %.2f ms baseline (%d calls), %.2f ms "
+    print("%s: %.1f s, %s; probe p99 %.2f ms quiet (%d calls), %.2f ms "
           "during (%d calls, max %.1f ms)"
           % (name, took, facts, p99b, nb, p99d, nd, worst))
     assert not errb and not errd, (errb + errd)[:5]
@@ -120,11 +142,11 @@ def renice_all_threads(pid, value):
             pass
 
 
-def niced(fn):
-    """fn() in this thread at nice FLOOD_NICE (Linux: the nice value is per
-    thread, and threads fn starts inherit it)."""
+def niced(fn, *args):
+    """fn(*args) in this thread at nice FLOOD_NICE (Linux: the nice value
+    is per thread, and threads fn starts inherit it)."""
     os.setpriority(os.PRIO_PROCESS, 0, FLOOD_NICE)
-    return fn()
+    return fn(*args)
 
 
 def at_rest(gw, probe):
@@ -204,14 +226,21 @@ def offender_flood(port, total, batch=200, max_open=1500, timeout=180.0):
 
 def test_10000_unauthenticated_connections(env):
     gw, plain, sasl, probe = env
-    facts = run_flood(probe, lambda: offender_flood(sasl, OFFENDERS),
+    share = OFFENDERS // SLICES
+    facts = run_flood(probe, lambda i, _s: offender_flood(
+        sasl, share if i < SLICES - 1 else OFFENDERS - share * i),
                       "%d unauthenticated connections" % OFFENDERS)
     assert facts["opened"] == OFFENDERS
     assert facts["left_open"] == 0, facts
     assert facts["data"] == 0 and facts["refused"] == 0, facts
     # nothing was sent, so the gateway's close is a FIN, never a reset
     assert facts["clean"] == OFFENDERS, facts
-    assert "max_unauthenticated (%d)" % MAX_UNAUTH in gw.log_text()
+    # all come from 127.0.0.1: a few hold the per-source slots until
+    # auth_timeout_s, every other one is refused on arrival
+    unauth = gw.status()["unauthenticated"]
+    refused = unauth["refused"] + unauth["refused_per_source"]
+    print("refused on arrival: %d (%s)" % (refused, unauth))
+    assert refused >= OFFENDERS * 9 // 10, unauth
     at_rest(gw, probe)
     assert gw.status()["totals"]["unauthenticated"] == 0
 
@@ -254,8 +283,8 @@ def trickler(port, more, results):
 def test_byte_at_a_time(env):
     gw, plain, sasl, probe = env
 
-    def flood():
-        more, results, threads = until(FLOOD_S), [], []
+    def flood(_i, seconds):
+        more, results, threads = until(seconds), [], []
         for _ in range(4):
             threads.append(start_call(trickler, plain, more, results))
         for t, res in threads:
@@ -289,8 +318,8 @@ def test_length_words(env):
     gw, plain, sasl, probe = env
     rss0 = faultkit.proc_rss_kib(gw.proc.pid)
 
-    def flood():
-        more, kept_open, rounds = until(FLOOD_S), [], 0
+    def flood(_i, seconds):
+        more, kept_open, rounds = until(seconds), [], 0
         while more():
             for opened in (False, True):
                 for v in BAD_LENGTHS:
@@ -367,10 +396,10 @@ def test_garbage_payloads(env):
     gw, plain, sasl, probe = env
     seed = int(os.environ.get("VIRTMUX_GARBAGE_SEED", str(os.getpid())))
     rnd = random.Random(seed)
-    totals = {"ok": 0, "error": 0, "closed": 0, "sessions": 0}
 
-    def flood():
-        more = until(FLOOD_S)
+    def flood(_i, seconds):
+        more = until(seconds)
+        totals = {"ok": 0, "error": 0, "closed": 0, "sessions": 0}
         while more():
             got = garbage_session(plain, rnd, 20)
             totals["sessions"] += 1
@@ -441,8 +470,8 @@ def pipelined(port, n=1000):
 def test_1000_pipelined_calls(env):
     gw, plain, sasl, probe = env
 
-    def flood():
-        more, calls = until(FLOOD_S), 0
+    def flood(_i, seconds):
+        more, calls = until(seconds), 0
         while more():
             calls += pipelined(plain)
         return {"calls": calls}
@@ -505,13 +534,13 @@ def test_client_that_never_reads(env, kind):
                            payload=xdr_i32(1) + xdr_u32(0))
     opened = kind == "call-after-open"
 
-    def flood():
+    def flood(_i, seconds):
         sent, peak = never_reader(
-            plain, pkt, opened, FLOOD_S,
+            plain, pkt, opened, seconds,
             lambda: faultkit.proc_rss_kib(gw.proc.pid))
-        return {"sent_kib": sent // 1024, "rss_peak_rise_kib": peak}
+        return {"sent_peak_kib": sent // 1024, "rss_peak_rise_kib": peak}
     facts = run_flood(probe, flood, "never reads (%s)" % kind)
     assert facts["rss_peak_rise_kib"] < RSS_BOUND_KIB, facts
-    # the gateway stopped reading: most of the flood was never accepted
-    assert facts["sent_kib"] < NEVER_READ_MIB * 1024 // 2, facts
+    # the gateway stopped reading: most of each flood was never accepted
+    assert facts["sent_peak_kib"] < NEVER_READ_MIB * 1024 // 2, facts
     at_rest(gw, probe)
