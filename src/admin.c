@@ -11,13 +11,13 @@
 #include <jansson.h>
 
 #include "config.h"
-#include "gateway.h"
 #include "listener.h"
 #include "log.h"
 #include "util.h"
 
 struct vm_admin {
-    struct vm_gateway *gw; /* not owned */
+    vm_status_fn status;
+    void *owner;           /* not owned */
     struct evhttp *http;   /* owned */
     const char *unix_path; /* config snapshot */
 };
@@ -29,7 +29,7 @@ static void status_cb(struct evhttp_request *req, void *arg)
         evhttp_send_error(req, 405, "Method Not Allowed");
         return;
     }
-    json_t *st = gateway_status_json(a->gw);
+    json_t *st = a->status(a->owner);
     char *text = json_dumps(st, JSON_INDENT(1));
     json_decref(st);
     struct evbuffer *body = evbuffer_new();
@@ -41,9 +41,9 @@ static void status_cb(struct evhttp_request *req, void *arg)
     evbuffer_free(body);
 }
 
-struct vm_admin *admin_new(struct vm_gateway *gw)
+struct vm_admin *admin_new(struct event_base *base, const struct vm_config *cfg,
+                           vm_status_fn status, void *owner)
 {
-    const struct vm_config *cfg = gateway_config(gw);
     char err[256];
     evutil_socket_t fd = cfg->admin_address
                              ? listener_bind_tcp(cfg->admin_address, err, sizeof(err))
@@ -56,9 +56,10 @@ struct vm_admin *admin_new(struct vm_gateway *gw)
         return NULL;
     }
     struct vm_admin *a = vm_calloc(1, sizeof(*a));
-    a->gw = gw;
+    a->status = status;
+    a->owner = owner;
     a->unix_path = cfg->admin_unix;
-    a->http = evhttp_new(gateway_base(gw));
+    a->http = evhttp_new(base);
     if (!a->http || !evhttp_accept_socket_with_handle(a->http, fd)) {
         vm_err("admin", "cannot serve HTTP on %s", where);
         if (a->http)

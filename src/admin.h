@@ -3,12 +3,19 @@
 #ifndef VM_ADMIN_H
 #define VM_ADMIN_H
 
+#include <jansson.h>
+
 #include "fwd.h"
 
+struct event_base;
 struct vm_admin;
 
-/* Start the endpoint configured in `admin`; NULL after logging why. */
-struct vm_admin *admin_new(struct vm_gateway *gw);
+/* The state to serve at GET /status, made fresh for each request; the caller owns it. */
+typedef json_t *(*vm_status_fn)(void *owner);
+
+/* Start the endpoint configured in `cfg->admin_*`; NULL after logging why. */
+struct vm_admin *admin_new(struct event_base *base, const struct vm_config *cfg,
+                           vm_status_fn status, void *owner);
 void admin_free(struct vm_admin *a);
 
 #endif

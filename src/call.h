@@ -1,10 +1,14 @@
-/* A call in flight: the small record that ties a client's request to an upstream serial.
+/* A call in flight: the small record that ties a request to an upstream serial.
  *
- *   session --calls--> vm_call --link--> vm_link (inflight slot, up_serial)
- *                         \--qentry--> vm_pool queue (while waiting for a slot)
+ *   owner (session, events) --done callback--+
+ *                                            v
+ *   vm_call --link--> vm_link (inflight slot, up_serial)
+ *      \--qentry--> vm_pool queue (while waiting for a slot)
  *
- * The session owns its calls. When the client goes away first, `session` becomes NULL and the
- * call is "swallowed": the late reply is dropped and the record freed by whoever finishes it. */
+ * Whoever makes a call gives it a completion callback; every call ends exactly once, in
+ * call_finish (a reply) or call_fail (an error of the gateway's own), and the layer that ends
+ * it (link or pool) never needs to know who made it. An owner that goes away first swallows
+ * its calls in flight: the late reply is then dropped and the record freed by whoever ends it. */
 #ifndef VM_CALL_H
 #define VM_CALL_H
 
@@ -16,30 +20,43 @@
 #include "wire.h"
 
 struct evbuffer;
+struct vm_call;
 
-/* Completion of a call the gateway makes itself (event registration): `reply` and `pkt` on a
- * reply (OK or ERROR status), or NULL and `error` when the link failed first. */
-typedef void (*vm_call_done_fn)(void *arg, const struct vm_hdr *reply, struct evbuffer *pkt,
-                                const char *error);
+/* Why a call failed without a reply: a libvirt error of the gateway's own. */
+struct vm_call_error {
+    int code;
+    int domain;
+    const char *message; /* the whole text the client prints */
+};
+
+/* Completion: `reply` and `pkt` (the whole reply packet, still owned by the caller) on a
+ * reply with OK or ERROR status, or NULL, NULL and `err` when the gateway gave up on it. */
+typedef void (*vm_call_done_fn)(void *arg, struct vm_call *c, const struct vm_hdr *reply,
+                                struct evbuffer *pkt, const struct vm_call_error *err);
 
 struct vm_call {
-    struct vm_session *session; /* NULL once swallowed */
-    struct vm_hdr hdr;          /* the client's header: reply serial and proc */
+    struct vm_hdr hdr;          /* the caller's header: reply serial and proc */
     struct evbuffer *pkt;       /* the packet until it is sent upstream; owned */
     struct vm_link *link;       /* where it is in flight; NULL while queued */
     uint32_t up_serial;         /* serial on the upstream connection */
     struct timeval deadline;    /* when waiting in the pool queue must end */
-    vm_call_done_fn done;       /* set for the gateway's own calls (session is NULL) */
+    vm_call_done_fn done;       /* NULL once swallowed */
     void *done_arg;
+    int internal;               /* the gateway's own call (event registration), not a client's */
     TAILQ_ENTRY(vm_call) qentry;
-    TAILQ_ENTRY(vm_call) sentry;
+    TAILQ_ENTRY(vm_call) sentry; /* the owner's list of its calls */
 };
 TAILQ_HEAD(vm_call_list, vm_call);
 
-/* Finish a call with the upstream reply `pkt` (consumed): the serial is put back to the
- * client's and the packet queued to the client; a swallowed call is just dropped. Frees c. */
+/* A new call record with an empty packet buffer. Allocation failure aborts. */
+struct vm_call *call_new(vm_call_done_fn done, void *arg, int internal);
+/* The owner is gone: the call will end silently. */
+void call_swallow(struct vm_call *c);
+/* End a call with the upstream reply `pkt` (consumed). Frees c. */
 void call_finish(struct vm_call *c, struct evbuffer *pkt);
-/* Finish a call with a libvirt error of our own. Frees c. */
+/* End a call with a libvirt error of our own. Frees c. */
 void call_fail(struct vm_call *c, int code, int domain, const char *message);
+/* Free a call that never started or was taken back from a queue. */
+void call_free(struct vm_call *c);
 
 #endif

@@ -8,7 +8,7 @@
 
 #include "call.h"
 #include "config.h"
-#include "gateway.h"
+#include "env.h"
 #include "log.h"
 #include "pool.h"
 #include "proc.h"
@@ -51,6 +51,7 @@ struct vm_evreg {
 
 struct vm_events {
     struct vm_pool *pool;   /* owner */
+    struct vm_env *env;     /* not owned */
     struct vm_link *link;   /* the link holding the registrations; one reference held */
     TAILQ_HEAD(, vm_evreg) regs;
     int nregs;              /* including dead ones awaiting their reply */
@@ -60,10 +61,11 @@ struct vm_events {
     char tag[64];
 };
 
-struct vm_events *events_new(struct vm_pool *p)
+struct vm_events *events_new(struct vm_pool *p, struct vm_env *env)
 {
     struct vm_events *ev = vm_calloc(1, sizeof(*ev));
     ev->pool = p;
+    ev->env = env;
     TAILQ_INIT(&ev->regs);
     snprintf(ev->tag, sizeof(ev->tag), "E:%s", pool_upstream(p) ? "pool" : "?");
     return ev;
@@ -211,8 +213,8 @@ static void send_register(struct vm_evreg *r);
 /* The deregister call finished. libvirtd runs calls on worker threads, so a register for the
  * same key must not be sent before this (it would race ahead and be refused as "already
  * tracked"): subscribers that arrived meanwhile are registered now. */
-static void deregister_done(void *arg, const struct vm_hdr *h, struct evbuffer *pkt,
-                            const char *err)
+static void deregister_done(void *arg, struct vm_call *c, const struct vm_hdr *h,
+                            struct evbuffer *pkt, const struct vm_call_error *err)
 {
     struct vm_evreg *r = arg;
     if (r->ev->dying)
@@ -249,7 +251,8 @@ static void drop_reg(struct vm_evreg *r)
     reg_free(r);
 }
 
-static void register_done(void *arg, const struct vm_hdr *h, struct evbuffer *pkt, const char *err)
+static void register_done(void *arg, struct vm_call *c, const struct vm_hdr *h,
+                          struct evbuffer *pkt, const struct vm_call_error *err)
 {
     struct vm_evreg *r = arg;
     if (r->ev->dying)
@@ -264,7 +267,7 @@ static void register_done(void *arg, const struct vm_hdr *h, struct evbuffer *pk
         }
         char msg[400];
         snprintf(msg, sizeof(msg), "internal error: virtmux could not register the event "
-                 "upstream: %s", err ? err : "refused");
+                 "upstream: %s", err ? err->message : "refused");
         fail_pending(r, payload, n, msg);
         if (r->dead || r->nsubs == 0)
             reg_free(r);
@@ -327,7 +330,7 @@ void events_subscribe(struct vm_events *ev, struct vm_session *s, const struct v
     int mine = 0;
     TAILQ_FOREACH(sub, session_subs(s), sess_entry)
         mine++;
-    int max = gateway_config(pool_gateway(ev->pool))->event_max_per_session;
+    int max = ev->env->cfg->event_max_per_session;
     if (mine >= max) {
         char msg[200];
         snprintf(msg, sizeof(msg), "operation failed: this connection already holds %d event "

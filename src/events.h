@@ -22,7 +22,8 @@ struct vm_events;
 struct vm_sub;
 TAILQ_HEAD(vm_sub_list, vm_sub);
 
-struct vm_events *events_new(struct vm_pool *p);
+struct vm_env;
+struct vm_events *events_new(struct vm_pool *p, struct vm_env *env);
 /* The pool is going away: from now on calls finishing on its links leave this state alone
  * (call before the pool frees its links, then events_free). */
 void events_shutdown(struct vm_events *ev);

@@ -19,20 +19,16 @@
 #include "audit.h"
 #include "auth.h"
 #include "config.h"
+#include "env.h"
 #include "listener.h"
 #include "log.h"
 #include "pool.h"
+#include "reap.h"
 #include "session.h"
 #include "srccount.h"
 #include "stream.h"
 #include "tls.h"
 #include "util.h"
-
-struct reap_node {
-    void (*fn)(void *);
-    void *p;
-    struct reap_node *next;
-};
 
 struct pool_node {
     struct vm_pool *pool;
@@ -41,16 +37,15 @@ struct pool_node {
 };
 
 struct vm_gateway {
+    struct vm_env env;           /* handed down to pools and sessions */
     struct event_base *base;     /* not owned */
     struct vm_config *cfg;       /* owned */
     struct vm_listener **listeners; /* owned, cfg->nlisteners entries */
     LIST_HEAD(, pool_node) pools;   /* owned */
     int npools;
-    unsigned next_id;
     int nsessions;
     int accepting;
-    struct event *reaper;        /* owned */
-    struct reap_node *reap_head; /* owned */
+    struct vm_reaper *reaper;    /* owned */
     struct vm_audit *audit;      /* owned */
     struct vm_admin *admin;      /* owned, optional */
     int *rule_sessions;          /* owned: open sessions per rule; last slot = default */
@@ -63,17 +58,6 @@ struct vm_gateway {
     long refused_unauth_source;  /* closed on accept: their source's share reached */
 };
 
-static void reap(evutil_socket_t fd, short what, void *arg)
-{
-    struct vm_gateway *gw = arg;
-    while (gw->reap_head) {
-        struct reap_node *n = gw->reap_head;
-        gw->reap_head = n->next;
-        n->fn(n->p);
-        free(n);
-    }
-}
-
 struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
 {
     struct vm_gateway *gw = vm_calloc(1, sizeof(*gw));
@@ -82,13 +66,25 @@ struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
     gw->accepting = 1;
     LIST_INIT(&gw->pools);
     gw->listeners = calloc((size_t)cfg->nlisteners, sizeof(*gw->listeners));
-    gw->reaper = event_new(base, -1, 0, reap, gw);
+    gw->reaper = reaper_new(base);
     gw->audit = audit_new();
+    gw->env = (struct vm_env){.base = base, .reaper = gw->reaper, .cfg = cfg, .audit = gw->audit};
     gw->rule_sessions = calloc((size_t)cfg->nrules + 1, sizeof(int));
     gw->unauth_by_source = srccount_new();
     if (!gw->listeners || !gw->reaper || !gw->rule_sessions)
         abort();
     return gw;
+}
+
+static json_t *status_json(void *owner)
+{
+    return gateway_status_json(owner);
+}
+
+static void accept_client(void *owner, const struct vm_listener_cfg *cfg, evutil_socket_t fd,
+                          const char *peer, const struct vm_identity *id, SSL_CTX *tls)
+{
+    session_new(owner, cfg, fd, peer, id, tls);
 }
 
 int gateway_start(struct vm_gateway *gw)
@@ -109,12 +105,12 @@ int gateway_start(struct vm_gateway *gw)
         return -1;
     /* The admin endpoint first: once clients can connect, the status is there too. */
     if (gw->cfg->admin_address || gw->cfg->admin_unix) {
-        gw->admin = admin_new(gw);
+        gw->admin = admin_new(gw->base, gw->cfg, status_json, gw);
         if (!gw->admin)
             return -1;
     }
     for (int i = 0; i < gw->cfg->nlisteners; i++) {
-        gw->listeners[i] = listener_new(gw, &gw->cfg->listeners[i]);
+        gw->listeners[i] = listener_new(gw->base, &gw->cfg->listeners[i], accept_client, gw);
         if (!gw->listeners[i])
             return -1;
     }
@@ -151,8 +147,7 @@ void gateway_free(struct vm_gateway *gw)
         if (!n->dying)
             pool_node_free(n);
     }
-    reap(-1, 0, gw);
-    event_free(gw->reaper);
+    reaper_free(gw->reaper);
     audit_free(gw->audit);
     if (gw->cfg->sasl)
         auth_global_done();
@@ -264,8 +259,28 @@ const struct vm_config *gateway_config(const struct vm_gateway *gw)
 
 unsigned gateway_next_id(struct vm_gateway *gw)
 {
-    return ++gw->next_id;
+    return env_next_id(&gw->env);
 }
+
+struct vm_env *gateway_env(struct vm_gateway *gw)
+{
+    return &gw->env;
+}
+
+static void pool_maybe_empty(void *owner, struct vm_pool *p)
+{
+    gateway_pool_check(owner, p);
+}
+
+static void pool_link_lost(void *owner, struct vm_link *l, const char *why)
+{
+    gateway_link_lost(owner, l, why);
+}
+
+static const struct vm_pool_ops gateway_pool_ops = {
+    .maybe_empty = pool_maybe_empty,
+    .link_lost = pool_link_lost,
+};
 
 struct vm_pool *gateway_pool(struct vm_gateway *gw, const struct vm_upstream_cfg *up,
                              const char *name, int readonly)
@@ -275,7 +290,8 @@ struct vm_pool *gateway_pool(struct vm_gateway *gw, const struct vm_upstream_cfg
         if (!n->dying && pool_matches(n->pool, up, name, readonly))
             return n->pool;
     n = vm_calloc(1, sizeof(*n));
-    n->pool = pool_new(gw, up, name, readonly);
+    n->pool = pool_new(&gw->env, &gateway_pool_ops, gw, up, name, readonly,
+                       gateway_upstream_tls(gw, up));
     LIST_INSERT_HEAD(&gw->pools, n, entry);
     gw->npools++;
     return n->pool;
@@ -367,12 +383,10 @@ void gateway_link_lost(struct vm_gateway *gw, struct vm_link *l, const char *why
 
 void gateway_defer_free(struct vm_gateway *gw, void (*fn)(void *), void *p)
 {
-    struct reap_node *n = malloc(sizeof(*n));
-    if (!n)
-        abort();
-    n->fn = fn;
-    n->p = p;
-    n->next = gw->reap_head;
-    gw->reap_head = n;
-    event_active(gw->reaper, 0, 0);
+    reaper_defer(gw->reaper, fn, p);
+}
+
+struct vm_reaper *gateway_reaper(const struct vm_gateway *gw)
+{
+    return gw->reaper;
 }

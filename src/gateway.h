@@ -28,6 +28,8 @@ struct ssl_ctx_st *gateway_upstream_tls(const struct vm_gateway *gw,
                                         const struct vm_upstream_cfg *up);
 const struct vm_config *gateway_config(const struct vm_gateway *gw);
 unsigned gateway_next_id(struct vm_gateway *gw);
+/* The shared environment (loop, reaper, config, audit, ids) handed to pools and sessions. */
+struct vm_env *gateway_env(struct vm_gateway *gw);
 
 /* Find or create the pool for this key. */
 struct vm_pool *gateway_pool(struct vm_gateway *gw, const struct vm_upstream_cfg *up,
@@ -63,5 +65,6 @@ json_t *gateway_status_json(struct vm_gateway *gw);
 /* Free `p` with `fn` after the current loop turn (never free an object inside its own
  * callback). */
 void gateway_defer_free(struct vm_gateway *gw, void (*fn)(void *), void *p);
+struct vm_reaper *gateway_reaper(const struct vm_gateway *gw);
 
 #endif

@@ -16,15 +16,15 @@
 #include <event2/listener.h>
 
 #include "config.h"
-#include "gateway.h"
 #include "identity.h"
 #include "log.h"
-#include "session.h"
 #include "tls.h"
 #include "util.h"
 
 struct vm_listener {
-    struct vm_gateway *gw;             /* not owned */
+    struct event_base *base;           /* not owned */
+    vm_accept_fn on_accept;
+    void *owner;                       /* not owned */
     const struct vm_listener_cfg *cfg; /* not owned (config snapshot) */
     SSL_CTX *tls;                      /* owned reference; sessions hold their own */
     struct evconnlistener *ev;         /* owned; closes the socket */
@@ -62,7 +62,7 @@ static void accept_cb(struct evconnlistener *ev, evutil_socket_t fd, struct sock
             snprintf(peer, sizeof(peer), "unix:uid=%u,pid=%d", (unsigned)cred.uid, (int)cred.pid);
         }
     }
-    session_new(l->gw, l->cfg, fd, peer, &id, l->tls);
+    l->on_accept(l->owner, l->cfg, fd, peer, &id, l->tls);
 }
 
 static void resume_accept(evutil_socket_t fd, short what, void *arg)
@@ -79,7 +79,7 @@ static void error_cb(struct evconnlistener *ev, void *arg)
     if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM) {
         evconnlistener_disable(ev);
         struct timeval tv = {0, 100000};
-        event_base_once(gateway_base(l->gw), -1, EV_TIMEOUT, resume_accept, ev, &tv);
+        event_base_once(l->base, -1, EV_TIMEOUT, resume_accept, ev, &tv);
     }
 }
 
@@ -150,10 +150,13 @@ evutil_socket_t listener_bind_unix(const char *path, unsigned mode, char *err, s
     return fd;
 }
 
-struct vm_listener *listener_new(struct vm_gateway *gw, const struct vm_listener_cfg *cfg)
+struct vm_listener *listener_new(struct event_base *base, const struct vm_listener_cfg *cfg,
+                                 vm_accept_fn on_accept, void *owner)
 {
     struct vm_listener *l = vm_calloc(1, sizeof(*l));
-    l->gw = gw;
+    l->base = base;
+    l->on_accept = on_accept;
+    l->owner = owner;
     l->cfg = cfg;
     snprintf(l->tag, sizeof(l->tag), "L:%s", cfg->name);
     char err[256];
@@ -174,7 +177,7 @@ struct vm_listener *listener_new(struct vm_gateway *gw, const struct vm_listener
         free(l);
         return NULL;
     }
-    l->ev = evconnlistener_new(gateway_base(gw), accept_cb, l,
+    l->ev = evconnlistener_new(base, accept_cb, l,
                                LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, 1024, fd);
     if (!l->ev) {
         vm_err(l->tag, "cannot listen: %s", strerror(errno));

@@ -8,8 +8,19 @@
 
 #include "fwd.h"
 
-/* Bind the listener described by `cfg`. Returns NULL after logging why. */
-struct vm_listener *listener_new(struct vm_gateway *gw, const struct vm_listener_cfg *cfg);
+struct event_base;
+struct vm_identity;
+typedef struct ssl_ctx_st SSL_CTX;
+
+/* A client was accepted: `fd` is now the callee's; `peer` is printable, `id` what the
+ * listener knows of the client (copy it), `tls` the listener's context or NULL. */
+typedef void (*vm_accept_fn)(void *owner, const struct vm_listener_cfg *cfg, evutil_socket_t fd,
+                             const char *peer, const struct vm_identity *id, SSL_CTX *tls);
+
+/* Bind the listener described by `cfg`; accepted clients go to `on_accept`. Returns NULL
+ * after logging why. */
+struct vm_listener *listener_new(struct event_base *base, const struct vm_listener_cfg *cfg,
+                                 vm_accept_fn on_accept, void *owner);
 void listener_free(struct vm_listener *l);
 /* Re-read the TLS certificate, key, CA and CRL files; the old context stays on failure.
  * Sessions already connected keep theirs. */

@@ -23,9 +23,9 @@
 #include "call.h"
 #include "config.h"
 #include "events.h"
-#include "gateway.h"
+#include "env.h"
 #include "log.h"
-#include "session.h"
+#include "reap.h"
 #include "upstream.h"
 #include "util.h"
 
@@ -35,7 +35,10 @@ struct link_node {
 };
 
 struct vm_pool {
-    struct vm_gateway *gw;              /* not owned */
+    struct vm_env *env;                 /* not owned */
+    const struct vm_pool_ops *ops;
+    void *owner;                        /* not owned: the gateway */
+    SSL_CTX *tls;                       /* not owned: client context for tls:// upstreams */
     const struct vm_upstream_cfg *up;   /* not owned (config snapshot) */
     char *name;                         /* owned: the name opened upstream */
     int readonly;
@@ -45,7 +48,7 @@ struct vm_pool {
     struct vm_call_list queue;          /* calls waiting; owned by their sessions */
     int nqueued;
     struct event *qtimer;               /* owned: fires at the head's deadline */
-    struct vm_session **waiters;        /* sessions whose OPEN waits for a READY link */
+    struct vm_open_wait **waiters;      /* sessions whose OPEN waits for a READY link */
     int nwaiters, capwaiters;
     char last_error[256];
     struct vm_events *events;           /* owned */
@@ -57,27 +60,32 @@ struct vm_pool {
 };
 
 static void queue_timeout(evutil_socket_t fd, short what, void *arg);
+static const struct vm_link_ops pool_link_ops;
 static void stream_wait_timeout(evutil_socket_t fd, short what, void *arg);
 static struct vm_link *least_referenced_ready(struct vm_pool *p);
 
-struct vm_pool *pool_new(struct vm_gateway *gw, const struct vm_upstream_cfg *up,
-                         const char *name, int readonly)
+struct vm_pool *pool_new(struct vm_env *env, const struct vm_pool_ops *ops, void *owner,
+                         const struct vm_upstream_cfg *up, const char *name, int readonly,
+                         SSL_CTX *tls)
 {
     struct vm_pool *p = vm_calloc(1, sizeof(*p));
-    p->gw = gw;
+    p->env = env;
+    p->ops = ops;
+    p->owner = owner;
+    p->tls = tls;
     p->up = up;
     p->name = strdup(name);
     p->readonly = readonly;
     TAILQ_INIT(&p->links);
     TAILQ_INIT(&p->queue);
     snprintf(p->tag, sizeof(p->tag), "P:%s %s%s", up->name, name, readonly ? " ro" : "");
-    p->qtimer = evtimer_new(gateway_base(gw), queue_timeout, p);
-    p->stimer = evtimer_new(gateway_base(gw), stream_wait_timeout, p);
+    p->qtimer = evtimer_new(env->base, queue_timeout, p);
+    p->stimer = evtimer_new(env->base, stream_wait_timeout, p);
     TAILQ_INIT(&p->swait);
     if (!p->name || !p->qtimer || !p->stimer)
         abort();
     snprintf(p->last_error, sizeof(p->last_error), "not connected yet");
-    p->events = events_new(p);
+    p->events = events_new(p, env);
     return p;
 }
 
@@ -89,7 +97,7 @@ void pool_free(struct vm_pool *p)
     events_shutdown(p->events);
     struct link_node *n;
     while ((n = TAILQ_FIRST(&p->links)))
-        link_free(n->link); /* calls pool_link_gone, which removes the node */
+        link_free(n->link); /* tells on_link_gone, which removes the node */
     events_free(p->events);
     p->events = NULL;
     struct vm_call *c;
@@ -125,11 +133,6 @@ int pool_readonly(const struct vm_pool *p)
     return p->readonly;
 }
 
-struct vm_gateway *pool_gateway(const struct vm_pool *p)
-{
-    return p->gw;
-}
-
 int pool_is_empty(const struct vm_pool *p)
 {
     if (p->dying)
@@ -148,10 +151,20 @@ struct vm_link *pool_ready_link(struct vm_pool *p)
     return least_referenced_ready(p);
 }
 
-void pool_link_event(struct vm_pool *p, struct vm_link *l, const struct vm_hdr *h,
-                     struct evbuffer *pkt)
+void pool_link_params(struct vm_pool *p, struct vm_link_params *lp)
 {
-    events_deliver(p->events, l, h, pkt);
+    const struct vm_config *cfg = p->env->cfg;
+    *lp = (struct vm_link_params){
+        .base = p->env->base,
+        .reaper = p->env->reaper,
+        .up = p->up,
+        .name = p->name,
+        .readonly = p->readonly,
+        .id = env_next_id(p->env),
+        .tls = p->tls,
+        .keepalive_interval_s = cfg->keepalive_interval_s,
+        .keepalive_count = cfg->keepalive_count,
+    };
 }
 
 /* ---- choosing links ---- */
@@ -198,7 +211,9 @@ static void add_link(struct vm_pool *p)
     struct link_node *n = vm_calloc(1, sizeof(*n));
     TAILQ_INSERT_TAIL(&p->links, n, entry);
     p->nlinks++;
-    n->link = link_new(p); /* may report failure synchronously through pool_link_down */
+    struct vm_link_params lp;
+    pool_link_params(p, &lp);
+    n->link = link_new(&lp, &pool_link_ops, p);
 }
 
 /* Make sure some link is on its way to READY: grow, or cut a backoff short. */
@@ -221,12 +236,12 @@ static void ensure_connecting(struct vm_pool *p)
 
 /* ---- opening sessions ---- */
 
-void pool_open(struct vm_pool *p, struct vm_session *s)
+void pool_open(struct vm_pool *p, struct vm_open_wait *w)
 {
     struct vm_link *l = least_referenced_ready(p);
     if (l) {
         link_ref(l);
-        session_open_done(s, l, NULL, 0, NULL);
+        w->done(w, l, NULL, 0, NULL);
         return;
     }
     if (p->nwaiters == p->capwaiters) {
@@ -235,14 +250,14 @@ void pool_open(struct vm_pool *p, struct vm_session *s)
         if (!p->waiters)
             abort();
     }
-    p->waiters[p->nwaiters++] = s;
+    p->waiters[p->nwaiters++] = w;
     ensure_connecting(p);
 }
 
-void pool_cancel_open(struct vm_pool *p, struct vm_session *s)
+void pool_cancel_open(struct vm_pool *p, struct vm_open_wait *w)
 {
     for (int i = 0; i < p->nwaiters; i++) {
-        if (p->waiters[i] == s) {
+        if (p->waiters[i] == w) {
             memmove(&p->waiters[i], &p->waiters[i + 1],
                     (size_t)(p->nwaiters - i - 1) * sizeof(*p->waiters));
             p->nwaiters--;
@@ -255,9 +270,9 @@ void pool_cancel_open(struct vm_pool *p, struct vm_session *s)
 static void fail_waiters(struct vm_pool *p, const void *err_payload, size_t n, const char *message)
 {
     while (p->nwaiters > 0) {
-        struct vm_session *s = p->waiters[0];
-        pool_cancel_open(p, s);
-        session_open_done(s, NULL, err_payload, n, message);
+        struct vm_open_wait *w = p->waiters[0];
+        pool_cancel_open(p, w);
+        w->done(w, NULL, err_payload, n, message);
     }
 }
 
@@ -267,8 +282,8 @@ static void fail_waiters(struct vm_pool *p, const void *err_payload, size_t n, c
 static void set_deadline(struct vm_pool *p, struct timeval *deadline)
 {
     struct timeval now, add;
-    int ms = gateway_config(p->gw)->queue_timeout_ms;
-    event_base_gettimeofday_cached(gateway_base(p->gw), &now);
+    int ms = p->env->cfg->queue_timeout_ms;
+    event_base_gettimeofday_cached(p->env->base, &now);
     add.tv_sec = ms / 1000;
     add.tv_usec = (ms % 1000) * 1000;
     evutil_timeradd(&now, &add, deadline);
@@ -282,7 +297,7 @@ static void arm_for(struct vm_pool *p, struct event *timer, const struct timeval
         return;
     }
     struct timeval now, tv;
-    event_base_gettimeofday_cached(gateway_base(p->gw), &now);
+    event_base_gettimeofday_cached(p->env->base, &now);
     if (evutil_timercmp(deadline, &now, <))
         evutil_timerclear(&tv);
     else
@@ -320,9 +335,9 @@ static void queue_timeout(evutil_socket_t fd, short what, void *arg)
 {
     struct vm_pool *p = arg;
     struct timeval now;
-    event_base_gettimeofday_cached(gateway_base(p->gw), &now);
+    event_base_gettimeofday_cached(p->env->base, &now);
     struct vm_call *c;
-    int ms = gateway_config(p->gw)->queue_timeout_ms;
+    int ms = p->env->cfg->queue_timeout_ms;
     while ((c = TAILQ_FIRST(&p->queue)) && !evutil_timercmp(&now, &c->deadline, <)) {
         dequeue(p);
         char msg[400];
@@ -333,7 +348,7 @@ static void queue_timeout(evutil_socket_t fd, short what, void *arg)
         call_fail(c, VIR_ERR_OPERATION_TIMEOUT, VIR_FROM_RPC, msg);
     }
     arm_qtimer(p);
-    gateway_pool_check(p->gw, p);
+    p->ops->maybe_empty(p->owner, p);
 }
 
 /* Move queued calls onto links with room, oldest first. */
@@ -416,7 +431,7 @@ void pool_stream_cancel(struct vm_pool *p, struct vm_slot_wait *w)
     TAILQ_REMOVE(&p->swait, w, entry);
     p->nswait--;
     arm_stimer(p);
-    gateway_pool_check(p->gw, p);
+    p->ops->maybe_empty(p->owner, p);
 }
 
 void pool_stream_release(struct vm_pool *p)
@@ -430,14 +445,14 @@ void pool_stream_release(struct vm_pool *p)
         w->granted(w);
     }
     arm_stimer(p);
-    gateway_pool_check(p->gw, p);
+    p->ops->maybe_empty(p->owner, p);
 }
 
 static void stream_wait_timeout(evutil_socket_t fd, short what, void *arg)
 {
     struct vm_pool *p = arg;
     struct timeval now;
-    event_base_gettimeofday_cached(gateway_base(p->gw), &now);
+    event_base_gettimeofday_cached(p->env->base, &now);
     struct vm_slot_wait *w;
     while ((w = TAILQ_FIRST(&p->swait)) && !evutil_timercmp(&now, &w->deadline, <)) {
         TAILQ_REMOVE(&p->swait, w, entry);
@@ -445,12 +460,12 @@ static void stream_wait_timeout(evutil_socket_t fd, short what, void *arg)
         char msg[400];
         snprintf(msg, sizeof(msg), "operation timed out: virtmux waited %d ms for one of the %d "
                  "stream connections to upstream %s (pool.max_streams)",
-                 gateway_config(p->gw)->queue_timeout_ms, p->up->pool.max_streams, p->up->name);
+                 p->env->cfg->queue_timeout_ms, p->up->pool.max_streams, p->up->name);
         vm_warn(p->tag, "stream waited too long for a slot (%d still waiting)", p->nswait);
         w->expired(w, msg);
     }
     arm_stimer(p);
-    gateway_pool_check(p->gw, p);
+    p->ops->maybe_empty(p->owner, p);
 }
 
 void pool_cancel_call(struct vm_pool *p, struct vm_call *c)
@@ -467,28 +482,41 @@ void pool_release(struct vm_pool *p, struct vm_link *home)
 
 /* ---- link events ---- */
 
-void pool_link_ready(struct vm_pool *p, struct vm_link *l)
+/* ---- what the links report (their ops) ---- */
+
+static void on_link_ready(void *owner, struct vm_link *l)
 {
+    struct vm_pool *p = owner;
     snprintf(p->last_error, sizeof(p->last_error), "no error");
     events_link_ready(p->events, l);
     while (p->nwaiters > 0) {
-        struct vm_session *s = p->waiters[0];
-        pool_cancel_open(p, s);
+        struct vm_open_wait *w = p->waiters[0];
+        pool_cancel_open(p, w);
         struct vm_link *home = least_referenced_ready(p);
         link_ref(home);
-        session_open_done(s, home, NULL, 0, NULL);
+        w->done(w, home, NULL, 0, NULL);
     }
     pump(p);
 }
 
-void pool_link_slot_free(struct vm_pool *p, struct vm_link *l)
+static void on_link_slot_free(void *owner, struct vm_link *l)
 {
-    pump(p);
+    pump(owner);
 }
 
-void pool_link_down(struct vm_pool *p, struct vm_link *l, const void *err_payload, size_t n,
-                    const char *message)
+static void on_link_event(void *owner, struct vm_link *l, const struct vm_hdr *h,
+                       struct evbuffer *pkt)
 {
+    struct vm_pool *p = owner;
+    events_deliver(p->events, l, h, pkt);
+}
+
+/* The link lost its socket (or never got one). `err_payload` is the upstream's error when it
+ * refused the open, else NULL; `message` is our own description. */
+static void on_link_down(void *owner, struct vm_link *l, const void *err_payload, size_t n,
+                      const char *message)
+{
+    struct vm_pool *p = owner;
     snprintf(p->last_error, sizeof(p->last_error), "%s", message);
     events_link_down(p->events, l);
     if (any_connecting(p) || least_loaded_ready(p, 0))
@@ -499,8 +527,16 @@ void pool_link_down(struct vm_pool *p, struct vm_link *l, const void *err_payloa
     fail_queue(p, msg);
 }
 
-void pool_link_gone(struct vm_pool *p, struct vm_link *l)
+static void on_link_lost_for_good(void *owner, struct vm_link *l, const char *why)
 {
+    struct vm_pool *p = owner;
+    p->ops->link_lost(p->owner, l, why);
+}
+
+/* The link is being freed (or retires) and leaves the pool. */
+static void on_link_gone(void *owner, struct vm_link *l)
+{
+    struct vm_pool *p = owner;
     struct link_node *n;
     TAILQ_FOREACH(n, &p->links, entry) {
         if (n->link == l) {
@@ -510,8 +546,17 @@ void pool_link_gone(struct vm_pool *p, struct vm_link *l)
             break;
         }
     }
-    gateway_pool_check(p->gw, p);
+    p->ops->maybe_empty(p->owner, p);
 }
+
+static const struct vm_link_ops pool_link_ops = {
+    .ready = on_link_ready,
+    .packet = on_link_event,
+    .slot_free = on_link_slot_free,
+    .down = on_link_down,
+    .gone = on_link_gone,
+    .lost_for_good = on_link_lost_for_good,
+};
 
 void pool_add_totals(const struct vm_pool *p, struct vm_pool_totals *t)
 {

@@ -19,8 +19,29 @@
 struct evbuffer;
 struct vm_events;
 
-struct vm_pool *pool_new(struct vm_gateway *gw, const struct vm_upstream_cfg *up,
-                         const char *name, int readonly);
+struct vm_env;
+typedef struct ssl_ctx_st SSL_CTX;
+
+/* How a pool reports to its owner (the gateway). */
+struct vm_pool_ops {
+    /* Something left the pool; if pool_is_empty() now, the owner may free it (later). */
+    void (*maybe_empty)(void *owner, struct vm_pool *p);
+    /* A link has not reconnected for pool.give_up_s: the sessions homed on it must hear. */
+    void (*link_lost)(void *owner, struct vm_link *l, const char *why);
+};
+
+/* A session waiting for its CONNECT_OPEN. The pool calls `done` once: with the home link (a
+ * reference is taken for the session) or with the failure: libvirtd's own error payload
+ * (err, n) when it refused the name, else `message`. */
+struct vm_open_wait {
+    void (*done)(struct vm_open_wait *w, struct vm_link *home, const void *err, size_t n,
+                 const char *message);
+};
+
+/* A pool for (up, name, readonly); `tls` is the client context for tls:// upstreams. */
+struct vm_pool *pool_new(struct vm_env *env, const struct vm_pool_ops *ops, void *owner,
+                         const struct vm_upstream_cfg *up, const char *name, int readonly,
+                         SSL_CTX *tls);
 void pool_free(struct vm_pool *p);
 int pool_matches(const struct vm_pool *p, const struct vm_upstream_cfg *up, const char *name,
                  int readonly);
@@ -31,10 +52,10 @@ struct vm_gateway *pool_gateway(const struct vm_pool *p);
 /* True when nothing refers to the pool any more (no links, waiters or queued calls). */
 int pool_is_empty(const struct vm_pool *p);
 
-/* Open a session on the pool; answers later through session_open_done (maybe right away). */
-void pool_open(struct vm_pool *p, struct vm_session *s);
+/* Open a session on the pool; answers through w->done (maybe right away). */
+void pool_open(struct vm_pool *p, struct vm_open_wait *w);
 /* The session went away while its open was pending. */
-void pool_cancel_open(struct vm_pool *p, struct vm_session *s);
+void pool_cancel_open(struct vm_pool *p, struct vm_open_wait *w);
 /* Send a call, preferring `home`, spilling to another connection with room, growing the pool,
  * or queueing. The call always ends in call_finish or call_fail. */
 void pool_submit(struct vm_pool *p, struct vm_link *home, struct vm_call *c);
@@ -64,17 +85,10 @@ struct vm_events *pool_events(const struct vm_pool *p);
 /* A READY link (the least referenced), or NULL. */
 struct vm_link *pool_ready_link(struct vm_pool *p);
 
-/* Events from links. */
-void pool_link_event(struct vm_pool *p, struct vm_link *l, const struct vm_hdr *h,
-                     struct evbuffer *pkt);
-void pool_link_ready(struct vm_pool *p, struct vm_link *l);
-void pool_link_slot_free(struct vm_pool *p, struct vm_link *l);
-/* The link lost its socket (or never got one). `err_payload` is the upstream's error when it
- * refused the open, else NULL; `message` is our own description. */
-void pool_link_down(struct vm_pool *p, struct vm_link *l, const void *err_payload, size_t n,
-                    const char *message);
-/* The link is being freed and leaves the pool. */
-void pool_link_gone(struct vm_pool *p, struct vm_link *l);
+/* Parameters for a new link to this pool's upstream, name and read-only flag (a stream's
+ * dedicated link uses them too). The result points into the pool and the config. */
+struct vm_link_params;
+void pool_link_params(struct vm_pool *p, struct vm_link_params *lp);
 
 /* Running totals over pools, for the admin status (each field is added to). */
 struct vm_pool_totals {

@@ -13,6 +13,7 @@
 #include "session.h"
 #include "session_int.h"
 
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -240,50 +241,26 @@ static void update_flow(struct vm_session *s)
 
 /* ---- calls ---- */
 
-static void call_free(struct vm_call *c)
+static void call_detach(struct vm_session *s, struct vm_call *c)
 {
-    if (c->pkt)
-        evbuffer_free(c->pkt);
-    free(c);
-}
-
-static void call_detach(struct vm_call *c)
-{
-    struct vm_session *s = c->session;
     TAILQ_REMOVE(&s->calls, c, sentry);
     s->noutstanding--;
     s->outstanding_bytes -= c->hdr.len;
-    c->session = NULL;
 }
 
-void call_finish(struct vm_call *c, struct evbuffer *pkt)
+/* A forwarded call ended: its reply (serial put back to the client's) or our error. */
+static void call_done(void *arg, struct vm_call *c, const struct vm_hdr *reply,
+                      struct evbuffer *pkt, const struct vm_call_error *err)
 {
-    struct vm_session *s = c->session;
-    if (c->done) {
-        struct vm_hdr h;
-        wire_hdr_peek(pkt, &h);
-        c->done(c->done_arg, &h, pkt, NULL);
-    } else if (s) {
+    struct vm_session *s = arg;
+    if (reply) {
         wire_set_serial(pkt, c->hdr.serial);
         evbuffer_add_buffer(session_out(s), pkt);
-        call_detach(c);
-        update_flow(s);
+    } else {
+        session_reply_error(s, &c->hdr, err->code, err->domain, err->message);
     }
-    evbuffer_free(pkt);
-    call_free(c);
-}
-
-void call_fail(struct vm_call *c, int code, int domain, const char *message)
-{
-    struct vm_session *s = c->session;
-    if (c->done) {
-        c->done(c->done_arg, NULL, NULL, message);
-    } else if (s) {
-        session_reply_error(s, &c->hdr, code, domain, message);
-        call_detach(c);
-        update_flow(s);
-    }
-    call_free(c);
+    call_detach(s, c);
+    update_flow(s);
 }
 
 /* ---- keepalive towards the client ---- */
@@ -310,6 +287,9 @@ static void deny_open(struct vm_session *s, const struct vm_hdr *h, const char *
     route_clear(&s->route);
     free(name);
 }
+
+static void open_done(struct vm_open_wait *w, struct vm_link *home, const void *err_payload,
+                      size_t n, const char *message);
 
 static void handle_open(struct vm_session *s, const struct vm_hdr *h, const uint8_t *args, size_t n)
 {
@@ -374,12 +354,15 @@ static void handle_open(struct vm_session *s, const struct vm_hdr *h, const uint
     s->pool = gateway_pool(s->gw, s->route.upstream, s->route.name, s->readonly);
     vm_info(s->tag, "open \"%s\" -> upstream %s as \"%s\"%s", name, s->route.upstream->name,
             s->route.name, s->readonly ? " (read-only)" : "");
-    pool_open(s->pool, s);
+    s->open_wait.done = open_done;
+    pool_open(s->pool, &s->open_wait);
 }
 
-void session_open_done(struct vm_session *s, struct vm_link *home, const void *err_payload,
-                       size_t n, const char *message)
+/* The pool answered our CONNECT_OPEN (w is s->open_wait). */
+static void open_done(struct vm_open_wait *w, struct vm_link *home, const void *err_payload,
+                      size_t n, const char *message)
 {
+    struct vm_session *s = (struct vm_session *)((char *)w - offsetof(struct vm_session, open_wait));
     if (home) {
         s->home = home;
         s->state = S_OPEN;
@@ -401,22 +384,13 @@ void session_open_done(struct vm_session *s, struct vm_link *home, const void *e
     gateway_pool_check(s->gw, p);
 }
 
-void session_home_lost(struct vm_session *s)
-{
-    s->home = NULL;
-}
-
 /* ---- dispatch ---- */
 
 /* Hand a call to the pool; the packet moves into the call record. */
 static void forward_call(struct vm_session *s, const struct vm_hdr *h, struct evbuffer *pkt)
 {
-    struct vm_call *c = vm_calloc(1, sizeof(*c));
-    c->session = s;
+    struct vm_call *c = call_new(call_done, s, 0);
     c->hdr = *h;
-    c->pkt = evbuffer_new();
-    if (!c->pkt)
-        abort();
     evbuffer_add_buffer(c->pkt, pkt);
     TAILQ_INSERT_TAIL(&s->calls, c, sentry);
     s->noutstanding++;
@@ -838,7 +812,8 @@ void session_close(struct vm_session *s, const char *why)
     struct vm_call *c;
     while ((c = TAILQ_FIRST(&s->calls))) {
         struct vm_link *inflight = c->link;
-        call_detach(c); /* swallowed: the late reply is dropped */
+        call_detach(s, c);
+        call_swallow(c); /* the late reply is dropped */
         if (!inflight) {
             pool_cancel_call(s->pool, c);
             call_free(c);
@@ -849,7 +824,7 @@ void session_close(struct vm_session *s, const char *why)
     if (p)
         events_session_gone(pool_events(p), s);
     if (was == S_OPENING)
-        pool_cancel_open(p, s);
+        pool_cancel_open(p, &s->open_wait);
     if (s->home)
         pool_release(p, s->home);
     s->home = NULL;

@@ -16,14 +16,7 @@ typedef struct ssl_ctx_st SSL_CTX;
 void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evutil_socket_t fd,
                  const char *peer, const struct vm_identity *id, SSL_CTX *tls);
 
-/* The pool finished the CONNECT_OPEN of `s`: on success `home` is the upstream connection the
- * session now holds a reference on (taken by the pool); on failure `home` is NULL and the
- * error is either the upstream's own error payload (err_payload, n) or `message`. */
-void session_open_done(struct vm_session *s, struct vm_link *home, const void *err_payload,
-                       size_t n, const char *message);
 
-/* The home link of `s` was closed for good; the session must not use it any more. */
-void session_home_lost(struct vm_session *s);
 
 const char *session_tag(const struct vm_session *s);
 struct vm_link *session_home(const struct vm_session *s);

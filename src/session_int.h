@@ -13,6 +13,7 @@
 #include "events.h"
 #include "identity.h"
 #include "keepalive.h"
+#include "pool.h"
 #include "router.h"
 #include "stream.h"
 #include "wire.h"
@@ -51,6 +52,7 @@ struct vm_session {
     struct event *kick;                /* owned: resumes input processing after a pause */
 
     struct vm_hdr open_hdr;            /* the CONNECT_OPEN being answered */
+    struct vm_open_wait open_wait;     /* our place among the pool's waiters */
     char *opened_name;                 /* owned: the name the client opened */
     struct vm_route route;             /* owned: upstream and forwarded name */
     int readonly;

@@ -49,7 +49,7 @@ static void stream_free(struct vm_stream *st)
     if (st->link) {
         struct vm_link *l = st->link;
         st->link = NULL;
-        link_detach_stream(l);
+        link_detach(l);
         link_retire(l);
     }
     if (st->early)
@@ -63,13 +63,18 @@ static void stream_free(struct vm_stream *st)
     nstreams--;
 }
 
+static const struct vm_link_ops stream_link_ops;
+
 static void open_link(struct vm_stream *st)
 {
     const struct vm_proc_info *info = vm_proc_lookup(st->call.prog, st->call.proc);
     vm_info(session_tag(st->s), "stream %s serial %u: opening a dedicated upstream connection",
             info ? info->name : "?", st->call.serial);
     st->has_slot = 1;
-    st->link = link_new_dedicated(st->pool, st);
+    struct vm_link_params lp;
+    pool_link_params(st->pool, &lp);
+    lp.dedicated = 1;
+    st->link = link_new(&lp, &stream_link_ops, st);
 }
 
 static void slot_granted(struct vm_slot_wait *w)
@@ -149,8 +154,11 @@ int stream_client_packet(struct vm_session *s, const struct vm_hdr *h, struct ev
     return 0;
 }
 
-void stream_link_ready(struct vm_stream *st)
+/* ---- what the dedicated link reports (its ops) ---- */
+
+static void on_link_ready(void *owner, struct vm_link *l)
 {
+    struct vm_stream *st = owner;
     st->ready = 1;
     link_write(st->link, st->early);
     evbuffer_free(st->early);
@@ -163,8 +171,10 @@ void stream_link_ready(struct vm_stream *st)
     check_upload_pressure(st);
 }
 
-void stream_from_upstream(struct vm_stream *st, const struct vm_hdr *h, struct evbuffer *pkt)
+static void on_link_packet(void *owner, struct vm_link *l, const struct vm_hdr *h,
+                           struct evbuffer *pkt)
 {
+    struct vm_stream *st = owner;
     if (h->serial != st->call.serial) {
         vm_debug(session_tag(st->s), "stream: stray packet serial %u dropped", h->serial);
         return;
@@ -190,8 +200,10 @@ void stream_from_upstream(struct vm_stream *st, const struct vm_hdr *h, struct e
     }
 }
 
-void stream_link_down(struct vm_stream *st, const char *why)
+static void on_link_down(void *owner, struct vm_link *l, const void *err_payload, size_t n,
+                         const char *why)
 {
+    struct vm_stream *st = owner;
     char msg[400];
     snprintf(msg, sizeof(msg), "internal error: virtmux lost the upstream connection of this "
              "stream: %s", why);
@@ -210,13 +222,21 @@ void stream_link_down(struct vm_stream *st, const char *why)
     stream_free(st);
 }
 
-void stream_link_drained(struct vm_stream *st)
+static void on_link_drained(void *owner, struct vm_link *l)
 {
+    struct vm_stream *st = owner;
     if (st->blocking_client) {
         st->blocking_client = 0;
         session_block_reading(st->s, 0);
     }
 }
+
+static const struct vm_link_ops stream_link_ops = {
+    .ready = on_link_ready,
+    .packet = on_link_packet,
+    .drained = on_link_drained,
+    .down = on_link_down,
+};
 
 void stream_session_drained(struct vm_session *s)
 {

@@ -34,12 +34,6 @@ void stream_session_gone(struct vm_session *s);
 void stream_session_drained(struct vm_session *s);
 int stream_count(void);
 
-/* From the dedicated link (upstream.c). */
-void stream_link_ready(struct vm_stream *st);
-void stream_from_upstream(struct vm_stream *st, const struct vm_hdr *h, struct evbuffer *pkt);
-void stream_link_down(struct vm_stream *st, const char *why);
-void stream_link_drained(struct vm_stream *st);
-
 /* Session side, implemented in session.c. */
 struct vm_stream_list *session_streams(struct vm_session *s);
 /* Uploads: hold the client's reading while a stream's upstream output is over the mark. */

@@ -3,13 +3,15 @@
  *
  *   link_new --timer--> connect --> AUTH_LIST(s0) --> SUPPORTS_FEATURE 10 (s1) --> OPEN (s2)
  *                                                                                   |
- *        pool_link_down <-- socket lost / keepalive dead / refused <-- READY <------'
+ *       ops->down <-- socket lost / keepalive dead / refused <-- READY <------'
  *             |                                                        |  link_send: serial
  *             `--> BACKOFF (refs > 0) --timer--> connect ...           |  rewrite, inflight[]
  *                  or freed (nothing refers to it)                     `-- reply: call_finish
  *
- * Ownership: the pool lists links; a link frees itself (link_free) when it is unused, and
- * tells the pool through pool_link_gone. Sessions hold references (refs) on their home link.
+ * Ownership: the owner (a pool, or a stream for a dedicated link) lists links; a link frees
+ * itself (link_free) when it is unused and tells its owner through ops->gone. The link knows
+ * its owner only as the ops table it was given. Sessions hold references (refs) on their home
+ * link.
  */
 #include "upstream.h"
 
@@ -35,12 +37,10 @@
 #include "auth.h"
 #include "call.h"
 #include "config.h"
-#include "gateway.h"
 #include "keepalive.h"
 #include "log.h"
-#include "pool.h"
 #include "proc.h"
-#include "stream.h"
+#include "reap.h"
 #include "wire.h"
 #include "util.h"
 
@@ -52,7 +52,10 @@
 enum hs_step { HS_AUTH_LIST, HS_SASL_INIT, HS_SASL_STEP, HS_KEEPALIVE, HS_OPEN };
 
 struct vm_link {
-    struct vm_pool *pool;        /* not owned; outlives the link */
+    const struct vm_link_ops *ops;
+    void *owner;                 /* not owned; NULL once the link left it */
+    struct vm_link_params p;     /* name: owned copy */
+    const struct vm_upstream_cfg *up; /* = p.up */
     unsigned id;
     char tag[200];
     enum vm_link_state state;
@@ -70,13 +73,11 @@ struct vm_link {
     struct vm_call_list waiting; /* owned: the gateway's own calls waiting for a free slot */
     int nwaiting;
     struct vm_keepalive ka;
-    struct vm_stream *stream;    /* dedicated to this stream (not in the pool), or NULL */
     int dedicated;
     time_t down_since;           /* first failure since the link was last READY; 0 = up */
     int awaiting_confirm;        /* TLS: libvirtd's 0x01 byte not read yet */
     enum hs_step hs;             /* which handshake reply is expected */
     int retiring;                /* CONNECT_CLOSE sent; freed on its reply, EOF or timeout */
-    struct vm_gateway *gw;       /* not owned; the pool may be gone while retiring */
     struct vm_sasl_client *sasl; /* owned during a SASL handshake */
 };
 
@@ -120,7 +121,7 @@ static void timer_cb(evutil_socket_t fd, short what, void *arg)
         }
         return;
     }
-    const struct vm_upstream_cfg *up = pool_upstream(l->pool);
+    const struct vm_upstream_cfg *up = l->up;
     if (!l->dedicated && l->down_since && up->pool.give_up_s > 0 &&
         time(NULL) - l->down_since >= up->pool.give_up_s) {
         char why[160];
@@ -128,7 +129,8 @@ static void timer_cb(evutil_socket_t fd, short what, void *arg)
                  (int)(time(NULL) - l->down_since));
         l->down_since = time(NULL); /* whoever still holds it starts a new period */
         vm_warn(l->tag, "giving up: %s", why);
-        gateway_link_lost(pool_gateway(l->pool), l, why);
+        if (l->owner && l->ops->lost_for_good)
+            l->ops->lost_for_good(l->owner, l, why);
         if (l->freeing)
             return;
     }
@@ -142,18 +144,23 @@ static void arm_timer(struct vm_link *l, int ms, int idle)
     evtimer_add(l->timer, &tv);
 }
 
-struct vm_link *link_new(struct vm_pool *p)
+struct vm_link *link_new(const struct vm_link_params *p, const struct vm_link_ops *ops,
+                         void *owner)
 {
     struct vm_link *l = vm_calloc(1, sizeof(*l));
-    const struct vm_upstream_cfg *up = pool_upstream(p);
-    l->pool = p;
-    l->gw = pool_gateway(p);
-    l->id = gateway_next_id(pool_gateway(p));
-    snprintf(l->tag, sizeof(l->tag), "U#%u %s%s", l->id, up->name, pool_readonly(p) ? " ro" : "");
-    l->max_inflight = up->pool.max_inflight;
+    l->ops = ops;
+    l->owner = owner;
+    l->p = *p;
+    l->p.name = vm_strdup(p->name);
+    l->up = p->up;
+    l->id = p->id;
+    l->dedicated = p->dedicated;
+    snprintf(l->tag, sizeof(l->tag), "U#%u %s%s%s", l->id, l->up->name, p->readonly ? " ro" : "",
+             p->dedicated ? " stream" : "");
+    l->max_inflight = l->up->pool.max_inflight;
     l->nslots = l->max_inflight + INTERNAL_RESERVE;
     l->inflight = calloc((size_t)l->nslots, sizeof(*l->inflight));
-    l->timer = evtimer_new(gateway_base(pool_gateway(p)), timer_cb, l);
+    l->timer = evtimer_new(p->base, timer_cb, l);
     if (!l->inflight || !l->timer)
         abort();
     TAILQ_INIT(&l->waiting);
@@ -163,18 +170,18 @@ struct vm_link *link_new(struct vm_pool *p)
     return l;
 }
 
-struct vm_link *link_new_dedicated(struct vm_pool *p, struct vm_stream *st)
+void link_detach(struct vm_link *l)
 {
-    struct vm_link *l = link_new(p);
-    l->stream = st;
-    l->dedicated = 1;
-    snprintf(l->tag + strlen(l->tag), sizeof(l->tag) - strlen(l->tag), " stream");
-    return l;
+    l->owner = NULL;
 }
 
-void link_detach_stream(struct vm_link *l)
+/* The link leaves its owner for good: tell it once, then never call it again. */
+static void leave_owner(struct vm_link *l)
 {
-    l->stream = NULL;
+    void *owner = l->owner;
+    l->owner = NULL;
+    if (owner && l->ops->gone)
+        l->ops->gone(owner, l);
 }
 
 void link_write(struct vm_link *l, struct evbuffer *pkt)
@@ -204,6 +211,7 @@ static void link_free_mem(void *arg)
 {
     struct vm_link *l = arg;
     free(l->inflight);
+    free((char *)l->p.name);
     free(l);
 }
 
@@ -226,9 +234,8 @@ void link_free(struct vm_link *l)
     keepalive_stop(&l->ka);
     event_free(l->timer);
     l->timer = NULL;
-    if (!l->dedicated && !l->retiring)
-        pool_link_gone(l->pool, l);
-    gateway_defer_free(l->gw, link_free_mem, l);
+    leave_owner(l);
+    reaper_defer(l->p.reaper, link_free_mem, l);
 }
 
 void link_retire(struct vm_link *l)
@@ -239,10 +246,8 @@ void link_retire(struct vm_link *l)
     }
     /* Leave the pool now (nothing may be routed here any more), then say goodbye the way a
      * libvirt client does, so libvirtd does not log a connection that simply vanished. */
-    if (!l->dedicated)
-        pool_link_gone(l->pool, l);
+    leave_owner(l);
     l->retiring = 1;
-    l->stream = NULL;
     keepalive_stop(&l->ka);
     evtimer_del(l->timer);
     l->timer_is_idle = 0;
@@ -276,7 +281,7 @@ static void maybe_idle(struct vm_link *l)
 {
     if (l->refs || l->ninflight || l->ninternal || l->state != VM_LINK_READY || l->freeing)
         return;
-    int secs = pool_upstream(l->pool)->pool.idle_timeout_s;
+    int secs = l->up->pool.idle_timeout_s;
     arm_timer(l, secs * 1000, 1);
 }
 
@@ -296,7 +301,7 @@ static void put_inflight(struct vm_link *l, struct vm_call *c)
     if (slot == l->nslots)
         abort(); /* a sender skipped link_has_room / slot_free: never write past the table */
     l->inflight[slot] = c;
-    if (c->done)
+    if (c->internal)
         l->ninternal++;
     else
         l->ninflight++;
@@ -307,12 +312,7 @@ int link_send_internal(struct vm_link *l, uint32_t prog, int32_t proc, const voi
 {
     if (l->state != VM_LINK_READY)
         return -1;
-    struct vm_call *c = vm_calloc(1, sizeof(*c));
-    c->done = done;
-    c->done_arg = arg;
-    c->pkt = evbuffer_new();
-    if (!c->pkt)
-        abort();
+    struct vm_call *c = call_new(done, arg, 1);
     wire_put_packet(c->pkt, prog, proc, VM_CALL, 0, VM_STATUS_OK, args, n);
     c->hdr.prog = prog;
     c->hdr.proc = proc;
@@ -366,7 +366,7 @@ static void clear_slot(struct vm_link *l, int i)
 {
     struct vm_call *c = l->inflight[i];
     l->inflight[i] = NULL;
-    if (c->done)
+    if (c->internal)
         l->ninternal--;
     else
         l->ninflight--;
@@ -426,7 +426,7 @@ static void send_sasl(struct vm_link *l, const char *mech, const char *data, uns
 
 static int sasl_secure(const struct vm_link *l)
 {
-    return pool_upstream(l->pool)->uri.transport != VM_TR_TCP;
+    return l->up->uri.transport != VM_TR_TCP;
 }
 
 /* One SASL handshake reply (INIT's mechlist, or START/STEP's token). 0, or -1 when down. */
@@ -477,7 +477,7 @@ static int sasl_reply(struct vm_link *l, const uint8_t *payload, size_t n)
         link_down(l, NULL, 0, err);
         return -1;
     }
-    vm_info(l->tag, "authenticated to libvirtd as SASL user %s%s", pool_upstream(l->pool)->sasl_user,
+    vm_info(l->tag, "authenticated to libvirtd as SASL user %s%s", l->up->sasl_user,
             layer > 0 ? " (security layer on)" : "");
     if (layer > 0) {
         struct bufferevent *f = vmsasl_client_wrap(l->sasl, l->bev);
@@ -511,7 +511,7 @@ static void handshake_reply(struct vm_link *l, const struct vm_hdr *h, struct ev
         link_down(l, l->hs == HS_OPEN ? payload : NULL, n, why);
         return;
     }
-    const struct vm_upstream_cfg *up = pool_upstream(l->pool);
+    const struct vm_upstream_cfg *up = l->up;
     if (h->serial != l->next_serial - 1) {
         vm_debug(l->tag, "unexpected handshake reply serial %u", h->serial);
         return;
@@ -558,8 +558,8 @@ static void handshake_reply(struct vm_link *l, const struct vm_hdr *h, struct ev
     case HS_KEEPALIVE: {
         struct xbuf b;
         xb_init(&b);
-        xb_opt_string(&b, pool_name(l->pool));
-        xb_u32(&b, pool_readonly(l->pool) ? 1 : 0);
+        xb_opt_string(&b, l->p.name);
+        xb_u32(&b, l->p.readonly ? 1 : 0);
         l->hs = HS_OPEN;
         send_call(l, VM_PROC_CONNECT_OPEN, b.p, b.len);
         xb_free(&b);
@@ -570,21 +570,16 @@ static void handshake_reply(struct vm_link *l, const struct vm_hdr *h, struct ev
         l->backoff_ms = BACKOFF_MIN_MS;
         l->down_since = 0;
         bufferevent_set_timeouts(l->bev, NULL, NULL);
-        const struct vm_config *cfg = gateway_config(pool_gateway(l->pool));
-        if (keepalive_start(&l->ka, gateway_base(pool_gateway(l->pool)), cfg->keepalive_interval_s,
-                            cfg->keepalive_count, ka_ping, ka_dead, l) < 0)
+        if (keepalive_start(&l->ka, l->p.base, l->p.keepalive_interval_s,
+                            l->p.keepalive_count, ka_ping, ka_dead, l) < 0)
             vm_warn(l->tag, "cannot arm keepalive");
-        vm_info(l->tag, "ready: opened \"%s\"%s", pool_name(l->pool),
-                pool_readonly(l->pool) ? " read-only" : "");
-        (void)up;
-        if (l->dedicated) {
+        vm_info(l->tag, "ready: opened \"%s\"%s", l->p.name, l->p.readonly ? " read-only" : "");
+        if (l->dedicated)
             bufferevent_setwatermark(l->bev, EV_WRITE, 256u << 10, 0);
-            if (l->stream)
-                stream_link_ready(l->stream);
-            return;
-        }
-        pool_link_ready(l->pool, l);
-        maybe_idle(l);
+        if (l->owner)
+            l->ops->ready(l->owner, l);
+        if (!l->dedicated && !l->freeing)
+            maybe_idle(l);
         return;
     }
     default:
@@ -617,8 +612,8 @@ static int handle_packet(struct vm_link *l, struct evbuffer *pkt)
         return l->bev ? 0 : -1;
     }
     if (l->dedicated) {
-        if (l->stream)
-            stream_from_upstream(l->stream, &h, pkt);
+        if (l->owner)
+            l->ops->packet(l->owner, l, &h, pkt);
         return l->bev ? 0 : -1;
     }
     if (h.type == VM_REPLY || h.type == VM_REPLY_WITH_FDS) {
@@ -635,12 +630,14 @@ static int handle_packet(struct vm_link *l, struct evbuffer *pkt)
         send_waiting(l);
         if (l->freeing || !l->bev)
             return -1;
-        pool_link_slot_free(l->pool, l);
+        if (l->owner && l->ops->slot_free)
+            l->ops->slot_free(l->owner, l);
         maybe_idle(l);
         return 0;
     }
     if (h.type == VM_MESSAGE) {
-        pool_link_event(l->pool, l, &h, pkt);
+        if (l->owner)
+            l->ops->packet(l->owner, l, &h, pkt);
         return l->bev ? 0 : -1;
     }
     vm_debug(l->tag, "dropped packet type %u proc %d", h.type, h.proc);
@@ -689,8 +686,8 @@ static void read_cb(struct bufferevent *bev, void *arg)
 static void write_cb(struct bufferevent *bev, void *arg)
 {
     struct vm_link *l = arg;
-    if (l->stream)
-        stream_link_drained(l->stream);
+    if (l->owner && l->ops->drained)
+        l->ops->drained(l->owner, l);
 }
 
 static void event_cb(struct bufferevent *bev, short what, void *arg)
@@ -703,11 +700,11 @@ static void event_cb(struct bufferevent *bev, short what, void *arg)
     if (what & BEV_EVENT_CONNECTED) {
         evutil_socket_t fd = bufferevent_getfd(bev);
         int one = 1;
-        if (pool_upstream(l->pool)->uri.transport != VM_TR_UNIX)
+        if (l->up->uri.transport != VM_TR_UNIX)
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
         l->state = VM_LINK_HANDSHAKE;
         l->next_serial = HS_AUTH_LIST;
-        const struct vm_upstream_cfg *up = pool_upstream(l->pool);
+        const struct vm_upstream_cfg *up = l->up;
         if (up->uri.transport == VM_TR_TLS) {
             SSL *ssl = bufferevent_openssl_get_ssl(bev);
             long vr = SSL_get_verify_result(ssl);
@@ -733,7 +730,7 @@ static void event_cb(struct bufferevent *bev, short what, void *arg)
         snprintf(why, sizeof(why), "libvirtd refused the gateway's TLS certificate");
     else if (what & BEV_EVENT_EOF)
         snprintf(why, sizeof(why), "libvirtd closed the connection");
-    else if (pool_upstream(l->pool)->uri.transport == VM_TR_TLS &&
+    else if (l->up->uri.transport == VM_TR_TLS &&
              bufferevent_get_openssl_error(bev)) {
         char e[200];
         ERR_error_string_n(bufferevent_get_openssl_error(bev), e, sizeof(e));
@@ -780,7 +777,7 @@ static int make_addr(const struct vm_uri *u, struct sockaddr_storage *ss, sockle
 
 static void link_connect(struct vm_link *l)
 {
-    const struct vm_upstream_cfg *up = pool_upstream(l->pool);
+    const struct vm_upstream_cfg *up = l->up;
     struct sockaddr_storage ss;
     socklen_t sslen;
     char err[300];
@@ -791,7 +788,7 @@ static void link_connect(struct vm_link *l)
     }
     l->awaiting_confirm = 0;
     if (up->uri.transport == VM_TR_TLS) {
-        SSL *ssl = SSL_new(gateway_upstream_tls(pool_gateway(l->pool), up));
+        SSL *ssl = SSL_new(l->p.tls);
         if (!ssl)
             abort();
         const char *name = up->tls->server_name ? up->tls->server_name : up->uri.host;
@@ -801,11 +798,11 @@ static void link_connect(struct vm_link *l)
                 X509_VERIFY_PARAM_set1_host(vp, name, 0);
         }
         /* No SNI, like libvirt's own client. */
-        l->bev = bufferevent_openssl_socket_new(gateway_base(pool_gateway(l->pool)), -1, ssl,
+        l->bev = bufferevent_openssl_socket_new(l->p.base, -1, ssl,
                                                 BUFFEREVENT_SSL_CONNECTING,
                                                 BEV_OPT_CLOSE_ON_FREE);
     } else {
-        l->bev = bufferevent_socket_new(gateway_base(pool_gateway(l->pool)), -1,
+        l->bev = bufferevent_socket_new(l->p.base, -1,
                                         BEV_OPT_CLOSE_ON_FREE);
     }
     if (!l->bev)
@@ -851,7 +848,7 @@ static void link_down(struct vm_link *l, const void *err_payload, size_t n, cons
 
     char msg[600];
     snprintf(msg, sizeof(msg), "internal error: virtmux lost its connection to upstream %s: %s",
-             pool_upstream(l->pool)->name, why);
+             l->up->name, why);
     for (int i = 0; i < l->nslots; i++) {
         struct vm_call *c = l->inflight[i];
         if (!c)
@@ -865,10 +862,10 @@ static void link_down(struct vm_link *l, const void *err_payload, size_t n, cons
     if (!l->down_since)
         l->down_since = time(NULL);
     if (l->dedicated) {
-        struct vm_stream *st = l->stream;
-        l->stream = NULL;
-        if (st)
-            stream_link_down(st, why);
+        void *owner = l->owner;
+        l->owner = NULL; /* a dedicated link is over once down: its owner hears of it once */
+        if (owner)
+            l->ops->down(owner, l, err_payload, n, why);
         if (!l->freeing)
             link_free(l);
         return;
@@ -882,8 +879,8 @@ static void link_down(struct vm_link *l, const void *err_payload, size_t n, cons
         arm_timer(l, l->backoff_ms, 0);
         l->backoff_ms = l->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : l->backoff_ms * 2;
     }
-    if (!l->freeing)
-        pool_link_down(l->pool, l, err_payload, n, why);
+    if (!l->freeing && l->owner)
+        l->ops->down(l->owner, l, err_payload, n, why);
     if (!l->freeing && l->refs == 0)
         link_free(l);
 }

@@ -16,22 +16,57 @@
 enum vm_link_state { VM_LINK_CONNECTING, VM_LINK_HANDSHAKE, VM_LINK_READY, VM_LINK_BACKOFF };
 
 struct evbuffer;
-struct vm_stream;
+struct event_base;
+struct vm_reaper;
+typedef struct ssl_ctx_st SSL_CTX;
 
-/* A new link for pool `p`; it starts connecting at once. */
-struct vm_link *link_new(struct vm_pool *p);
-/* A link dedicated to one stream: same name and flags as pool `p`, but not in the pool; every
- * packet goes to the stream, and it never reconnects. */
-struct vm_link *link_new_dedicated(struct vm_pool *p, struct vm_stream *st);
-/* The stream is done with its link: no more callbacks to it. */
-void link_detach_stream(struct vm_link *l);
+/* What a link needs to know, given by its owner; copied at link_new. */
+struct vm_link_params {
+    struct event_base *base;
+    struct vm_reaper *reaper;          /* frees the link after the loop turn it closed in */
+    const struct vm_upstream_cfg *up;  /* config snapshot; outlives the link */
+    const char *name;                  /* the name to open upstream (copied) */
+    int readonly;                      /* open with VIR_CONNECT_RO */
+    unsigned id;                       /* for the log tag U#id */
+    SSL_CTX *tls;                      /* the gateway's client context for tls:// upstreams */
+    int keepalive_interval_s, keepalive_count;
+    int dedicated;                     /* one stream's: not pooled, never reconnects, every
+                                        * packet after the handshake goes to ops->packet */
+};
+
+/* How a link reports to its owner (a pool, or a stream for a dedicated link). The link never
+ * names its owner's type; after link_detach (or once it leaves its owner) it calls nothing. */
+struct vm_link_ops {
+    /* The handshake is done; calls may be sent. */
+    void (*ready)(void *owner, struct vm_link *l);
+    /* A MESSAGE (event) on a pooled link; every packet on a dedicated one. */
+    void (*packet)(void *owner, struct vm_link *l, const struct vm_hdr *h, struct evbuffer *pkt);
+    /* A call slot freed up (optional). */
+    void (*slot_free)(void *owner, struct vm_link *l);
+    /* The output fell below its low mark (optional; dedicated links). */
+    void (*drained)(void *owner, struct vm_link *l);
+    /* The socket is gone or never came; `err_payload` is libvirtd's own error when it refused
+     * the open. Calls in flight have already failed. A dedicated link is freed next. */
+    void (*down)(void *owner, struct vm_link *l, const void *err_payload, size_t n,
+                 const char *why);
+    /* The link leaves its owner for good (freed, or retiring) (optional). */
+    void (*gone)(void *owner, struct vm_link *l);
+    /* Not reconnected for pool.give_up_s (optional). */
+    void (*lost_for_good)(void *owner, struct vm_link *l, const char *why);
+};
+
+/* A new link; it starts connecting from the loop, never inside the caller. */
+struct vm_link *link_new(const struct vm_link_params *p, const struct vm_link_ops *ops,
+                         void *owner);
+/* The owner is done with the link: no more callbacks. */
+void link_detach(struct vm_link *l);
 /* Raw access for a dedicated link. */
 void link_write(struct vm_link *l, struct evbuffer *pkt);
 size_t link_output_length(const struct vm_link *l);
 void link_pause_reading(struct vm_link *l, int pause);
-/* Close the socket and free the link. Calls in flight fail; the pool is told. */
+/* Close the socket and free the link. Calls in flight fail; the owner is told (gone). */
 void link_free(struct vm_link *l);
-/* Close an unused READY link politely: it leaves the pool at once, sends CONNECT_CLOSE and is
+/* Close an unused READY link politely: it leaves its owner at once, sends CONNECT_CLOSE and is
  * freed on the reply (or EOF, or after 2 s). Anything else is freed at once. */
 void link_retire(struct vm_link *l);
 
