@@ -241,8 +241,9 @@ class FaultRelay:
 
     ``hold(pred)``: frames for which pred(header) is true (header: dict with
     prog, proc, type, serial, status, length) are kept back, in order, until
-    ``release()``. ``cut(pred, keep)``: the next matching frame is sent only up
-    to byte `keep` (default: its middle), then both sockets of that connection are closed (one shot).
+    ``release()``. ``cut(pred, keep)``: the next matching frame is sent
+    only up to byte `keep` (default: its middle), then both sockets of that
+    connection are closed (one shot).
     ``held()`` counts frames held back; ``cuts`` counts cuts made."""
 
     def __init__(self, target_port, target_host="127.0.0.1", io_timeout=0.2):

@@ -14,7 +14,6 @@ and other test suites at once.
 
 import gc
 import os
-import struct
 import threading
 import time
 
@@ -125,8 +124,9 @@ KILL_QUEUE_MS = 3000
 def test_sigkill_under_64_clients(libvirtd, gateway):
     """64 connections loop on DOMAIN_GET_INFO; libvirtd is frozen for 0.5 s
     (less than queue_timeout_ms), then SIGKILLed. Every call outstanding at
-    the kill (16 on the wire, 48 in the gateway's queue) fails within 1 s; after a restart on the same port every
-    connection's calls succeed again within 2 s (backoff is at most 2 s)."""
+    the kill (16 on the wire, 48 in the gateway's queue) fails within 1 s;
+    after a restart on the same port every connection's calls succeed again
+    within 2 s (the reconnect backoff is at most 2 s)."""
     lvd = libvirtd
     gw = gateway(gateway_config(lvd.direct_uri, KILL_POOL,
                                 limits={"queue_timeout_ms": KILL_QUEUE_MS}))

@@ -22,7 +22,6 @@ import resource
 import selectors
 import socket
 import struct
-import threading
 import time
 
 import pytest

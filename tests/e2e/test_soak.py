@@ -28,7 +28,7 @@ import pytest
 import faultkit
 import harness
 from faultkit import wait_rest
-from harness import call_with_timeout, start_call
+from harness import start_call
 
 SOAK_S = float(os.environ.get("VIRTMUX_SOAK_SECONDS", "60"))
 CHURNERS = 3
