@@ -10,9 +10,7 @@
 #include "config.h"
 #include "env.h"
 #include "log.h"
-#include "pool.h"
 #include "proc.h"
-#include "session.h"
 #include "upstream.h"
 #include "util.h"
 
@@ -26,7 +24,7 @@ enum reg_state {
 struct vm_evreg;
 
 struct vm_sub {
-    struct vm_session *s;   /* not owned */
+    struct vm_peer *c;      /* not owned: the client */
     struct vm_evreg *reg;   /* not owned */
     int32_t client_id;      /* the id this session knows */
     int pending;            /* its register call still waits for an answer */
@@ -50,24 +48,27 @@ struct vm_evreg {
 };
 
 struct vm_events {
-    struct vm_pool *pool;   /* owner */
     struct vm_env *env;     /* not owned */
+    const char *upstream;   /* not owned (config snapshot) */
+    vm_ready_link_fn ready_link;
+    void *owner;            /* not owned: the pool */
     struct vm_link *link;   /* the link holding the registrations; one reference held */
     TAILQ_HEAD(, vm_evreg) regs;
     int nregs;              /* including dead ones awaiting their reply */
     int nsubs;
     unsigned long cut_off;  /* subscribers dropped for not reading */
     int dying;              /* the pool is being freed: calls finishing now change nothing */
-    char tag[64];
 };
 
-struct vm_events *events_new(struct vm_pool *p, struct vm_env *env)
+struct vm_events *events_new(struct vm_env *env, const char *upstream, vm_ready_link_fn ready_link,
+                             void *owner)
 {
     struct vm_events *ev = vm_calloc(1, sizeof(*ev));
-    ev->pool = p;
     ev->env = env;
+    ev->upstream = upstream;
+    ev->ready_link = ready_link;
+    ev->owner = owner;
     TAILQ_INIT(&ev->regs);
-    snprintf(ev->tag, sizeof(ev->tag), "E:%s", pool_upstream(p) ? "pool" : "?");
     return ev;
 }
 
@@ -100,7 +101,7 @@ void events_free(struct vm_events *ev)
         struct vm_sub *sub;
         while ((sub = TAILQ_FIRST(&r->subs))) {
             TAILQ_REMOVE(&r->subs, sub, reg_entry);
-            TAILQ_REMOVE(session_subs(sub->s), sub, sess_entry);
+            TAILQ_REMOVE(&sub->c->subs, sub, sess_entry);
             free(sub);
         }
         reg_free(r);
@@ -163,7 +164,7 @@ static void settle(struct vm_sub *sub)
 {
     if (sub->pending) {
         sub->pending = 0;
-        session_request_end(sub->s);
+        sub->c->ops->request_end(sub->c);
     }
 }
 
@@ -172,7 +173,7 @@ static void sub_remove(struct vm_sub *sub)
     struct vm_evreg *r = sub->reg;
     settle(sub);
     TAILQ_REMOVE(&r->subs, sub, reg_entry);
-    TAILQ_REMOVE(session_subs(sub->s), sub, sess_entry);
+    TAILQ_REMOVE(&sub->c->subs, sub, sess_entry);
     r->nsubs--;
     r->ev->nsubs--;
     free(sub);
@@ -183,7 +184,7 @@ static void answer_ok(struct vm_sub *sub)
     struct xbuf b;
     xb_init(&b);
     xb_i32(&b, sub->client_id);
-    wire_put_reply(session_output(sub->s), &sub->hdr, b.p, b.len);
+    wire_put_reply(sub->c->ops->output(sub->c), &sub->hdr, b.p, b.len);
     xb_free(&b);
     settle(sub);
 }
@@ -196,7 +197,7 @@ static void fail_pending(struct vm_evreg *r, const void *payload, size_t n, cons
         next = TAILQ_NEXT(sub, reg_entry);
         if (!sub->pending)
             continue;
-        struct evbuffer *out = session_output(sub->s);
+        struct evbuffer *out = sub->c->ops->output(sub->c);
         if (payload)
             wire_put_packet(out, sub->hdr.prog, sub->hdr.proc, VM_REPLY, sub->hdr.serial,
                             VM_STATUS_ERROR, payload, n);
@@ -302,7 +303,7 @@ static void send_register(struct vm_evreg *r)
 {
     struct vm_events *ev = r->ev;
     if (!ev->link) {
-        struct vm_link *l = pool_ready_link(ev->pool);
+        struct vm_link *l = ev->ready_link(ev->owner);
         if (l) {
             ev->link = l;
             link_ref(l);
@@ -315,7 +316,7 @@ static void send_register(struct vm_evreg *r)
     }
     char msg[300];
     snprintf(msg, sizeof(msg), "internal error: virtmux has no connection to upstream %s for "
-             "event registration right now", pool_upstream(ev->pool)->name);
+             "event registration right now", ev->upstream);
     fail_pending(r, NULL, 0, msg);
     if (r->nsubs == 0)
         reg_free(r);
@@ -323,19 +324,19 @@ static void send_register(struct vm_evreg *r)
 
 /* ---- sessions ---- */
 
-void events_subscribe(struct vm_events *ev, struct vm_session *s, const struct vm_hdr *h,
+void events_subscribe(struct vm_events *ev, struct vm_peer *c, const struct vm_hdr *h,
                       const uint8_t *args, size_t n)
 {
     struct vm_sub *sub;
     int mine = 0;
-    TAILQ_FOREACH(sub, session_subs(s), sess_entry)
+    TAILQ_FOREACH(sub, &c->subs, sess_entry)
         mine++;
     int max = ev->env->cfg->event_max_per_session;
     if (mine >= max) {
         char msg[200];
         snprintf(msg, sizeof(msg), "operation failed: this connection already holds %d event "
                  "registrations (virtmux events.max_per_session)", max);
-        wire_put_error(session_output(s), h, VIR_ERR_OPERATION_FAILED, VIR_FROM_NONE, msg);
+        wire_put_error(c->ops->output(c), h, VIR_ERR_OPERATION_FAILED, VIR_FROM_NONE, msg);
         return;
     }
     struct vm_evreg *r;
@@ -361,21 +362,21 @@ void events_subscribe(struct vm_events *ev, struct vm_session *s, const struct v
         ev->nregs++;
     }
     TAILQ_FOREACH(sub, &r->subs, reg_entry) {
-        if (sub->s == s) { /* libvirtd's answer to the same registration twice */
-            wire_put_error(session_output(s), h, VIR_ERR_INVALID_ARG, VIR_FROM_NONE,
+        if (sub->c == c) { /* libvirtd's answer to the same registration twice */
+            wire_put_error(c->ops->output(c), h, VIR_ERR_INVALID_ARG, VIR_FROM_NONE,
                            "invalid argument: event callback already tracked");
             return;
         }
     }
     sub = vm_calloc(1, sizeof(*sub));
-    sub->s = s;
+    sub->c = c;
     sub->reg = r;
-    sub->client_id = session_next_callback_id(s);
+    sub->client_id = c->next_cb_id++;
     sub->pending = 1;
-    session_request_begin(s);
+    c->ops->request_begin(c);
     sub->hdr = *h;
     TAILQ_INSERT_TAIL(&r->subs, sub, reg_entry);
-    TAILQ_INSERT_TAIL(session_subs(s), sub, sess_entry);
+    TAILQ_INSERT_TAIL(&c->subs, sub, sess_entry);
     r->nsubs++;
     ev->nsubs++;
     if (r->state == REG_ACTIVE)
@@ -384,11 +385,11 @@ void events_subscribe(struct vm_events *ev, struct vm_session *s, const struct v
         send_register(r);
 }
 
-void events_unsubscribe(struct vm_events *ev, struct vm_session *s, const struct vm_hdr *h,
+void events_unsubscribe(struct vm_events *ev, struct vm_peer *c, const struct vm_hdr *h,
                         int32_t client_id)
 {
     struct vm_sub *sub;
-    TAILQ_FOREACH(sub, session_subs(s), sess_entry)
+    TAILQ_FOREACH(sub, &c->subs, sess_entry)
         if (sub->client_id == client_id && !sub->pending)
             break;
     if (!sub) {
@@ -402,20 +403,20 @@ void events_unsubscribe(struct vm_events *ev, struct vm_session *s, const struct
         char msg[160];
         snprintf(msg, sizeof(msg), "internal error: %s event callback %d not registered",
                  family, client_id);
-        wire_put_error(session_output(s), h, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, msg);
+        wire_put_error(c->ops->output(c), h, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, msg);
         return;
     }
     struct vm_evreg *r = sub->reg;
     sub_remove(sub);
-    wire_put_reply(session_output(s), h, NULL, 0);
+    wire_put_reply(c->ops->output(c), h, NULL, 0);
     if (r->nsubs == 0)
         drop_reg(r);
 }
 
-void events_session_gone(struct vm_events *ev, struct vm_session *s)
+void events_peer_gone(struct vm_events *ev, struct vm_peer *c)
 {
     struct vm_sub *sub;
-    while ((sub = TAILQ_FIRST(session_subs(s)))) {
+    while ((sub = TAILQ_FIRST(&c->subs))) {
         struct vm_evreg *r = sub->reg;
         sub_remove(sub);
         if (r->nsubs == 0)
@@ -446,7 +447,7 @@ void events_deliver(struct vm_events *ev, struct vm_link *l, const struct vm_hdr
         return;
     }
     /* Deliver to every subscriber, then cut off those that stopped reading. */
-    struct vm_session **overflow = NULL;
+    struct vm_peer **overflow = NULL;
     int nover = 0, capover = 0;
     struct vm_sub *sub;
     TAILQ_FOREACH(sub, &r->subs, reg_entry) {
@@ -456,21 +457,21 @@ void events_deliver(struct vm_events *ev, struct vm_link *l, const struct vm_hdr
         raw[29] = (uint8_t)((uint32_t)sub->client_id >> 16);
         raw[30] = (uint8_t)((uint32_t)sub->client_id >> 8);
         raw[31] = (uint8_t)sub->client_id;
-        if (session_push_event(sub->s, raw, h->len) < 0) {
+        if (sub->c->ops->push_event(sub->c, raw, h->len) < 0) {
             if (nover == capover) {
                 capover = capover ? capover * 2 : 8;
                 overflow = realloc(overflow, (size_t)capover * sizeof(*overflow));
                 if (!overflow)
                     abort();
             }
-            overflow[nover++] = sub->s;
+            overflow[nover++] = sub->c;
         }
     }
     for (int i = 0; i < nover; i++) {
         ev->cut_off++;
-        vm_warn(session_tag(overflow[i]), "event queue overflow: subscriber cut off, it does "
+        vm_warn(overflow[i]->tag, "event queue overflow: subscriber cut off, it does "
                 "not read (%lu so far)", ev->cut_off);
-        session_close(overflow[i], "event queue overflow: the client does not read");
+        overflow[i]->ops->close(overflow[i], "event queue overflow: the client does not read");
     }
     free(overflow);
 }

@@ -38,6 +38,7 @@ struct pool_node {
 
 struct vm_gateway {
     struct vm_env env;           /* handed down to pools and sessions */
+    struct vm_session_host host; /* what sessions ask of us */
     struct event_base *base;     /* not owned */
     struct vm_config *cfg;       /* owned */
     struct vm_listener **listeners; /* owned, cfg->nlisteners entries */
@@ -58,6 +59,8 @@ struct vm_gateway {
     long refused_unauth_source;  /* closed on accept: their source's share reached */
 };
 
+static const struct vm_session_host_ops gateway_host_ops;
+
 struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
 {
     struct vm_gateway *gw = vm_calloc(1, sizeof(*gw));
@@ -69,6 +72,7 @@ struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
     gw->reaper = reaper_new(base);
     gw->audit = audit_new();
     gw->env = (struct vm_env){.base = base, .reaper = gw->reaper, .cfg = cfg, .audit = gw->audit};
+    gw->host = (struct vm_session_host){.ops = &gateway_host_ops, .owner = gw, .env = &gw->env};
     gw->rule_sessions = calloc((size_t)cfg->nrules + 1, sizeof(int));
     gw->unauth_by_source = srccount_new();
     if (!gw->listeners || !gw->reaper || !gw->rule_sessions)
@@ -84,7 +88,8 @@ static json_t *status_json(void *owner)
 static void accept_client(void *owner, const struct vm_listener_cfg *cfg, evutil_socket_t fd,
                           const char *peer, const struct vm_identity *id, SSL_CTX *tls)
 {
-    session_new(owner, cfg, fd, peer, id, tls);
+    struct vm_gateway *gw = owner;
+    session_new(&gw->host, cfg, fd, peer, id, tls);
 }
 
 int gateway_start(struct vm_gateway *gw)
@@ -223,8 +228,9 @@ static int *rule_slot(struct vm_gateway *gw, const struct vm_rule *rule)
     return &gw->rule_sessions[rule->index >= 0 ? rule->index : gw->cfg->nrules];
 }
 
-int gateway_rule_acquire(struct vm_gateway *gw, const struct vm_rule *rule)
+static int host_rule_acquire(void *owner, const struct vm_rule *rule)
 {
+    struct vm_gateway *gw = owner;
     int *slot = rule_slot(gw, rule);
     if (rule->max_sessions && *slot >= rule->max_sessions)
         return -1;
@@ -232,8 +238,9 @@ int gateway_rule_acquire(struct vm_gateway *gw, const struct vm_rule *rule)
     return 0;
 }
 
-void gateway_rule_release(struct vm_gateway *gw, const struct vm_rule *rule)
+static void host_rule_release(void *owner, const struct vm_rule *rule)
 {
+    struct vm_gateway *gw = owner;
     (*rule_slot(gw, rule))--;
 }
 
@@ -267,9 +274,11 @@ struct vm_env *gateway_env(struct vm_gateway *gw)
     return &gw->env;
 }
 
+static void host_pool_check(void *owner, struct vm_pool *p);
+
 static void pool_maybe_empty(void *owner, struct vm_pool *p)
 {
-    gateway_pool_check(owner, p);
+    host_pool_check(owner, p);
 }
 
 static void pool_link_lost(void *owner, struct vm_link *l, const char *why)
@@ -282,9 +291,10 @@ static const struct vm_pool_ops gateway_pool_ops = {
     .link_lost = pool_link_lost,
 };
 
-struct vm_pool *gateway_pool(struct vm_gateway *gw, const struct vm_upstream_cfg *up,
-                             const char *name, int readonly)
+static struct vm_pool *host_pool(void *owner, const struct vm_upstream_cfg *up, const char *name,
+                                 int readonly)
 {
+    struct vm_gateway *gw = owner;
     struct pool_node *n;
     LIST_FOREACH(n, &gw->pools, entry)
         if (!n->dying && pool_matches(n->pool, up, name, readonly))
@@ -297,8 +307,9 @@ struct vm_pool *gateway_pool(struct vm_gateway *gw, const struct vm_upstream_cfg
     return n->pool;
 }
 
-void gateway_pool_check(struct vm_gateway *gw, struct vm_pool *p)
+static void host_pool_check(void *owner, struct vm_pool *p)
 {
+    struct vm_gateway *gw = owner;
     if (!pool_is_empty(p))
         return;
     struct pool_node *n;
@@ -327,8 +338,9 @@ static void set_accepting(struct vm_gateway *gw, int on)
         vm_info(NULL, "below max_clients again: accepting");
 }
 
-void gateway_session_opened(struct vm_gateway *gw, struct vm_session *s)
+static void host_opened(void *owner, struct vm_session *s)
 {
+    struct vm_gateway *gw = owner;
     if (gw->nsessions == gw->capsessions) {
         gw->capsessions = gw->capsessions ? gw->capsessions * 2 : 64;
         gw->sessions = realloc(gw->sessions, (size_t)gw->capsessions * sizeof(*gw->sessions));
@@ -341,8 +353,9 @@ void gateway_session_opened(struct vm_gateway *gw, struct vm_session *s)
         set_accepting(gw, 0);
 }
 
-void gateway_session_closed(struct vm_gateway *gw, struct vm_session *s)
+static void host_closed(void *owner, struct vm_session *s)
 {
+    struct vm_gateway *gw = owner;
     int slot = session_slot(s);
     struct vm_session *last = gw->sessions[gw->nsessions - 1];
     gw->sessions[slot] = last;
@@ -351,8 +364,9 @@ void gateway_session_closed(struct vm_gateway *gw, struct vm_session *s)
         set_accepting(gw, 1);
 }
 
-enum vm_unauth gateway_unauth_acquire(struct vm_gateway *gw, const char *source)
+static enum vm_unauth host_unauth_acquire(void *owner, const char *source)
 {
+    struct vm_gateway *gw = owner;
     if (gw->nunauth >= gw->cfg->max_unauthenticated) {
         gw->refused_unauth++;
         return VM_UNAUTH_FULL;
@@ -367,11 +381,23 @@ enum vm_unauth gateway_unauth_acquire(struct vm_gateway *gw, const char *source)
     return VM_UNAUTH_OK;
 }
 
-void gateway_unauth_release(struct vm_gateway *gw, const char *source)
+static void host_unauth_release(void *owner, const char *source)
 {
+    struct vm_gateway *gw = owner;
     srccount_release(gw->unauth_by_source, source);
     gw->nunauth--;
 }
+
+static const struct vm_session_host_ops gateway_host_ops = {
+    .pool = host_pool,
+    .pool_check = host_pool_check,
+    .rule_acquire = host_rule_acquire,
+    .rule_release = host_rule_release,
+    .opened = host_opened,
+    .closed = host_closed,
+    .unauth_acquire = host_unauth_acquire,
+    .unauth_release = host_unauth_release,
+};
 
 void gateway_link_lost(struct vm_gateway *gw, struct vm_link *l, const char *why)
 {

@@ -31,33 +31,13 @@ unsigned gateway_next_id(struct vm_gateway *gw);
 /* The shared environment (loop, reaper, config, audit, ids) handed to pools and sessions. */
 struct vm_env *gateway_env(struct vm_gateway *gw);
 
-/* Find or create the pool for this key. */
-struct vm_pool *gateway_pool(struct vm_gateway *gw, const struct vm_upstream_cfg *up,
-                             const char *name, int readonly);
-/* Called when a pool may have become empty; frees it after this loop turn if so. */
-void gateway_pool_check(struct vm_gateway *gw, struct vm_pool *p);
 
-/* Session registry and max_clients accounting. */
-void gateway_session_opened(struct vm_gateway *gw, struct vm_session *s);
-void gateway_session_closed(struct vm_gateway *gw, struct vm_session *s);
-/* Clients still authenticating: reserve a slot for a client from `source` (identity_source)
- * and release it, with the same source, once authenticated or gone. Refusals are counted. */
-enum vm_unauth {
-    VM_UNAUTH_OK,
-    VM_UNAUTH_FULL,        /* limits.max_unauthenticated clients are authenticating */
-    VM_UNAUTH_SOURCE_FULL, /* this source holds limits.max_unauthenticated_per_source */
-};
-enum vm_unauth gateway_unauth_acquire(struct vm_gateway *gw, const char *source) VM_WUR;
-void gateway_unauth_release(struct vm_gateway *gw, const char *source);
 /* An upstream connection is lost for good: tell every session homed on it. */
 void gateway_link_lost(struct vm_gateway *gw, struct vm_link *l, const char *why);
 
 /* Policy denials are recorded here. */
 struct vm_audit *gateway_audit(const struct vm_gateway *gw);
 
-/* max_sessions accounting per policy rule: acquire returns -1 when the rule is full. */
-int gateway_rule_acquire(struct vm_gateway *gw, const struct vm_rule *rule) VM_WUR;
-void gateway_rule_release(struct vm_gateway *gw, const struct vm_rule *rule);
 
 /* The whole state as JSON (admin endpoint); caller owns the result. */
 json_t *gateway_status_json(struct vm_gateway *gw);

@@ -64,6 +64,11 @@ static const struct vm_link_ops pool_link_ops;
 static void stream_wait_timeout(evutil_socket_t fd, short what, void *arg);
 static struct vm_link *least_referenced_ready(struct vm_pool *p);
 
+static struct vm_link *ready_link_for_events(void *owner)
+{
+    return least_referenced_ready(owner);
+}
+
 struct vm_pool *pool_new(struct vm_env *env, const struct vm_pool_ops *ops, void *owner,
                          const struct vm_upstream_cfg *up, const char *name, int readonly,
                          SSL_CTX *tls)
@@ -85,7 +90,7 @@ struct vm_pool *pool_new(struct vm_env *env, const struct vm_pool_ops *ops, void
     if (!p->name || !p->qtimer || !p->stimer)
         abort();
     snprintf(p->last_error, sizeof(p->last_error), "not connected yet");
-    p->events = events_new(p, env);
+    p->events = events_new(env, up->name, ready_link_for_events, p);
     return p;
 }
 
@@ -144,11 +149,6 @@ int pool_is_empty(const struct vm_pool *p)
 struct vm_events *pool_events(const struct vm_pool *p)
 {
     return p->events;
-}
-
-struct vm_link *pool_ready_link(struct vm_pool *p)
-{
-    return least_referenced_ready(p);
 }
 
 void pool_link_params(struct vm_pool *p, struct vm_link_params *lp)

@@ -82,8 +82,6 @@ void pool_stream_release(struct vm_pool *p);
 
 /* The pool's event fan-out state. */
 struct vm_events *pool_events(const struct vm_pool *p);
-/* A READY link (the least referenced), or NULL. */
-struct vm_link *pool_ready_link(struct vm_pool *p);
 
 /* Parameters for a new link to this pool's upstream, name and read-only flag (a stream's
  * dedicated link uses them too). The result points into the pool and the config. */

@@ -29,7 +29,8 @@
 #include "call.h"
 #include "config.h"
 #include "events.h"
-#include "gateway.h"
+#include "env.h"
+#include "reap.h"
 #include "identity.h"
 #include "keepalive.h"
 #include "log.h"
@@ -47,55 +48,55 @@
 
 
 static void process_input(struct vm_session *s);
-
-struct vm_sub_list *session_subs(struct vm_session *s)
-{
-    return &s->subs;
-}
-
-int32_t session_next_callback_id(struct vm_session *s)
-{
-    return s->next_cb_id++;
-}
-
-struct vm_stream_list *session_streams(struct vm_session *s)
-{
-    return &s->streams;
-}
-
-int session_output_full(struct vm_session *s)
-{
-    return evbuffer_get_length(bufferevent_get_output(s->bev)) > OUT_HIGH;
-}
+static void install_bev(struct vm_session *s);
+static void session_read_cb(struct bufferevent *bev, void *arg);
+static void session_write_cb(struct bufferevent *bev, void *arg);
+static void session_event_cb(struct bufferevent *bev, short what, void *arg);
 
 static void update_flow(struct vm_session *s);
 
-void session_request_begin(struct vm_session *s)
+/* ---- the client as events and streams see it (vm_peer ops) ---- */
+
+static struct vm_session *of_peer(struct vm_peer *c)
 {
+    return (struct vm_session *)((char *)c - offsetof(struct vm_session, peer));
+}
+
+static struct evbuffer *peer_output(struct vm_peer *c)
+{
+    return bufferevent_get_output(of_peer(c)->bev);
+}
+
+static int peer_output_full(struct vm_peer *c)
+{
+    return evbuffer_get_length(peer_output(c)) > OUT_HIGH;
+}
+
+static void peer_request_begin(struct vm_peer *c)
+{
+    struct vm_session *s = of_peer(c);
     s->noutstanding++;
     update_flow(s);
 }
 
-void session_request_end(struct vm_session *s)
+static void peer_request_end(struct vm_peer *c)
 {
+    struct vm_session *s = of_peer(c);
     s->noutstanding--;
     update_flow(s);
 }
 
-void session_block_reading(struct vm_session *s, int on)
+static void peer_block_reading(struct vm_peer *c, int on)
 {
+    struct vm_session *s = of_peer(c);
     s->blocked += on ? 1 : -1;
     update_flow(s);
 }
 
-struct evbuffer *session_output(struct vm_session *s)
+static int peer_push_event(struct vm_peer *c, const void *pkt, size_t len)
 {
-    return bufferevent_get_output(s->bev);
-}
-
-int session_push_event(struct vm_session *s, const void *pkt, size_t len)
-{
-    if (s->event_bytes + len > (size_t)gateway_config(s->gw)->event_queue_bytes)
+    struct vm_session *s = of_peer(c);
+    if (s->event_bytes + len > (size_t)s->env->cfg->event_queue_bytes)
         return -1;
     s->adding_event = 1;
     evbuffer_add(bufferevent_get_output(s->bev), pkt, len);
@@ -103,8 +104,23 @@ int session_push_event(struct vm_session *s, const void *pkt, size_t len)
     return 0;
 }
 
+static void peer_close(struct vm_peer *c, const char *why)
+{
+    session_close(of_peer(c), why);
+}
+
+static const struct vm_peer_ops session_peer_ops = {
+    .output = peer_output,
+    .push_event = peer_push_event,
+    .output_full = peer_output_full,
+    .block_reading = peer_block_reading,
+    .request_begin = peer_request_begin,
+    .request_end = peer_request_end,
+    .close = peer_close,
+};
+
 /* Track what enters and leaves the client's output buffer (see `runs`). */
-void session_output_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg)
+static void session_output_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg)
 {
     struct vm_session *s = arg;
     if (info->n_added) {
@@ -197,17 +213,6 @@ void session_upstream_lost(struct vm_session *s, const char *why)
         session_close(s, "upstream lost for good");
 }
 
-struct evbuffer *session_out(struct vm_session *s)
-{
-    return bufferevent_get_output(s->bev);
-}
-
-void session_reply_error(struct vm_session *s, const struct vm_hdr *h, int code, int domain,
-                         const char *msg)
-{
-    vm_debug(s->tag, "proc %d serial %u: error %d: %s", h->proc, h->serial, code, msg);
-    wire_put_error(session_out(s), h, code, domain, msg);
-}
 
 static void reply_u32(struct vm_session *s, const struct vm_hdr *h, uint32_t v)
 {
@@ -223,7 +228,7 @@ static void update_flow(struct vm_session *s)
 {
     if (s->state == S_CLOSING)
         return;
-    int max = gateway_config(s->gw)->max_client_requests;
+    int max = s->env->cfg->max_client_requests;
     size_t out = evbuffer_get_length(session_out(s));
     /* Calls are bounded in number and in bytes: 16 calls of 32 MiB would otherwise let one
      * client park half a gigabyte in the gateway. */
@@ -281,7 +286,7 @@ static void ka_dead(void *arg)
 /* Refuse a routed CONNECT_OPEN for a policy reason: audit, answer 88, forget the route. */
 static void deny_open(struct vm_session *s, const struct vm_hdr *h, const char *err, char *name)
 {
-    audit_denied(gateway_audit(s->gw), s->tag, s->ident_str, "CONNECT_OPEN",
+    audit_denied(s->env->audit, s->tag, s->ident_str, "CONNECT_OPEN",
                  s->route.upstream->name, err);
     session_reply_error(s, h, VIR_ERR_ACCESS_DENIED, VIR_FROM_ACCESS, err);
     route_clear(&s->route);
@@ -314,12 +319,12 @@ static void handle_open(struct vm_session *s, const struct vm_hdr *h, const uint
             abort();
     }
     char err[600];
-    const struct vm_config *cfg = gateway_config(s->gw);
+    const struct vm_config *cfg = s->env->cfg;
     const struct vm_rule *rule = policy_match(cfg, &s->ident);
     if (rule->deny) {
         snprintf(err, sizeof(err), "access denied: virtmux policy does not admit %s",
                  s->ident_str);
-        audit_denied(gateway_audit(s->gw), s->tag, s->ident_str, "CONNECT_OPEN", NULL, err);
+        audit_denied(s->env->audit, s->tag, s->ident_str, "CONNECT_OPEN", NULL, err);
         session_reply_error(s, h, VIR_ERR_ACCESS_DENIED, VIR_FROM_ACCESS, err);
         free(name);
         return;
@@ -337,7 +342,7 @@ static void handle_open(struct vm_session *s, const struct vm_hdr *h, const uint
         return;
     }
     if (!s->rule_held) {
-        if (gateway_rule_acquire(s->gw, rule) < 0) {
+        if (s->host->ops->rule_acquire(s->host->owner, rule) < 0) {
             snprintf(err, sizeof(err), "access denied: %s already has the %d sessions its "
                      "virtmux policy allows", s->ident_str, rule->max_sessions);
             deny_open(s, h, err, name);
@@ -351,7 +356,7 @@ static void handle_open(struct vm_session *s, const struct vm_hdr *h, const uint
     s->readonly = (flags & 1) || rule->readonly || s->lcfg->readonly;
     s->open_hdr = *h;
     s->state = S_OPENING;
-    s->pool = gateway_pool(s->gw, s->route.upstream, s->route.name, s->readonly);
+    s->pool = s->host->ops->pool(s->host->owner, s->route.upstream, s->route.name, s->readonly);
     vm_info(s->tag, "open \"%s\" -> upstream %s as \"%s\"%s", name, s->route.upstream->name,
             s->route.name, s->readonly ? " (read-only)" : "");
     s->open_wait.done = open_done;
@@ -381,7 +386,7 @@ static void open_done(struct vm_open_wait *w, struct vm_link *home, const void *
         session_reply_error(s, &s->open_hdr, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, message);
     }
     vm_info(s->tag, "open failed: %s", message ? message : "refused by upstream");
-    gateway_pool_check(s->gw, p);
+    s->host->ops->pool_check(s->host->owner, p);
 }
 
 /* ---- dispatch ---- */
@@ -419,12 +424,12 @@ static void handle_feature(struct vm_session *s, const struct vm_hdr *h, struct 
         session_reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "Unable to decode message payload");
         return;
     }
-    const struct vm_config *cfg = gateway_config(s->gw);
+    const struct vm_config *cfg = s->env->cfg;
     switch (feature) {
     case VM_FEATURE_PROGRAM_KEEPALIVE:
         /* Per hop, and valid before OPEN. The client has a keepalive handler: we may PING. */
         reply_u32(s, h, 1);
-        if (!s->ka.timer && keepalive_start(&s->ka, gateway_base(s->gw), cfg->keepalive_interval_s,
+        if (!s->ka.timer && keepalive_start(&s->ka, s->env->base, cfg->keepalive_interval_s,
                                             cfg->keepalive_count, ka_ping, ka_dead, s) < 0)
             vm_warn(s->tag, "cannot arm keepalive");
         return;
@@ -472,7 +477,7 @@ static void handle_event_call(struct vm_session *s, const struct vm_hdr *h, stru
     }
     uint8_t *args = evbuffer_pullup(pkt, -1) + VM_HDR_LEN;
     if (info->kind == VM_PK_EVENT_REGISTER) {
-        events_subscribe(pool_events(s->pool), s, h, args, n);
+        events_subscribe(pool_events(s->pool), &s->peer, h, args, n);
         return;
     }
     struct xrd r;
@@ -482,7 +487,7 @@ static void handle_event_call(struct vm_session *s, const struct vm_hdr *h, stru
         session_reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "Unable to decode message payload");
         return;
     }
-    events_unsubscribe(pool_events(s->pool), s, h, id);
+    events_unsubscribe(pool_events(s->pool), &s->peer, h, id);
 }
 
 /* A CALL. `pkt` holds the whole packet; consumed only when forwarded. */
@@ -572,7 +577,7 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
             const char *why = "operation forbidden: CONNECT_SET_IDENTITY would change the "
                               "identity of a shared upstream connection; virtmux does not "
                               "forward it";
-            audit_denied(gateway_audit(s->gw), s->tag, s->ident_str, "CONNECT_SET_IDENTITY",
+            audit_denied(s->env->audit, s->tag, s->ident_str, "CONNECT_SET_IDENTITY",
                          s->route.upstream ? s->route.upstream->name : NULL, why);
             session_reply_error(s, h, VIR_ERR_OPERATION_DENIED, VIR_FROM_NONE, why);
             return;
@@ -581,7 +586,10 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
             break;
         }
         if (info && info->kind == VM_PK_AUTH) {
-            session_handle_auth(s, h, pkt);
+            if (session_handle_auth(s, h, pkt) < 0)
+                session_close(s, "cannot start the SASL security layer");
+            else if (s->bev != s->installed_bev)
+                install_bev(s); /* the security layer's filter took over the socket */
             return;
         }
     }
@@ -595,7 +603,7 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
             snprintf(pname, sizeof(pname), "%s_PROC_%d",
                      h->prog == VM_PROG_QEMU ? "QEMU" : h->prog == VM_PROG_LXC ? "LXC" : "REMOTE",
                      h->proc);
-            audit_denied(gateway_audit(s->gw), s->tag, s->ident_str, info ? info->name : pname,
+            audit_denied(s->env->audit, s->tag, s->ident_str, info ? info->name : pname,
                          s->route.upstream->name, msg);
             session_reply_error(s, h, VIR_ERR_OPERATION_DENIED, domain, msg);
             return;
@@ -606,7 +614,7 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
         return;
     }
     if (info && info->kind == VM_PK_STREAM_CREATE) {
-        stream_start(s, s->pool, h, pkt);
+        stream_start(&s->peer, s->pool, h, pkt);
         return;
     }
     if (info && (info->fds_in || info->fds_out)) {
@@ -659,7 +667,7 @@ static void handle_packet(struct vm_session *s, struct evbuffer *pkt)
     }
     case VM_STREAM:
     case VM_STREAM_HOLE:
-        if (stream_client_packet(s, &h, pkt) == 0)
+        if (stream_client_packet(&s->peer, &h, pkt) == 0)
             return;
         vm_debug(s->tag, "stream packet for unknown serial %u dropped", h.serial);
         return;
@@ -717,32 +725,52 @@ static void process_input(struct vm_session *s)
     }
 }
 
+static void auth_timeout_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct vm_session *s = arg;
+    audit_denied(s->env->audit, s->tag, s->ident_str, "AUTH", NULL,
+                 "did not authenticate within auth_timeout_s");
+    session_close(s, "authentication timed out");
+}
+
+/* Our callbacks on the current bufferevent (the socket's, or the SASL layer's filter). */
+static void install_bev(struct vm_session *s)
+{
+    s->installed_bev = s->bev;
+    bufferevent_setcb(s->bev, session_read_cb, session_write_cb, session_event_cb, s);
+    bufferevent_setwatermark(s->bev, EV_WRITE, OUT_LOW, 0);
+    evbuffer_add_cb(bufferevent_get_output(s->bev), session_output_cb, s);
+    bufferevent_enable(s->bev, EV_READ);
+}
+
 static void kick_cb(evutil_socket_t fd, short what, void *arg)
 {
     process_input(arg);
 }
 
-void session_read_cb(struct bufferevent *bev, void *arg)
+static void session_read_cb(struct bufferevent *bev, void *arg)
 {
     process_input(arg);
 }
 
-void session_write_cb(struct bufferevent *bev, void *arg)
+static void session_write_cb(struct bufferevent *bev, void *arg)
 {
     struct vm_session *s = arg;
     if (s->close_after_flush && evbuffer_get_length(session_out(s)) == 0) {
         session_close(s, s->close_reason);
         return;
     }
-    stream_session_drained(s);
+    stream_peer_drained(&s->peer);
     update_flow(s);
 }
 
-void session_event_cb(struct bufferevent *bev, short what, void *arg)
+static void session_event_cb(struct bufferevent *bev, short what, void *arg)
 {
     struct vm_session *s = arg;
     if ((what & BEV_EVENT_CONNECTED) && s->state == S_TLS) {
-        session_tls_established(s);
+        char err[600];
+        if (session_tls_established(s, err, sizeof(err)) < 0)
+            session_close(s, err); /* no 0x01: the client reports the refusal */
         return;
     }
     if (what & BEV_EVENT_EOF)
@@ -751,43 +779,53 @@ void session_event_cb(struct bufferevent *bev, short what, void *arg)
         session_close(s, evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
 }
 
-void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evutil_socket_t fd,
-                 const char *peer, const struct vm_identity *id, SSL_CTX *tls)
+void session_new(const struct vm_session_host *host, const struct vm_listener_cfg *lcfg,
+                 evutil_socket_t fd, const char *peer, const struct vm_identity *id,
+                 SSL_CTX *tls)
 {
     struct vm_session *s = vm_calloc(1, sizeof(*s));
-    s->gw = gw;
+    s->host = host;
+    s->env = host->env;
     s->lcfg = lcfg;
-    s->id = gateway_next_id(gw);
+    s->id = env_next_id(s->env);
     s->is_tcp = !id->is_unix;
     s->ident = *id;
     identity_str(&s->ident, s->ident_str, sizeof(s->ident_str));
     identity_source(&s->ident, s->source, sizeof(s->source));
     TAILQ_INIT(&s->calls);
-    TAILQ_INIT(&s->subs);
-    TAILQ_INIT(&s->streams);
+    s->peer.ops = &session_peer_ops;
+    s->peer.tag = s->tag;
+    TAILQ_INIT(&s->peer.subs);
+    TAILQ_INIT(&s->peer.streams);
     snprintf(s->tag, sizeof(s->tag), "C#%u %s", s->id, peer);
     if (tls) {
         s->ssl = SSL_new(tls);
         if (!s->ssl)
             abort();
-        s->bev = bufferevent_openssl_socket_new(gateway_base(gw), fd, s->ssl,
+        s->bev = bufferevent_openssl_socket_new(s->env->base, fd, s->ssl,
                                                 BUFFEREVENT_SSL_ACCEPTING, BEV_OPT_CLOSE_ON_FREE);
         s->state = S_TLS;
     } else {
-        s->bev = bufferevent_socket_new(gateway_base(gw), fd, BEV_OPT_CLOSE_ON_FREE);
+        s->bev = bufferevent_socket_new(s->env->base, fd, BEV_OPT_CLOSE_ON_FREE);
         s->state = S_NEW;
         s->authed = lcfg->auth == VM_AUTH_NONE || lcfg->auth == VM_AUTH_PEER;
     }
-    s->kick = event_new(gateway_base(gw), -1, 0, kick_cb, s);
+    s->kick = event_new(s->env->base, -1, 0, kick_cb, s);
     if (!s->bev || !s->kick)
         abort();
-    bufferevent_setcb(s->bev, session_read_cb, session_write_cb, session_event_cb, s);
-    bufferevent_setwatermark(s->bev, EV_WRITE, OUT_LOW, 0);
-    evbuffer_add_cb(bufferevent_get_output(s->bev), session_output_cb, s);
-    bufferevent_enable(s->bev, EV_READ);
-    gateway_session_opened(gw, s);
-    if (!s->authed && session_hold_unauth(s) < 0)
-        return;
+    install_bev(s);
+    host->ops->opened(host->owner, s);
+    if (!s->authed) {
+        const char *why = session_hold_unauth(s);
+        if (why) {
+            session_close(s, why);
+            return;
+        }
+        s->auth_timer = evtimer_new(s->env->base, auth_timeout_cb, s);
+        struct timeval tv = {s->env->cfg->auth_timeout_s, 0};
+        if (!s->auth_timer || evtimer_add(s->auth_timer, &tv) < 0)
+            abort();
+    }
     vm_info(s->tag, "connected on listener %s as %s", lcfg->name, s->ident_str);
 }
 
@@ -820,9 +858,9 @@ void session_close(struct vm_session *s, const char *why)
         }
     }
     struct vm_pool *p = s->pool;
-    stream_session_gone(s);
+    stream_peer_gone(&s->peer);
     if (p)
-        events_session_gone(pool_events(p), s);
+        events_peer_gone(pool_events(p), &s->peer);
     if (was == S_OPENING)
         pool_cancel_open(p, &s->open_wait);
     if (s->home)
@@ -834,10 +872,10 @@ void session_close(struct vm_session *s, const char *why)
     s->kick = NULL;
     bufferevent_free(s->bev);
     s->bev = NULL;
-    gateway_session_closed(s->gw, s);
+    s->host->ops->closed(s->host->owner, s);
     if (s->rule_held)
-        gateway_rule_release(s->gw, s->rule);
+        s->host->ops->rule_release(s->host->owner, s->rule);
     if (p)
-        gateway_pool_check(s->gw, p);
-    gateway_defer_free(s->gw, session_free, s);
+        s->host->ops->pool_check(s->host->owner, p);
+    reaper_defer(s->env->reaper, session_free, s);
 }

@@ -7,28 +7,21 @@
 #include <event2/util.h>
 
 #include "fwd.h"
+#include "session_host.h"
 
 struct vm_identity;
 typedef struct ssl_ctx_st SSL_CTX;
 
 /* Take over an accepted socket `fd`. `peer` is a printable address for the log tag; `id` (copied)
- * is what the listener knows of the client. */
-void session_new(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evutil_socket_t fd,
-                 const char *peer, const struct vm_identity *id, SSL_CTX *tls);
+ * is what the listener knows of the client. `host` must outlive the session. */
+void session_new(const struct vm_session_host *host, const struct vm_listener_cfg *lcfg,
+                 evutil_socket_t fd, const char *peer, const struct vm_identity *id,
+                 SSL_CTX *tls);
 
 
 
 const char *session_tag(const struct vm_session *s);
 struct vm_link *session_home(const struct vm_session *s);
-/* Requests the session answers later that are not forwarded calls (a stream, for its whole
- * life; an event registration until it is answered) count against max_client_requests too,
- * so they are back-pressured like calls. Every begin is matched by one end. */
-void session_request_begin(struct vm_session *s);
-void session_request_end(struct vm_session *s);
-/* An error REPLY (libvirt's error layout) to the session's call `h`. */
-struct vm_hdr;
-void session_reply_error(struct vm_session *s, const struct vm_hdr *h, int code, int domain,
-                         const char *msg);
 /* Calls of `s` forwarded or queued and not yet answered. */
 int session_outstanding(const struct vm_session *s);
 int session_slot(const struct vm_session *s);

@@ -14,10 +14,10 @@
 #include "audit.h"
 #include "auth.h"
 #include "config.h"
-#include "gateway.h"
+#include "env.h"
+#include "reap.h"
 #include "log.h"
 #include "proc.h"
-#include "session.h"
 #include "session_int.h"
 #include "tls.h"
 
@@ -26,36 +26,30 @@ int session_uses_sasl(const struct vm_session *s)
     return s->lcfg->auth == VM_AUTH_SASL || s->lcfg->auth == VM_AUTH_TLS_SASL;
 }
 
-int session_hold_unauth(struct vm_session *s)
+const char *session_hold_unauth(struct vm_session *s)
 {
-    const struct vm_config *cfg = gateway_config(s->gw);
-    switch (gateway_unauth_acquire(s->gw, s->source)) {
+    const struct vm_config *cfg = s->env->cfg;
+    switch (s->host->ops->unauth_acquire(s->host->owner, s->source)) {
     case VM_UNAUTH_OK:
         break;
     case VM_UNAUTH_FULL:
         vm_warn(s->tag, "refused: max_unauthenticated (%d) clients are authenticating",
                 cfg->max_unauthenticated);
-        session_close(s, "too many unauthenticated clients");
-        return -1;
+        return "too many unauthenticated clients";
     case VM_UNAUTH_SOURCE_FULL:
         vm_warn(s->tag, "refused: %s already has max_unauthenticated_per_source (%d) clients "
                 "authenticating", s->source, cfg->max_unauthenticated_per_source);
-        session_close(s, "too many unauthenticated clients from this source");
-        return -1;
+        return "too many unauthenticated clients from this source";
     }
     s->unauth_slot = 1;
-    s->auth_timer = evtimer_new(gateway_base(s->gw), session_auth_timeout_cb, s);
-    struct timeval tv = {cfg->auth_timeout_s, 0};
-    if (!s->auth_timer || evtimer_add(s->auth_timer, &tv) < 0)
-        abort();
-    return 0;
+    return NULL;
 }
 
 void session_release_unauth(struct vm_session *s)
 {
     if (s->unauth_slot) {
         s->unauth_slot = 0;
-        gateway_unauth_release(s->gw, s->source);
+        s->host->ops->unauth_release(s->host->owner, s->source);
     }
     if (s->auth_timer) {
         event_free(s->auth_timer);
@@ -72,18 +66,18 @@ void session_set_authenticated(struct vm_session *s, const char *how)
 }
 
 /* AUTH_SASL_INIT/START/STEP and AUTH_POLKIT. */
-void session_handle_auth(struct vm_session *s, const struct vm_hdr *h, struct evbuffer *pkt)
+int session_handle_auth(struct vm_session *s, const struct vm_hdr *h, struct evbuffer *pkt)
 {
-    const struct vm_config *cfg = gateway_config(s->gw);
+    const struct vm_config *cfg = s->env->cfg;
     if (!session_uses_sasl(s) || h->proc == 70 /* AUTH_POLKIT */ || !cfg->sasl) {
         session_reply_error(s, h, VIR_ERR_AUTH_FAILED, VIR_FROM_RPC,
                             "authentication failed: unsupported authentication type");
-        return;
+        return 0;
     }
     if (s->authed) {
         session_reply_error(s, h, VIR_ERR_AUTH_FAILED, VIR_FROM_RPC,
                             "authentication failed: already authenticated");
-        return;
+        return 0;
     }
     if (!s->auth)
         s->auth = auth_new(cfg->sasl, s->ssl || !s->is_tcp,
@@ -92,12 +86,12 @@ void session_handle_auth(struct vm_session *s, const struct vm_hdr *h, struct ev
     const uint8_t *args = evbuffer_pullup(pkt, -1) + VM_HDR_LEN;
     int rc = auth_handle(s->auth, h, args, n, session_out(s), s->tag);
     if (rc < 0) {
-        audit_denied(gateway_audit(s->gw), s->tag, s->ident_str, "AUTH_SASL", NULL,
+        audit_denied(s->env->audit, s->tag, s->ident_str, "AUTH_SASL", NULL,
                      "authentication failed");
-        return;
+        return 0;
     }
     if (rc == 0)
-        return;
+        return 0;
     snprintf(s->sasl_user, sizeof(s->sasl_user), "%s", auth_user(s->auth));
     s->ident.sasl_user = s->sasl_user;
     session_set_authenticated(s, "sasl");
@@ -105,28 +99,21 @@ void session_handle_auth(struct vm_session *s, const struct vm_hdr *h, struct ev
         /* The reply above is still plain; from the next byte on both directions are
          * SASL-encoded. The filter takes over the socket bufferevent. */
         struct bufferevent *f = auth_wrap(s->auth, s->bev);
-        if (!f) {
-            session_close(s, "cannot start the SASL security layer");
-            return;
-        }
+        if (!f)
+            return -1;
         s->bev = f;
-        evbuffer_add_cb(bufferevent_get_output(s->bev), session_output_cb, s);
-        bufferevent_setcb(s->bev, session_read_cb, session_write_cb, session_event_cb, s);
-        bufferevent_setwatermark(s->bev, EV_WRITE, OUT_LOW, 0);
-        bufferevent_enable(s->bev, EV_READ);
         vm_debug(s->tag, "SASL security layer on (ssf %d)", auth_ssf(s->auth));
     }
+    return 0;
 }
 
 /* The TLS handshake is done: check the client certificate, then libvirt's 0x01 byte. */
-void session_tls_established(struct vm_session *s)
+int session_tls_established(struct vm_session *s, char *err, size_t errlen)
 {
-    char err[600];
     const struct vm_tls_cfg *t = s->lcfg->tls;
-    if (tls_check_client(s->ssl, t, s->tls_dn, sizeof(s->tls_dn), err, sizeof(err)) < 0) {
-        audit_denied(gateway_audit(s->gw), s->tag, s->ident_str, "TLS", NULL, err);
-        session_close(s, err); /* no 0x01: the client reports the refusal */
-        return;
+    if (tls_check_client(s->ssl, t, s->tls_dn, sizeof(s->tls_dn), err, errlen) < 0) {
+        audit_denied(s->env->audit, s->tag, s->ident_str, "TLS", NULL, err);
+        return -1;
     }
     if (s->tls_dn[0])
         s->ident.tls_dn = s->tls_dn;
@@ -139,12 +126,5 @@ void session_tls_established(struct vm_session *s)
         session_set_authenticated(s, "none");
     identity_str(&s->ident, s->ident_str, sizeof(s->ident_str));
     vm_debug(s->tag, "TLS up (%s), client DN \"%s\"", SSL_get_version(s->ssl), s->tls_dn);
-}
-
-void session_auth_timeout_cb(evutil_socket_t fd, short what, void *arg)
-{
-    struct vm_session *s = arg;
-    audit_denied(gateway_audit(s->gw), s->tag, s->ident_str, "AUTH", NULL,
-                 "did not authenticate within auth_timeout_s");
-    session_close(s, "authentication timed out");
+    return 0;
 }

@@ -7,14 +7,19 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
 #include <event2/util.h>
 
 #include "call.h"
 #include "events.h"
 #include "identity.h"
 #include "keepalive.h"
+#include "log.h"
+#include "peer.h"
 #include "pool.h"
 #include "router.h"
+#include "session_host.h"
 #include "stream.h"
 #include "wire.h"
 
@@ -33,7 +38,8 @@ typedef struct ssl_st SSL;
 enum session_state { S_TLS, S_NEW, S_OPENING, S_OPEN, S_CLOSING };
 
 struct vm_session {
-    struct vm_gateway *gw;             /* not owned */
+    const struct vm_session_host *host; /* not owned: what we ask of the gateway */
+    struct vm_env *env;                /* not owned: loop, config, audit, reaper, ids */
     const struct vm_listener_cfg *lcfg; /* not owned */
     unsigned id;
     char tag[160];
@@ -43,6 +49,7 @@ struct vm_session {
     const struct vm_rule *rule;        /* config snapshot; set at OPEN */
     int rule_held;                     /* counted against rule->max_sessions */
     struct bufferevent *bev;           /* owned */
+    struct bufferevent *installed_bev; /* the one our callbacks are on */
     enum session_state state;
     int is_tcp;
     int paused;                        /* reading disabled for back-pressure */
@@ -63,10 +70,8 @@ struct vm_session {
     struct vm_call_list calls;         /* owned: outstanding forwarded calls */
     int noutstanding;
     size_t outstanding_bytes;          /* bytes of those calls */
-    struct vm_sub_list subs;           /* event subscriptions (owned by the pool's events) */
-    struct vm_stream_list streams;     /* owned */
+    struct vm_peer peer;               /* what events and streams see of us; their lists */
     int blocked;                       /* streams holding our reading (slow upstream) */
-    int32_t next_cb_id;
     /* What is queued to the client, as runs of event bytes and other bytes in FIFO order,
      * so that only events count against events.max_queue_bytes: a subscriber that reads
      * but asked for a large reply is not "a subscriber that does not read". */
@@ -85,25 +90,33 @@ struct vm_session {
     int slot;                          /* index in the gateway's registry */
 };
 
-/* session.c */
-struct evbuffer *session_out(struct vm_session *s);
-void session_read_cb(struct bufferevent *bev, void *arg);
-void session_write_cb(struct bufferevent *bev, void *arg);
-void session_event_cb(struct bufferevent *bev, short what, void *arg);
-void session_output_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg);
+/* Helpers both files use; inline so that session_auth.c never calls into session.c. */
+static inline struct evbuffer *session_out(struct vm_session *s)
+{
+    return bufferevent_get_output(s->bev);
+}
 
-/* session_auth.c */
+/* An error REPLY (libvirt's error layout) to the session's call `h`. */
+static inline void session_reply_error(struct vm_session *s, const struct vm_hdr *h, int code,
+                                       int domain, const char *msg)
+{
+    vm_debug(s->tag, "proc %d serial %u: error %d: %s", h->proc, h->serial, code, msg);
+    wire_put_error(session_out(s), h, code, domain, msg);
+}
+
+/* session_auth.c: decisions and state of authentication; it reports outcomes by return value
+ * and session.c acts on them (closing, installing callbacks on a new bufferevent). */
 int session_uses_sasl(const struct vm_session *s);
-/* Unauthenticated clients are bounded in number (overall and per source) and in time: take
- * a slot and start the auth timer, or close the session and return -1. */
-int session_hold_unauth(struct vm_session *s) VM_WUR;
+/* Take a max_unauthenticated slot; NULL, or why the client must be closed (logged). */
+const char *session_hold_unauth(struct vm_session *s);
 /* Give back the max_unauthenticated slot and the auth timer, if held. */
 void session_release_unauth(struct vm_session *s);
 void session_set_authenticated(struct vm_session *s, const char *how);
-/* AUTH_SASL_INIT/START/STEP and AUTH_POLKIT. */
-void session_handle_auth(struct vm_session *s, const struct vm_hdr *h, struct evbuffer *pkt);
-/* The TLS handshake is done: check the client certificate, then libvirt's 0x01 byte. */
-void session_tls_established(struct vm_session *s);
-void session_auth_timeout_cb(evutil_socket_t fd, short what, void *arg);
+/* AUTH_SASL_INIT/START/STEP and AUTH_POLKIT, answered on the session's output. When the
+ * SASL security layer starts, s->bev is replaced by its filter. -1: close the session. */
+int session_handle_auth(struct vm_session *s, const struct vm_hdr *h, struct evbuffer *pkt);
+/* The TLS handshake is done: check the client certificate, then libvirt's 0x01 byte.
+ * -1 with the reason in err: close the session without the byte. */
+int session_tls_established(struct vm_session *s, char *err, size_t errlen);
 
 #endif

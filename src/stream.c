@@ -8,18 +8,16 @@
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
 
-#include "events.h"
 #include "log.h"
 #include "pool.h"
 #include "proc.h"
-#include "session.h"
 #include "upstream.h"
 #include "util.h"
 
 #define UP_HIGH (1u << 20) /* stop reading the client above this much unsent upstream output */
 
 struct vm_stream {
-    struct vm_session *s;     /* owner */
+    struct vm_peer *c;        /* the client: owner */
     struct vm_pool *pool;     /* not owned; kept alive by our slot or our place in its queue */
     struct vm_slot_wait wait; /* our place in the pool's max_streams queue */
     int waiting;              /* queued for a slot */
@@ -43,9 +41,9 @@ int stream_count(void)
 
 static void stream_free(struct vm_stream *st)
 {
-    TAILQ_REMOVE(session_streams(st->s), st, entry);
+    TAILQ_REMOVE(&st->c->streams, st, entry);
     if (st->blocking_client)
-        session_block_reading(st->s, 0);
+        st->c->ops->block_reading(st->c, 0);
     if (st->link) {
         struct vm_link *l = st->link;
         st->link = NULL;
@@ -58,7 +56,7 @@ static void stream_free(struct vm_stream *st)
         pool_stream_cancel(st->pool, &st->wait);
     if (st->has_slot)
         pool_stream_release(st->pool);
-    session_request_end(st->s);
+    st->c->ops->request_end(st->c);
     free(st);
     nstreams--;
 }
@@ -68,7 +66,7 @@ static const struct vm_link_ops stream_link_ops;
 static void open_link(struct vm_stream *st)
 {
     const struct vm_proc_info *info = vm_proc_lookup(st->call.prog, st->call.proc);
-    vm_info(session_tag(st->s), "stream %s serial %u: opening a dedicated upstream connection",
+    vm_info(st->c->tag, "stream %s serial %u: opening a dedicated upstream connection",
             info ? info->name : "?", st->call.serial);
     st->has_slot = 1;
     struct vm_link_params lp;
@@ -88,26 +86,28 @@ static void slot_expired(struct vm_slot_wait *w, const char *message)
 {
     struct vm_stream *st = (struct vm_stream *)((char *)w - offsetof(struct vm_stream, wait));
     st->waiting = 0;
-    session_reply_error(st->s, &st->call, VIR_ERR_OPERATION_TIMEOUT, VIR_FROM_RPC, message);
+    vm_info(st->c->tag, "stream serial %u: %s", st->call.serial, message);
+    wire_put_error(st->c->ops->output(st->c), &st->call, VIR_ERR_OPERATION_TIMEOUT, VIR_FROM_RPC,
+                   message);
     stream_free(st);
 }
 
-void stream_start(struct vm_session *s, struct vm_pool *p, const struct vm_hdr *h,
+void stream_start(struct vm_peer *c, struct vm_pool *p, const struct vm_hdr *h,
                   struct evbuffer *pkt)
 {
     struct vm_stream *st = vm_calloc(1, sizeof(*st));
-    st->s = s;
+    st->c = c;
     st->pool = p;
     st->call = *h;
     st->early = evbuffer_new();
     if (!st->early)
         abort();
     evbuffer_add_buffer(st->early, pkt);
-    TAILQ_INSERT_TAIL(session_streams(s), st, entry);
+    TAILQ_INSERT_TAIL(&c->streams, st, entry);
     nstreams++;
     /* A stream holds one of the client's max_client_requests for its whole life: it is
      * what bounds how many upstream connections one client can make the gateway open. */
-    session_request_begin(s);
+    c->ops->request_begin(c);
     st->wait.granted = slot_granted;
     st->wait.expired = slot_expired;
     if (pool_stream_acquire(p, &st->wait))
@@ -116,10 +116,10 @@ void stream_start(struct vm_session *s, struct vm_pool *p, const struct vm_hdr *
         st->waiting = 1;
 }
 
-static struct vm_stream *find(struct vm_session *s, uint32_t serial, int32_t proc)
+static struct vm_stream *find(struct vm_peer *c, uint32_t serial, int32_t proc)
 {
     struct vm_stream *st;
-    TAILQ_FOREACH(st, session_streams(s), entry)
+    TAILQ_FOREACH(st, &c->streams, entry)
         if (st->call.serial == serial && st->call.proc == proc)
             return st;
     return NULL;
@@ -130,13 +130,13 @@ static void check_upload_pressure(struct vm_stream *st)
     size_t out = link_output_length(st->link);
     if (!st->blocking_client && out > UP_HIGH) {
         st->blocking_client = 1;
-        session_block_reading(st->s, 1);
+        st->c->ops->block_reading(st->c, 1);
     }
 }
 
-int stream_client_packet(struct vm_session *s, const struct vm_hdr *h, struct evbuffer *pkt)
+int stream_client_packet(struct vm_peer *c, const struct vm_hdr *h, struct evbuffer *pkt)
 {
-    struct vm_stream *st = find(s, h->serial, h->proc);
+    struct vm_stream *st = find(c, h->serial, h->proc);
     if (!st)
         return -1;
     if (!st->ready) {
@@ -145,7 +145,7 @@ int stream_client_packet(struct vm_session *s, const struct vm_hdr *h, struct ev
         evbuffer_add_buffer(st->early, pkt);
         if (!st->blocking_client && evbuffer_get_length(st->early) > UP_HIGH) {
             st->blocking_client = 1;
-            session_block_reading(st->s, 1);
+            st->c->ops->block_reading(st->c, 1);
         }
         return 0;
     }
@@ -166,7 +166,7 @@ static void on_link_ready(void *owner, struct vm_link *l)
     if (st->blocking_client && link_output_length(st->link) <= UP_HIGH) {
         st->blocking_client = 0; /* the early bytes are on their way; the link's own
                                   * watermark takes over from here */
-        session_block_reading(st->s, 0);
+        st->c->ops->block_reading(st->c, 0);
     }
     check_upload_pressure(st);
 }
@@ -176,7 +176,7 @@ static void on_link_packet(void *owner, struct vm_link *l, const struct vm_hdr *
 {
     struct vm_stream *st = owner;
     if (h->serial != st->call.serial) {
-        vm_debug(session_tag(st->s), "stream: stray packet serial %u dropped", h->serial);
+        vm_debug(st->c->tag, "stream: stray packet serial %u dropped", h->serial);
         return;
     }
     int final = 0;
@@ -188,13 +188,13 @@ static void on_link_packet(void *owner, struct vm_link *l, const struct vm_hdr *
     } else if (h->type != VM_STREAM_HOLE) {
         return;
     }
-    evbuffer_add_buffer(session_output(st->s), pkt);
+    evbuffer_add_buffer(st->c->ops->output(st->c), pkt);
     if (final) {
-        vm_debug(session_tag(st->s), "stream serial %u finished", st->call.serial);
+        vm_debug(st->c->tag, "stream serial %u finished", st->call.serial);
         stream_free(st);
         return;
     }
-    if (!st->upstream_paused && session_output_full(st->s)) {
+    if (!st->upstream_paused && st->c->ops->output_full(st->c)) {
         st->upstream_paused = 1;
         link_pause_reading(st->link, 1);
     }
@@ -207,7 +207,7 @@ static void on_link_down(void *owner, struct vm_link *l, const void *err_payload
     char msg[400];
     snprintf(msg, sizeof(msg), "internal error: virtmux lost the upstream connection of this "
              "stream: %s", why);
-    struct evbuffer *out = session_output(st->s);
+    struct evbuffer *out = st->c->ops->output(st->c);
     if (!st->reply_seen) {
         wire_put_error(out, &st->call, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, msg);
     } else {
@@ -227,7 +227,7 @@ static void on_link_drained(void *owner, struct vm_link *l)
     struct vm_stream *st = owner;
     if (st->blocking_client) {
         st->blocking_client = 0;
-        session_block_reading(st->s, 0);
+        st->c->ops->block_reading(st->c, 0);
     }
 }
 
@@ -238,10 +238,10 @@ static const struct vm_link_ops stream_link_ops = {
     .down = on_link_down,
 };
 
-void stream_session_drained(struct vm_session *s)
+void stream_peer_drained(struct vm_peer *c)
 {
     struct vm_stream *st;
-    TAILQ_FOREACH(st, session_streams(s), entry) {
+    TAILQ_FOREACH(st, &c->streams, entry) {
         if (st->upstream_paused && st->link) {
             st->upstream_paused = 0;
             link_pause_reading(st->link, 0);
@@ -249,9 +249,9 @@ void stream_session_drained(struct vm_session *s)
     }
 }
 
-void stream_session_gone(struct vm_session *s)
+void stream_peer_gone(struct vm_peer *c)
 {
     struct vm_stream *st;
-    while ((st = TAILQ_FIRST(session_streams(s))))
+    while ((st = TAILQ_FIRST(&c->streams)))
         stream_free(st);
 }
