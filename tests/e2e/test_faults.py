@@ -147,7 +147,8 @@ def test_sigkill_under_64_clients(libvirtd, gateway):
         kill_at = time.monotonic()
         lvd.kill9()
         time.sleep(1.0 * SLACK + 0.5)
-        lvd.start()
+        down_until = time.monotonic()
+        lvd.start()     # returns once libvirtd accepts: calls may work sooner
         restart_at = time.monotonic()
         assert wait_until(lambda: all(c.first_ok_after(restart_at)
                                       for c in callers), 2.0 * SLACK + 5)
@@ -166,7 +167,7 @@ def test_sigkill_under_64_clients(libvirtd, gateway):
                      if x[1] < kill_at and x[2] is None)
         wrong = [x for c in callers for x in c.calls if x[2] == "wrong answer"]
         between = [x for c in callers for x in c.calls
-                   if kill_at <= x[0] and x[1] < restart_at]
+                   if kill_at <= x[0] and x[1] < down_until]
         print("%d calls before the kill; %d outstanding at the kill, errors "
               "after <= %.3f s; %d calls failed while libvirtd was down; "
               "recovered <= %.2f s after restart"
@@ -181,9 +182,11 @@ def test_sigkill_under_64_clients(libvirtd, gateway):
         assert max(recovered) <= 2.0 * SLACK, sorted(recovered)[-5:]
         # calls made between kill and restart failed too, never hung
         assert len(between) >= NCLIENTS, len(between)
-        assert all(x[2] is not None for x in between)
-        assert all(x[1] - x[0] <= KILL_QUEUE_MS / 1000.0 * SLACK
-                   for x in between)
+        assert all(x[2] is not None for x in between), \
+            [x for x in between if x[2] is None][:3]
+        slow = [x for x in between
+                if x[1] - x[0] > KILL_QUEUE_MS / 1000.0 * SLACK]
+        assert not slow, slow[:3]
     finally:
         stop.set()
         join_all(callers, 10)
