@@ -43,10 +43,20 @@ struct vm_call {
     vm_call_done_fn done;       /* NULL once swallowed */
     void *done_arg;
     int internal;               /* the gateway's own call (event registration), not a client's */
-    TAILQ_ENTRY(vm_call) qentry;
+    struct vm_fair *fair;       /* its owner's place in pool queues; NULL: the pool's own */
+    TAILQ_ENTRY(vm_call) qentry; /* pool queue, in arrival order (deadlines) */
+    TAILQ_ENTRY(vm_call) fentry; /* its owner's waiting calls (fair->calls) */
     TAILQ_ENTRY(vm_call) sentry; /* the owner's list of its calls */
 };
 TAILQ_HEAD(vm_call_list, vm_call);
+
+/* An owner's waiting calls, embedded in the owner (a session). A pool serves the owners with
+ * waiting calls round-robin, one call each turn, so one client's deep pipeline cannot hold
+ * every other client's calls back; each owner's own calls keep their order. */
+struct vm_fair {
+    struct vm_call_list calls;  /* this owner's calls waiting in a pool queue (fentry) */
+    TAILQ_ENTRY(vm_fair) entry; /* in the pool's round-robin while `calls` is not empty */
+};
 
 /* A new call record with an empty packet buffer. Allocation failure aborts. */
 struct vm_call *call_new(vm_call_done_fn done, void *arg, int internal);

@@ -5,10 +5,13 @@
  *     home READY with room ............ send on home
  *     another READY link with room .... spill (every forwarded call is stateless per socket)
  *     fewer than max_connections ...... open a new link, queue the call
- *     a link is (re)connecting ........ queue the call (FIFO, queue_timeout_ms)
+ *     a link is (re)connecting ........ queue the call (queue_timeout_ms)
  *     nothing can carry it ............ fail it now with the last connection error
  *
- * A slot freeing up, a link becoming READY, or the queue timer pumps the queue in FIFO order.
+ * A slot freeing up or a link becoming READY pumps the queue: owners (sessions) with waiting
+ * calls take turns, one call each, and each owner's calls leave in their own order; a deep
+ * pipeline from one client only delays that client. The queue timer fails calls in arrival
+ * order once they waited queue_timeout_ms.
  */
 #include "pool.h"
 
@@ -45,8 +48,10 @@ struct vm_pool {
     char tag[200];
     TAILQ_HEAD(, link_node) links;      /* owned nodes; links free themselves via link_free */
     int nlinks;
-    struct vm_call_list queue;          /* calls waiting; owned by their sessions */
+    struct vm_call_list queue;          /* calls waiting, in arrival order; owned by sessions */
     int nqueued;
+    TAILQ_HEAD(, vm_fair) turns;        /* owners with waiting calls, in serving order */
+    struct vm_fair anon;                /* for calls that name no owner */
     struct event *qtimer;               /* owned: fires at the head's deadline */
     struct vm_open_wait **waiters;      /* sessions whose OPEN waits for a READY link */
     int nwaiters, capwaiters;
@@ -60,6 +65,7 @@ struct vm_pool {
 };
 
 static void queue_timeout(evutil_socket_t fd, short what, void *arg);
+static void unqueue(struct vm_pool *p, struct vm_call *c);
 static const struct vm_link_ops pool_link_ops;
 static void stream_wait_timeout(evutil_socket_t fd, short what, void *arg);
 static struct vm_link *least_referenced_ready(struct vm_pool *p);
@@ -83,6 +89,8 @@ struct vm_pool *pool_new(struct vm_env *env, const struct vm_pool_ops *ops, void
     p->readonly = readonly;
     TAILQ_INIT(&p->links);
     TAILQ_INIT(&p->queue);
+    TAILQ_INIT(&p->turns);
+    TAILQ_INIT(&p->anon.calls);
     snprintf(p->tag, sizeof(p->tag), "P:%s %s%s", up->name, name, readonly ? " ro" : "");
     p->qtimer = evtimer_new(env->base, queue_timeout, p);
     p->stimer = evtimer_new(env->base, stream_wait_timeout, p);
@@ -107,7 +115,7 @@ void pool_free(struct vm_pool *p)
     p->events = NULL;
     struct vm_call *c;
     while ((c = TAILQ_FIRST(&p->queue))) {
-        TAILQ_REMOVE(&p->queue, c, qentry);
+        unqueue(p, c);
         call_fail(c, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, "internal error: virtmux is shutting down");
     }
     event_free(p->qtimer);
@@ -317,16 +325,37 @@ static void enqueue(struct vm_pool *p, struct vm_call *c)
     int was_empty = TAILQ_EMPTY(&p->queue);
     TAILQ_INSERT_TAIL(&p->queue, c, qentry);
     p->nqueued++;
+    struct vm_fair *f = c->fair ? c->fair : &p->anon;
+    if (TAILQ_EMPTY(&f->calls))
+        TAILQ_INSERT_TAIL(&p->turns, f, entry);
+    TAILQ_INSERT_TAIL(&f->calls, c, fentry);
     if (was_empty)
         arm_qtimer(p);
 }
 
-static struct vm_call *dequeue(struct vm_pool *p)
+/* Take `c` out of the queue (arrival order and its owner's turn). */
+static void unqueue(struct vm_pool *p, struct vm_call *c)
 {
-    struct vm_call *c = TAILQ_FIRST(&p->queue);
-    if (c) {
-        TAILQ_REMOVE(&p->queue, c, qentry);
-        p->nqueued--;
+    TAILQ_REMOVE(&p->queue, c, qentry);
+    p->nqueued--;
+    struct vm_fair *f = c->fair ? c->fair : &p->anon;
+    TAILQ_REMOVE(&f->calls, c, fentry);
+    if (TAILQ_EMPTY(&f->calls))
+        TAILQ_REMOVE(&p->turns, f, entry);
+}
+
+/* The next call to send: the first waiting call of the owner whose turn it is; that owner
+ * goes to the back of the line. */
+static struct vm_call *next_turn(struct vm_pool *p)
+{
+    struct vm_fair *f = TAILQ_FIRST(&p->turns);
+    if (!f)
+        return NULL;
+    struct vm_call *c = TAILQ_FIRST(&f->calls);
+    unqueue(p, c);
+    if (!TAILQ_EMPTY(&f->calls)) {
+        TAILQ_REMOVE(&p->turns, f, entry);
+        TAILQ_INSERT_TAIL(&p->turns, f, entry);
     }
     return c;
 }
@@ -339,7 +368,7 @@ static void queue_timeout(evutil_socket_t fd, short what, void *arg)
     struct vm_call *c;
     int ms = p->env->cfg->queue_timeout_ms;
     while ((c = TAILQ_FIRST(&p->queue)) && !evutil_timercmp(&now, &c->deadline, <)) {
-        dequeue(p);
+        unqueue(p, c);
         char msg[400];
         snprintf(msg, sizeof(msg),
                  "operation timed out: virtmux waited %d ms for a free connection to upstream %s "
@@ -358,7 +387,7 @@ static void pump(struct vm_pool *p)
         struct vm_link *l = least_loaded_ready(p, 1);
         if (!l)
             break;
-        link_send(l, dequeue(p));
+        link_send(l, next_turn(p));
     }
     arm_qtimer(p);
 }
@@ -366,8 +395,10 @@ static void pump(struct vm_pool *p)
 static void fail_queue(struct vm_pool *p, const char *message)
 {
     struct vm_call *c;
-    while ((c = dequeue(p)))
+    while ((c = TAILQ_FIRST(&p->queue))) {
+        unqueue(p, c);
         call_fail(c, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, message);
+    }
     arm_qtimer(p);
 }
 
@@ -470,8 +501,7 @@ static void stream_wait_timeout(evutil_socket_t fd, short what, void *arg)
 
 void pool_cancel_call(struct vm_pool *p, struct vm_call *c)
 {
-    TAILQ_REMOVE(&p->queue, c, qentry);
-    p->nqueued--;
+    unqueue(p, c);
     arm_qtimer(p);
 }
 

@@ -389,6 +389,7 @@ static void forward_call(struct vm_session *s, const struct vm_hdr *h, struct ev
 {
     struct vm_call *c = call_new(call_done, s, 0);
     c->hdr = *h;
+    c->fair = &s->fair;
     evbuffer_add_buffer(c->pkt, pkt);
     TAILQ_INSERT_TAIL(&s->calls, c, sentry);
     s->noutstanding++;
@@ -752,6 +753,7 @@ void session_new(const struct vm_session_host *host, const struct vm_listener_cf
     identity_str(&s->ident, s->ident_str, sizeof(s->ident_str));
     identity_source(&s->ident, s->source, sizeof(s->source));
     TAILQ_INIT(&s->calls);
+    TAILQ_INIT(&s->fair.calls);
     s->peer.ops = &session_peer_ops;
     s->peer.tag = s->tag;
     TAILQ_INIT(&s->peer.subs);

@@ -65,6 +65,7 @@ struct vm_session {
 
     struct vm_keepalive ka;            /* only armed once the client asked feature 10 */
     struct vm_call_list calls;         /* owned: outstanding forwarded calls */
+    struct vm_fair fair;               /* our calls waiting in the pool queue (our turn) */
     int noutstanding;
     size_t outstanding_bytes;          /* bytes of those calls */
     struct vm_peer peer;               /* what events and streams see of us; their lists */

@@ -251,6 +251,35 @@ static void test_fifo(void)
     teardown(&f);
 }
 
+/* Owners take turns: a deep pipeline from one does not hold another's call back. */
+static void test_turns(void)
+{
+    struct fixture f;
+    setup(&f, 1, 30000);
+    enum vm_link_state st[] = {VM_LINK_READY};
+    int load[] = {2};
+    grow(&f, 1, st, load);
+    struct vm_fair a, b;
+    TAILQ_INIT(&a.calls);
+    TAILQ_INIT(&b.calls);
+    struct vm_call *ca[4], *cb;
+    for (int i = 0; i < 4; i++) {
+        ca[i] = new_call();
+        ca[i]->fair = &a;
+        pool_submit(f.p, made[0], ca[i]);
+    }
+    cb = new_call();
+    cb->fair = &b;
+    pool_submit(f.p, made[0], cb); /* arrives after all of a's */
+    struct vm_call *want[] = {ca[0], cb, ca[1], ca[2], ca[3]};
+    for (int i = 0; i < 5; i++) {
+        free_slot(made[0]);
+        CHECK(made[0]->last == want[i]);
+    }
+    CHECK(TAILQ_EMPTY(&a.calls) && TAILQ_EMPTY(&b.calls));
+    teardown(&f);
+}
+
 /* A call that waits longer than queue_timeout_ms ends with "operation timed out". */
 static void test_queue_timeout(void)
 {
@@ -291,6 +320,7 @@ int main(void)
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
         run_case(&cases[i]);
     test_fifo();
+    test_turns();
     test_queue_timeout();
     test_down_fails_queue();
     return check_done();
