@@ -601,7 +601,8 @@ void pool_add_totals(const struct vm_pool *p, struct vm_pool_totals *t)
     t->opening += p->nwaiters;
 }
 
-static const char *const link_states[] = {"connecting", "handshake", "ready", "backoff"};
+static const char *const link_states[] = {"connecting", "handshake", "ready",
+                                          "backoff",    "retiring",  "closed"};
 
 json_t *pool_status_json(const struct vm_pool *p)
 {

@@ -65,7 +65,6 @@ struct vm_link {
     int timer_is_idle;
     int backoff_ms;
     int refs;                    /* sessions whose home this is */
-    int freeing;
 
     uint32_t next_serial;
     struct vm_call **inflight;   /* owned slots; the calls belong to their sessions */
@@ -78,7 +77,6 @@ struct vm_link {
     time_t down_since;           /* first failure since the link was last READY; 0 = up */
     int awaiting_confirm;        /* TLS: libvirtd's 0x01 byte not read yet */
     enum hs_step hs;             /* which handshake reply is expected */
-    int retiring;                /* CONNECT_CLOSE sent; freed on its reply, EOF or timeout */
     struct vm_sasl_client *sasl; /* owned during a SASL handshake */
 };
 
@@ -108,7 +106,7 @@ int link_has_room(const struct vm_link *l)
 static void timer_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct vm_link *l = arg;
-    if (l->retiring) {
+    if (l->state == VM_LINK_RETIRING) {
         link_free(l); /* libvirtd did not answer CONNECT_CLOSE in time */
         return;
     }
@@ -130,7 +128,7 @@ static void timer_cb(evutil_socket_t fd, short what, void *arg)
         vm_warn(l->tag, "giving up: %s", why);
         if (l->owner && l->ops->lost_for_good)
             l->ops->lost_for_good(l->owner, l, why);
-        if (l->freeing)
+        if (l->state == VM_LINK_CLOSED)
             return;
     }
     link_connect(l);
@@ -212,10 +210,11 @@ static void link_free_mem(void *arg)
 
 void link_free(struct vm_link *l)
 {
-    if (l->freeing)
+    if (l->state == VM_LINK_CLOSED)
         return;
-    l->freeing = 1;
-    if (l->retiring) {
+    int was_retiring = l->state == VM_LINK_RETIRING;
+    l->state = VM_LINK_CLOSED;
+    if (was_retiring) {
         /* Nothing in flight, nobody to tell, and the pool may be gone already. */
         conn_free(l->conn);
         l->conn = NULL;
@@ -241,7 +240,7 @@ void link_retire(struct vm_link *l)
     /* Leave the pool now (nothing may be routed here any more), then say goodbye the way a
      * libvirt client does, so libvirtd does not log a connection that simply vanished. */
     leave_owner(l);
-    l->retiring = 1;
+    l->state = VM_LINK_RETIRING;
     keepalive_stop(&l->ka);
     evtimer_del(l->timer);
     l->timer_is_idle = 0;
@@ -273,7 +272,7 @@ void link_unref(struct vm_link *l)
 
 static void maybe_idle(struct vm_link *l)
 {
-    if (l->refs || l->ninflight || l->ninternal || l->state != VM_LINK_READY || l->freeing)
+    if (l->refs || l->ninflight || l->ninternal || l->state != VM_LINK_READY)
         return;
     int secs = l->up->pool.idle_timeout_s;
     arm_timer(l, secs * 1000, 1);
@@ -573,7 +572,7 @@ static void handshake_reply(struct vm_link *l, const struct vm_hdr *h, struct ev
             conn_set_low_mark(l->conn, 256u << 10);
         if (l->owner)
             l->ops->ready(l->owner, l);
-        if (!l->dedicated && !l->freeing)
+        if (!l->dedicated && l->state != VM_LINK_CLOSED)
             maybe_idle(l);
         return;
     }
@@ -590,7 +589,7 @@ static int on_packet(void *owner, struct vm_conn *conn, const struct vm_hdr *hp,
 {
     struct vm_link *l = owner;
     struct vm_hdr h = *hp;
-    if (l->retiring) {
+    if (l->state == VM_LINK_RETIRING) {
         if (h.type == VM_REPLY) {
             link_free(l); /* CONNECT_CLOSE answered */
             return -1;
@@ -624,7 +623,7 @@ static int on_packet(void *owner, struct vm_conn *conn, const struct vm_hdr *hp,
         evbuffer_add_buffer(moved, pkt);
         call_finish(c, moved);
         send_waiting(l);
-        if (l->freeing || !l->conn)
+        if (l->state == VM_LINK_CLOSED || !l->conn)
             return -1;
         if (l->owner && l->ops->slot_free)
             l->ops->slot_free(l->owner, l);
@@ -660,7 +659,7 @@ static int on_raw(void *owner, struct vm_conn *conn, struct evbuffer *in)
 static void on_bad_length(void *owner, struct vm_conn *conn, const uint8_t word[4])
 {
     struct vm_link *l = owner;
-    if (l->retiring)
+    if (l->state == VM_LINK_RETIRING)
         link_free(l);
     else
         link_down(l, NULL, 0, "libvirtd sent an illegal length word");
@@ -677,7 +676,7 @@ static void on_event(void *owner, struct vm_conn *conn, short what)
 {
     struct vm_link *l = owner;
     struct bufferevent *bev = conn_bev(conn);
-    if (l->retiring) {
+    if (l->state == VM_LINK_RETIRING) {
         link_free(l);
         return;
     }
@@ -830,7 +829,7 @@ static void link_down(struct vm_link *l, const void *err_payload, size_t n, cons
     l->conn = NULL;
     vmsasl_client_end(l->sasl); /* after the bufferevent: its filter used the connection */
     l->sasl = NULL;
-    if (l->freeing)
+    if (l->state == VM_LINK_CLOSED)
         vm_debug(l->tag, "closed: %s", why);
     else if (was_ready || l->ninflight)
         vm_warn(l->tag, "connection lost: %s (%d calls in flight)", why, l->ninflight);
@@ -849,6 +848,15 @@ static void link_down(struct vm_link *l, const void *err_payload, size_t n, cons
     }
     fail_waiting(l, msg);
 
+    if (l->state == VM_LINK_CLOSED) {
+        /* link_free is closing it: no reconnect; only a stream still attached hears of it */
+        if (l->dedicated && l->owner) {
+            void *owner = l->owner;
+            l->owner = NULL;
+            l->ops->down(owner, l, err_payload, n, why);
+        }
+        return;
+    }
     l->state = VM_LINK_BACKOFF;
     if (!l->down_since)
         l->down_since = time(NULL);
@@ -857,7 +865,7 @@ static void link_down(struct vm_link *l, const void *err_payload, size_t n, cons
         l->owner = NULL; /* a dedicated link is over once down: its owner hears of it once */
         if (owner)
             l->ops->down(owner, l, err_payload, n, why);
-        if (!l->freeing)
+        if (l->state != VM_LINK_CLOSED)
             link_free(l);
         return;
     }
@@ -865,13 +873,13 @@ static void link_down(struct vm_link *l, const void *err_payload, size_t n, cons
         evtimer_del(l->timer);
         l->timer_is_idle = 0;
     }
-    if (!l->freeing && l->refs > 0) {
+    if (l->state != VM_LINK_CLOSED && l->refs > 0) {
         vm_info(l->tag, "reconnecting in %d ms", l->backoff_ms);
         arm_timer(l, l->backoff_ms, 0);
         l->backoff_ms = l->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : l->backoff_ms * 2;
     }
-    if (!l->freeing && l->owner)
+    if (l->state != VM_LINK_CLOSED && l->owner)
         l->ops->down(l->owner, l, err_payload, n, why);
-    if (!l->freeing && l->refs == 0)
+    if (l->state != VM_LINK_CLOSED && l->refs == 0)
         link_free(l);
 }

@@ -13,7 +13,18 @@
 #include "call.h"
 #include "fwd.h"
 
-enum vm_link_state { VM_LINK_CONNECTING, VM_LINK_HANDSHAKE, VM_LINK_READY, VM_LINK_BACKOFF };
+/* One state, one switch: a link is in exactly one of these.
+ *   CONNECTING -> HANDSHAKE -> READY -> BACKOFF -> CONNECTING ...   (its owner's)
+ *   READY -> RETIRING (CONNECT_CLOSE sent, left its owner) -> CLOSED
+ *   any -> CLOSED (link_free; the memory goes after the loop turn) */
+enum vm_link_state {
+    VM_LINK_CONNECTING,
+    VM_LINK_HANDSHAKE,
+    VM_LINK_READY,
+    VM_LINK_BACKOFF,
+    VM_LINK_RETIRING,
+    VM_LINK_CLOSED,
+};
 
 struct evbuffer;
 struct event_base;
