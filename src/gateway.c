@@ -24,6 +24,7 @@
 #include "pool.h"
 #include "session.h"
 #include "tls.h"
+#include "upstream.h"
 #include "util.h"
 
 struct reap_node {
@@ -55,6 +56,8 @@ struct vm_gateway {
     SSL_CTX **upstream_tls;       /* owned: per upstream, NULL unless tls:// */
     struct vm_session **sessions; /* registry (not owned): index = session slot */
     int capsessions;
+    struct vm_link **retiring;   /* registry (not owned): links saying goodbye, in no pool */
+    int nretiring, capretiring;
     int nunauth;                 /* sessions still authenticating */
 };
 
@@ -130,6 +133,17 @@ static void pool_node_free(void *p)
     free(n);
 }
 
+/*
+ * Shutdown, in this order:
+ *   1. listeners and the admin endpoint: nobody new comes in;
+ *   2. every open session is closed as if its client had left: queued calls are freed, calls
+ *      in flight are swallowed, subscriptions, streams and link references are given back,
+ *      while every pool is still there;
+ *   3. the pools: their links fail the swallowed calls (freeing them) and drop the event
+ *      registrations;
+ *   4. links still retiring (they belong to no pool);
+ *   5. the reap list, which by now holds every session, link and emptied pool.
+ */
 void gateway_free(struct vm_gateway *gw)
 {
     if (!gw)
@@ -139,12 +153,16 @@ void gateway_free(struct vm_gateway *gw)
             listener_free(gw->listeners[i]);
     free(gw->listeners);
     admin_free(gw->admin);
+    while (gw->nsessions > 0) /* each close leaves the registry */
+        session_close(gw->sessions[gw->nsessions - 1], "virtmux is shutting down");
     while (!LIST_EMPTY(&gw->pools)) {
         struct pool_node *n = LIST_FIRST(&gw->pools);
         LIST_REMOVE(n, entry);
         if (!n->dying)
             pool_node_free(n);
     }
+    while (gw->nretiring > 0) /* each free leaves the registry */
+        link_free(gw->retiring[gw->nretiring - 1]);
     reap(-1, 0, gw);
     event_free(gw->reaper);
     audit_free(gw->audit);
@@ -152,6 +170,7 @@ void gateway_free(struct vm_gateway *gw)
         auth_global_done();
     free(gw->rule_sessions);
     free(gw->sessions);
+    free(gw->retiring);
     for (int i = 0; gw->upstream_tls && i < gw->cfg->nupstreams; i++)
         if (gw->upstream_tls[i])
             tls_ctx_free(gw->upstream_tls[i]);
@@ -324,6 +343,27 @@ void gateway_link_lost(struct vm_gateway *gw, struct vm_link *l, const char *why
     for (int i = gw->nsessions - 1; i >= 0; i--)
         if (i < gw->nsessions && session_home(gw->sessions[i]) == l)
             session_upstream_lost(gw->sessions[i], why);
+}
+
+void gateway_link_retiring(struct vm_gateway *gw, struct vm_link *l)
+{
+    if (gw->nretiring == gw->capretiring) {
+        gw->capretiring = gw->capretiring ? gw->capretiring * 2 : 16;
+        gw->retiring = realloc(gw->retiring, (size_t)gw->capretiring * sizeof(*gw->retiring));
+        if (!gw->retiring)
+            abort();
+    }
+    gw->retiring[gw->nretiring++] = l;
+}
+
+void gateway_link_retired(struct vm_gateway *gw, struct vm_link *l)
+{
+    for (int i = 0; i < gw->nretiring; i++) {
+        if (gw->retiring[i] == l) {
+            gw->retiring[i] = gw->retiring[--gw->nretiring];
+            return;
+        }
+    }
 }
 
 void gateway_defer_free(struct vm_gateway *gw, void (*fn)(void *), void *p)

@@ -15,6 +15,8 @@ struct vm_rule;
 struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg);
 /* Bind every listener. Returns -1 (after logging) if any fails. */
 int gateway_start(struct vm_gateway *gw) VM_WUR;
+/* After the loop has stopped: close every session, then free pools, links and everything
+ * else the gateway owns. */
 void gateway_free(struct vm_gateway *gw);
 /* Re-read every TLS listener's certificate files (SIGHUP); -1 if any failed (it keeps its
  * old ones). */
@@ -44,6 +46,11 @@ int gateway_unauth_acquire(struct vm_gateway *gw) VM_WUR;
 void gateway_unauth_release(struct vm_gateway *gw);
 /* An upstream connection is lost for good: tell every session homed on it. */
 void gateway_link_lost(struct vm_gateway *gw, struct vm_link *l, const char *why);
+
+/* Links that left their pool to say goodbye (link_retire) are registered here until freed,
+ * so that shutdown can free them too. */
+void gateway_link_retiring(struct vm_gateway *gw, struct vm_link *l);
+void gateway_link_retired(struct vm_gateway *gw, struct vm_link *l);
 
 /* Policy denials are recorded here. */
 struct vm_audit *gateway_audit(const struct vm_gateway *gw);

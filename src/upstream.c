@@ -203,6 +203,7 @@ void link_free(struct vm_link *l)
     l->freeing = 1;
     if (l->retiring) {
         /* Nothing in flight, nobody to tell, and the pool may be gone already. */
+        gateway_link_retired(l->gw, l);
         if (l->bev)
             bufferevent_free(l->bev);
         l->bev = NULL;
@@ -231,6 +232,7 @@ void link_retire(struct vm_link *l)
     if (!l->dedicated)
         pool_link_gone(l->pool, l);
     l->retiring = 1;
+    gateway_link_retiring(l->gw, l);
     l->stream = NULL;
     keepalive_stop(&l->ka);
     evtimer_del(l->timer);
