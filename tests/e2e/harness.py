@@ -135,11 +135,27 @@ def _with_options(env, key, ours):
     env[key] = "%s:%s" % (theirs, ours) if theirs else ours
 
 
-def sanitizer_env(env=None):
+def uses_sasl(config):
+    """Whether a gateway config can run cyrus-sasl (a SASL listener or an
+    upstream with SASL credentials)."""
+    return ("sasl" in config
+            or any("sasl" in (lst.get("auth") or "")
+                   for lst in config.get("listeners", []))
+            or any("sasl" in up for up in config.get("upstreams", [])))
+
+
+def sanitizer_env(env=None, whole_stacks=False):
     """The environment for a virtmux process: `env` (default os.environ)
     plus sanitizer options that write every report into SANITIZER_DIR. A
     leak or an error makes the process exit non-zero; UBSan stops at the
-    first report. Processes that are not sanitized ignore all of this."""
+    first report. Processes that are not sanitized ignore all of this.
+
+    whole_stacks: record allocation stacks by DWARF unwinding instead of
+    frame pointers (fast_unwind_on_malloc=0). The suppressions in
+    LSAN_SUPPRESSIONS match frames of cyrus-sasl and OpenSSL, which are
+    built without frame pointers, so a gateway that runs cyrus-sasl needs
+    it; it makes every allocation costly (a SCRAM login about 30 times
+    slower), so the others go without."""
     env = dict(os.environ if env is None else env)
     if not SANITIZER_DIR:
         return env
@@ -147,13 +163,11 @@ def sanitizer_env(env=None):
     # share it (UBSAN_OPTIONS is parsed last). UBSan's own reports still go
     # to stderr, i.e. the gateway's log: see sanitizer_log_findings.
     log_path = "log_path=%s/sanitizer" % SANITIZER_DIR
-    # fast_unwind_on_malloc=0: whole allocation stacks through libraries
-    # built without frame pointers, which the suppressions need to match
     _with_options(env, "ASAN_OPTIONS",
                   log_path + ":detect_leaks=1:abort_on_error=0:"
-                  "fast_unwind_on_malloc=0:strict_string_checks=1:"
+                  "fast_unwind_on_malloc=%d:strict_string_checks=1:"
                   "detect_stack_use_after_return=1:"
-                  "check_initialization_order=1")
+                  "check_initialization_order=1" % (0 if whole_stacks else 1))
     _with_options(env, "UBSAN_OPTIONS",
                   log_path + ":print_stacktrace=1:halt_on_error=1")
     if LSAN_SUPPRESSIONS.exists():
@@ -680,7 +694,8 @@ class Virtmux:
                                  + self.extra_args),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, cwd=self.tmpdir,
-                env=sanitizer_env(dict(os.environ, **(self.env or {}))))
+                env=sanitizer_env(dict(os.environ, **(self.env or {})),
+                                  whole_stacks=uses_sasl(self.config)))
         finally:
             log.close()
         deadline = time.monotonic() + self.start_timeout
