@@ -35,7 +35,8 @@
  *   events.max_queue_bytes int, 8388608: a subscriber whose unsent output would pass this is
  *                          cut off (closed), so it cannot hold the others back
  *   sasl.sasldb            path of the sasldb (never /etc unless you say so)
- *   sasl.mechanisms        ["scram-sha-256", "digest-md5", "gssapi"], all three
+ *   sasl.mechanisms        ["scram-sha-256", "digest-md5", "gssapi"], default scram-sha-256 and
+ *                          gssapi: digest-md5 leaks in cyrus-sasl, offered only when listed
  *   sasl.allowed_users     [globs], any
  *   sasl.keytab            GSSAPI keytab path, optional
  *   sasl.service_host      host part of the GSSAPI principal libvirt/HOST, the machine's name

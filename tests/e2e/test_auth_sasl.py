@@ -220,6 +220,58 @@ def test_digest_md5_over_tcp_with_security_layer(sasl_gw, connections):
                for l in log.splitlines())
 
 
+PROC_AUTH_SASL_INIT = 67
+
+
+def offered_mechanisms(client):
+    """AUTH_SASL_INIT on a fresh RawClient: the mechanism list, or the
+    error message if the gateway has none for this transport."""
+    pkt = client.call(PROC_AUTH_SASL_INIT)
+    if pkt.status != harness.STATUS_OK:
+        return harness.decode_error(pkt.payload)["message"]
+    return harness.XdrReader(pkt.payload).string().split(",")
+
+
+def test_digest_md5_only_when_configured(env, shared_libvirtd, gateway):
+    """DIGEST-MD5 leaks memory inside cyrus-sasl on every login with a
+    security layer (docs/RELIABILITY.md): without sasl.mechanisms the
+    gateway offers SCRAM-SHA-256 and GSSAPI only, so a plain TCP client
+    finds no mechanism it can use; listing digest-md5 brings it back."""
+    def start(mechanisms):
+        sasl = {"sasldb": env["sasldb"]}
+        if mechanisms is not None:
+            sasl["mechanisms"] = mechanisms
+        sock = os.path.join(env["dir"], "gw-%d.sock" % harness.free_port())
+        return gateway(harness.make_config(
+            [harness.upstream_entry("hv1", shared_libvirtd.direct_uri)],
+            default_upstream="hv1", sasl=sasl, listeners=[
+                {"name": "tcpsasl", "auth": "sasl",
+                 "address": "127.0.0.1:%d" % harness.free_port()},
+                {"name": "unixsasl", "auth": "sasl", "unix": sock}])), sock
+
+    gw, sock = start(None)
+    with harness.RawClient(unix=sock) as c:
+        mechs = offered_mechanisms(c)
+    assert "SCRAM-SHA-256" in mechs and "DIGEST-MD5" not in mechs, mechs
+    with harness.RawClient(port=gw.port) as c:
+        mechs = offered_mechanisms(c)
+    assert "DIGEST-MD5" not in mechs, mechs
+    # a password client over plain TCP has nothing to log in with
+    e = open_error("test+tcp://127.0.0.1:%d/default" % gw.port, "alice",
+                   USERS["alice"])
+    assert e.get_error_code() == libvirt.VIR_ERR_AUTH_FAILED, e
+
+    gw, sock = start(["digest-md5"])
+    with harness.RawClient(port=gw.port) as c:
+        assert offered_mechanisms(c) == ["DIGEST-MD5"]
+    conn = open_auth("test+tcp://127.0.0.1:%d/default" % gw.port, "alice",
+                     USERS["alice"])
+    try:
+        assert domain_names(conn) == ["test"]
+    finally:
+        conn.close()
+
+
 def test_digest_md5_bytes_on_the_wire_are_encrypted(sasl_gw, shared_libvirtd,
                                                     gateway):
     """A relay between client and gateway records the stream: after the
