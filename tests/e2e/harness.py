@@ -582,6 +582,14 @@ def virtmux_binary():
     return build_dir() / "proxy" / "virtmux"
 
 
+def is_sanitized(binary=None):
+    """Whether the virtmux binary was built with AddressSanitizer (its
+    memory use then says nothing about leaks; LeakSanitizer does)."""
+    path = Path(binary) if binary else virtmux_binary()
+    with open(str(path), "rb") as f:
+        return b"__asan_init" in f.read()
+
+
 def upstream_entry(name, uri, **pool):
     entry = {"name": name, "uri": uri}
     if pool:
