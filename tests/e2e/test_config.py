@@ -120,7 +120,8 @@ def test_missing_file(virtmux_bin):
     missing = os.path.join(tempfile.gettempdir(), "virtmux-no-such-file.json")
     r = subprocess.run([str(virtmux_bin), "--check-config", missing],
                        stdin=subprocess.DEVNULL, capture_output=True,
-                       text=True, timeout=10)
+                       text=True, timeout=harness.scaled(10),
+                       env=harness.sanitizer_env())
     assert r.returncode == 1
     assert r.stderr.strip()
 
