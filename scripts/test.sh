@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install dependencies, build, run the unit tests, the container test and the
-# end-to-end suite.
+# Install dependencies, build, run the unit tests, the container test and the end-to-end
+# suite, then the same again under AddressSanitizer, LeakSanitizer and UBSan
+# (scripts/test-asan.sh).
 # Exits non-zero if anything fails (including pytest collecting no tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,5 +41,11 @@ case $rc in
     5) echo "pytest collected no tests: treating as failure"; status=1 ;;
     *) echo "end-to-end tests FAILED (pytest exit $rc)"; status=1 ;;
 esac
+
+echo "=== sanitizer stage (scripts/test-asan.sh) ==="
+if ! bash scripts/test-asan.sh; then
+    echo "sanitizer stage FAILED"
+    status=1
+fi
 
 exit $status

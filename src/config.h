@@ -43,7 +43,8 @@
  *   Secret files (TLS keys, sasl.sasldb, sasl.keytab, upstreams[].sasl.password_file) with
  *   mode & 0006 are refused: other users must not read or write them.
  *   sasl.sasldb            path of the sasldb (never /etc unless you say so)
- *   sasl.mechanisms        ["scram-sha-256", "digest-md5", "gssapi"], all three
+ *   sasl.mechanisms        ["scram-sha-256", "digest-md5", "gssapi"], default scram-sha-256 and
+ *                          gssapi: digest-md5 leaks in cyrus-sasl, offered only when listed
  *   sasl.allowed_users     [globs], any
  *   sasl.keytab            GSSAPI keytab path, optional
  *   sasl.service_host      host part of the GSSAPI principal libvirt/HOST, the machine's name

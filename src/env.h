@@ -8,12 +8,14 @@ struct event_base;
 struct vm_audit;
 struct vm_config;
 struct vm_reaper;
+struct vm_link_list;
 
 struct vm_env {
     struct event_base *base;
     struct vm_reaper *reaper;
     const struct vm_config *cfg;
     struct vm_audit *audit;
+    struct vm_link_list *retiring; /* links saying goodbye, in no pool (freed at shutdown) */
     unsigned next_id;
 };
 

@@ -28,6 +28,7 @@
 #include "srccount.h"
 #include "stream.h"
 #include "tls.h"
+#include "upstream.h"
 #include "util.h"
 
 struct pool_node {
@@ -53,6 +54,7 @@ struct vm_gateway {
     SSL_CTX **upstream_tls;       /* owned: per upstream, NULL unless tls:// */
     struct vm_session **sessions; /* registry (not owned): index = session slot */
     int capsessions;
+    struct vm_link_list retiring; /* links saying goodbye (in no pool): freed at shutdown */
     int nunauth;                 /* sessions still authenticating */
     struct vm_srccount *unauth_by_source; /* owned: the same, per source */
     long refused_unauth;         /* closed on accept: max_unauthenticated reached */
@@ -71,7 +73,9 @@ struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
     gw->listeners = calloc((size_t)cfg->nlisteners, sizeof(*gw->listeners));
     gw->reaper = reaper_new(base);
     gw->audit = audit_new();
-    gw->env = (struct vm_env){.base = base, .reaper = gw->reaper, .cfg = cfg, .audit = gw->audit};
+    TAILQ_INIT(&gw->retiring);
+    gw->env = (struct vm_env){.base = base, .reaper = gw->reaper, .cfg = cfg, .audit = gw->audit,
+                              .retiring = &gw->retiring};
     gw->host = (struct vm_session_host){.ops = &gateway_host_ops, .owner = gw, .env = &gw->env};
     gw->rule_sessions = calloc((size_t)cfg->nrules + 1, sizeof(int));
     gw->unauth_by_source = srccount_new();
@@ -137,6 +141,17 @@ static void pool_node_free(void *p)
     free(n);
 }
 
+/*
+ * Shutdown, in this order:
+ *   1. listeners and the admin endpoint: nobody new comes in;
+ *   2. every open session is closed as if its client had left: queued calls are freed, calls
+ *      in flight are swallowed, subscriptions, streams and link references are given back,
+ *      while every pool is still there;
+ *   3. the pools: their links fail the swallowed calls (freeing them) and drop the event
+ *      registrations;
+ *   4. links still retiring (they belong to no pool);
+ *   5. the reap list, which by now holds every session, link and emptied pool.
+ */
 void gateway_free(struct vm_gateway *gw)
 {
     if (!gw)
@@ -146,12 +161,15 @@ void gateway_free(struct vm_gateway *gw)
             listener_free(gw->listeners[i]);
     free(gw->listeners);
     admin_free(gw->admin);
+    while (gw->nsessions > 0) /* each close leaves the registry */
+        session_close(gw->sessions[gw->nsessions - 1], "virtmux is shutting down");
     while (!LIST_EMPTY(&gw->pools)) {
         struct pool_node *n = LIST_FIRST(&gw->pools);
         LIST_REMOVE(n, entry);
         if (!n->dying)
             pool_node_free(n);
     }
+    link_free_retiring(&gw->retiring); /* links saying goodbye belong to no pool */
     reaper_free(gw->reaper);
     audit_free(gw->audit);
     if (gw->cfg->sasl)

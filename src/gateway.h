@@ -15,6 +15,8 @@ struct vm_rule;
 struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg);
 /* Bind every listener. Returns -1 (after logging) if any fails. */
 int gateway_start(struct vm_gateway *gw) VM_WUR;
+/* After the loop has stopped: close every session, then free pools, links and everything
+ * else the gateway owns. */
 void gateway_free(struct vm_gateway *gw);
 /* Re-read every TLS listener's certificate files (SIGHUP); -1 if any failed (it keeps its
  * old ones). */

@@ -165,6 +165,7 @@ void pool_link_params(struct vm_pool *p, struct vm_link_params *lp)
     *lp = (struct vm_link_params){
         .base = p->env->base,
         .reaper = p->env->reaper,
+        .retiring = p->env->retiring,
         .up = p->up,
         .name = p->name,
         .readonly = p->readonly,

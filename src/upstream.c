@@ -78,6 +78,7 @@ struct vm_link {
     int awaiting_confirm;        /* TLS: libvirtd's 0x01 byte not read yet */
     enum hs_step hs;             /* which handshake reply is expected */
     struct vm_sasl_client *sasl; /* owned during a SASL handshake */
+    TAILQ_ENTRY(vm_link) rentry; /* in p.retiring while RETIRING */
 };
 
 static void link_connect(struct vm_link *l);
@@ -167,6 +168,13 @@ struct vm_link *link_new(const struct vm_link_params *p, const struct vm_link_op
     return l;
 }
 
+void link_free_retiring(struct vm_link_list *list)
+{
+    struct vm_link *l;
+    while ((l = TAILQ_FIRST(list)))
+        link_free(l); /* leaves the list */
+}
+
 void link_detach(struct vm_link *l)
 {
     l->owner = NULL;
@@ -216,6 +224,7 @@ void link_free(struct vm_link *l)
     l->state = VM_LINK_CLOSED;
     if (was_retiring) {
         /* Nothing in flight, nobody to tell, and the pool may be gone already. */
+        TAILQ_REMOVE(l->p.retiring, l, rentry);
         conn_free(l->conn);
         l->conn = NULL;
         vmsasl_client_end(l->sasl);
@@ -241,6 +250,7 @@ void link_retire(struct vm_link *l)
      * libvirt client does, so libvirtd does not log a connection that simply vanished. */
     leave_owner(l);
     l->state = VM_LINK_RETIRING;
+    TAILQ_INSERT_TAIL(l->p.retiring, l, rentry);
     keepalive_stop(&l->ka);
     evtimer_del(l->timer);
     l->timer_is_idle = 0;

@@ -26,8 +26,11 @@ enum vm_link_state {
     VM_LINK_CLOSED,
 };
 
+#include <sys/queue.h>
+
 struct evbuffer;
 struct event_base;
+TAILQ_HEAD(vm_link_list, vm_link);
 struct vm_reaper;
 typedef struct ssl_ctx_st SSL_CTX;
 
@@ -35,6 +38,7 @@ typedef struct ssl_ctx_st SSL_CTX;
 struct vm_link_params {
     struct event_base *base;
     struct vm_reaper *reaper;          /* frees the link after the loop turn it closed in */
+    struct vm_link_list *retiring;     /* where it waits while saying goodbye (link_retire) */
     const struct vm_upstream_cfg *up;  /* config snapshot; outlives the link */
     const char *name;                  /* the name to open upstream (copied) */
     int readonly;                      /* open with VIR_CONNECT_RO */
@@ -69,6 +73,8 @@ struct vm_link_ops {
 /* A new link; it starts connecting from the loop, never inside the caller. */
 struct vm_link *link_new(const struct vm_link_params *p, const struct vm_link_ops *ops,
                          void *owner);
+/* Free every link on `list` (the retiring ones, at shutdown). */
+void link_free_retiring(struct vm_link_list *list);
 /* The owner is done with the link: no more callbacks. */
 void link_detach(struct vm_link *l);
 /* Raw access for a dedicated link. */

@@ -5,7 +5,10 @@ virtmux binary is a test failure with a message that says what to do.
 """
 
 import os
+import re
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -87,6 +90,103 @@ def pytest_runtest_makereport(item, call):
                          + harness.tail(proc.log_path, 30)))
             except Exception as e:  # never hide the real failure
                 rep.sections.append(("log error", repr(e)))
+
+
+# --------------------------------------------------------------------------
+# sanitizer reports: any report from a virtmux process fails the test
+# --------------------------------------------------------------------------
+#
+# Every virtmux process writes its AddressSanitizer / LeakSanitizer / UBSan
+# reports into a directory of its own test (or module, for gateways that
+# module fixtures start), see harness.sanitizer_env. A test fails when a
+# report appears in either while it runs or stops its processes; a module
+# fails at teardown for its module gateways; the session fails for anything
+# left. Without a sanitizer build no report is ever written.
+
+_san = {"root": None, "seen": set()}
+
+
+def _san_root():
+    if _san["root"] is None:
+        root = os.environ.get("VIRTMUX_SANITIZER_LOGS")
+        if root:
+            os.makedirs(root, exist_ok=True)
+        else:
+            root = tempfile.mkdtemp(prefix="virtmux-san-")
+        _san["root"] = root
+    return _san["root"]
+
+
+def _san_dir(node):
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", node.nodeid)[-150:]
+    path = os.path.join(_san_root(), name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _san_new_reports(*dirs):
+    found = []
+    for d in dirs:
+        for path, text in harness.sanitizer_reports(d):
+            if path not in _san["seen"]:
+                _san["seen"].add(path)
+                found.append((path, text))
+    return found
+
+
+def _san_format(found):
+    return "\n".join("--- %s ---\n%s" % (path, text[-30000:])
+                     for path, text in found)
+
+
+def _san_drop_if_empty(path):
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _sanitizer_module(request):
+    path = _san_dir(request.node)
+    harness.set_sanitizer_dir(path)
+    yield path
+    harness.set_sanitizer_dir(None)
+    found = _san_new_reports(path)
+    _san_drop_if_empty(path)
+    if found:
+        pytest.fail("sanitizer report(s) from a module's gateway:\n"
+                    + _san_format(found), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _sanitizer_test(request, _sanitizer_module):
+    path = _san_dir(request.node)
+    harness.set_sanitizer_dir(path)
+    yield path
+    # the fixtures the test used are torn down by now: its gateways stopped
+    harness.set_sanitizer_dir(_sanitizer_module)
+    found = _san_new_reports(path, _sanitizer_module)
+    _san_drop_if_empty(path)
+    if found:
+        pytest.fail("sanitizer report(s):\n" + _san_format(found),
+                    pytrace=False)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    root = _san["root"]
+    if root is None:
+        return
+    left = []
+    for dirpath, _, _ in os.walk(root):
+        left.extend(_san_new_reports(dirpath))
+    if left:
+        sys.stderr.write("\nsanitizer report(s) not tied to a test:\n%s\n"
+                         % _san_format(left))
+        session.exitstatus = 1
+    if not os.environ.get("VIRTMUX_SANITIZER_LOGS") and not any(
+            files for _, _, files in os.walk(root)):
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _register(request, proc):
@@ -171,6 +271,10 @@ class _GatewayFactory:
                 crashed.append("virtmux exited unexpectedly with %s\n%s"
                                % (gw.proc.returncode, gw.log_tail(40)))
             gw.stop()
+            found = harness.sanitizer_log_findings(gw.log_text())
+            if found:
+                crashed.append("sanitizer report in the virtmux log (%s):\n%s"
+                               % (gw.log_path, found))
         for gw in self.started:
             gw.cleanup()
         return crashed

@@ -86,6 +86,113 @@ class HarnessError(RuntimeError):
 
 
 # --------------------------------------------------------------------------
+# slower builds: time scale and sanitizer reports
+# --------------------------------------------------------------------------
+
+# A sanitizer (or valgrind) build runs several times slower: VIRTMUX_TIME_SCALE
+# (scripts/test-asan.sh sets it) multiplies the waits that bound how long the
+# gateway may take. It never shortens a wait, and the timings the gateway
+# itself is configured with stay as the tests wrote them.
+TIME_SCALE = max(1.0, float(os.environ.get("VIRTMUX_TIME_SCALE") or 1))
+
+
+def scaled(seconds):
+    """seconds times VIRTMUX_TIME_SCALE: the bound on a wait for the gateway."""
+    return seconds * TIME_SCALE
+
+
+# Where AddressSanitizer, LeakSanitizer and UBSan write their reports for the
+# virtmux processes started from now on (the conftest sets one directory per
+# test and fails a test whose directory holds a report). None: the
+# environment is left alone and reports, if any, go to the process's log.
+SANITIZER_DIR = None
+LSAN_SUPPRESSIONS = REPO_ROOT / "scripts" / "lsan.supp"
+
+
+def set_sanitizer_dir(path):
+    global SANITIZER_DIR
+    SANITIZER_DIR = path
+
+
+_SANITIZER_MARKS = (": runtime error: ", "ERROR: AddressSanitizer",
+                    "ERROR: LeakSanitizer", "WARNING: AddressSanitizer")
+
+
+def sanitizer_log_findings(text, context=12):
+    """The sanitizer reports written to a process's log (UBSan's always
+    are): each marked line with the stack lines after it; "" if none."""
+    lines = text.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if any(m in line for m in _SANITIZER_MARKS):
+            out.extend(lines[i:i + context])
+    return "\n".join(out)
+
+
+def _with_options(env, key, ours):
+    """Append our options to the caller's, so that ours win."""
+    theirs = env.get(key)
+    env[key] = "%s:%s" % (theirs, ours) if theirs else ours
+
+
+def uses_sasl(config):
+    """Whether a gateway config can run cyrus-sasl (a SASL listener or an
+    upstream with SASL credentials)."""
+    return ("sasl" in config
+            or any("sasl" in (lst.get("auth") or "")
+                   for lst in config.get("listeners", []))
+            or any("sasl" in up for up in config.get("upstreams", [])))
+
+
+def sanitizer_env(env=None, whole_stacks=False):
+    """The environment for a virtmux process: `env` (default os.environ)
+    plus sanitizer options that write every report into SANITIZER_DIR. A
+    leak or an error makes the process exit non-zero; UBSan stops at the
+    first report. Processes that are not sanitized ignore all of this.
+
+    whole_stacks: record allocation stacks by DWARF unwinding instead of
+    frame pointers (fast_unwind_on_malloc=0). The suppressions in
+    LSAN_SUPPRESSIONS match frames of cyrus-sasl and OpenSSL, which are
+    built without frame pointers, so a gateway that runs cyrus-sasl needs
+    it; it makes every allocation costly (a SCRAM login about 30 times
+    slower), so the others go without."""
+    env = dict(os.environ if env is None else env)
+    if not SANITIZER_DIR:
+        return env
+    # One log_path for both: with ASan and UBSan in one binary the runtimes
+    # share it (UBSAN_OPTIONS is parsed last). UBSan's own reports still go
+    # to stderr, i.e. the gateway's log: see sanitizer_log_findings.
+    log_path = "log_path=%s/sanitizer" % SANITIZER_DIR
+    _with_options(env, "ASAN_OPTIONS",
+                  log_path + ":detect_leaks=1:abort_on_error=0:"
+                  "fast_unwind_on_malloc=%d:strict_string_checks=1:"
+                  "detect_stack_use_after_return=1:"
+                  "check_initialization_order=1" % (0 if whole_stacks else 1))
+    _with_options(env, "UBSAN_OPTIONS",
+                  log_path + ":print_stacktrace=1:halt_on_error=1")
+    if LSAN_SUPPRESSIONS.exists():
+        _with_options(env, "LSAN_OPTIONS",
+                      "suppressions=%s:print_suppressions=0"
+                      % LSAN_SUPPRESSIONS)
+    return env
+
+
+def sanitizer_reports(directory):
+    """[(path, text)] of the sanitizer reports in a directory."""
+    out = []
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return out
+    for name in names:
+        path = os.path.join(directory, name)
+        if name.startswith("sanitizer.") and os.path.isfile(path):
+            with open(path, "r", errors="replace") as f:
+                out.append((path, f.read()))
+    return out
+
+
+# --------------------------------------------------------------------------
 # small utilities
 # --------------------------------------------------------------------------
 
@@ -475,6 +582,14 @@ def virtmux_binary():
     return build_dir() / "proxy" / "virtmux"
 
 
+def is_sanitized(binary=None):
+    """Whether the virtmux binary was built with AddressSanitizer (its
+    memory use then says nothing about leaks; LeakSanitizer does)."""
+    path = Path(binary) if binary else virtmux_binary()
+    with open(str(path), "rb") as f:
+        return b"__asan_init" in f.read()
+
+
 def upstream_entry(name, uri, **pool):
     entry = {"name": name, "uri": uri}
     if pool:
@@ -518,7 +633,7 @@ class Virtmux:
         self.verbose = verbose
         self.binary = Path(binary) if binary else virtmux_binary()
         self.extra_args = list(extra_args)
-        self.start_timeout = start_timeout
+        self.start_timeout = scaled(start_timeout)
         self.tmpdir = tempfile.mkdtemp(prefix="virtmux-gw-")
         self.config_path = os.path.join(self.tmpdir, "virtmux.json")
         self.log_path = os.path.join(self.tmpdir, "virtmux.log")
@@ -587,7 +702,8 @@ class Virtmux:
                                  + self.extra_args),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, cwd=self.tmpdir,
-                env=dict(os.environ, **self.env) if self.env else None)
+                env=sanitizer_env(dict(os.environ, **(self.env or {})),
+                                  whole_stacks=uses_sasl(self.config)))
         finally:
             log.close()
         deadline = time.monotonic() + self.start_timeout
@@ -612,7 +728,8 @@ class Virtmux:
             return None
         if self.proc.poll() is None:
             _signal_group(self.proc, sig)
-            if not _wait_exit(self.proc, timeout):
+            # a sanitized gateway checks for leaks on its way out
+            if not _wait_exit(self.proc, scaled(timeout)):
                 _signal_group(self.proc, signal.SIGKILL)
                 _wait_exit(self.proc, 5.0)
         self.returncode = self.proc.returncode
@@ -668,7 +785,8 @@ def check_config(config_or_path, binary=None, timeout=10.0):
     try:
         return subprocess.run([str(binary), "--check-config", path],
                               stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, timeout=timeout)
+                              text=True, timeout=scaled(timeout),
+                              env=sanitizer_env())
     finally:
         if tmp:
             os.unlink(tmp)

@@ -120,7 +120,8 @@ def test_missing_file(virtmux_bin):
     missing = os.path.join(tempfile.gettempdir(), "virtmux-no-such-file.json")
     r = subprocess.run([str(virtmux_bin), "--check-config", missing],
                        stdin=subprocess.DEVNULL, capture_output=True,
-                       text=True, timeout=10)
+                       text=True, timeout=harness.scaled(10),
+                       env=harness.sanitizer_env())
     assert r.returncode == 1
     assert r.stderr.strip()
 
@@ -160,3 +161,72 @@ def test_clean_exit_on_signal(libvirtd, gateway, sig, state):
             except libvirt.libvirtError:
                 pass
     assert virsh(gw.uri(), "list").returncode == 1      # it is gone
+
+
+PROC_DOMAIN_SCREENSHOT = 211
+
+
+def _start_screenshot(client):
+    """Start a screenshot stream on a RawClient and leave it open: the
+    gateway holds a dedicated upstream connection for it until the client
+    finishes, aborts or leaves."""
+    dom = client.lookup_domain("test")
+    pkt = client.call(PROC_DOMAIN_SCREENSHOT,
+                      harness.xdr_domain(dom["name"], dom["uuid"], dom["id"])
+                      + harness.xdr_u32(0) + harness.xdr_u32(0))
+    harness.RawClient.check_ok(pkt)
+    return dom
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT],
+                         ids=["SIGTERM", "SIGINT"])
+def test_exit_with_everything_in_flight(libvirtd, gateway, raw_subscribers,
+                                        sig):
+    """Stopped while sessions hold every kind of state: an event
+    registration, an open stream, a stream's connection saying goodbye to a
+    libvirtd that does not answer, a call in flight and one queued behind
+    it. The gateway closes every session and frees everything (the
+    sanitizer stage checks that nothing leaks and nothing freed is used) and
+    exits 0."""
+    gw = gateway.single(libvirtd.direct_uri,
+                        pool={"max_connections": 1, "max_inflight": 1})
+    sub = raw_subscribers(port=gw.port)
+    sub.register()
+    streaming = harness.RawClient(port=gw.port)
+    leaving = harness.RawClient(port=gw.port)
+    caller = harness.RawClient(port=gw.port)
+    try:
+        streaming.handshake()
+        _start_screenshot(streaming)
+        leaving.handshake()
+        _start_screenshot(leaving)
+        caller.handshake()
+        dom = caller.lookup_domain("test")
+
+        libvirtd.sigstop()
+        # the stream's connection retires: CONNECT_CLOSE goes unanswered
+        leaving.close()
+        info = harness.xdr_domain(dom["name"], dom["uuid"], dom["id"])
+        for _ in range(2):      # one in flight, one queued behind it
+            caller.send_packet(harness.REMOTE_PROGRAM,
+                               harness.REMOTE_VERSION,
+                               harness.PROC_DOMAIN_GET_INFO,
+                               harness.TYPE_CALL, caller.next_serial(),
+                               payload=info)
+        assert harness.wait_until(
+            lambda: "stream" in gw.log_text()
+            and "closed: client hung up" in gw.log_text(),
+            harness.scaled(5.0)), gw.log_tail()
+        time.sleep(0.3)
+
+        rc = gw.stop(timeout=10, sig=sig)
+        assert rc == 0, gw.log_tail()
+        # every session still open was closed on the way out
+        log = gw.log_text()
+        assert log.count("closed: virtmux is shutting down") == 3, log
+        assert "closed: virtmux is shutting down (2 calls outstanding)" \
+            in log, log
+    finally:
+        libvirtd.sigcont()
+        for c in (streaming, leaving, caller):
+            c.close()

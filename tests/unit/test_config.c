@@ -119,6 +119,20 @@ int main(void)
                   ",\"limits\":{\"max_unauthenticated\":4,\"max_unauthenticated_per_source\":6}}");
     CHECK(e && strstr(e, "limits.max_unauthenticated_per_source: 6 is more than "
                          "limits.max_unauthenticated (4)"));
+    /* DIGEST-MD5 leaks in cyrus-sasl: offered only when listed */
+    cfg = config_parse("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}]," UP ",\"sasl\":{}}",
+                       stderr);
+    CHECK(cfg && cfg->sasl);
+    if (cfg && cfg->sasl)
+        CHECK_STR(cfg->sasl->mechanisms, "scram-sha-256 gssapi");
+    config_free(cfg);
+    cfg = config_parse("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}]," UP
+                       ",\"sasl\":{\"mechanisms\":[\"digest-md5\",\"scram-sha-256\"]}}",
+                       stderr);
+    CHECK(cfg && cfg->sasl);
+    if (cfg && cfg->sasl)
+        CHECK_STR(cfg->sasl->mechanisms, "digest-md5 scram-sha-256");
+    config_free(cfg);
     e = errors_of("not json");
     CHECK(e && strstr(e, "(string):1"));
     return check_done();
