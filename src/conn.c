@@ -8,12 +8,16 @@
 
 #include "util.h"
 
+/* Encoded bytes a SASL layer may queue in the socket's buffer before the plaintext waits. */
+#define DEFAULT_LAYER_CAP (256u << 10)
+
 struct vm_conn {
     struct bufferevent *bev;     /* owned: the top of the stack (socket, TLS, or filter) */
     const struct vm_conn_ops *ops;
     void *owner;                 /* not owned */
     struct event *kick;          /* owned: resumes framing from the loop */
     struct event *flush;         /* owned: writes a plain socket at the end of the turn */
+    struct event *hup;           /* owned: notices a hang-up while reading is paused */
     int plain;                   /* we write the socket ourselves (see conn.h) */
     int connected;
     int flush_pending;
@@ -164,6 +168,8 @@ void conn_free(struct vm_conn *c)
         return;
     event_free(c->kick);
     event_free(c->flush);
+    if (c->hup)
+        event_free(c->hup);
     bufferevent_free(c->bev);
     free(c);
 }
@@ -198,11 +204,40 @@ void conn_watch_output(struct vm_conn *c,
     evbuffer_add_cb(bufferevent_get_output(c->bev), cb, arg);
 }
 
+static void hup_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct vm_conn *c = arg;
+    c->ops->event(c->owner, c, BEV_EVENT_EOF | BEV_EVENT_READING);
+}
+
+/* While reading is paused the bufferevent cannot see EOF: a peer that hangs up with its calls
+ * stuck elsewhere would keep its session (and slots) until they return, or for ever. libvirtd's
+ * poll sees POLLHUP whatever it asked for; EV_CLOSED is the equivalent here. */
+static void watch_hangup(struct vm_conn *c, int on)
+{
+    if (!on) {
+        if (c->hup)
+            event_del(c->hup);
+        return;
+    }
+    if (!c->hup) {
+        struct event_base *base = bufferevent_get_base(c->bev);
+        evutil_socket_t fd = bufferevent_getfd(c->bev);
+        if (fd < 0 || !(event_base_get_features(base) & EV_FEATURE_EARLY_CLOSE))
+            return; /* then EOF is seen when reading resumes */
+        c->hup = event_new(base, fd, EV_CLOSED | EV_PERSIST, hup_cb, c);
+        if (!c->hup)
+            abort();
+    }
+    event_add(c->hup, NULL);
+}
+
 void conn_pause(struct vm_conn *c, int paused)
 {
     if (paused == c->paused)
         return;
     c->paused = paused;
+    watch_hangup(c, paused);
     if (paused) {
         bufferevent_disable(c->bev, EV_READ);
     } else {
@@ -233,12 +268,20 @@ int conn_push_filter(struct vm_conn *c,
     struct bufferevent *f = wrap(arg, c->bev);
     if (!f)
         return -1;
+    struct bufferevent *under = c->bev;
     if (c->plain) {
         /* The filter writes through the socket's bufferevent, which writes for itself from
          * now on; what we queued before (the last plain reply) goes first. */
         c->plain = 0;
-        bufferevent_enable(c->bev, EV_WRITE);
+        bufferevent_enable(under, EV_WRITE);
     }
+    /* Back-pressure looks at the output the owner appends to: the filter's. The filter moves
+     * whatever it can into the socket's buffer, so cap that buffer; beyond the cap the
+     * plaintext waits in the filter, where it is counted. The watch moves up too. */
+    size_t cap = c->low_mark ? c->low_mark : DEFAULT_LAYER_CAP;
+    bufferevent_setwatermark(under, EV_WRITE, cap / 2, cap);
+    if (c->watch)
+        evbuffer_remove_cb(bufferevent_get_output(under), c->watch, c->watch_arg);
     c->bev = f; /* the filter owns the one below */
     install(c);
     return 0;

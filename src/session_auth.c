@@ -105,6 +105,10 @@ int session_handle_auth(struct vm_session *s, const struct vm_hdr *h, struct evb
          * SASL-encoded. The filter takes over the socket bufferevent. */
         if (conn_push_filter(s->conn, wrap_layer, s->auth) < 0)
             return -1;
+        /* The output watched is the filter's from now on; what the socket's buffer holds
+         * (the reply above) is no event: count afresh. */
+        s->nruns = s->headrun = 0;
+        s->event_bytes = 0;
         vm_debug(s->tag, "SASL security layer on (ssf %d)", auth_ssf(s->auth));
     }
     return 0;

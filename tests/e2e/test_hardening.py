@@ -318,3 +318,28 @@ def test_event_registrations_per_session_are_capped(shared_libvirtd, gateway):
     p = c.call(PROC_REGISTER_ANY, struct.pack(">iI", 5, 0))
     assert p.status == STATUS_OK, harness.decode_error(p.payload)
     c.close()
+
+
+# ---------------------------------------------------------------------------
+# found by the fuzzers
+# ---------------------------------------------------------------------------
+
+def test_hangup_is_noticed_while_the_session_is_paused(libvirtd, gateway):
+    """A session stops reading at max_client_requests; a client that hangs up then, with its
+    calls stuck upstream, must not keep its session until they return."""
+    cfg = harness.make_config([harness.upstream_entry("hv1", libvirtd.direct_uri)],
+                              default_upstream="hv1", limits={"max_client_requests": 2},
+                              keepalive={"interval_s": 30, "count": 5}, admin=True)
+    gw = gateway(cfg)
+    c = raw_open(gw)
+    libvirtd.sigstop()
+    try:
+        c.send(b"".join(build_packet(REMOTE_PROGRAM, REMOTE_VERSION,
+                                     harness.PROC_CONNECT_LIST_ALL_DOMAINS, TYPE_CALL,
+                                     c.next_serial(), payload=struct.pack(">iI", 1, 0))
+                        for _ in range(4)))
+        assert wait_until(lambda: gw.status()["totals"]["calls_outstanding"] == 2, 5)
+        c.close()
+        assert wait_until(lambda: gw.status()["sessions"] == 0, 3), gw.status()["totals"]
+    finally:
+        libvirtd.sigcont()
