@@ -36,7 +36,7 @@ typedef void (*vm_call_done_fn)(void *arg, struct vm_call *c, const struct vm_hd
 
 struct vm_call {
     struct vm_hdr hdr;          /* the caller's header: reply serial and proc */
-    struct evbuffer *pkt;       /* the packet until it is sent upstream; owned */
+    struct evbuffer *pkt;       /* owned: the packet until it is sent upstream (then empty) */
     struct vm_link *link;       /* where it is in flight; NULL while queued */
     uint32_t up_serial;         /* serial on the upstream connection */
     struct timeval deadline;    /* when waiting in the pool queue must end */
@@ -62,11 +62,15 @@ struct vm_fair {
 struct vm_call *call_new(vm_call_done_fn done, void *arg, int internal);
 /* The owner is gone: the call will end silently. */
 void call_swallow(struct vm_call *c);
-/* End a call with the upstream reply `pkt` (consumed). Frees c. */
+/* End a call with the upstream reply in `pkt` (the caller's; the callback may move the bytes
+ * out). Frees c. */
 void call_finish(struct vm_call *c, struct evbuffer *pkt);
 /* End a call with a libvirt error of our own. Frees c. */
 void call_fail(struct vm_call *c, int code, int domain, const char *message);
-/* Free a call that never started or was taken back from a queue. */
+/* Free a call that never started or was taken back from a queue (it may be recycled). */
 void call_free(struct vm_call *c);
+/* Give back half of the recycled records that were not needed since the last trim (all of
+ * them with `all`, at shutdown). */
+void call_cache_trim(int all);
 
 #endif

@@ -18,6 +18,7 @@ struct vm_conn {
     struct event *kick;          /* owned: resumes framing from the loop */
     struct event *flush;         /* owned: writes a plain socket at the end of the turn */
     struct event *hup;           /* owned: notices a hang-up while reading is paused */
+    struct evbuffer *pkt;        /* owned: holds one packet while its owner handles it */
     int plain;                   /* we write the socket ourselves (see conn.h) */
     int connected;
     int flush_pending;
@@ -61,15 +62,14 @@ static void process(struct vm_conn *c)
         }
         if (r == 0)
             return;
-        struct evbuffer *pkt = evbuffer_new();
-        if (!pkt)
-            abort();
+        /* The packet moves (no copy) into the connection's scratch buffer; the owner may move
+         * it on. The buffer is not freed here: the owner may have freed the connection. */
+        struct evbuffer *pkt = c->pkt;
+        evbuffer_drain(pkt, evbuffer_get_length(pkt)); /* what an owner left last time */
         evbuffer_remove_buffer(in, pkt, len);
         struct vm_hdr h;
         wire_hdr_peek(pkt, &h);
-        int rc = c->ops->packet(c->owner, c, &h, pkt);
-        evbuffer_free(pkt);
-        if (rc < 0)
+        if (c->ops->packet(c->owner, c, &h, pkt) < 0)
             return;
     }
 }
@@ -156,7 +156,8 @@ struct vm_conn *conn_new(struct bufferevent *bev, const struct vm_conn_ops *ops,
     c->connected = !!(flags & VM_CONN_CONNECTED);
     c->kick = event_new(bufferevent_get_base(bev), -1, 0, kick_cb, c);
     c->flush = event_new(bufferevent_get_base(bev), -1, 0, flush_cb, c);
-    if (!c->kick || !c->flush)
+    c->pkt = evbuffer_new();
+    if (!c->kick || !c->flush || !c->pkt)
         abort();
     install(c);
     return c;
@@ -168,6 +169,7 @@ void conn_free(struct vm_conn *c)
         return;
     event_free(c->kick);
     event_free(c->flush);
+    evbuffer_free(c->pkt);
     if (c->hup)
         event_free(c->hup);
     bufferevent_free(c->bev);

@@ -18,6 +18,7 @@
 #include "admin.h"
 #include "audit.h"
 #include "auth.h"
+#include "call.h"
 #include "config.h"
 #include "env.h"
 #include "listener.h"
@@ -48,6 +49,7 @@ struct vm_gateway {
     int nsessions;
     int accepting;
     struct vm_reaper *reaper;    /* owned */
+    struct event *trim;          /* owned: gives back unused recycled call records */
     struct vm_audit *audit;      /* owned */
     struct vm_admin *admin;      /* owned, optional */
     int *rule_sessions;          /* owned: open sessions per rule; last slot = default */
@@ -63,6 +65,11 @@ struct vm_gateway {
 
 static const struct vm_session_host_ops gateway_host_ops;
 
+static void trim_cb(evutil_socket_t fd, short what, void *arg)
+{
+    call_cache_trim(0);
+}
+
 struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
 {
     struct vm_gateway *gw = vm_calloc(1, sizeof(*gw));
@@ -72,6 +79,10 @@ struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
     LIST_INIT(&gw->pools);
     gw->listeners = calloc((size_t)cfg->nlisteners, sizeof(*gw->listeners));
     gw->reaper = reaper_new(base);
+    gw->trim = event_new(base, -1, EV_PERSIST, trim_cb, gw);
+    struct timeval every = {10, 0};
+    if (!gw->trim || event_add(gw->trim, &every) < 0)
+        abort();
     gw->audit = audit_new();
     TAILQ_INIT(&gw->retiring);
     gw->env = (struct vm_env){.base = base, .reaper = gw->reaper, .cfg = cfg, .audit = gw->audit,
@@ -171,6 +182,8 @@ void gateway_free(struct vm_gateway *gw)
     }
     link_free_retiring(&gw->retiring); /* links saying goodbye belong to no pool */
     reaper_free(gw->reaper);
+    event_free(gw->trim);
+    call_cache_trim(1);
     audit_free(gw->audit);
     if (gw->cfg->sasl)
         auth_global_done();

@@ -48,6 +48,7 @@
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 2000
 #define INTERNAL_RESERVE 16 /* slots beyond max_inflight for the gateway's own calls */
+#define SLOT_BITS 11        /* max_inflight (1024) + INTERNAL_RESERVE < 2^11 */
 
 /* Handshake steps, in order; SASL steps only when libvirtd asks for SASL. */
 enum hs_step { HS_AUTH_LIST, HS_SASL_INIT, HS_SASL_STEP, HS_KEEPALIVE, HS_OPEN };
@@ -70,6 +71,8 @@ struct vm_link {
     struct vm_call **inflight;   /* owned slots; the calls belong to their sessions */
     int max_inflight, ninflight; /* client calls */
     int nslots, ninternal;       /* max_inflight + INTERNAL_RESERVE; gateway's own calls */
+    int *free_slots, nfree;      /* owned: stack of free slot indices */
+    uint32_t seq;                /* upstream serial = seq << SLOT_BITS | slot (see link_send) */
     struct vm_call_list waiting; /* owned: the gateway's own calls waiting for a free slot */
     int nwaiting;
     struct vm_keepalive ka;
@@ -158,6 +161,11 @@ struct vm_link *link_new(const struct vm_link_params *p, const struct vm_link_op
     l->max_inflight = l->up->pool.max_inflight;
     l->nslots = l->max_inflight + INTERNAL_RESERVE;
     l->inflight = calloc((size_t)l->nslots, sizeof(*l->inflight));
+    l->free_slots = calloc((size_t)l->nslots, sizeof(*l->free_slots));
+    if (!l->free_slots)
+        abort();
+    for (int i = l->nslots - 1; i >= 0; i--)
+        l->free_slots[l->nfree++] = i;
     l->timer = evtimer_new(p->base, timer_cb, l);
     if (!l->inflight || !l->timer)
         abort();
@@ -212,6 +220,7 @@ static void link_free_mem(void *arg)
 {
     struct vm_link *l = arg;
     free(l->inflight);
+    free(l->free_slots);
     free((char *)l->p.name);
     free(l);
 }
@@ -296,14 +305,15 @@ static void send_call(struct vm_link *l, int32_t proc, const void *args, size_t 
                     l->next_serial++, VM_STATUS_OK, args, n);
 }
 
+/* Take a free slot for `c`; its upstream serial names the slot, so the reply finds it in
+ * O(1). The serials of one slot differ by their sequence part; replies never repeat. */
 static void put_inflight(struct vm_link *l, struct vm_call *c)
 {
-    int slot = 0;
-    while (slot < l->nslots && l->inflight[slot])
-        slot++;
-    if (slot == l->nslots)
+    if (l->nfree == 0)
         abort(); /* a sender skipped link_has_room / slot_free: never write past the table */
+    int slot = l->free_slots[--l->nfree];
     l->inflight[slot] = c;
+    c->up_serial = ++l->seq << SLOT_BITS | (uint32_t)slot;
     if (c->internal)
         l->ninternal++;
     else
@@ -354,11 +364,8 @@ void link_send(struct vm_link *l, struct vm_call *c)
 {
     put_inflight(l, c);
     c->link = l;
-    c->up_serial = l->next_serial++;
     wire_set_serial(c->pkt, c->up_serial);
-    evbuffer_add_buffer(conn_output(l->conn), c->pkt);
-    evbuffer_free(c->pkt);
-    c->pkt = NULL;
+    evbuffer_add_buffer(conn_output(l->conn), c->pkt); /* moved; the buffer stays, empty */
     if (l->timer_is_idle) {
         evtimer_del(l->timer);
         l->timer_is_idle = 0;
@@ -369,6 +376,7 @@ static void clear_slot(struct vm_link *l, int i)
 {
     struct vm_call *c = l->inflight[i];
     l->inflight[i] = NULL;
+    l->free_slots[l->nfree++] = i;
     if (c->internal)
         l->ninternal--;
     else
@@ -378,14 +386,14 @@ static void clear_slot(struct vm_link *l, int i)
 
 static struct vm_call *take_inflight(struct vm_link *l, uint32_t serial)
 {
-    for (int i = 0; i < l->nslots; i++) {
-        struct vm_call *c = l->inflight[i];
-        if (c && c->up_serial == serial) {
-            clear_slot(l, i);
-            return c;
-        }
-    }
-    return NULL;
+    uint32_t slot = serial & ((1u << SLOT_BITS) - 1);
+    if (slot >= (uint32_t)l->nslots)
+        return NULL;
+    struct vm_call *c = l->inflight[slot];
+    if (!c || c->up_serial != serial)
+        return NULL;
+    clear_slot(l, (int)slot);
+    return c;
 }
 
 /* ---- keepalive ---- */
@@ -627,11 +635,7 @@ static int on_packet(void *owner, struct vm_conn *conn, const struct vm_hdr *hp,
             vm_warn(l->tag, "reply for unknown serial %u (proc %d) dropped", h.serial, h.proc);
             return 0;
         }
-        struct evbuffer *moved = evbuffer_new();
-        if (!moved)
-            abort();
-        evbuffer_add_buffer(moved, pkt);
-        call_finish(c, moved);
+        call_finish(c, pkt);
         send_waiting(l);
         if (l->state == VM_LINK_CLOSED || !l->conn)
             return -1;
