@@ -126,8 +126,12 @@ static void flush_cb(evutil_socket_t fd, short what, void *arg)
 static void event_cb(struct bufferevent *bev, short what, void *arg)
 {
     struct vm_conn *c = arg;
-    if (what & BEV_EVENT_CONNECTED)
+    if (what & BEV_EVENT_CONNECTED) {
         c->connected = 1;
+        if (c->plain && evbuffer_get_length(bufferevent_get_output(bev)) == 0)
+            bufferevent_disable(bev, EV_WRITE); /* ours from now on (write_cb hands it over
+                                                 * otherwise, once the queue is written) */
+    }
     c->ops->event(c->owner, c, what);
 }
 
@@ -135,7 +139,10 @@ static void install(struct vm_conn *c)
 {
     bufferevent_setcb(c->bev, read_cb, write_cb, event_cb, c);
     if (c->plain) {
-        bufferevent_disable(c->bev, EV_WRITE);
+        /* Until connected, the bufferevent's write interest is what notices the connect
+         * (a unix socket may even connect at once and only signal it through it). */
+        if (c->connected)
+            bufferevent_disable(c->bev, EV_WRITE);
         evbuffer_add_cb(bufferevent_get_output(c->bev), output_cb, c);
     }
     bufferevent_setwatermark(c->bev, EV_WRITE, c->low_mark, 0);

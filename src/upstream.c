@@ -817,7 +817,7 @@ static void link_connect(struct vm_link *l)
     int ms = up->pool.connect_timeout_ms;
     struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
     bufferevent_set_timeouts(bev, &tv, &tv);
-    bufferevent_enable(bev, tls ? EV_READ | EV_WRITE : EV_READ);
+    bufferevent_enable(bev, EV_READ | EV_WRITE);
     vm_debug(l->tag, "connecting to %s", up->uri_text);
     if (bufferevent_socket_connect(bev, (struct sockaddr *)&ss, (int)sslen) < 0) {
         link_down(l, NULL, 0, strerror(errno));
