@@ -314,6 +314,31 @@ static void parse_upstream(struct parse_ctx *ctx, int i, json_t *o, struct vm_up
     u->pool.max_streams = get_int(ctx, p, pool, "max_streams", 8, 1, 1024);
 }
 
+static int same(const char *a, const char *b)
+{
+    return a && b && strcmp(a, b) == 0;
+}
+
+/* Two listeners with one name would be one in logs and policy; with one address, start-up
+ * would fail on its own port. Say so at --check-config. */
+static void check_listener_unique(struct parse_ctx *ctx, const struct vm_config *cfg, int i)
+{
+    const struct vm_listener_cfg *l = &cfg->listeners[i];
+    for (int j = 0; j < i; j++) {
+        const struct vm_listener_cfg *o = &cfg->listeners[j];
+        char p[64];
+        if (same(l->name, o->name)) {
+            snprintf(p, sizeof(p), "listeners[%d].name", i);
+            cfg_error(ctx, p, "\"%s\" is already used by listeners[%d]", l->name, j);
+        }
+        if (same(l->address, o->address) || same(l->unix_path, o->unix_path)) {
+            snprintf(p, sizeof(p), "listeners[%d].%s", i, l->address ? "address" : "unix");
+            cfg_error(ctx, p, "\"%s\" is already used by listeners[%d]",
+                      l->address ? l->address : l->unix_path, j);
+        }
+    }
+}
+
 static void parse_listener(struct parse_ctx *ctx, int i, json_t *o, struct vm_listener_cfg *l)
 {
     static const char *const keys[] = {"name", "address", "unix", "mode", "auth", "upstream",
@@ -597,6 +622,7 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
         for (int i = 0; i < cfg->nlisteners; i++) {
             struct vm_listener_cfg *l = &cfg->listeners[i];
             parse_listener(ctx, i, json_array_get(ls, (size_t)i), l);
+            check_listener_unique(ctx, cfg, i);
             if (l->upstream && !config_upstream(cfg, l->upstream)) {
                 char p[64];
                 snprintf(p, sizeof(p), "listeners[%d].upstream", i);

@@ -129,8 +129,19 @@ evutil_socket_t listener_bind_unix(const char *path, unsigned mode, char *err, s
     struct sockaddr_un sun = {.sun_family = AF_UNIX};
     snprintf(sun.sun_path, sizeof(sun.sun_path), "%s", path);
     struct stat st;
-    if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode))
-        unlink(path); /* a stale socket from an earlier run */
+    if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode)) {
+        /* A socket left by an earlier run is removed; one that still answers belongs to a
+         * running process (another virtmux, libvirtd): never take it over. */
+        int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        int live = probe >= 0 && connect(probe, (struct sockaddr *)&sun, sizeof(sun)) == 0;
+        if (probe >= 0)
+            close(probe);
+        if (live) {
+            snprintf(err, errlen, "another process is listening on it (a second virtmux?)");
+            return -1;
+        }
+        unlink(path);
+    }
     evutil_socket_t fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0) {
         snprintf(err, errlen, "socket: %s", strerror(errno));

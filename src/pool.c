@@ -371,9 +371,11 @@ static void queue_timeout(evutil_socket_t fd, short what, void *arg)
     while ((c = TAILQ_FIRST(&p->queue)) && !evutil_timercmp(&now, &c->deadline, <)) {
         unqueue(p, c);
         char msg[400];
+        /* Busy links are no error: name the last connection failure only if there is one. */
         snprintf(msg, sizeof(msg),
-                 "operation timed out: virtmux waited %d ms for a free connection to upstream %s "
-                 "(%s)", ms, p->up->name, p->last_error);
+                 "operation timed out: virtmux waited %d ms for a free connection to upstream %s"
+                 "%s%s%s", ms, p->up->name, p->last_error[0] ? " (" : "", p->last_error,
+                 p->last_error[0] ? ")" : "");
         vm_warn(p->tag, "queue timeout after %d ms (%d still queued)", ms, p->nqueued);
         call_fail(c, VIR_ERR_OPERATION_TIMEOUT, VIR_FROM_RPC, msg);
     }
@@ -518,7 +520,7 @@ void pool_release(struct vm_pool *p, struct vm_link *home)
 static void on_link_ready(void *owner, struct vm_link *l)
 {
     struct vm_pool *p = owner;
-    snprintf(p->last_error, sizeof(p->last_error), "no error");
+    p->last_error[0] = '\0'; /* reached: no error to report */
     events_link_ready(p->events, l);
     while (p->nwaiters > 0) {
         struct vm_open_wait *w = p->waiters[0];
@@ -614,9 +616,10 @@ json_t *pool_status_json(const struct vm_pool *p)
                                                "state", link_states[link_state(n->link)],
                                                "sessions", link_refs(n->link), "inflight",
                                                link_inflight(n->link)));
-    return json_pack("{s:s, s:s, s:b, s:i, s:i, s:s, s:o, s:i, s:i}", "upstream", p->up->name,
+    return json_pack("{s:s, s:s, s:b, s:i, s:i, s:o, s:o, s:i, s:i}", "upstream", p->up->name,
                      "name", p->name, "readonly", p->readonly, "queued", p->nqueued, "opening",
-                     p->nwaiters, "last_error", p->last_error, "links", links,
+                     p->nwaiters, "last_error",
+                     p->last_error[0] ? json_string(p->last_error) : json_null(), "links", links,
                      "event_registrations", events_registrations(p->events),
                      "event_subscribers", events_subscribers(p->events));
 }

@@ -192,6 +192,9 @@ def test_queue_timeout(libvirtd, gateway):
                 harness.VIR_ERR_OPERATION_TIMEOUT, rb.error
             assert str(rb.error).startswith("operation timed out"), \
                 str(rb.error)
+            # busy connections are no error: the message names none
+            assert "no error" not in str(rb.error), str(rb.error)
+            assert str(rb.error).endswith("upstream hv1"), str(rb.error)
             assert 0.3 <= rb.elapsed <= 2.0, rb.elapsed
             assert ta.is_alive()
         finally:

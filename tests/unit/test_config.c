@@ -135,5 +135,16 @@ int main(void)
     config_free(cfg);
     e = errors_of("not json");
     CHECK(e && strstr(e, "(string):1"));
+    /* listeners: one name, one address or socket each (start-up would fail on its own port) */
+    e = errors_of("{\"listeners\":[{\"name\":\"a\",\"address\":\"127.0.0.1:1\"},"
+                  "{\"name\":\"a\",\"address\":\"127.0.0.1:2\"}]," UP "}");
+    CHECK(e && strstr(e, "listeners[1].name: \"a\" is already used by listeners[0]"));
+    e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\"},{\"address\":\"127.0.0.1:1\"}],"
+                  UP "}");
+    CHECK(e && strstr(e, "listeners[1].address: \"127.0.0.1:1\" is already used by listeners[0]"));
+    e = errors_of("{\"listeners\":[{\"unix\":\"/run/v/s\"},{\"unix\":\"/run/v/s\"}]," UP "}");
+    CHECK(e && strstr(e, "listeners[1].unix: \"/run/v/s\" is already used by listeners[0]"));
+    CHECK(errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\"},{\"unix\":\"/run/v/s\"}]," UP
+                    "}") == NULL);
     return check_done();
 }
