@@ -266,8 +266,8 @@ static void register_done(void *arg, struct vm_call *c, const struct vm_hdr *h,
     }
     r->up_id = id;
     r->state = REG_ACTIVE;
-    vm_debug(link_tag(r->ev->link), "event registration proc %d: upstream callback %d (%d "
-             "subscribers)", r->reg_proc, id, r->nsubs);
+    vm_debug(link_tag(r->ev->link), "event registration %s: upstream callback %d (%d "
+             "subscribers)", vm_proc_name(r->prog, r->reg_proc, (char[32]){0}, 32), id, r->nsubs);
     if (r->dead || r->nsubs == 0) {
         r->dead = 0;
         drop_reg(r);

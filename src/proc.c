@@ -1,5 +1,7 @@
 #include "proc.h"
 
+#include <stdio.h>
+
 /* The generated table is sorted by (program, number); search it. */
 const struct vm_proc_info *vm_proc_lookup(uint32_t prog, int32_t proc)
 {
@@ -15,4 +17,18 @@ const struct vm_proc_info *vm_proc_lookup(uint32_t prog, int32_t proc)
             hi = mid;
     }
     return NULL;
+}
+
+const char *vm_proc_name(uint32_t prog, int32_t proc, char *buf, size_t len)
+{
+    const struct vm_proc_info *p = vm_proc_lookup(prog, proc);
+    if (p)
+        return p->name;
+    const char *family = prog == VM_PROG_QEMU      ? "QEMU"
+                         : prog == VM_PROG_LXC       ? "LXC"
+                         : prog == VM_PROG_KEEPALIVE ? "KEEPALIVE"
+                         : prog == VM_PROG_REMOTE    ? "REMOTE"
+                                                     : "UNKNOWN";
+    snprintf(buf, len, "%s_PROC_%d", family, (int)proc);
+    return buf;
 }

@@ -58,6 +58,8 @@ extern const size_t vm_proc_table_len;
 
 /* Look up a procedure; NULL when the number is unknown. The result is static. */
 const struct vm_proc_info *vm_proc_lookup(uint32_t prog, int32_t proc);
+/* Its name for logs ("DOMAIN_GET_INFO"), or "REMOTE_PROC_<n>" written into buf. */
+const char *vm_proc_name(uint32_t prog, int32_t proc, char *buf, size_t len);
 
 /* Procedure numbers by name (VM_PROC_CONNECT_OPEN, VM_QEMU_PROC_..., VM_PROC_KEEPALIVE_PING),
  * generated from the same table. */

@@ -592,10 +592,8 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
         int domain;
         if (!policy_readonly_allows(h, pkt, msg, sizeof(msg), &domain)) {
             char pname[32];
-            snprintf(pname, sizeof(pname), "%s_PROC_%d",
-                     h->prog == VM_PROG_QEMU ? "QEMU" : h->prog == VM_PROG_LXC ? "LXC" : "REMOTE",
-                     h->proc);
-            audit_denied(s->env->audit, s->tag, s->ident_str, info ? info->name : pname,
+            audit_denied(s->env->audit, s->tag, s->ident_str,
+                         vm_proc_name(h->prog, h->proc, pname, sizeof(pname)),
                          s->route.upstream->name, msg);
             session_reply_error(s, h, VIR_ERR_OPERATION_DENIED, domain, msg);
             return;
@@ -666,7 +664,8 @@ static void handle_packet(struct vm_session *s, const struct vm_hdr *hp, struct 
     case VM_MESSAGE:
     case VM_REPLY_WITH_FDS:
         /* libvirtd silently drops these from a client; so do we. */
-        vm_debug(s->tag, "dropped packet type %u proc %d", h.type, h.proc);
+        vm_debug(s->tag, "dropped packet type %u %s", h.type,
+                 vm_proc_name(h.prog, h.proc, (char[32]){0}, 32));
         return;
     default: {
         char why[64];

@@ -18,6 +18,7 @@
 #include "keepalive.h"
 #include "log.h"
 #include "peer.h"
+#include "proc.h"
 #include "pool.h"
 #include "router.h"
 #include "session_host.h"
@@ -98,7 +99,9 @@ static inline struct evbuffer *session_out(struct vm_session *s)
 static inline void session_reply_error(struct vm_session *s, const struct vm_hdr *h, int code,
                                        int domain, const char *msg)
 {
-    vm_debug(s->tag, "proc %d serial %u: error %d: %s", h->proc, h->serial, code, msg);
+    char name[32];
+    vm_debug(s->tag, "%s serial %u: error %d: %s", vm_proc_name(h->prog, h->proc, name, 32),
+             h->serial, code, msg);
     wire_put_error(session_out(s), h, code, domain, msg);
 }
 

@@ -632,7 +632,8 @@ static int on_packet(void *owner, struct vm_conn *conn, const struct vm_hdr *hp,
     if (h.type == VM_REPLY || h.type == VM_REPLY_WITH_FDS) {
         struct vm_call *c = take_inflight(l, h.serial);
         if (!c) {
-            vm_warn(l->tag, "reply for unknown serial %u (proc %d) dropped", h.serial, h.proc);
+            vm_warn(l->tag, "reply for unknown serial %u (%s) dropped", h.serial,
+                    vm_proc_name(h.prog, h.proc, (char[32]){0}, 32));
             return 0;
         }
         call_finish(c, pkt);
@@ -649,7 +650,8 @@ static int on_packet(void *owner, struct vm_conn *conn, const struct vm_hdr *hp,
             l->ops->packet(l->owner, l, &h, pkt);
         return l->conn ? 0 : -1;
     }
-    vm_debug(l->tag, "dropped packet type %u proc %d", h.type, h.proc);
+    vm_debug(l->tag, "dropped packet type %u %s", h.type,
+             vm_proc_name(h.prog, h.proc, (char[32]){0}, 32));
     return 0;
 }
 
@@ -848,7 +850,7 @@ static void link_down(struct vm_link *l, const void *err_payload, size_t n, cons
     else if (was_ready || l->ninflight)
         vm_warn(l->tag, "connection lost: %s (%d calls in flight)", why, l->ninflight);
     else
-        vm_info(l->tag, "cannot connect: %s", why);
+        vm_warn(l->tag, "cannot connect: %s", why); /* an operator must hear of it */
 
     char msg[600];
     snprintf(msg, sizeof(msg), "internal error: virtmux lost its connection to upstream %s: %s",

@@ -97,3 +97,20 @@ def test_check_config_refuses_duplicate_listeners(tmp_path):
     assert r.returncode == 1, out
     assert "listeners[1].name: \"a\" is already used by listeners[0]" in out
     assert "listeners[1].address: \"127.0.0.1:16599\" is already used by listeners[0]" in out
+
+
+def test_logs_name_procedures_and_warn_of_an_unreachable_upstream(gateway):
+    port = harness.free_port()          # nothing listens there
+    gw = gateway.single("test+tcp://127.0.0.1:%d/default" % port)
+    with harness.RawClient(port=gw.port) as c:
+        c.auth_list()
+        # a call before OPEN is answered with an error; the debug line names it
+        p = c.call(harness.PROC_CONNECT_LIST_ALL_DOMAINS, harness.xdr_i32(1) + harness.xdr_u32(0))
+        assert p.status == harness.STATUS_ERROR
+        assert c.connect_open().status == harness.STATUS_ERROR  # upstream unreachable
+    assert wait_until(lambda: "cannot connect" in gw.log_text(), 5)
+    log = gw.log_text()
+    assert "CONNECT_LIST_ALL_DOMAINS serial" in log, log[-2000:]
+    assert "proc 273" not in log
+    lines = [ln for ln in log.splitlines() if "cannot connect" in ln]
+    assert lines and all(" warn " in ln for ln in lines), lines
