@@ -100,11 +100,16 @@ static json_t *status_json(void *owner)
     return gateway_status_json(owner);
 }
 
+void gateway_adopt(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evutil_socket_t fd,
+                   const char *peer, const struct vm_identity *id, SSL_CTX *tls)
+{
+    session_new(&gw->host, lcfg, fd, peer, id, tls);
+}
+
 static void accept_client(void *owner, const struct vm_listener_cfg *cfg, evutil_socket_t fd,
                           const char *peer, const struct vm_identity *id, SSL_CTX *tls)
 {
-    struct vm_gateway *gw = owner;
-    session_new(&gw->host, cfg, fd, peer, id, tls);
+    gateway_adopt(owner, cfg, fd, peer, id, tls);
 }
 
 int gateway_start(struct vm_gateway *gw)
@@ -336,6 +341,12 @@ static struct vm_pool *host_pool(void *owner, const struct vm_upstream_cfg *up, 
     LIST_INSERT_HEAD(&gw->pools, n, entry);
     gw->npools++;
     return n->pool;
+}
+
+struct vm_pool *gateway_pool(struct vm_gateway *gw, const struct vm_upstream_cfg *up,
+                             const char *name, int readonly)
+{
+    return host_pool(gw, up, name, readonly);
 }
 
 static void host_pool_check(void *owner, struct vm_pool *p)

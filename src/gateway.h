@@ -5,6 +5,7 @@
 
 #include "fwd.h"
 
+#include <event2/util.h>
 #include <jansson.h>
 
 struct event_base;
@@ -32,6 +33,14 @@ const struct vm_config *gateway_config(const struct vm_gateway *gw);
 unsigned gateway_next_id(struct vm_gateway *gw);
 /* The shared environment (loop, reaper, config, audit, ids) handed to pools and sessions. */
 struct vm_env *gateway_env(struct vm_gateway *gw);
+/* Take over a connected client socket as if listener `lcfg` had accepted it (in-process
+ * tests and fuzzers use this; `peer`, `id` and `tls` as for a listener's accept). */
+struct vm_identity;
+void gateway_adopt(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evutil_socket_t fd,
+                   const char *peer, const struct vm_identity *id, struct ssl_ctx_st *tls);
+/* The pool for (upstream, name, read-only), made if needed (what sessions get at OPEN). */
+struct vm_pool *gateway_pool(struct vm_gateway *gw, const struct vm_upstream_cfg *up,
+                             const char *name, int readonly);
 
 
 /* An upstream connection is lost for good: tell every session homed on it. */
