@@ -1,6 +1,9 @@
 #include "conn.h"
 
+#include <fcntl.h>
+#include <poll.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
@@ -17,7 +20,8 @@ struct vm_conn {
     void *owner;                 /* not owned */
     struct event *kick;          /* owned: resumes framing from the loop */
     struct event *flush;         /* owned: writes a plain socket at the end of the turn */
-    struct event *hup;           /* owned: notices a hang-up while reading is paused */
+    struct event *hup;           /* owned: notices a hang-up while reading is paused ... */
+    evutil_socket_t hup_fd;      /* ... on this duplicate of the socket (owned) */
     struct evbuffer *pkt;        /* owned: holds one packet while its owner handles it */
     int plain;                   /* we write the socket ourselves (see conn.h) */
     int connected;
@@ -29,6 +33,8 @@ struct vm_conn {
     void (*watch)(struct evbuffer *, const struct evbuffer_cb_info *, void *);
     void *watch_arg;
 };
+
+static void watch_hangup(struct vm_conn *c, int on);
 
 /* Frames at the front of the input, handled one by one until the input runs dry, the owner
  * pauses, or it closes the connection (then `c` is gone: return at once). */
@@ -177,8 +183,7 @@ void conn_free(struct vm_conn *c)
     event_free(c->kick);
     event_free(c->flush);
     evbuffer_free(c->pkt);
-    if (c->hup)
-        event_free(c->hup);
+    watch_hangup(c, 0);
     bufferevent_free(c->bev);
     free(c);
 }
@@ -213,32 +218,43 @@ void conn_watch_output(struct vm_conn *c,
     evbuffer_add_cb(bufferevent_get_output(c->bev), cb, arg);
 }
 
+/* Something happened on a paused connection's socket: a hang-up (FIN or reset) is reported as
+ * EOF; new bytes wait for reading to resume. */
 static void hup_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct vm_conn *c = arg;
-    c->ops->event(c->owner, c, BEV_EVENT_EOF | BEV_EVENT_READING);
+    struct pollfd p = {.fd = fd, .events = POLLRDHUP};
+    if (poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)))
+        c->ops->event(c->owner, c, BEV_EVENT_EOF | BEV_EVENT_READING); /* may free c */
 }
 
 /* While reading is paused the bufferevent cannot see EOF: a peer that hangs up with its calls
  * stuck elsewhere would keep its session (and slots) until they return, or for ever. libvirtd's
- * poll sees POLLHUP whatever it asked for; EV_CLOSED is the equivalent here. */
+ * poll sees POLLHUP whatever it asked for. The watch is edge-triggered, so bytes that keep
+ * arriving cannot spin the loop, and a reset (reported as readable, not as EV_CLOSED) is seen
+ * too. It sits on a duplicate of the socket: libevent does not mix edge- and level-triggered
+ * events on one descriptor, and the bufferevent's are level-triggered. (Found by fuzz_session,
+ * first with EV_CLOSED alone, which missed resets and could spin.) */
 static void watch_hangup(struct vm_conn *c, int on)
 {
     if (!on) {
-        if (c->hup)
-            event_del(c->hup);
+        if (c->hup) {
+            event_free(c->hup);
+            close(c->hup_fd);
+            c->hup = NULL;
+        }
         return;
     }
-    if (!c->hup) {
-        struct event_base *base = bufferevent_get_base(c->bev);
-        evutil_socket_t fd = bufferevent_getfd(c->bev);
-        if (fd < 0 || !(event_base_get_features(base) & EV_FEATURE_EARLY_CLOSE))
-            return; /* then EOF is seen when reading resumes */
-        c->hup = event_new(base, fd, EV_CLOSED | EV_PERSIST, hup_cb, c);
-        if (!c->hup)
-            abort();
-    }
-    event_add(c->hup, NULL);
+    evutil_socket_t fd = bufferevent_getfd(c->bev);
+    if (c->hup || fd < 0)
+        return; /* no socket yet: EOF is seen when reading resumes */
+    c->hup_fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (c->hup_fd < 0)
+        return;
+    c->hup = event_new(bufferevent_get_base(c->bev), c->hup_fd,
+                       EV_READ | EV_CLOSED | EV_ET | EV_PERSIST, hup_cb, c);
+    if (!c->hup || event_add(c->hup, NULL) < 0)
+        abort();
 }
 
 void conn_pause(struct vm_conn *c, int paused)

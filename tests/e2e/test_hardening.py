@@ -324,9 +324,11 @@ def test_event_registrations_per_session_are_capped(shared_libvirtd, gateway):
 # found by the fuzzers
 # ---------------------------------------------------------------------------
 
-def test_hangup_is_noticed_while_the_session_is_paused(libvirtd, gateway):
+@pytest.mark.parametrize("how", ["close", "reset"])
+def test_hangup_is_noticed_while_the_session_is_paused(libvirtd, gateway, how):
     """A session stops reading at max_client_requests; a client that hangs up then, with its
-    calls stuck upstream, must not keep its session until they return."""
+    calls stuck upstream, must not keep its session until they return. A reset (the client
+    left with bytes unread) must be seen too, without the loop spinning on it."""
     cfg = harness.make_config([harness.upstream_entry("hv1", libvirtd.direct_uri)],
                               default_upstream="hv1", limits={"max_client_requests": 2},
                               keepalive={"interval_s": 30, "count": 5}, admin=True)
@@ -339,7 +341,17 @@ def test_hangup_is_noticed_while_the_session_is_paused(libvirtd, gateway):
                                      c.next_serial(), payload=struct.pack(">iI", 1, 0))
                         for _ in range(4)))
         assert wait_until(lambda: gw.status()["totals"]["calls_outstanding"] == 2, 5)
+        if how == "reset":
+            # a PING answered but never read, then SO_LINGER 0: the kernel sends a reset
+            c.send(build_packet(KEEPALIVE_PROGRAM, KEEPALIVE_VERSION,
+                                harness.PROC_KEEPALIVE_PING, TYPE_MESSAGE, 0))
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         c.close()
         assert wait_until(lambda: gw.status()["sessions"] == 0, 3), gw.status()["totals"]
+        # and the gateway is idle again, not spinning on a dead socket
+        cpu0 = sum(int(x) for x in open("/proc/%d/stat" % gw.proc.pid).read().split()[13:15])
+        time.sleep(1.0)
+        cpu1 = sum(int(x) for x in open("/proc/%d/stat" % gw.proc.pid).read().split()[13:15])
+        assert cpu1 - cpu0 < 30, "gateway used %d ticks in 1 s while idle" % (cpu1 - cpu0)
     finally:
         libvirtd.sigcont()
