@@ -13,7 +13,8 @@ becomes seeds (files named capture-*) in tests/fuzz/corpus/<harness>/:
 
   fuzz_frame     whole byte streams and single packets, both directions
   fuzz_xdr       CONNECT_OPEN arguments, error payloads, call arguments under reader programs
-  fuzz_upstream  what libvirtd sent to a gateway link (handshake replies, replies, events)
+  fuzz_upstream  what libvirtd sent to a gateway link (handshake replies, replies, events),
+                 also as it would follow a SASL login
   fuzz_session   what clients sent, in fuzz_session's op layout
   fuzz_config    the example configs of config/ with the names clients opened
 
@@ -239,6 +240,10 @@ def seeds_upstream(upstream):
         after = b"".join(packets(s2c)[3:])
         write("fuzz_upstream", "link-%d-ready" % i, bytes([0x3b]) + after)
         write("fuzz_upstream", "link-%d-ready-hangup" % i, bytes([0x1f]) + after)
+        # the same after a SASL login (mode bit 7): two more handshake serials before them
+        shifted = b"".join(p[:20] + struct.pack(">I", header(p)[5] + 2) + p[24:]
+                           if header(p)[4] == 1 else p for p in packets(s2c)[3:])
+        write("fuzz_upstream", "link-%d-sasl-ready" % i, bytes([0xbb]) + shifted)
 
 
 def seeds_session(client):

@@ -17,6 +17,9 @@
  *   bit 2     the stub hangs up after writing
  *   bits 3-5  calls submitted to the pool, minus one (1-8)
  *   bit 6     read-only pool
+ *   bit 7     the upstream has a SASL login (upstreams[].sasl): the handshake replies are
+ *             then AUTH_LIST [SASL], SASL_INIT "PLAIN", SASL_START complete, and (3) the
+ *             feature and the open, so libvirtd's SASL replies get decoded too
  * then the bytes libvirtd sends.
  * Checked: every submitted call completes exactly once (reply or failure), a reply handed to
  * a call is a REPLY with that call's upstream serial and a length that matches its header,
@@ -50,6 +53,7 @@
 #define QUIET_TURNS 6 /* turns without progress that count as quiet */
 
 static char sock_path[108];
+static char pw_path[128];
 
 struct fcall {
     struct vm_call *c; /* valid until its done callback returns */
@@ -60,6 +64,7 @@ struct stub {
     const uint8_t *data; /* what to write once a link connects */
     size_t size;
     int steps;           /* handshake replies written first */
+    int sasl;            /* ... for a SASL login */
     int hangup;
     int accepted;
     struct bufferevent *conn[4];
@@ -70,7 +75,12 @@ struct stub {
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     snprintf(sock_path, sizeof(sock_path), "/tmp/virtmux-fuzz-upstream-%d.sock", (int)getpid());
-    vm_log_setup(VM_LOG_ERROR, 0);
+    snprintf(pw_path, sizeof(pw_path), "/tmp/virtmux-fuzz-upstream-%d.pw", (int)getpid());
+    FILE *f = fopen(pw_path, "w");
+    if (!f || fputs("secret\n", f) < 0 || fclose(f) != 0)
+        abort();
+    /* FUZZ_VERBOSE=1 shows the engine's debug log, to follow a reproducer. */
+    vm_log_setup(getenv("FUZZ_VERBOSE") ? VM_LOG_DEBUG : VM_LOG_ERROR, 0);
     signal(SIGPIPE, SIG_IGN); /* as proxy/main.c: a peer that hung up is an EPIPE, not death */
     return 0;
 }
@@ -126,8 +136,32 @@ static void put_reply(struct evbuffer *out, int32_t proc, uint32_t serial, const
     wire_put_packet(out, VM_PROG_REMOTE, proc, VM_REPLY, serial, VM_STATUS_OK, p, n);
 }
 
-static void write_handshake(struct evbuffer *out, int steps)
+/* libvirtd's side of a SASL login with PLAIN: serials 0-2, then the feature (3), open (4). */
+static void write_sasl_handshake(struct evbuffer *out, int steps)
 {
+    if (steps >= 1) {
+        static const uint8_t sasl[8] = {0, 0, 0, 1, 0, 0, 0, 1}; /* [REMOTE_AUTH_SASL] */
+        put_reply(out, VM_PROC_AUTH_LIST, 0, sasl, sizeof(sasl));
+    }
+    if (steps >= 2) {
+        static const uint8_t mechs[12] = {0, 0, 0, 5, 'P', 'L', 'A', 'I', 'N', 0, 0, 0};
+        put_reply(out, 67, 1, mechs, sizeof(mechs)); /* AUTH_SASL_INIT */
+    }
+    if (steps >= 3) {
+        static const uint8_t done[12] = {0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0}; /* complete, nil */
+        static const uint8_t yes[4] = {0, 0, 0, 1};
+        put_reply(out, 68, 2, done, sizeof(done)); /* AUTH_SASL_START */
+        put_reply(out, VM_PROC_CONNECT_SUPPORTS_FEATURE, 3, yes, sizeof(yes));
+        put_reply(out, VM_PROC_CONNECT_OPEN, 4, NULL, 0);
+    }
+}
+
+static void write_handshake(struct evbuffer *out, int steps, int sasl)
+{
+    if (sasl) {
+        write_sasl_handshake(out, steps);
+        return;
+    }
     if (steps >= 1) {
         static const uint8_t none[8] = {0, 0, 0, 1, 0, 0, 0, 0}; /* [REMOTE_AUTH_NONE] */
         put_reply(out, VM_PROC_AUTH_LIST, 0, none, sizeof(none));
@@ -158,7 +192,7 @@ static void stub_accept(struct evconnlistener *lev, evutil_socket_t fd, struct s
     bufferevent_enable(bev, EV_READ | EV_WRITE);
     /* Only the first connection gets the input; a reconnect finds a silent libvirtd. */
     if (st->accepted++ == 0) {
-        write_handshake(bufferevent_get_output(bev), st->steps);
+        write_handshake(bufferevent_get_output(bev), st->steps, st->sasl);
         bufferevent_write(bev, st->data, st->size);
     }
 }
@@ -192,15 +226,19 @@ static void run_until_quiet(struct event_base *base, struct stub *st, struct fca
     }
 }
 
-static struct vm_config *make_config(void)
+static struct vm_config *make_config(int sasl)
 {
-    char json[512];
+    char login[256] = "";
+    if (sasl)
+        snprintf(login, sizeof(login),
+                 ", \"sasl\": {\"username\": \"fuzz\", \"password_file\": \"%s\"}", pw_path);
+    char json[1024];
     snprintf(json, sizeof(json),
              "{\"listeners\": [{\"name\": \"l\", \"unix\": \"%s.unused\"}],"
              " \"upstreams\": [{\"name\": \"hv\", \"uri\": \"test+unix:///default?socket=%s\","
-             "   \"pool\": {\"max_connections\": 1, \"max_inflight\": 8}}],"
-             " \"default_upstream\": \"hv\", \"log\": {\"level\": \"error\"}}",
-             sock_path, sock_path);
+             "   \"pool\": {\"max_connections\": 1, \"max_inflight\": 8}%s}],"
+             " \"default_upstream\": \"hv\"}",
+             sock_path, sock_path, login);
     struct vm_config *cfg = config_parse(json, stderr);
     if (!cfg)
         abort();
@@ -231,7 +269,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         return 0;
     uint8_t mode = data[0];
     struct stub st = {.data = data + 1, .size = size - 1, .steps = mode & 3,
-                      .hangup = (mode >> 2) & 1};
+                      .sasl = mode >> 7, .hangup = (mode >> 2) & 1};
     int ncalls = 1 + ((mode >> 3) & 7);
     struct fcall calls[MAX_CALLS];
     memset(calls, 0, sizeof(calls));
@@ -240,7 +278,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (!base)
         abort();
     struct evconnlistener *lev = stub_listen(base, &st);
-    struct vm_config *cfg = make_config();
+    struct vm_config *cfg = make_config(st.sasl);
     struct vm_gateway *gw = gateway_new(base, cfg);
     struct vm_pool *p = gateway_pool(gw, &cfg->upstreams[0], "test:///default", (mode >> 6) & 1);
     for (int i = 0; i < ncalls; i++)
