@@ -116,6 +116,11 @@ SESSION = {
     "upstream-junk": bytes([0]) + open_(0) + pump()
     + op(UPRAW, 0, 0, 28, *struct.pack(">7I", 28, 0x20008086, 1, 16, 1, 77, 0)) + pump()
     + op(UPRAW, 0, 0, 4, 0, 0, 0, 1) + pump(40),
+    # libvirtd stops answering (a frame it never finishes) while the client has its
+    # max_client_requests (2) calls outstanding, so the gateway stops reading it; then the
+    # client hangs up: its session must still end (it did not: reading off, EOF unseen)
+    "paused-hangup": bytes([4]) + open_(0) + pump() + op(UPRAW, 0, 0, 4, 0, 0, 1, 0) + pump()
+    + call(0, 0, 16, 2, DOM) + call(0, 0, 16, 3, DOM) + pump() + op(HANGUP, 0) + pump(),
 }
 for k, v in SESSION.items():
     write("fuzz_session", k, v)

@@ -1,0 +1,532 @@
+/*
+ * Fuzz whole client sessions: the bytes of up to three clients, and what libvirtd does, drive
+ * the real engine (session, pool, links, events, streams, policy) in one event loop.
+ *
+ *   client sockets (socketpairs) --> session.c --> pool --> links --unix--> fake_libvirtd.c
+ *        ^  the harness writes ops' bytes          |                    (answers like libvirtd;
+ *        `-- and parses everything sent back <-----'                     events, raw bytes and
+ *                                                                         hang-ups on demand)
+ * Input: one config byte, then operations (see `run_op`). A fresh gateway and event base per
+ * input, torn down at the end, so leaks and use-after-free across the teardown show up too.
+ *
+ * Checked besides memory safety: everything the gateway sends a client is a sequence of legal
+ * frames, those it sends of its own accord of a libvirt program; a client gets at most as many REPLYs for a serial as it sent
+ * CALLs with it (unless libvirtd itself was made to send junk); every session is gone once its
+ * client hung up; the fake libvirtd never receives an illegal frame.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <event2/buffer.h>
+#include <event2/event.h>
+#include <jansson.h>
+
+#include "config.h"
+#include "fake_libvirtd.h"
+#include "fuzz.h"
+#include "gateway.h"
+#include "identity.h"
+#include "log.h"
+#include "proc.h"
+#include "session.h"
+#include "wire.h"
+
+#define REQUIRE(c) do { if (!(c)) { fprintf(stderr, "fuzz_session: %s\n", #c); abort(); } } while (0)
+#define NCLIENTS 3
+#define MAX_SERIALS 512
+
+struct serial_count {
+    uint32_t serial;
+    int calls, replies;
+};
+
+struct client {
+    int fd;                 /* our end; -1 when hung up (or never connected) */
+    int reading;            /* drain what the gateway sends (0: let it pile up) */
+    struct evbuffer *tx;    /* not yet written to the socket */
+    struct evbuffer *sent;  /* written, parsed for the CALL serials */
+    struct evbuffer *rx;    /* received, not yet parsed */
+    uint32_t skip;          /* FD dummy bytes after a CALL_WITH_FDS, as the gateway skips them */
+    int tx_broken;          /* sent an illegal length word: the gateway closes, stop counting */
+    struct serial_count serials[MAX_SERIALS];
+    int nserials;
+};
+
+static char sock_path[108];
+static struct event_base *base;
+static struct vm_gateway *gw;
+static struct fake_libvirtd *fake;
+static struct vm_config *cfg;
+static struct client clients[NCLIENTS];
+static int upstream_junk;   /* libvirtd sent raw bytes: reply counts prove nothing then */
+
+int LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+    char dir[] = "/tmp/vm-fuzz-session.XXXXXX";
+    REQUIRE(mkdtemp(dir));
+    snprintf(sock_path, sizeof(sock_path), "%s/libvirt-sock", dir);
+    signal(SIGPIPE, SIG_IGN); /* as proxy/main.c: a peer that left is an EPIPE, not a death */
+    vm_log_setup(getenv("FUZZ_SESSION_LOG") ? VM_LOG_DEBUG : VM_LOG_ERROR, 0);
+    return 0;
+}
+
+/* ---- client side ---- */
+
+static struct serial_count *serial_slot(struct client *c, uint32_t serial)
+{
+    for (int i = 0; i < c->nserials; i++)
+        if (c->serials[i].serial == serial)
+            return &c->serials[i];
+    if (c->nserials == MAX_SERIALS)
+        return NULL;
+    c->serials[c->nserials] = (struct serial_count){serial, 0, 0};
+    return &c->serials[c->nserials++];
+}
+
+/* Count the CALLs in what was written, framing it exactly as the gateway does. */
+static void parse_sent(struct client *c)
+{
+    while (!c->tx_broken) {
+        if (c->skip) {
+            size_t n = evbuffer_get_length(c->sent);
+            size_t k = n < c->skip ? n : c->skip;
+            if (!k)
+                return;
+            evbuffer_drain(c->sent, k);
+            c->skip -= (uint32_t)k;
+            continue;
+        }
+        uint32_t len;
+        int r = wire_frame_ready(c->sent, &len);
+        if (r < 0)
+            c->tx_broken = 1;
+        if (r <= 0)
+            return;
+        uint8_t raw[VM_HDR_LEN + 4] = {0};
+        evbuffer_copyout(c->sent, raw, len < sizeof(raw) ? len : sizeof(raw));
+        struct vm_hdr h;
+        wire_hdr_decode(raw, &h);
+        evbuffer_drain(c->sent, len);
+        if (h.prog == VM_PROG_KEEPALIVE)
+            continue;
+        if (h.type == VM_CALL) {
+            struct serial_count *sc = serial_slot(c, h.serial);
+            if (sc)
+                sc->calls++;
+        } else if (h.type == VM_CALL_WITH_FDS && len >= VM_HDR_LEN + 4) {
+            uint32_t nfds = (uint32_t)raw[28] << 24 | (uint32_t)raw[29] << 16 |
+                            (uint32_t)raw[30] << 8 | raw[31];
+            if (nfds <= 32) {
+                c->skip = nfds;
+                struct serial_count *sc = serial_slot(c, h.serial);
+                if (sc)
+                    sc->calls++;
+            }
+        }
+    }
+}
+
+/* Everything the gateway sends must be whole legal frames of a libvirt program. */
+static void parse_received(struct client *c)
+{
+    for (;;) {
+        uint32_t len;
+        int r = wire_frame_ready(c->rx, &len);
+        REQUIRE(r >= 0);
+        if (r == 0)
+            return;
+        uint8_t raw[VM_HDR_LEN];
+        evbuffer_copyout(c->rx, raw, sizeof(raw));
+        struct vm_hdr h;
+        wire_hdr_decode(raw, &h);
+        evbuffer_drain(c->rx, len);
+        /* A REPLY mirrors its call's header, as libvirtd's does even for an unknown program;
+         * anything the gateway sends of its own accord is of a libvirt program. */
+        if (h.type != VM_REPLY) {
+            REQUIRE(h.vers == VM_PROG_VERSION);
+            REQUIRE(h.prog == VM_PROG_REMOTE || h.prog == VM_PROG_QEMU ||
+                    h.prog == VM_PROG_LXC || h.prog == VM_PROG_KEEPALIVE);
+        }
+        if (h.type == VM_REPLY && !upstream_junk && !c->tx_broken) {
+            struct serial_count *sc = serial_slot(c, h.serial);
+            if (sc) {
+                sc->replies++;
+                REQUIRE(sc->replies <= sc->calls);
+            }
+        }
+    }
+}
+
+static void client_io(struct client *c)
+{
+    if (c->fd < 0)
+        return;
+    while (evbuffer_get_length(c->tx)) {
+        size_t n = evbuffer_get_length(c->tx);
+        if (n > 4096)
+            n = 4096;
+        ssize_t k = write(c->fd, evbuffer_pullup(c->tx, (ev_ssize_t)n), n);
+        if (k <= 0)
+            break;
+        evbuffer_remove_buffer(c->tx, c->sent, (size_t)k);
+    }
+    parse_sent(c);
+    while (c->reading) {
+        uint8_t buf[4096];
+        ssize_t k = read(c->fd, buf, sizeof(buf));
+        if (k <= 0)
+            break;
+        evbuffer_add(c->rx, buf, (size_t)k);
+    }
+    parse_received(c);
+}
+
+static void client_hangup(struct client *c)
+{
+    if (c->fd >= 0)
+        close(c->fd);
+    c->fd = -1;
+    evbuffer_drain(c->tx, evbuffer_get_length(c->tx));
+    evbuffer_drain(c->sent, evbuffer_get_length(c->sent));
+    evbuffer_drain(c->rx, evbuffer_get_length(c->rx));
+    c->skip = 0;
+    c->tx_broken = 0;
+    c->nserials = 0;
+}
+
+/* A client connects lazily, on its first operation (again after a hang-up). */
+static struct client *client_get(unsigned k)
+{
+    struct client *c = &clients[k % NCLIENTS];
+    if (c->fd >= 0)
+        return c;
+    int sv[2];
+    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+    int small = 16384; /* small buffers: back-pressure is reached with little data */
+    setsockopt(sv[1], SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
+    setsockopt(sv[1], SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
+    REQUIRE(evutil_make_socket_nonblocking(sv[0]) == 0 && evutil_make_socket_nonblocking(sv[1]) == 0);
+    c->fd = sv[1];
+    c->reading = 1;
+    const struct vm_listener_cfg *l = &cfg->listeners[k % cfg->nlisteners];
+    struct vm_identity id = {.listener = l->name, .is_unix = 1, .has_cred = 1, .uid = 1000 + k % NCLIENTS};
+    char peer[32];
+    snprintf(peer, sizeof(peer), "fuzz-client-%u", k % NCLIENTS);
+    session_new(gw, l, sv[0], peer, &id, NULL);
+    return c;
+}
+
+/* ---- the loop ---- */
+
+static void pump(int turns)
+{
+    for (int i = 0; i < turns; i++) {
+        for (int k = 0; k < NCLIENTS; k++)
+            client_io(&clients[k]);
+        event_base_loop(base, EVLOOP_NONBLOCK);
+    }
+    for (int k = 0; k < NCLIENTS; k++)
+        client_io(&clients[k]);
+}
+
+/* ---- operations ---- */
+
+struct input {
+    const uint8_t *p;
+    size_t n;
+};
+
+static unsigned take(struct input *in)
+{
+    if (!in->n)
+        return 0;
+    in->n--;
+    return *in->p++;
+}
+
+static const uint8_t *take_bytes(struct input *in, size_t *len)
+{
+    size_t want = take(in);
+    if (want > in->n)
+        want = in->n;
+    const uint8_t *p = in->p;
+    in->p += want;
+    in->n -= want;
+    *len = want;
+    return p;
+}
+
+static void put_call(struct client *c, uint32_t prog, int32_t proc, uint32_t type, uint32_t serial,
+                     uint32_t status, const void *payload, size_t n)
+{
+    wire_put_packet(c->tx, prog, proc, type, serial, status, payload, n);
+}
+
+static const uint32_t progs[] = {VM_PROG_REMOTE, VM_PROG_QEMU, VM_PROG_LXC, VM_PROG_KEEPALIVE};
+
+static const char *const open_names[] = {
+    "", "test:///default", "test:///hv1/default", "test:///nowhere/default", "qemu:///system",
+    "test:///hv1", "test+tcp://gw/hv1/default?x=1", "test:///ro/default",
+};
+
+/* The `which`-th procedure of the table with kind `kind` (any program). */
+static const struct vm_proc_info *proc_of_kind(enum vm_proc_kind kind, unsigned which)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < vm_proc_table_len; i++)
+        n += vm_proc_table[i].kind == kind;
+    if (!n)
+        return NULL;
+    which %= (unsigned)n;
+    for (size_t i = 0; i < vm_proc_table_len; i++)
+        if (vm_proc_table[i].kind == kind && which-- == 0)
+            return &vm_proc_table[i];
+    return NULL;
+}
+
+static void op_open(struct client *c, struct input *in)
+{
+    unsigned sel = take(in), flags = take(in);
+    struct xbuf b;
+    xb_init(&b);
+    if (sel & 0x80)
+        xb_u32(&b, 0); /* absent name */
+    else
+        xb_opt_string(&b, open_names[sel % (sizeof(open_names) / sizeof(open_names[0]))]);
+    xb_u32(&b, flags & 1);
+    put_call(c, VM_PROG_REMOTE, VM_PROC_CONNECT_OPEN, VM_CALL, take(in), VM_STATUS_OK, b.p, b.len);
+    xb_free(&b);
+}
+
+static void op_call(struct client *c, struct input *in)
+{
+    uint32_t prog = progs[take(in) % 4];
+    unsigned hi = take(in);
+    int32_t proc = (int32_t)(hi << 8 | take(in));
+    uint32_t serial = take(in);
+    size_t n;
+    const uint8_t *p = take_bytes(in, &n);
+    put_call(c, prog, proc, VM_CALL, serial, VM_STATUS_OK, p, n);
+}
+
+/* An event registration of any family (callback style or legacy): the argument is the event
+ * id and an absent object filter, which is what clients send for "all objects". */
+static void op_register(struct client *c, struct input *in)
+{
+    const struct vm_proc_info *p = proc_of_kind(VM_PK_EVENT_REGISTER, take(in));
+    struct xbuf b;
+    xb_init(&b);
+    if (p->prog == VM_PROG_QEMU) {
+        xb_u32(&b, 0);               /* dom: absent */
+        xb_opt_string(&b, take(in) & 1 ? "SHUTDOWN" : NULL);
+        xb_u32(&b, 0);               /* flags */
+    } else {
+        xb_i32(&b, (int32_t)(take(in) % 24)); /* event id */
+        xb_u32(&b, 0);                         /* object: absent */
+    }
+    put_call(c, p->prog, p->proc, VM_CALL, take(in), VM_STATUS_OK, b.p, b.len);
+    xb_free(&b);
+}
+
+static void op_deregister(struct client *c, struct input *in)
+{
+    const struct vm_proc_info *p = proc_of_kind(VM_PK_EVENT_DEREGISTER, take(in));
+    struct xbuf b;
+    xb_init(&b);
+    xb_i32(&b, (int32_t)(take(in) % 8));
+    put_call(c, p->prog, p->proc, VM_CALL, take(in), VM_STATUS_OK, b.p, b.len);
+    xb_free(&b);
+}
+
+/* Start a stream, or send a stream packet for serial/proc of an earlier one. */
+static void op_stream(struct client *c, struct input *in)
+{
+    const struct vm_proc_info *p = proc_of_kind(VM_PK_STREAM_CREATE, take(in));
+    unsigned what = take(in);
+    uint32_t serial = take(in);
+    size_t n;
+    const uint8_t *data = take_bytes(in, &n);
+    if (what % 4 == 0)
+        put_call(c, p->prog, p->proc, VM_CALL, serial, VM_STATUS_OK, data, n);
+    else if (what % 4 == 1)
+        put_call(c, p->prog, p->proc, VM_STREAM, serial, VM_STATUS_CONTINUE, data, n);
+    else if (what % 4 == 2)
+        put_call(c, p->prog, p->proc, VM_STREAM, serial, what & 4 ? VM_STATUS_ERROR : VM_STATUS_OK,
+                 NULL, 0);
+    else
+        put_call(c, p->prog, p->proc, VM_STREAM_HOLE, serial, VM_STATUS_CONTINUE, data, n);
+}
+
+static void op_keepalive(struct client *c, struct input *in)
+{
+    unsigned what = take(in);
+    if (what & 1) {
+        put_call(c, VM_PROG_KEEPALIVE, what & 2 ? VM_PROC_KEEPALIVE_PONG : VM_PROC_KEEPALIVE_PING,
+                 VM_MESSAGE, 0, VM_STATUS_OK, NULL, 0);
+        return;
+    }
+    struct xbuf b;
+    xb_init(&b);
+    xb_i32(&b, (int32_t)(what >> 1) % 16); /* CONNECT_SUPPORTS_FEATURE */
+    put_call(c, VM_PROG_REMOTE, VM_PROC_CONNECT_SUPPORTS_FEATURE, VM_CALL, take(in), VM_STATUS_OK,
+             b.p, b.len);
+    xb_free(&b);
+}
+
+static void run_op(unsigned op, struct input *in)
+{
+    unsigned who = op >> 4;
+    size_t n;
+    const uint8_t *p;
+    if (vm_log_enabled(VM_LOG_DEBUG))
+        vm_debug("fuzz", "op %u client %u (%zu bytes left)", op & 15, who % NCLIENTS, in->n);
+    switch (op & 15) {
+    case 0:  /* raw client bytes */
+        p = take_bytes(in, &n);
+        evbuffer_add(client_get(who)->tx, p, n);
+        break;
+    case 1:
+        op_call(client_get(who), in);
+        break;
+    case 2:
+        op_open(client_get(who), in);
+        break;
+    case 3:
+        pump(1 + take(in) % 32);
+        break;
+    case 4:
+        client_hangup(&clients[who % NCLIENTS]);
+        break;
+    case 5: {
+        unsigned pick = take(in), which = take(in);
+        p = take_bytes(in, &n);
+        fake_libvirtd_event(fake, pick, which, p, n);
+        break;
+    }
+    case 6: {
+        unsigned pick = take(in);
+        p = take_bytes(in, &n);
+        upstream_junk = 1;
+        fake_libvirtd_raw(fake, pick, p, n);
+        break;
+    }
+    case 7:
+        fake_libvirtd_drop(fake, take(in));
+        break;
+    case 8:
+        client_get(who)->reading ^= 1;
+        break;
+    case 9:
+        op_register(client_get(who), in);
+        break;
+    case 10:
+        op_deregister(client_get(who), in);
+        break;
+    case 11:
+        op_stream(client_get(who), in);
+        break;
+    case 12:
+        op_keepalive(client_get(who), in);
+        break;
+    case 13: /* CONNECT_CLOSE, GET_URI, (UN)REGISTER_CLOSE_CALLBACK, AUTH_LIST, SET_IDENTITY */
+    {
+        static const int32_t local[] = {VM_PROC_CONNECT_CLOSE, VM_PROC_CONNECT_GET_URI,
+                                        VM_PROC_CONNECT_REGISTER_CLOSE_CALLBACK,
+                                        VM_PROC_CONNECT_UNREGISTER_CLOSE_CALLBACK,
+                                        VM_PROC_AUTH_LIST, VM_PROC_CONNECT_SET_IDENTITY};
+        int32_t proc = local[take(in) % 6];
+        put_call(client_get(who), VM_PROG_REMOTE, proc, VM_CALL, take(in), VM_STATUS_OK, NULL, 0);
+        break;
+    }
+    default:
+        pump(1);
+        break;
+    }
+    pump(1);
+}
+
+/* ---- one input ---- */
+
+static struct vm_config *make_config(unsigned bits)
+{
+    char json[2048];
+    snprintf(json, sizeof(json),
+             "{\"listeners\": [{\"name\": \"rw\", \"unix\": \"/nonexistent/rw\"},"
+             "                 {\"name\": \"ro\", \"unix\": \"/nonexistent/ro\", \"readonly\": %s}],"
+             " \"upstreams\": [{\"name\": \"hv1\", \"uri\": \"test+unix:///default?socket=%s\","
+             "   \"pool\": {\"max_connections\": %d, \"max_inflight\": %d, \"idle_timeout_s\": %d}}],"
+             " \"default_upstream\": \"hv1\","
+             " \"limits\": {\"max_client_requests\": %d},"
+             " \"events\": {\"max_queue_bytes\": 65536}}",
+             bits & 8 ? "true" : "false", sock_path, bits & 64 ? 1 : 3, bits & 2 ? 1 : 4,
+             bits & 1 ? 0 : 60, bits & 4 ? 2 : 16);
+    struct vm_config *c = config_parse(json, stderr);
+    REQUIRE(c);
+    return c;
+}
+
+static int open_sessions(void)
+{
+    json_t *st = gateway_status_json(gw);
+    int n = (int)json_integer_value(json_object_get(st, "sessions"));
+    json_decref(st);
+    return n;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    if (size < 1 || size > 8192)
+        return 0;
+    struct input in = {data + 1, size - 1};
+    base = event_base_new();
+    REQUIRE(base);
+    cfg = make_config(data[0]);
+    gw = gateway_new(base, cfg);
+    fake = fake_libvirtd_new(base, sock_path);
+    REQUIRE(fake);
+    static const unsigned fail_every[] = {0, 2, 3, 5};
+    fake_libvirtd_fail_every(fake, fail_every[(data[0] >> 4) & 3]);
+    upstream_junk = 0;
+    for (int k = 0; k < NCLIENTS; k++) {
+        clients[k].fd = -1;
+        clients[k].tx = evbuffer_new();
+        clients[k].sent = evbuffer_new();
+        clients[k].rx = evbuffer_new();
+        REQUIRE(clients[k].tx && clients[k].sent && clients[k].rx);
+    }
+
+    while (in.n)
+        run_op(take(&in), &in);
+    pump(16);
+
+    /* Every client hangs up: every session must go, whatever state it was in. */
+    for (int k = 0; k < NCLIENTS; k++) {
+        clients[k].reading = 1;
+        pump(2);
+        client_hangup(&clients[k]);
+    }
+    pump(8);
+    REQUIRE(open_sessions() == 0);
+
+    fake_libvirtd_drop_all(fake);
+    pump(8);
+    gateway_free(gw);
+    fake_libvirtd_free(fake);
+    pump(2);
+    for (int k = 0; k < NCLIENTS; k++) {
+        evbuffer_free(clients[k].tx);
+        evbuffer_free(clients[k].sent);
+        evbuffer_free(clients[k].rx);
+    }
+    event_base_free(base);
+    gw = NULL;
+    fake = NULL;
+    base = NULL;
+    return 0;
+}
