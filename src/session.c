@@ -200,6 +200,32 @@ static void reply_u32(struct vm_session *s, const struct vm_hdr *h, uint32_t v)
     xb_free(&b);
 }
 
+static void hup_cb(evutil_socket_t fd, short what, void *arg)
+{
+    session_close(arg, "client hung up");
+}
+
+/* While reading is paused the bufferevent cannot see EOF: a client that hangs up with its
+ * calls stuck upstream would hold its slot until they return, forever if they never do.
+ * libvirtd's poll sees POLLHUP whatever it asked for; EV_CLOSED is our equivalent. */
+static void watch_hangup(struct vm_session *s, int on)
+{
+    if (!on) {
+        if (s->hup)
+            event_del(s->hup);
+        return;
+    }
+    if (!s->hup) {
+        evutil_socket_t fd = bufferevent_getfd(s->bev);
+        if (fd < 0 || !(event_base_get_features(gateway_base(s->gw)) & EV_FEATURE_EARLY_CLOSE))
+            return; /* then EOF is seen when reading resumes, as before */
+        s->hup = event_new(gateway_base(s->gw), fd, EV_CLOSED | EV_PERSIST, hup_cb, s);
+        if (!s->hup)
+            abort();
+    }
+    event_add(s->hup, NULL);
+}
+
 /* Pause or resume reading from the client according to its load. */
 static void update_flow(struct vm_session *s)
 {
@@ -214,8 +240,10 @@ static void update_flow(struct vm_session *s)
     if (busy && !s->paused) {
         s->paused = 1;
         bufferevent_disable(s->bev, EV_READ);
+        watch_hangup(s, 1);
     } else if (!busy && s->paused && out <= OUT_LOW) {
         s->paused = 0;
+        watch_hangup(s, 0);
         bufferevent_enable(s->bev, EV_READ);
         event_active(s->kick, 0, 0); /* frames may already be buffered */
     }
@@ -848,6 +876,9 @@ void session_close(struct vm_session *s, const char *why)
     session_release_unauth(s);
     event_free(s->kick);
     s->kick = NULL;
+    if (s->hup)
+        event_free(s->hup);
+    s->hup = NULL;
     bufferevent_free(s->bev);
     s->bev = NULL;
     gateway_session_closed(s->gw, s);
