@@ -37,6 +37,7 @@ fi
 # Abort on the first UBSan report too, with a stack, so that it counts as a finding.
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1}
+export LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$PWD/tests/fuzz/lsan.supp:print_suppressions=0}
 
 status=0
 for h in "${harnesses[@]}"; do

@@ -14,7 +14,9 @@
  * CALLs with it (unless libvirtd itself was made to send junk); every session is gone once its
  * client hung up; the fake libvirtd never receives an illegal frame.
  */
+#include <dlfcn.h>
 #include <errno.h>
+#include <link.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
@@ -27,6 +29,7 @@
 #include <event2/event.h>
 #include <jansson.h>
 
+#include "auth.h"
 #include "config.h"
 #include "fake_libvirtd.h"
 #include "fuzz.h"
@@ -59,6 +62,7 @@ struct client {
 };
 
 static char sock_path[108];
+static char sasldb_path[128];  /* "" when saslpasswd2 could not make one */
 static struct event_base *base;
 static struct vm_gateway *gw;
 static struct fake_libvirtd *fake;
@@ -72,8 +76,36 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     REQUIRE(mkdtemp(dir));
     snprintf(sock_path, sizeof(sock_path), "%s/libvirt-sock", dir);
     signal(SIGPIPE, SIG_IGN); /* as proxy/main.c: a peer that left is an EPIPE, not a death */
+    /* A sasldb with one user, for the SASL listener of the policy variant. */
+    char cmd[512];
+    snprintf(sasldb_path, sizeof(sasldb_path), "%s/gw.sasldb", dir);
+    snprintf(cmd, sizeof(cmd), "echo fuzzpass | saslpasswd2 -f %s -a libvirt -c -p fuzz "
+             ">/dev/null 2>&1", sasldb_path);
+    if (system(cmd) != 0 || access(sasldb_path, R_OK) != 0) {
+        fprintf(stderr, "fuzz_session: no saslpasswd2, the SASL listener is left out\n");
+        sasldb_path[0] = '\0';
+    }
     vm_log_setup(getenv("FUZZ_SESSION_LOG") ? VM_LOG_DEBUG : VM_LOG_ERROR, 0);
     return 0;
+}
+
+/* cyrus-sasl's plugins allocate at init and never free it, and sasl_server_done() unloads
+ * them, which leaves LeakSanitizer a stack it cannot follow or name. Keeping the plugins
+ * loaded (RTLD_NODELETE) makes those leaks name their module, and tests/fuzz/lsan.supp
+ * suppresses them by it; it also spares a dlopen per input. */
+static int pin_one(struct dl_phdr_info *info, size_t size, void *arg)
+{
+    if (info->dlpi_name && strstr(info->dlpi_name, "/sasl2/"))
+        dlopen(info->dlpi_name, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
+    return 0;
+}
+
+static void pin_sasl_plugins(void)
+{
+    static int done;
+    if (!done)
+        dl_iterate_phdr(pin_one, NULL);
+    done = 1;
 }
 
 /* ---- client side ---- */
@@ -272,7 +304,7 @@ static const uint32_t progs[] = {VM_PROG_REMOTE, VM_PROG_QEMU, VM_PROG_LXC, VM_P
 
 static const char *const open_names[] = {
     "", "test:///default", "test:///hv1/default", "test:///nowhere/default", "qemu:///system",
-    "test:///hv1", "test+tcp://gw/hv1/default?x=1", "test:///ro/default",
+    "test:///hv1", "test+tcp://gw/hv1/default?x=1", "test:///ro/default", "test:///hv2/default",
 };
 
 /* The `which`-th procedure of the table with kind `kind` (any program). */
@@ -379,6 +411,26 @@ static void op_keepalive(struct client *c, struct input *in)
     xb_free(&b);
 }
 
+/* AUTH_SASL_INIT, START (mechanism + token) or STEP (token); the token is `int nil; char
+ * data<>` with four wire bytes per char. */
+static void op_sasl(struct client *c, struct input *in)
+{
+    static const char *const mechs[] = {"SCRAM-SHA-256", "DIGEST-MD5", "GSSAPI", "PLAIN", ""};
+    unsigned what = take(in);
+    uint32_t serial = take(in);
+    size_t n;
+    const uint8_t *data = take_bytes(in, &n);
+    struct xbuf b;
+    xb_init(&b);
+    int32_t proc = 67 + (int32_t)(what % 3);
+    if (proc == 68)
+        xb_string(&b, mechs[(what >> 2) % 5]);
+    if (proc != 67)
+        xb_nil_chars(&b, what & 0x80 ? NULL : data, (unsigned)n);
+    put_call(c, VM_PROG_REMOTE, proc, VM_CALL, serial, VM_STATUS_OK, b.p, b.len);
+    xb_free(&b);
+}
+
 static void run_op(unsigned op, struct input *in)
 {
     unsigned who = op >> 4;
@@ -444,6 +496,9 @@ static void run_op(unsigned op, struct input *in)
         put_call(client_get(who), VM_PROG_REMOTE, proc, VM_CALL, take(in), VM_STATUS_OK, NULL, 0);
         break;
     }
+    case 14:
+        op_sasl(client_get(who), in);
+        break;
     default:
         pump(1);
         break;
@@ -453,19 +508,40 @@ static void run_op(unsigned op, struct input *in)
 
 /* ---- one input ---- */
 
+/* Config bits: 1 idle_timeout_s 0, 2 max_inflight 1, 4 max_client_requests 2, 8 the "ro"
+ * listener is read-only, 16|32 libvirtd fails every 2nd/3rd/5th call, 64 one connection per
+ * pool, 128 the policy variant: a SASL listener (client 2), a second upstream and rules. */
 static struct vm_config *make_config(unsigned bits)
 {
-    char json[2048];
+    char json[4096], sasl[1024] = "", policy[1024] = "", hv2[512] = "";
+    int variant = bits & 128;
+    if (variant && sasldb_path[0])
+        snprintf(sasl, sizeof(sasl),
+                 ", {\"name\": \"sasl\", \"unix\": \"/nonexistent/sasl\", \"auth\": \"sasl\"}],"
+                 " \"sasl\": {\"sasldb\": \"%s\", \"mechanisms\": [\"scram-sha-256\", \"digest-md5\"],"
+                 "   \"allowed_users\": [\"fuzz\"], \"max_failures\": 100000", sasldb_path);
+    if (variant) {
+        snprintf(hv2, sizeof(hv2),
+                 ", {\"name\": \"hv2\", \"uri\": \"test+unix:///default?socket=%s\"}", sock_path);
+        snprintf(policy, sizeof(policy),
+                 ", \"policy\": {\"default\": \"deny\", \"rules\": ["
+                 "   {\"match\": {\"unix_uid\": 1001}, \"readonly\": true, \"upstreams\": \"*\"},"
+                 "   {\"match\": {\"listener\": \"sa*\"}, \"upstreams\": [\"hv2\"], \"max_sessions\": 1},"
+                 "   {\"match\": {\"unix_uid\": 1000}, \"upstreams\": [\"hv1\"], \"max_sessions\": 1}]}");
+    }
     snprintf(json, sizeof(json),
              "{\"listeners\": [{\"name\": \"rw\", \"unix\": \"/nonexistent/rw\"},"
-             "                 {\"name\": \"ro\", \"unix\": \"/nonexistent/ro\", \"readonly\": %s}],"
+             "                 {\"name\": \"ro\", \"unix\": \"/nonexistent/ro\", \"readonly\": %s}"
+             "                 %s%s,"
              " \"upstreams\": [{\"name\": \"hv1\", \"uri\": \"test+unix:///default?socket=%s\","
-             "   \"pool\": {\"max_connections\": %d, \"max_inflight\": %d, \"idle_timeout_s\": %d}}],"
+             "   \"pool\": {\"max_connections\": %d, \"max_inflight\": %d, \"idle_timeout_s\": %d}}"
+             "   %s],"
              " \"default_upstream\": \"hv1\","
              " \"limits\": {\"max_client_requests\": %d},"
-             " \"events\": {\"max_queue_bytes\": 65536}}",
-             bits & 8 ? "true" : "false", sock_path, bits & 64 ? 1 : 3, bits & 2 ? 1 : 4,
-             bits & 1 ? 0 : 60, bits & 4 ? 2 : 16);
+             " \"events\": {\"max_queue_bytes\": 65536}%s}",
+             bits & 8 ? "true" : "false", sasl, sasl[0] ? "}" : "]", sock_path,
+             bits & 64 ? 1 : 3, bits & 2 ? 1 : 4, bits & 1 ? 0 : 60, hv2, bits & 4 ? 2 : 16,
+             policy);
     struct vm_config *c = config_parse(json, stderr);
     REQUIRE(c);
     return c;
@@ -488,6 +564,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     REQUIRE(base);
     cfg = make_config(data[0]);
     gw = gateway_new(base, cfg);
+    if (cfg->sasl) {
+        REQUIRE(auth_global_init(cfg->sasl) == 0); /* what gateway_start does */
+        pin_sasl_plugins();
+    }
     fake = fake_libvirtd_new(base, sock_path);
     REQUIRE(fake);
     static const unsigned fail_every[] = {0, 2, 3, 5};

@@ -52,7 +52,7 @@ for k, (prog, proc, args) in POLICY.items():
     write("fuzz_policy", k, bytes([prog]) + struct.pack(">H", proc) + args)
 
 # ---- fuzz_session: config byte, then operations (op = client << 4 | kind) ----
-RAW, CALL, OPEN, PUMP, HANGUP, EVENT, UPRAW, UPDROP, TOGGLE, REG, DEREG, STREAM, KA, LOCAL = range(14)
+RAW, CALL, OPEN, PUMP, HANGUP, EVENT, UPRAW, UPDROP, TOGGLE, REG, DEREG, STREAM, KA, LOCAL, SASL = range(15)
 
 
 def op(kind, who=0, *args):
@@ -121,6 +121,16 @@ SESSION = {
     # client hangs up: its session must still end (it did not: reading off, EOF unseen)
     "paused-hangup": bytes([4]) + open_(0) + pump() + op(UPRAW, 0, 0, 4, 0, 0, 1, 0) + pump()
     + call(0, 0, 16, 2, DOM) + call(0, 0, 16, 3, DOM) + pump() + op(HANGUP, 0) + pump(),
+    # policy variant: client 0 may reach hv1 once at a time, not hv2; client 1 is forced
+    # read-only; client 2 is on the SASL listener and must log in first
+    "policy": bytes([128]) + open_(0) + pump() + open_(0, 8, 0, 2) + pump() + op(HANGUP, 0)
+    + open_(0, 8) + pump() + open_(0, 0, 0, 2) + pump()
+    + open_(1) + pump() + call(1, 0, 12, 2, DOM) + call(1, 0, 16, 3, DOM) + pump()
+    + open_(2, 8) + op(LOCAL, 2, 4, 2) + op(SASL, 2, 0, 3, 0) + pump()
+    + op(SASL, 2, 1, 4, 8, *b"n,,n=fuz") + pump() + op(SASL, 2, 2, 5, 4, *b"c=bi") + pump(),
+    # SASL: DIGEST-MD5 start with no token, a step with a nil token, a repeated start
+    "sasl-digest": bytes([128]) + op(SASL, 2, 0, 1, 0) + pump() + op(SASL, 2, 5, 2, 0) + pump()
+    + op(SASL, 2, 0x82, 3, 0) + op(SASL, 2, 5, 4, 0) + pump() + open_(2, 8, 0, 5) + pump(),
 }
 for k, v in SESSION.items():
     write("fuzz_session", k, v)
