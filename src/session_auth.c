@@ -79,12 +79,20 @@ void session_handle_auth(struct vm_session *s, const struct vm_hdr *h, struct ev
     if (auth_ssf(s->auth) > 0) {
         /* The reply above is still plain; from the next byte on both directions are
          * SASL-encoded. The filter takes over the socket bufferevent. */
-        struct bufferevent *f = auth_wrap(s->auth, s->bev);
+        struct bufferevent *under = s->bev;
+        struct bufferevent *f = auth_wrap(s->auth, under);
         if (!f) {
             session_close(s, "cannot start the SASL security layer");
             return;
         }
         s->bev = f;
+        /* Back-pressure and the event queue limit look at the plaintext waiting in the
+         * filter. The filter moves everything it can into the socket's buffer, so cap that:
+         * above OUT_LOW encoded bytes it keeps the rest, where the session counts it. What
+         * the socket buffer holds now (the reply above) is no event: start counting afresh. */
+        evbuffer_remove_cb(bufferevent_get_output(under), session_output_cb, s);
+        s->nruns = s->headrun = 0;
+        bufferevent_setwatermark(under, EV_WRITE, OUT_LOW / 2, OUT_LOW);
         evbuffer_add_cb(bufferevent_get_output(s->bev), session_output_cb, s);
         bufferevent_setcb(s->bev, session_read_cb, session_write_cb, session_event_cb, s);
         bufferevent_setwatermark(s->bev, EV_WRITE, OUT_LOW, 0);

@@ -37,6 +37,9 @@ struct fake_libvirtd {
     int nregs;
     int32_t next_id;
     unsigned fail_every, ncalls;
+    unsigned answered;   /* ordinary calls */
+    uint8_t *payload;    /* owned: what ordinary calls get back */
+    size_t npayload;
 };
 
 static void conn_close(struct fconn *c)
@@ -156,11 +159,12 @@ static void on_call(struct fconn *c, const struct vm_hdr *h, struct evbuffer *pk
         on_deregister(c, h, pkt);
         return;
     }
+    c->f->answered++;
     if (c->f->fail_every && ++c->f->ncalls % c->f->fail_every == 0) {
         reply_error(c, h, "fake libvirtd: this call fails");
         return;
     }
-    reply(c, h, VM_STATUS_OK, NULL, 0);
+    reply(c, h, VM_STATUS_OK, c->f->payload, c->f->npayload);
 }
 
 /* A stream packet of the client: its end (OK, no data) is answered by our end. */
@@ -262,7 +266,22 @@ void fake_libvirtd_free(struct fake_libvirtd *f)
         return;
     fake_libvirtd_drop_all(f);
     evconnlistener_free(f->lis);
+    free(f->payload);
     free(f);
+}
+
+unsigned fake_libvirtd_calls(const struct fake_libvirtd *f)
+{
+    return f->answered;
+}
+
+void fake_libvirtd_reply_bytes(struct fake_libvirtd *f, size_t n)
+{
+    free(f->payload);
+    f->payload = calloc(1, n ? n : 1);
+    if (!f->payload)
+        abort();
+    f->npayload = n;
 }
 
 int fake_libvirtd_nconns(const struct fake_libvirtd *f)

@@ -20,6 +20,10 @@ void fake_libvirtd_free(struct fake_libvirtd *f);
 
 /* Connections accepted so far and still open. */
 int fake_libvirtd_nconns(const struct fake_libvirtd *f);
+/* Ordinary calls answered so far (handshake and event calls not counted). */
+unsigned fake_libvirtd_calls(const struct fake_libvirtd *f);
+/* Answer ordinary calls with `n` payload bytes instead of none. */
+void fake_libvirtd_reply_bytes(struct fake_libvirtd *f, size_t n);
 /* Every `every`-th ordinary call is answered with an error instead (0: never). */
 void fake_libvirtd_fail_every(struct fake_libvirtd *f, unsigned every);
 /* Send an event for one of the registrations made so far (chosen by `pick`): the `which`-th
