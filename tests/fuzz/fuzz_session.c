@@ -10,7 +10,8 @@
  * input, torn down at the end, so leaks and use-after-free across the teardown show up too.
  *
  * Checked besides memory safety: everything the gateway sends a client is a sequence of legal
- * frames, those it sends of its own accord of a libvirt program; a client gets at most as many REPLYs for a serial as it sent
+ * frames, those it sends of its own accord of a libvirt program; every callback event carries
+ * a callback id the client was given and has not deregistered; a client gets at most as many REPLYs for a serial as it sent
  * CALLs with it (unless libvirtd itself was made to send junk); every session is gone once its
  * client hung up; the fake libvirtd never receives an illegal frame.
  */
@@ -47,7 +48,11 @@
 struct serial_count {
     uint32_t serial;
     int calls, replies;
+    enum vm_proc_kind kind;  /* of the last call with this serial */
+    int32_t dereg_id;        /* the id a DEREGISTER call with this serial names */
 };
+
+#define MAX_IDS 64
 
 struct client {
     int fd;                 /* our end; -1 when hung up (or never connected) */
@@ -57,6 +62,9 @@ struct client {
     struct evbuffer *rx;    /* received, not yet parsed */
     uint32_t skip;          /* FD dummy bytes after a CALL_WITH_FDS, as the gateway skips them */
     int tx_broken;          /* sent an illegal length word: the gateway closes, stop counting */
+    int32_t ids[MAX_IDS];   /* event callback ids the gateway gave this client, still live */
+    int nids;
+    int ids_unsure;         /* a (de)registration could not be told apart: no id checks */
     struct serial_count serials[MAX_SERIALS];
     int nserials;
 };
@@ -117,7 +125,7 @@ static struct serial_count *serial_slot(struct client *c, uint32_t serial)
             return &c->serials[i];
     if (c->nserials == MAX_SERIALS)
         return NULL;
-    c->serials[c->nserials] = (struct serial_count){serial, 0, 0};
+    c->serials[c->nserials] = (struct serial_count){.serial = serial};
     return &c->serials[c->nserials++];
 }
 
@@ -149,8 +157,18 @@ static void parse_sent(struct client *c)
             continue;
         if (h.type == VM_CALL) {
             struct serial_count *sc = serial_slot(c, h.serial);
-            if (sc)
-                sc->calls++;
+            if (sc) {
+                const struct vm_proc_info *info = vm_proc_lookup(h.prog, h.proc);
+                enum vm_proc_kind kind = info ? info->kind : VM_PK_CALL;
+                /* Two calls with one serial: whose reply is whose is unknown. */
+                if (sc->calls++ && (kind == VM_PK_EVENT_REGISTER || kind == VM_PK_EVENT_DEREGISTER ||
+                                    sc->kind == VM_PK_EVENT_REGISTER ||
+                                    sc->kind == VM_PK_EVENT_DEREGISTER))
+                    c->ids_unsure = 1;
+                sc->kind = kind;
+                sc->dereg_id = (int32_t)((uint32_t)raw[28] << 24 | (uint32_t)raw[29] << 16 |
+                                         (uint32_t)raw[30] << 8 | raw[31]);
+            }
         } else if (h.type == VM_CALL_WITH_FDS && len >= VM_HDR_LEN + 4) {
             uint32_t nfds = (uint32_t)raw[28] << 24 | (uint32_t)raw[29] << 16 |
                             (uint32_t)raw[30] << 8 | raw[31];
@@ -164,6 +182,39 @@ static void parse_sent(struct client *c)
     }
 }
 
+/* Follow the callback ids a client holds, from its REGISTER reply to its DEREGISTER reply;
+ * every callback event it receives must carry one of them (the gateway rewrites libvirtd's). */
+static void follow_ids(struct client *c, const struct vm_hdr *h, const uint8_t *pay, size_t n)
+{
+    int32_t first = n >= 4 ? (int32_t)((uint32_t)pay[0] << 24 | (uint32_t)pay[1] << 16 |
+                                       (uint32_t)pay[2] << 8 | pay[3]) : 0;
+    if (h->type == VM_MESSAGE) {
+        const struct vm_proc_info *info = vm_proc_lookup(h->prog, h->proc);
+        if (!info || info->kind != VM_PK_EVENT || !info->cb_first || c->ids_unsure)
+            return;
+        int known = 0;
+        for (int i = 0; i < c->nids; i++)
+            known |= c->ids[i] == first;
+        REQUIRE(n >= 4 && known);
+        return;
+    }
+    if (h->type != VM_REPLY || h->status != VM_STATUS_OK)
+        return;
+    struct serial_count *sc = serial_slot(c, h->serial);
+    if (!sc)
+        return;
+    if (sc->kind == VM_PK_EVENT_REGISTER && n >= 4) {
+        if (c->nids == MAX_IDS)
+            c->ids_unsure = 1;
+        else
+            c->ids[c->nids++] = first;
+    } else if (sc->kind == VM_PK_EVENT_DEREGISTER) {
+        for (int i = 0; i < c->nids; i++)
+            if (c->ids[i] == sc->dereg_id)
+                c->ids[i--] = c->ids[--c->nids];
+    }
+}
+
 /* Everything the gateway sends must be whole legal frames of a libvirt program. */
 static void parse_received(struct client *c)
 {
@@ -173,10 +224,11 @@ static void parse_received(struct client *c)
         REQUIRE(r >= 0);
         if (r == 0)
             return;
-        uint8_t raw[VM_HDR_LEN];
-        evbuffer_copyout(c->rx, raw, sizeof(raw));
+        const uint8_t *raw = evbuffer_pullup(c->rx, len);
         struct vm_hdr h;
         wire_hdr_decode(raw, &h);
+        if (!c->tx_broken)
+            follow_ids(c, &h, raw + VM_HDR_LEN, len - VM_HDR_LEN);
         evbuffer_drain(c->rx, len);
         /* A REPLY mirrors its call's header, as libvirtd's does even for an unknown program;
          * anything the gateway sends of its own accord is of a libvirt program. */
@@ -230,6 +282,8 @@ static void client_hangup(struct client *c)
     c->skip = 0;
     c->tx_broken = 0;
     c->nserials = 0;
+    c->nids = 0;
+    c->ids_unsure = 0;
 }
 
 /* A client connects lazily, on its first operation (again after a hang-up). */
