@@ -29,6 +29,8 @@
 #include <event2/buffer.h>
 #include <event2/event.h>
 #include <jansson.h>
+#include <netinet/in.h>
+#include <sasl/sasl.h>
 
 #include "auth.h"
 #include "config.h"
@@ -65,6 +67,14 @@ struct client {
     int32_t ids[MAX_IDS];   /* event callback ids the gateway gave this client, still live */
     int nids;
     int ids_unsure;         /* a (de)registration could not be told apart: no id checks */
+    /* After a SASL login with a security layer (see op_login): */
+    sasl_conn_t *sasl;      /* owned; NULL for a plain client */
+    unsigned maxout;        /* largest plaintext block per sasl_encode */
+    struct evbuffer *enc_tx, *enc_rx; /* encoded bytes to write / read but not yet decoded */
+    uint32_t await;         /* a REPLY serial the login waits for (0: none) ... */
+    uint8_t *awaited;       /* ... its payload once here (malloc'd), parsing stops there */
+    size_t nawaited;
+    int got_await;
     struct serial_count serials[MAX_SERIALS];
     int nserials;
 };
@@ -87,12 +97,13 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     /* A sasldb with one user, for the SASL listener of the policy variant. */
     char cmd[512];
     snprintf(sasldb_path, sizeof(sasldb_path), "%s/gw.sasldb", dir);
-    snprintf(cmd, sizeof(cmd), "echo fuzzpass | saslpasswd2 -f %s -a libvirt -c -p fuzz "
-             ">/dev/null 2>&1", sasldb_path);
+    snprintf(cmd, sizeof(cmd), "echo fuzzpass | saslpasswd2 -f %s -a libvirt -u localhost -c "
+             "-p fuzz >/dev/null 2>&1", sasldb_path);
     if (system(cmd) != 0 || access(sasldb_path, R_OK) != 0) {
         fprintf(stderr, "fuzz_session: no saslpasswd2, the SASL listener is left out\n");
         sasldb_path[0] = '\0';
     }
+    REQUIRE(sasl_client_init(NULL) == SASL_OK); /* for op_login */
     vm_log_setup(getenv("FUZZ_SESSION_LOG") ? VM_LOG_DEBUG : VM_LOG_ERROR, 0);
     return 0;
 }
@@ -227,6 +238,17 @@ static void parse_received(struct client *c)
         const uint8_t *raw = evbuffer_pullup(c->rx, len);
         struct vm_hdr h;
         wire_hdr_decode(raw, &h);
+        if (c->await && h.type == VM_REPLY && h.serial == c->await) {
+            /* The login's reply: whatever follows may be in the security layer already. */
+            c->got_await = h.status == VM_STATUS_OK;
+            c->nawaited = len - VM_HDR_LEN;
+            c->awaited = malloc(c->nawaited + 1);
+            REQUIRE(c->awaited);
+            memcpy(c->awaited, raw + VM_HDR_LEN, c->nawaited);
+            c->await = 0;
+            evbuffer_drain(c->rx, len);
+            return;
+        }
         if (!c->tx_broken)
             follow_ids(c, &h, raw + VM_HDR_LEN, len - VM_HDR_LEN);
         evbuffer_drain(c->rx, len);
@@ -247,27 +269,69 @@ static void parse_received(struct client *c)
     }
 }
 
+/* Inside the security layer: plaintext to send is encoded (and counts as sent) at once. */
+static void encode_tx(struct client *c)
+{
+    size_t n;
+    while ((n = evbuffer_get_length(c->tx)) > 0) {
+        if (n > c->maxout)
+            n = c->maxout;
+        const char *out;
+        unsigned outlen;
+        REQUIRE(sasl_encode(c->sasl, (const char *)evbuffer_pullup(c->tx, (ev_ssize_t)n),
+                            (unsigned)n, &out, &outlen) == SASL_OK);
+        evbuffer_add(c->enc_tx, out, outlen);
+        evbuffer_remove_buffer(c->tx, c->sent, n);
+    }
+}
+
+/* What the gateway sends inside the layer must decode: it never mixes in plaintext. */
+static void decode_rx(struct client *c)
+{
+    size_t n;
+    while ((n = evbuffer_get_length(c->enc_rx)) > 0) {
+        if (n > 65536)
+            n = 65536;
+        const char *out;
+        unsigned outlen;
+        REQUIRE(sasl_decode(c->sasl, (const char *)evbuffer_pullup(c->enc_rx, (ev_ssize_t)n),
+                            (unsigned)n, &out, &outlen) == SASL_OK);
+        evbuffer_add(c->rx, out, outlen);
+        evbuffer_drain(c->enc_rx, n);
+    }
+}
+
 static void client_io(struct client *c)
 {
     if (c->fd < 0)
         return;
-    while (evbuffer_get_length(c->tx)) {
-        size_t n = evbuffer_get_length(c->tx);
+    struct evbuffer *wire_tx = c->tx;
+    if (c->sasl) {
+        encode_tx(c);
+        wire_tx = c->enc_tx;
+    }
+    while (evbuffer_get_length(wire_tx)) {
+        size_t n = evbuffer_get_length(wire_tx);
         if (n > 4096)
             n = 4096;
-        ssize_t k = write(c->fd, evbuffer_pullup(c->tx, (ev_ssize_t)n), n);
+        ssize_t k = write(c->fd, evbuffer_pullup(wire_tx, (ev_ssize_t)n), n);
         if (k <= 0)
             break;
-        evbuffer_remove_buffer(c->tx, c->sent, (size_t)k);
+        if (c->sasl)
+            evbuffer_drain(wire_tx, (size_t)k);
+        else
+            evbuffer_remove_buffer(c->tx, c->sent, (size_t)k);
     }
     parse_sent(c);
-    while (c->reading) {
+    while (c->reading || c->await) {
         uint8_t buf[4096];
         ssize_t k = read(c->fd, buf, sizeof(buf));
         if (k <= 0)
             break;
-        evbuffer_add(c->rx, buf, (size_t)k);
+        evbuffer_add(c->sasl ? c->enc_rx : c->rx, buf, (size_t)k);
     }
+    if (c->sasl)
+        decode_rx(c);
     parse_received(c);
 }
 
@@ -276,6 +340,14 @@ static void client_hangup(struct client *c)
     if (c->fd >= 0)
         close(c->fd);
     c->fd = -1;
+    if (c->sasl)
+        sasl_dispose(&c->sasl);
+    c->sasl = NULL;
+    evbuffer_drain(c->enc_tx, evbuffer_get_length(c->enc_tx));
+    evbuffer_drain(c->enc_rx, evbuffer_get_length(c->enc_rx));
+    free(c->awaited);
+    c->awaited = NULL;
+    c->await = 0;
     evbuffer_drain(c->tx, evbuffer_get_length(c->tx));
     evbuffer_drain(c->sent, evbuffer_get_length(c->sent));
     evbuffer_drain(c->rx, evbuffer_get_length(c->rx));
@@ -302,6 +374,15 @@ static struct client *client_get(unsigned k)
     c->reading = 1;
     const struct vm_listener_cfg *l = &cfg->listeners[k % cfg->nlisteners];
     struct vm_identity id = {.listener = l->name, .is_unix = 1, .has_cred = 1, .uid = 1000 + k % NCLIENTS};
+    if (l->auth == VM_AUTH_SASL) {
+        /* A TCP peer: SASL must then bring a security layer (DIGEST-MD5). */
+        struct sockaddr_in *sin = (struct sockaddr_in *)&id.addr;
+        sin->sin_family = AF_INET;
+        sin->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        snprintf(id.source, sizeof(id.source), "127.0.0.1");
+        id.is_unix = 0;
+        id.has_cred = 0;
+    }
     char peer[32];
     snprintf(peer, sizeof(peer), "fuzz-client-%u", k % NCLIENTS);
     session_new(gw, l, sv[0], peer, &id, NULL);
@@ -485,6 +566,127 @@ static void op_sasl(struct client *c, struct input *in)
     xb_free(&b);
 }
 
+static int sasl_user(void *ctx, int id, const char **result, unsigned *len)
+{
+    *result = "fuzz";
+    if (len)
+        *len = 4;
+    return SASL_OK;
+}
+
+static int sasl_pass(sasl_conn_t *conn, void *ctx, int id, sasl_secret_t **secret)
+{
+    static union {
+        sasl_secret_t s;
+        unsigned char bytes[sizeof(sasl_secret_t) + 16];
+    } pw;
+    pw.s.len = 8;
+    memcpy(pw.s.data, "fuzzpass", 9);
+    *secret = &pw.s;
+    return SASL_OK;
+}
+
+static int sasl_realm(void *ctx, int id, const char **avail, const char **result)
+{
+    *result = avail && avail[0] ? avail[0] : "localhost";
+    return SASL_OK;
+}
+
+/* Wait for the REPLY to `serial`; its payload in c->awaited. 0 when it came and was OK. */
+static int await_reply(struct client *c, uint32_t serial)
+{
+    free(c->awaited);
+    c->awaited = NULL;
+    c->got_await = 0;
+    c->await = serial;
+    for (int i = 0; i < 64 && c->await && c->fd >= 0; i++)
+        pump(1);
+    c->await = 0;
+    return c->awaited && c->got_await ? 0 : -1;
+}
+
+static void send_sasl(struct client *c, int32_t proc, uint32_t serial, const char *mech,
+                      const char *data, unsigned len)
+{
+    struct xbuf b;
+    xb_init(&b);
+    if (mech)
+        xb_string(&b, mech);
+    if (proc != 67)
+        xb_nil_chars(&b, data, len);
+    put_call(c, VM_PROG_REMOTE, proc, VM_CALL, serial, VM_STATUS_OK, b.p, b.len);
+    xb_free(&b);
+}
+
+/* A whole DIGEST-MD5 login with the sasldb's user, as libvirt's client does it, ending in the
+ * security layer: from then on this client's bytes are encoded and decoded (client_io). The
+ * fuzzer cannot forge the answers, so this operation does it for it. */
+static void op_login(struct client *c)
+{
+    static const sasl_callback_t cbs[] = {
+        {SASL_CB_USER, (int (*)(void))(void (*)(void))sasl_user, NULL},
+        {SASL_CB_AUTHNAME, (int (*)(void))(void (*)(void))sasl_user, NULL},
+        {SASL_CB_PASS, (int (*)(void))(void (*)(void))sasl_pass, NULL},
+        {SASL_CB_GETREALM, (int (*)(void))(void (*)(void))sasl_realm, NULL},
+        {SASL_CB_LIST_END, NULL, NULL},
+    };
+    if (c->sasl || !sasldb_path[0])
+        return;
+    sasl_conn_t *conn;
+    if (sasl_client_new("libvirt", "localhost", NULL, NULL, cbs, 0, &conn) != SASL_OK)
+        return;
+    sasl_security_properties_t sp = {.min_ssf = 56, .max_ssf = 100000, .maxbufsize = 65536,
+                                     .security_flags = SASL_SEC_NOANONYMOUS | SASL_SEC_NOPLAINTEXT};
+    sasl_setprop(conn, SASL_SEC_PROPS, &sp);
+    const char *out = NULL, *mech = NULL;
+    unsigned outlen = 0;
+    uint32_t serial = 0x7f000000u;
+    send_sasl(c, 67, serial, NULL, NULL, 0);
+    struct xrd r;
+    char *mechs = NULL;
+    if (await_reply(c, serial) == 0) {
+        xr_init(&r, c->awaited, c->nawaited);
+        mechs = xr_string(&r, 4096);
+    }
+    int rc = mechs ? sasl_client_start(conn, mechs, NULL, &out, &outlen, &mech) : SASL_FAIL;
+    free(mechs);
+    if (rc != SASL_OK && rc != SASL_CONTINUE)
+        goto fail;
+    send_sasl(c, 68, ++serial, mech, out, outlen);
+    for (;;) {
+        static char data[65536];
+        unsigned len;
+        int nil;
+        if (await_reply(c, serial) < 0)
+            goto fail;
+        xr_init(&r, c->awaited, c->nawaited);
+        int complete = xr_i32(&r);
+        if (xr_nil_chars(&r, data, sizeof(data), &len, &nil) < 0)
+            goto fail;
+        if (!complete || !nil) {
+            rc = sasl_client_step(conn, nil ? NULL : data, len, NULL, &out, &outlen);
+            if (rc != SASL_OK && rc != SASL_CONTINUE)
+                goto fail;
+        }
+        if (complete)
+            break;
+        send_sasl(c, 69, ++serial, NULL, out, outlen);
+    }
+    const void *v = NULL;
+    sasl_getprop(conn, SASL_SSF, &v);
+    REQUIRE(v && *(const sasl_ssf_t *)v >= 56); /* the gateway must not accept less on TCP */
+    v = NULL;
+    sasl_getprop(conn, SASL_MAXOUTBUF, &v);
+    c->maxout = v && *(const unsigned *)v ? *(const unsigned *)v : 4096;
+    c->sasl = conn;
+    /* Bytes after the completing reply are in the layer already. */
+    evbuffer_add_buffer(c->enc_rx, c->rx);
+    client_io(c);
+    return;
+fail:
+    sasl_dispose(&conn);
+}
+
 static void run_op(unsigned op, struct input *in)
 {
     unsigned who = op >> 4;
@@ -553,6 +755,9 @@ static void run_op(unsigned op, struct input *in)
     case 14:
         op_sasl(client_get(who), in);
         break;
+    case 15:
+        op_login(client_get(who));
+        break;
     default:
         pump(1);
         break;
@@ -573,7 +778,8 @@ static struct vm_config *make_config(unsigned bits)
         snprintf(sasl, sizeof(sasl),
                  ", {\"name\": \"sasl\", \"unix\": \"/nonexistent/sasl\", \"auth\": \"sasl\"}],"
                  " \"sasl\": {\"sasldb\": \"%s\", \"mechanisms\": [\"scram-sha-256\", \"digest-md5\"],"
-                 "   \"allowed_users\": [\"fuzz\"], \"max_failures\": 100000", sasldb_path);
+                 "   \"allowed_users\": [\"fuzz\"], \"max_failures\": 100000,"
+                 "   \"service_host\": \"localhost\"", sasldb_path);
     if (variant) {
         snprintf(hv2, sizeof(hv2),
                  ", {\"name\": \"hv2\", \"uri\": \"test+unix:///default?socket=%s\"}", sock_path);
@@ -632,7 +838,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         clients[k].tx = evbuffer_new();
         clients[k].sent = evbuffer_new();
         clients[k].rx = evbuffer_new();
-        REQUIRE(clients[k].tx && clients[k].sent && clients[k].rx);
+        clients[k].enc_tx = evbuffer_new();
+        clients[k].enc_rx = evbuffer_new();
+        REQUIRE(clients[k].tx && clients[k].sent && clients[k].rx && clients[k].enc_tx &&
+                clients[k].enc_rx);
     }
 
     while (in.n)
@@ -657,6 +866,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         evbuffer_free(clients[k].tx);
         evbuffer_free(clients[k].sent);
         evbuffer_free(clients[k].rx);
+        evbuffer_free(clients[k].enc_tx);
+        evbuffer_free(clients[k].enc_rx);
     }
     event_base_free(base);
     gw = NULL;

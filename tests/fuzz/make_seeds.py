@@ -52,7 +52,7 @@ for k, (prog, proc, args) in POLICY.items():
     write("fuzz_policy", k, bytes([prog]) + struct.pack(">H", proc) + args)
 
 # ---- fuzz_session: config byte, then operations (op = client << 4 | kind) ----
-RAW, CALL, OPEN, PUMP, HANGUP, EVENT, UPRAW, UPDROP, TOGGLE, REG, DEREG, STREAM, KA, LOCAL, SASL = range(15)
+RAW, CALL, OPEN, PUMP, HANGUP, EVENT, UPRAW, UPDROP, TOGGLE, REG, DEREG, STREAM, KA, LOCAL, SASL, LOGIN = range(16)
 
 
 def op(kind, who=0, *args):
@@ -131,6 +131,15 @@ SESSION = {
     # SASL: DIGEST-MD5 start with no token, a step with a nil token, a repeated start
     "sasl-digest": bytes([128]) + op(SASL, 2, 0, 1, 0) + pump() + op(SASL, 2, 5, 2, 0) + pump()
     + op(SASL, 2, 0x82, 3, 0) + op(SASL, 2, 5, 4, 0) + pump() + open_(2, 8, 0, 5) + pump(),
+    # a DIGEST-MD5 login with the security layer (client 2 is a TCP peer of the SASL
+    # listener), then everything inside the layer: open hv2, calls, events, a stream, and a
+    # client that stops reading
+    "sasl-layer": bytes([128]) + op(LOGIN, 2) + pump() + open_(2, 8) + pump()
+    + call(2, 0, 16, 2, DOM) + op(REG, 2, 3, 0, 3) + pump() + op(EVENT, 0, 0, 1, 4, 0, 0, 0, 0)
+    + pump() + op(STREAM, 2, 4, 0, 9, 0) + pump() + op(STREAM, 2, 4, 1, 9, 4, 1, 2, 3, 4)
+    + op(STREAM, 2, 4, 2, 9, 0) + pump() + op(TOGGLE, 2)
+    + b"".join(op(EVENT, 0, 0, 1, 200, *range(200)) for _ in range(10)) + pump()
+    + op(LOCAL, 2, 0, 10) + pump(),
 }
 for k, v in SESSION.items():
     write("fuzz_session", k, v)
