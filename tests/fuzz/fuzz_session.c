@@ -10,10 +10,12 @@
  * input, torn down at the end, so leaks and use-after-free across the teardown show up too.
  *
  * Checked besides memory safety: everything the gateway sends a client is a sequence of legal
- * frames, those it sends of its own accord of a libvirt program; every callback event carries
- * a callback id the client was given and has not deregistered; a client gets at most as many REPLYs for a serial as it sent
- * CALLs with it (unless libvirtd itself was made to send junk); every session is gone once its
- * client hung up; the fake libvirtd never receives an illegal frame.
+ * frames (inside a SASL security layer: bytes that decode), those it sends of its own accord of
+ * a libvirt program; every callback event carries a callback id the client was given and has
+ * not deregistered; a client gets at most as many REPLYs for a serial as it sent CALLs with it
+ * (unless libvirtd itself was made to send junk); every session is gone once its client hung
+ * up; the fake libvirtd never receives an illegal frame; a SASL login of a TCP client never
+ * completes without a security layer.
  */
 #include <dlfcn.h>
 #include <errno.h>
@@ -687,6 +689,14 @@ fail:
     sasl_dispose(&conn);
 }
 
+/* One operation: op byte = client << 4 | kind, then the kind's bytes (LEN-prefixed data takes
+ * one length byte). Kinds: 0 raw bytes (LEN data), 1 call (prog, proc hi, proc lo, serial, LEN
+ * args), 2 open (name, flags, serial), 3 pump (turns), 4 hang up, 5 libvirtd event (which
+ * registration, which event, LEN extra), 6 libvirtd raw bytes (which link, LEN data), 7
+ * libvirtd hangs up (which link), 8 toggle reading, 9 event register (which, arg, serial),
+ * 10 deregister (which, id, serial), 11 stream (which, what, serial, LEN data), 12 keepalive or
+ * feature (what, serial), 13 local procedure (which, serial), 14 SASL step (what, serial, LEN
+ * token), 15 a whole DIGEST-MD5 login. tests/fuzz/make_seeds.py writes them by name. */
 static void run_op(unsigned op, struct input *in)
 {
     unsigned who = op >> 4;
