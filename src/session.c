@@ -13,9 +13,12 @@
 #include "session.h"
 #include "session_int.h"
 
+#include <fcntl.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
@@ -200,30 +203,41 @@ static void reply_u32(struct vm_session *s, const struct vm_hdr *h, uint32_t v)
     xb_free(&b);
 }
 
+/* Something happened on a paused client's socket: a hang-up ends the session; new bytes wait
+ * for reading to resume. */
 static void hup_cb(evutil_socket_t fd, short what, void *arg)
 {
-    session_close(arg, "client hung up");
+    struct pollfd p = {.fd = fd, .events = POLLRDHUP};
+    if (poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)))
+        session_close(arg, "client hung up");
 }
 
 /* While reading is paused the bufferevent cannot see EOF: a client that hangs up with its
- * calls stuck upstream would hold its slot until they return, forever if they never do.
- * libvirtd's poll sees POLLHUP whatever it asked for; EV_CLOSED is our equivalent. */
+ * calls stuck upstream would hold its slot until they return, forever if they never do
+ * (libvirtd's poll sees POLLHUP whatever it asked for). The watch is edge-triggered, so bytes
+ * that keep arriving cannot spin the loop, and a reset (which epoll reports as readable, not
+ * as EV_CLOSED) is seen too. It sits on a dup of the socket: libevent refuses to mix edge-
+ * and level-triggered events on one descriptor, and the bufferevent's are level-triggered. */
 static void watch_hangup(struct vm_session *s, int on)
 {
     if (!on) {
-        if (s->hup)
-            event_del(s->hup);
+        if (s->hup) {
+            event_free(s->hup);
+            close(s->hup_fd);
+        }
+        s->hup = NULL;
         return;
     }
-    if (!s->hup) {
-        evutil_socket_t fd = bufferevent_getfd(s->bev);
-        if (fd < 0 || !(event_base_get_features(gateway_base(s->gw)) & EV_FEATURE_EARLY_CLOSE))
-            return; /* then EOF is seen when reading resumes, as before */
-        s->hup = event_new(gateway_base(s->gw), fd, EV_CLOSED | EV_PERSIST, hup_cb, s);
-        if (!s->hup)
-            abort();
-    }
-    event_add(s->hup, NULL);
+    evutil_socket_t fd = bufferevent_getfd(s->bev);
+    if (s->hup || fd < 0)
+        return; /* no socket: EOF is seen when reading resumes, as before */
+    s->hup_fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (s->hup_fd < 0)
+        return;
+    s->hup = event_new(gateway_base(s->gw), s->hup_fd, EV_READ | EV_CLOSED | EV_ET | EV_PERSIST,
+                       hup_cb, s);
+    if (!s->hup || event_add(s->hup, NULL) < 0)
+        abort();
 }
 
 /* Pause or resume reading from the client according to its load. */
@@ -876,9 +890,7 @@ void session_close(struct vm_session *s, const char *why)
     session_release_unauth(s);
     event_free(s->kick);
     s->kick = NULL;
-    if (s->hup)
-        event_free(s->hup);
-    s->hup = NULL;
+    watch_hangup(s, 0);
     bufferevent_free(s->bev);
     s->bev = NULL;
     gateway_session_closed(s->gw, s);

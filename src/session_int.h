@@ -45,7 +45,8 @@ struct vm_session {
     const char *close_reason;          /* ... for this reason */
     uint32_t skip_bytes;               /* FD dummy bytes to discard after a refused FD call */
     struct event *kick;                /* owned: resumes input processing after a pause */
-    struct event *hup;                 /* owned: notices a hang-up while reading is paused */
+    struct event *hup;                 /* owned: notices a hang-up while reading is paused ... */
+    int hup_fd;                        /* ... on this dup of the socket (owned while hup) */
 
     struct vm_hdr open_hdr;            /* the CONNECT_OPEN being answered */
     char *opened_name;                 /* owned: the name the client opened */

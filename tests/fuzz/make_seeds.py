@@ -121,6 +121,11 @@ SESSION = {
     # client hangs up: its session must still end (it did not: reading off, EOF unseen)
     "paused-hangup": bytes([4]) + open_(0) + pump() + op(UPRAW, 0, 0, 4, 0, 0, 1, 0) + pump()
     + call(0, 0, 16, 2, DOM) + call(0, 0, 16, 3, DOM) + pump() + op(HANGUP, 0) + pump(),
+    # the same, but the client leaves a reply unread and sends more while paused: its hang-up
+    # is then a reset, which epoll reports as readable, not as EV_CLOSED
+    "paused-reset": bytes([4]) + open_(0) + pump() + op(TOGGLE, 0) + open_(0, 0, 0, 2) + pump()
+    + op(UPRAW, 0, 0, 4, 0, 0, 1, 0) + pump() + call(0, 0, 16, 3, DOM) + call(0, 0, 16, 4, DOM)
+    + pump() + call(0, 0, 16, 5, DOM) + pump() + op(HANGUP, 0) + pump(),
     # policy variant: client 0 may reach hv1 once at a time, not hv2; client 1 is forced
     # read-only; client 2 is on the SASL listener and must log in first
     "policy": bytes([128]) + open_(0) + pump() + open_(0, 8, 0, 2) + pump() + op(HANGUP, 0)
