@@ -7,6 +7,9 @@
  *   2  AUTH_SASL_START arguments (mechanism, token pair) as auth.c decodes them
  *   3  AUTH_SASL_STEP arguments (token pair) and the upstream's START/STEP reply
  *   4  a virNetMessageError payload (wire_error_decode), re-encoded and decoded again
+ *   5  call arguments judged by the read-only allowlist (policy_readonly_allows) as the
+ *      arguments of every procedure of the table: verdicts agree with the table, and an
+ *      allowed "flags" call stays allowed with bytes appended (libvirtd ignores them)
  * Invariants checked on every path: the read offset never passes the end, errors are sticky,
  * what decodes re-encodes to an equal value. */
 #include <stdint.h>
@@ -14,9 +17,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <event2/buffer.h>
+
 #include "config.h"
-#include "router.h"
 #include "fuzz.h"
+#include "policy.h"
+#include "proc.h"
+#include "router.h"
 #include "wire.h"
 
 static struct vm_config *route_cfg;
@@ -228,11 +235,63 @@ static void error_payload(const uint8_t *data, size_t size)
     xb_free(&b);
 }
 
+/* policy_readonly_allows on one CALL of `prog`/`proc` with these arguments, split over two
+ * chains of the packet. */
+static int readonly_verdict(uint32_t prog, int32_t proc, const uint8_t *args, size_t n,
+                            size_t split)
+{
+    struct vm_hdr h = {.len = (uint32_t)(VM_HDR_LEN + n), .prog = prog, .vers = VM_PROG_VERSION,
+                       .proc = proc, .type = VM_CALL, .serial = 1, .status = VM_STATUS_OK};
+    uint8_t raw[VM_HDR_LEN];
+    wire_hdr_encode(&h, raw);
+    struct evbuffer *pkt = evbuffer_new(), *tail = evbuffer_new();
+    if (!pkt || !tail)
+        abort();
+    evbuffer_add(pkt, raw, sizeof(raw));
+    evbuffer_add(pkt, args, split);
+    evbuffer_add(tail, args + split, n - split);
+    evbuffer_add_buffer(pkt, tail);
+    evbuffer_free(tail);
+    char msg[300] = "";
+    int domain = -1;
+    int ok = policy_readonly_allows(&h, pkt, msg, sizeof(msg), &domain);
+    if (evbuffer_get_length(pkt) != h.len || domain < 0 ||
+        (!ok && strncmp(msg, "operation forbidden: ", 21) != 0))
+        abort();
+    evbuffer_free(pkt);
+    return ok;
+}
+
+static void readonly_sweep(const uint8_t *data, size_t size)
+{
+    if (size + 8 > 65536)
+        return; /* the decoder refuses argument blocks above 64 KiB outright */
+    size_t split = size ? data[0] % (size + 1) : 0;
+    uint8_t *longer = malloc(size + 8);
+    if (!longer)
+        abort();
+    if (size)
+        memcpy(longer, data, size);
+    memset(longer + size, 0xff, 8);
+    for (size_t i = 0; i < vm_proc_table_len; i++) {
+        const struct vm_proc_info *p = &vm_proc_table[i];
+        int ok = readonly_verdict(p->prog, p->proc, data, size, split);
+        int remote = p->prog == VM_PROG_REMOTE;
+        if ((remote && p->ro == VM_RO_YES && !ok) || (remote && p->ro == VM_RO_NO && ok) ||
+            ((p->prog == VM_PROG_QEMU || p->prog == VM_PROG_LXC) && ok))
+            abort();
+        if (p->ro == VM_RO_FLAGS && ok && !readonly_verdict(p->prog, p->proc, longer, size + 8,
+                                                            split))
+            abort();
+    }
+    free(longer);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     if (size < 1)
         return 0;
-    switch (data[0] % 5) {
+    switch (data[0] % 6) {
     case 0:
         run_ops(data + 1, size - 1);
         break;
@@ -245,8 +304,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     case 3:
         sasl_step(data + 1, size - 1);
         break;
-    default:
+    case 4:
         error_payload(data + 1, size - 1);
+        break;
+    default:
+        readonly_sweep(data + 1, size - 1);
     }
     return 0;
 }
