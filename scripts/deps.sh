@@ -16,6 +16,7 @@ TEST_PACKAGES=(
     libvirt-daemon libvirt-clients python3-libvirt
     python3-pytest python3-pytest-timeout
     valgrind
+    clang libclang-rt-dev
     sasl2-bin libsasl2-modules openssl
     krb5-kdc krb5-admin-server krb5-user libsasl2-modules-gssapi-mit
     groff-base man-db systemd

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Install dependencies, build, run the unit tests, the container test and the end-to-end
-# suite, then the same again under AddressSanitizer, LeakSanitizer and UBSan
-# (scripts/test-asan.sh).
+# Install dependencies, build, run the unit tests (with the fuzz corpora replayed), the
+# container test and the end-to-end suite, a short run of every fuzz harness, then the suite
+# again under AddressSanitizer, LeakSanitizer and UBSan (scripts/test-asan.sh).
 # Exits non-zero if anything fails (including pytest collecting no tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +41,14 @@ case $rc in
     5) echo "pytest collected no tests: treating as failure"; status=1 ;;
     *) echo "end-to-end tests FAILED (pytest exit $rc)"; status=1 ;;
 esac
+
+echo "=== fuzzing, a short bounded run of every harness (scripts/fuzz.sh) ==="
+# Replays of the checked-in corpora ran with the unit tests; this explores from them under
+# libFuzzer with ASan+UBSan. docs/FUZZING.md says how to run for long.
+if ! bash scripts/fuzz.sh "${VIRTMUX_FUZZ_SECONDS:-15}"; then
+    echo "fuzz stage FAILED"
+    status=1
+fi
 
 echo "=== sanitizer stage (scripts/test-asan.sh) ==="
 if ! bash scripts/test-asan.sh; then
