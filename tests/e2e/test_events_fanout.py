@@ -25,7 +25,11 @@ DOMAIN_EVENT_ID_RTC_CHANGE = 2
 PROC_LIFECYCLE = harness.PROC_DOMAIN_EVENT_CALLBACK_LIFECYCLE
 
 REGISTERED_RE = re.compile(
-    r"event registration proc (\d+): upstream callback (-?\d+)")
+    r"event registration ([A-Z_]+): upstream callback (-?\d+)")
+# the gateway's log names procedures; the checks below compare numbers
+REGISTER_PROCS = {"CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY": 316,
+                  "CONNECT_NETWORK_EVENT_REGISTER_ANY": 313,
+                  "CONNECT_STORAGE_POOL_EVENT_REGISTER_ANY": 368}
 
 
 # --------------------------------------------------------------------------
@@ -86,7 +90,7 @@ def pools_with_events(gw):
 def upstream_registrations(gw):
     """[(register proc, upstream callback id)] in the order the gateway made
     them (its debug log)."""
-    return [(int(a), int(b)) for a, b in REGISTERED_RE.findall(gw.log_text())]
+    return [(REGISTER_PROCS[a], int(b)) for a, b in REGISTERED_RE.findall(gw.log_text())]
 
 
 def quiet_upstream(gw, lvd, dom, rounds=10):
