@@ -464,8 +464,9 @@ static void parse_grant(struct parse_ctx *ctx, const char *path, json_t *o, stru
         cfg_error(ctx, p, "must be \"*\" or an array of upstream names");
         return;
     }
+    /* NULL-terminated: names only, packed, so a bad entry leaves no hole before the end */
     r->upstreams = vm_calloc(json_array_size(ups) + 1, sizeof(char *));
-    size_t i;
+    size_t i, n = 0;
     json_t *v;
     json_array_foreach(ups, i, v) {
         if (!json_is_string(v)) {
@@ -475,7 +476,7 @@ static void parse_grant(struct parse_ctx *ctx, const char *path, json_t *o, stru
         const char *name = json_string_value(v);
         if (strcmp(name, "*") != 0 && !config_upstream(cfg, name))
             cfg_error(ctx, p, "no upstream is called \"%s\"", name);
-        r->upstreams[i] = vm_strdup(name);
+        r->upstreams[n++] = vm_strdup(name);
     }
 }
 

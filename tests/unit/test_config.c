@@ -146,5 +146,10 @@ int main(void)
     CHECK(e && strstr(e, "listeners[1].unix: \"/run/v/s\" is already used by listeners[0]"));
     CHECK(errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\"},{\"unix\":\"/run/v/s\"}]," UP
                     "}") == NULL);
+    /* a bad entry in a rule's upstreams must not lose the names after it (found by
+     * fuzz_config as a leak; the sanitizer stage runs this with LeakSanitizer) */
+    e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}]," UP
+                  ",\"policy\":{\"rules\":[{\"match\":{},\"upstreams\":[5,\"hv1\"]}]}}");
+    CHECK(e && strstr(e, "policy.rules[0].upstreams: entry 0 must be a string"));
     return check_done();
 }
