@@ -25,6 +25,8 @@ struct vm_link {
 
 static struct vm_link *made[16];
 static int nmade;
+static struct vm_call *sent[64]; /* calls on the fake wire, not answered yet */
+static int nsent;
 
 struct vm_link *link_new(const struct vm_link_params *p, const struct vm_link_ops *ops,
                          void *owner)
@@ -55,6 +57,7 @@ void link_reconnect_now(struct vm_link *l) { l->state = VM_LINK_CONNECTING; }
 
 void link_send(struct vm_link *l, struct vm_call *c)
 {
+    sent[nsent++] = c;
     l->inflight++;
     l->sent++;
     c->link = l;
@@ -68,9 +71,19 @@ int link_send_internal(struct vm_link *l, uint32_t prog, int32_t proc, const voi
 }
 
 /* Answer the call in flight on `l` (frees it) and tell the pool the slot is free. */
+static void unsend(struct vm_call *c)
+{
+    for (int i = 0; i < nsent; i++)
+        if (sent[i] == c) {
+            sent[i] = sent[--nsent];
+            return;
+        }
+}
+
 static void answer(struct vm_link *l)
 {
     struct vm_call *c = l->last;
+    unsend(c);
     l->inflight--;
     l->last = NULL;
     call_fail(c, 0, 0, "answered");
@@ -127,13 +140,15 @@ static void setup(struct fixture *f, int max_connections, int queue_timeout_ms)
     f->cfg = config_parse(json, stderr);
     f->env = (struct vm_env){.base = f->base, .reaper = reaper_new(f->base), .cfg = f->cfg};
     f->p = pool_new(&f->env, &ops, NULL, &f->cfg->upstreams[0], "test:///default", 0, NULL);
-    nmade = ended = 0;
+    nmade = ended = nsent = 0;
     last_code = 0;
     last_msg[0] = 0;
 }
 
 static void teardown(struct fixture *f)
 {
+    while (nsent > 0) /* sent and never answered: the link would fail them */
+        call_free(sent[--nsent]);
     pool_free(f->p);
     reaper_free(f->env.reaper);
     config_free(f->cfg);
