@@ -564,7 +564,10 @@ def test_client_that_never_reads(env, kind):
             lambda: faultkit.proc_rss_kib(gw.proc.pid))
         return {"sent_peak_kib": sent // 1024, "rss_peak_rise_kib": peak}
     facts = run_flood(probe, flood, "never reads (%s)" % kind)
-    assert facts["rss_peak_rise_kib"] < RSS_BOUND_KIB, facts
+    # Under AddressSanitizer freed memory sits in its quarantine, so RSS says nothing there;
+    # what the gateway accepted (below) is the bound, and LeakSanitizer checks the rest.
+    if not harness.is_sanitized(gw.binary):
+        assert facts["rss_peak_rise_kib"] < RSS_BOUND_KIB, facts
     # the gateway stopped reading: most of each flood was never accepted
     assert facts["sent_peak_kib"] < NEVER_READ_MIB * 1024 // 2, facts
     at_rest(gw, probe)

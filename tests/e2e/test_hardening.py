@@ -73,7 +73,10 @@ def assert_bounded(gw, before, sent, what):
     # client managed to send beyond that sits in the kernel's socket buffers.
     assert sent < 48 * MiB, "%s: the gateway kept reading (%d MiB taken)" % (
         what, sent // MiB)
-    assert grown < 24 * MiB, "%s: gateway RSS grew by %d MiB" % (what, grown // MiB)
+    # Under AddressSanitizer freed memory waits in its quarantine: RSS says nothing there,
+    # the bytes accepted above are the bound and LeakSanitizer checks the rest at exit.
+    if not harness.is_sanitized(gw.binary):
+        assert grown < 24 * MiB, "%s: gateway RSS grew by %d MiB" % (what, grown // MiB)
     assert gw.running()
 
 
