@@ -23,6 +23,7 @@ struct vm_conn {
     struct event *hup;           /* owned: notices a hang-up while reading is paused ... */
     evutil_socket_t hup_fd;      /* ... on this duplicate of the socket (owned) */
     struct evbuffer *pkt;        /* owned: holds one packet while its owner handles it */
+    int in_packet;               /* ops->packet is running (with pkt) */
     int plain;                   /* we write the socket ourselves (see conn.h) */
     int connected;
     int flush_pending;
@@ -75,8 +76,10 @@ static void process(struct vm_conn *c)
         evbuffer_remove_buffer(in, pkt, len);
         struct vm_hdr h;
         wire_hdr_peek(pkt, &h);
+        c->in_packet = 1;
         if (c->ops->packet(c->owner, c, &h, pkt) < 0)
-            return;
+            return; /* c may be gone */
+        c->in_packet = 0;
     }
 }
 
@@ -176,13 +179,27 @@ struct vm_conn *conn_new(struct bufferevent *bev, const struct vm_conn_ops *ops,
     return c;
 }
 
+static void free_later(evutil_socket_t fd, short what, void *arg)
+{
+    evbuffer_free(arg);
+}
+
 void conn_free(struct vm_conn *c)
 {
     if (!c)
         return;
     event_free(c->kick);
     event_free(c->flush);
-    evbuffer_free(c->pkt);
+    if (c->in_packet) {
+        /* Closed while its owner handles a packet: the owner may still read the packet
+         * (libvirtd's error it passes on, for one), so it goes after this loop turn. */
+        struct timeval now = {0, 0};
+        if (event_base_once(bufferevent_get_base(c->bev), -1, EV_TIMEOUT, free_later, c->pkt,
+                            &now) < 0)
+            abort();
+    } else {
+        evbuffer_free(c->pkt);
+    }
     watch_hangup(c, 0);
     bufferevent_free(c->bev);
     free(c);
