@@ -112,6 +112,16 @@ static void output_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info,
     }
 }
 
+/* The bufferevent keeps the front of its output frozen so that only it drains it; thaw it
+ * for our own write. */
+static int write_now(struct vm_conn *c, struct evbuffer *out)
+{
+    evbuffer_unfreeze(out, 1);
+    int n = evbuffer_write(out, bufferevent_getfd(c->bev));
+    evbuffer_freeze(out, 1);
+    return n;
+}
+
 /* One writev of everything queued. What the socket does not take now is left to the
  * bufferevent (write interest, then write_cb gives the socket back to us). */
 static void flush_cb(evutil_socket_t fd, short what, void *arg)
@@ -121,8 +131,7 @@ static void flush_cb(evutil_socket_t fd, short what, void *arg)
     struct evbuffer *out = bufferevent_get_output(c->bev);
     if (!c->plain || !evbuffer_get_length(out))
         return;
-    if (!c->connected || evbuffer_write(out, bufferevent_getfd(c->bev)) < 0 ||
-        evbuffer_get_length(out)) {
+    if (!c->connected || write_now(c, out) < 0 || evbuffer_get_length(out)) {
         /* not yet connected, would block, or failed: the bufferevent writes (and reports
          * an error through event_cb) */
         bufferevent_enable(c->bev, EV_WRITE);

@@ -80,6 +80,19 @@ def assert_bounded(gw, before, sent, what):
     assert gw.running()
 
 
+def never_reader(gw, port, packet, what, opened=False):
+    """A client with a tiny receive window that sends `packet` for 6 s and reads nothing:
+    the gateway must stop reading it at its output bound."""
+    c = harness.RawClient(port=port, rcvbuf=4096)
+    try:
+        if opened:
+            c.handshake()
+        before = rss_bytes(gw.proc.pid)
+        assert_bounded(gw, before, flood(c.sock, packet, 6), what)
+    finally:
+        c.close()
+
+
 def raw_open(gw, name="test:///default"):
     c = harness.RawClient(port=gw.port, timeout=10.0)
     c.handshake(name)
@@ -161,23 +174,15 @@ def test_many_sessions_registering_at_once(libvirtd, gateway):
 
 def test_ping_flood_from_a_client_that_never_reads(shared_libvirtd, gateway):
     gw = gateway.single(shared_libvirtd.direct_uri)
-    c = harness.RawClient(port=gw.port, rcvbuf=4096)
-    before = rss_bytes(gw.proc.pid)
     ping = build_packet(KEEPALIVE_PROGRAM, KEEPALIVE_VERSION, harness.PROC_KEEPALIVE_PING,
                         TYPE_MESSAGE, 0)
-    sent = flood(c.sock, ping, 6)
-    assert_bounded(gw, before, sent, "PING flood")
-    c.close()
+    never_reader(gw, gw.port, ping, "PING flood")
 
 
 def test_calls_before_open_from_a_client_that_never_reads(shared_libvirtd, gateway):
     gw = gateway.single(shared_libvirtd.direct_uri)
-    c = harness.RawClient(port=gw.port, rcvbuf=4096)
-    before = rss_bytes(gw.proc.pid)
     call = build_packet(REMOTE_PROGRAM, REMOTE_VERSION, PROC_CONNECT_GET_URI, TYPE_CALL, 7)
-    sent = flood(c.sock, call, 6)
-    assert_bounded(gw, before, sent, "calls before OPEN")
-    c.close()
+    never_reader(gw, gw.port, call, "calls before OPEN")
     # the flood harmed nobody else
     with harness.RawClient(port=gw.port) as other:
         other.handshake()
@@ -193,13 +198,9 @@ def test_calls_before_login_from_a_client_that_never_reads(shared_libvirtd, gate
         listeners=[{"name": "sasl", "address": "127.0.0.1:%d" % port, "auth": "sasl"}],
         sasl={"sasldb": db, "mechanisms": ["scram-sha-256"]})
     gw = gateway(cfg)
-    c = harness.RawClient(port=port, rcvbuf=4096)
-    before = rss_bytes(gw.proc.pid)
     call = build_packet(REMOTE_PROGRAM, REMOTE_VERSION, harness.PROC_CONNECT_LIST_ALL_DOMAINS,
                         TYPE_CALL, 3, payload=struct.pack(">iI", 1, 0))
-    sent = flood(c.sock, call, 6)
-    assert_bounded(gw, before, sent, "calls before login")
-    c.close()
+    never_reader(gw, port, call, "calls before login")
 
 
 # ---------------------------------------------------------------------------
@@ -293,14 +294,9 @@ def test_streams_hold_the_clients_request_slots(libvirtd, gateway):
 
 def test_forwarded_calls_from_a_client_that_never_reads(shared_libvirtd, gateway):
     gw = gateway.single(shared_libvirtd.direct_uri)
-    c = harness.RawClient(port=gw.port, rcvbuf=4096)
-    c.handshake()
-    before = rss_bytes(gw.proc.pid)
     call = build_packet(REMOTE_PROGRAM, REMOTE_VERSION, harness.PROC_CONNECT_LIST_ALL_DOMAINS,
                         TYPE_CALL, 99, payload=struct.pack(">iI", 1, 0))
-    sent = flood(c.sock, call, 6)
-    assert_bounded(gw, before, sent, "forwarded calls, replies never read")
-    c.close()
+    never_reader(gw, gw.port, call, "forwarded calls, replies never read", opened=True)
 
 
 def test_event_registrations_per_session_are_capped(libvirtd, gateway):

@@ -38,28 +38,27 @@ def handshake_over(path):
         return c.list_all_domains()
 
 
+def assert_refused(config, what):
+    """A gateway started with `config` must not come up: its socket is another's."""
+    other = harness.Virtmux(config)
+    try:
+        assert not started_alone(other), "a second gateway took a live %s" % what
+        assert "another process is listening on it" in other.log_text()
+    finally:
+        other.stop()
+        other.cleanup()
+
+
 def test_second_gateway_does_not_take_live_sockets(shared_libvirtd, gateway, tmp_path):
     first = gateway(unix_config(shared_libvirtd, tmp_path))
     sock = str(tmp_path / "gw.sock")
     assert handshake_over(sock)
     # same listener socket: refused, and the first one's socket still answers
-    second = harness.Virtmux(unix_config(shared_libvirtd, tmp_path, admin="other.sock"))
-    try:
-        assert not started_alone(second), "a second gateway started on a live socket"
-        assert "another process is listening on it" in second.log_text()
-    finally:
-        second.stop()
-        second.cleanup()
+    assert_refused(unix_config(shared_libvirtd, tmp_path, admin="other.sock"), "socket")
     assert os.path.exists(sock)
     assert handshake_over(sock)
     # same admin socket: refused too
-    third = harness.Virtmux(unix_config(shared_libvirtd, tmp_path, sock="other.sock"))
-    try:
-        assert not started_alone(third), "a second gateway took a live admin socket"
-        assert "another process is listening on it" in third.log_text()
-    finally:
-        third.stop()
-        third.cleanup()
+    assert_refused(unix_config(shared_libvirtd, tmp_path, sock="other.sock"), "admin socket")
     assert os.path.exists(str(tmp_path / "admin.sock"))
     assert first.running()
 
