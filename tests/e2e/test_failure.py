@@ -441,7 +441,8 @@ def test_client_that_never_reads(libvirtd, gateway):
                 expected = expected or info
                 assert info == expected
         assert worst < 2.0, worst
-        assert _rss_kb(gw.proc.pid) < 64 * 1024
+        if not harness.is_sanitized(gw.binary):    # ASan's quarantine
+            assert _rss_kb(gw.proc.pid) < 64 * 1024
     finally:
         hog.close()
         close_all(conns)

@@ -213,6 +213,7 @@ def test_soak(libvirtd, gateway, event_clients):
     assert load.counts["sessions"] > 0 and load.counts["screenshots"] > 0
     assert ev["cycles"] > 0
     assert len(measured) >= 5, len(measured)
-    assert rise < allowed, (rss_slope, rise, allowed)
+    if not harness.is_sanitized(gw.binary):    # ASan's quarantine grows
+        assert rise < allowed, (rss_slope, rise, allowed)
     assert not bad, (bad, totals)
     assert abs(fds_after - fds_before) <= FD_SLACK, (fds_before, fds_after)

@@ -378,8 +378,11 @@ def test_client_killed_mid_download(storage, tmp_path):
         size = out.stat().st_size
         time.sleep(1.0)
         assert out.stat().st_size == size
-        grown = vmrss_kib(st.gw.proc.pid) - rss_before
-        assert grown < 32 * 1024, "virtmux grew by %d KiB" % grown
+        # under AddressSanitizer freed memory sits in quarantine, so RSS
+        # says nothing there (LeakSanitizer checks leaks at exit instead)
+        if not harness.is_sanitized(st.gw.binary):
+            grown = vmrss_kib(st.gw.proc.pid) - rss_before
+            assert grown < 32 * 1024, "virtmux grew by %d KiB" % grown
         # while it is stuck, other clients are served
         t0 = time.monotonic()
         listing = ok(virsh(st.uri, "vol-list", st.pool, timeout=20))
