@@ -20,6 +20,7 @@ TEST_PACKAGES=(
     sasl2-bin libsasl2-modules openssl
     krb5-kdc krb5-admin-server krb5-user libsasl2-modules-gssapi-mit
     groff-base man-db systemd
+    python3-prometheus-client haproxy
 )
 DOCKER_PACKAGES=(
     docker.io docker-compose debootstrap
