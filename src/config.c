@@ -342,7 +342,7 @@ static void check_listener_unique(struct parse_ctx *ctx, const struct vm_config 
 static void parse_listener(struct parse_ctx *ctx, int i, json_t *o, struct vm_listener_cfg *l)
 {
     static const char *const keys[] = {"name", "address", "unix", "mode", "auth", "upstream",
-                                       "readonly", "tls", NULL};
+                                       "readonly", "tls", "proxy_protocol", NULL};
     char path[64], p[96];
     snprintf(path, sizeof(path), "listeners[%d]", i);
     if (!json_is_object(o)) {
@@ -415,6 +415,12 @@ static void parse_listener(struct parse_ctx *ctx, int i, json_t *o, struct vm_li
     if (up)
         l->upstream = vm_strdup(up);
     l->readonly = get_bool(ctx, path, o, "readonly", 0);
+    l->proxy_protocol = get_bool(ctx, path, o, "proxy_protocol", 0);
+    if (l->proxy_protocol && unix_path) {
+        /* A unix client's identity is its credentials, which a header must not override. */
+        snprintf(p, sizeof(p), "%s.proxy_protocol", path);
+        cfg_error(ctx, p, "only TCP and TLS listeners take a PROXY protocol header");
+    }
 }
 
 static int parse_cidr(const char *s, struct vm_rule *r)

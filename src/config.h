@@ -10,6 +10,11 @@
  *     .tls                 {cert, key, ca, crl, verify_client: "required"|"optional"|"none",
  *                           allowed_dn: [globs]}: makes it a TLS listener
  *     .upstream            upstream used when the name names none, optional
+ *     .proxy_protocol      bool, false: TCP and TLS listeners only. Every connection must
+ *                          start with a PROXY protocol v2 header (HAProxy send-proxy-v2),
+ *                          read before TLS within limits.auth_timeout_s; the client address
+ *                          it names is the peer for policy, limits, logs and /status.
+ *                          Connections without a valid header are closed.
  *   upstreams[]            array, required, at least one
  *     .name                string, required, unique, [A-Za-z0-9_.-]
  *     .uri                 DRIVER+tcp://host[:port]/PATH | DRIVER+unix:///PATH?socket=S
@@ -135,6 +140,7 @@ struct vm_listener_cfg {
     struct vm_tls_cfg *tls; /* a TLS listener when set */
     char *upstream;  /* NULL: use default_upstream */
     int readonly;    /* every client of this listener is read-only */
+    int proxy_protocol; /* TCP/TLS: each connection starts with a PROXY v2 header */
 };
 
 struct vm_pool_cfg {

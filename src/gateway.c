@@ -64,6 +64,7 @@ struct vm_gateway {
 };
 
 static const struct vm_session_host_ops gateway_host_ops;
+static const struct vm_listener_ops gateway_listener_ops;
 
 static void trim_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -135,7 +136,8 @@ int gateway_start(struct vm_gateway *gw)
             return -1;
     }
     for (int i = 0; i < gw->cfg->nlisteners; i++) {
-        gw->listeners[i] = listener_new(gw->base, &gw->cfg->listeners[i], accept_client, gw);
+        gw->listeners[i] = listener_new(gw->base, &gw->cfg->listeners[i], &gateway_listener_ops,
+                                        gw, gw->cfg->auth_timeout_s * 1000);
         if (!gw->listeners[i])
             return -1;
     }
@@ -429,6 +431,12 @@ static void host_unauth_release(void *owner, const char *source)
     srccount_release(gw->unauth_by_source, source);
     gw->nunauth--;
 }
+
+static const struct vm_listener_ops gateway_listener_ops = {
+    .accept = accept_client,
+    .hold = host_unauth_acquire,
+    .release = host_unauth_release,
+};
 
 static const struct vm_session_host_ops gateway_host_ops = {
     .pool = host_pool,
