@@ -1,3 +1,14 @@
+/*
+ *   request ──> dispatch: HEAD is GET without the body
+ *                 ├── GET /status   ──> ops->status (JSON)
+ *                 ├── GET /healthz  ──> ops->health
+ *                 ├── GET /         ──> index of the endpoints
+ *                 └── anything else ──> 404 (405 for a known path, wrong method)
+ *
+ * Every answer goes through reply(), which sets Content-Type and Content-Length itself so a
+ * HEAD answer carries the same headers as the GET one (libevent leaves Content-Length out of
+ * HEAD replies) and no body.
+ */
 #include "admin.h"
 
 #include <errno.h>
@@ -8,6 +19,7 @@
 
 #include <event2/buffer.h>
 #include <event2/http.h>
+#include <event2/keyvalq_struct.h>
 #include <jansson.h>
 
 #include "config.h"
@@ -16,33 +28,116 @@
 #include "util.h"
 
 struct vm_admin {
-    vm_status_fn status;
-    void *owner;           /* not owned */
-    struct evhttp *http;   /* owned */
-    const char *unix_path; /* config snapshot */
+    const struct vm_admin_ops *ops; /* not owned */
+    void *owner;                    /* not owned */
+    struct evhttp *http;            /* owned */
+    const char *unix_path;          /* config snapshot */
 };
 
-static void status_cb(struct evhttp_request *req, void *arg)
+#define TEXT_PLAIN "text/plain; charset=utf-8"
+
+/* Answer `req` with `body` (may be NULL for none), sending only the headers to a HEAD. */
+static void reply(struct evhttp_request *req, int code, const char *reason, const char *ctype,
+                  struct evbuffer *body)
 {
-    struct vm_admin *a = arg;
-    if (evhttp_request_get_command(req) != EVHTTP_REQ_GET) {
-        evhttp_send_error(req, 405, "Method Not Allowed");
-        return;
-    }
-    json_t *st = a->status(a->owner);
-    char *text = json_dumps(st, JSON_INDENT(1));
-    json_decref(st);
+    struct evkeyvalq *h = evhttp_request_get_output_headers(req);
+    char len[32];
+    snprintf(len, sizeof(len), "%zu", body ? evbuffer_get_length(body) : (size_t)0);
+    evhttp_remove_header(h, "Content-Type");
+    evhttp_remove_header(h, "Content-Length");
+    evhttp_add_header(h, "Content-Type", ctype);
+    evhttp_add_header(h, "Content-Length", len);
+    evhttp_add_header(h, "Cache-Control", "no-store");
+    int head = evhttp_request_get_command(req) == EVHTTP_REQ_HEAD;
+    evhttp_send_reply(req, code, reason, head ? NULL : body);
+}
+
+static void reply_text(struct evhttp_request *req, int code, const char *reason, const char *text)
+{
     struct evbuffer *body = evbuffer_new();
-    evbuffer_add(body, text, strlen(text));
-    evbuffer_add(body, "\n", 1);
-    free(text);
-    evhttp_add_header(evhttp_request_get_output_headers(req), "Content-Type", "application/json");
-    evhttp_send_reply(req, 200, "OK", body);
+    if (!body)
+        abort();
+    evbuffer_add_printf(body, "%s\n", text);
+    reply(req, code, reason, TEXT_PLAIN, body);
     evbuffer_free(body);
 }
 
+static void reply_json(struct evhttp_request *req, int code, const char *reason, json_t *doc)
+{
+    char *text = json_dumps(doc, JSON_INDENT(1));
+    json_decref(doc);
+    if (!text)
+        abort();
+    struct evbuffer *body = evbuffer_new();
+    if (!body)
+        abort();
+    evbuffer_add(body, text, strlen(text));
+    evbuffer_add(body, "\n", 1);
+    free(text);
+    reply(req, code, reason, "application/json", body);
+    evbuffer_free(body);
+}
+
+static void get_status(struct vm_admin *a, struct evhttp_request *req)
+{
+    reply_json(req, 200, "OK", a->ops->status(a->owner));
+}
+
+static void get_healthz(struct vm_admin *a, struct evhttp_request *req)
+{
+    const char *word = "ok";
+    int code = a->ops->health(a->owner, &word);
+    reply_text(req, code, code == 200 ? "OK" : "Service Unavailable", word);
+}
+
+static void get_index(struct vm_admin *a, struct evhttp_request *req);
+
+/* The read-only pages: GET (and so HEAD) on an exact path. */
+static const struct page {
+    const char *path;
+    void (*get)(struct vm_admin *a, struct evhttp_request *req);
+    const char *what; /* for the index */
+} pages[] = {
+    {"/", get_index, "this list"},
+    {"/healthz", get_healthz, "200 \"ok\" while serving (for load balancers)"},
+    {"/status", get_status, "sessions, upstreams, pools and counters as JSON"},
+};
+
+static void get_index(struct vm_admin *a, struct evhttp_request *req)
+{
+    struct evbuffer *body = evbuffer_new();
+    if (!body)
+        abort();
+    evbuffer_add_printf(body, "virtmux admin endpoint\n");
+    for (size_t i = 0; i < sizeof(pages) / sizeof(pages[0]); i++)
+        evbuffer_add_printf(body, "GET  %-28s %s\n", pages[i].path, pages[i].what);
+    reply(req, 200, "OK", TEXT_PLAIN, body);
+    evbuffer_free(body);
+}
+
+static void dispatch(struct evhttp_request *req, void *arg)
+{
+    struct vm_admin *a = arg;
+    enum evhttp_cmd_type cmd = evhttp_request_get_command(req);
+    const char *path = evhttp_uri_get_path(evhttp_request_get_evhttp_uri(req));
+    if (!path || !*path)
+        path = "/";
+    for (size_t i = 0; i < sizeof(pages) / sizeof(pages[0]); i++) {
+        if (strcmp(path, pages[i].path) != 0)
+            continue;
+        if (cmd == EVHTTP_REQ_GET || cmd == EVHTTP_REQ_HEAD) {
+            pages[i].get(a, req);
+        } else {
+            evhttp_add_header(evhttp_request_get_output_headers(req), "Allow", "GET, HEAD");
+            reply_text(req, 405, "Method Not Allowed", "method not allowed");
+        }
+        return;
+    }
+    reply_text(req, 404, "Not Found", "not found");
+}
+
 struct vm_admin *admin_new(struct event_base *base, const struct vm_config *cfg,
-                           vm_status_fn status, void *owner)
+                           const struct vm_admin_ops *ops, void *owner)
 {
     char err[256];
     evutil_socket_t fd = cfg->admin_address
@@ -56,7 +151,7 @@ struct vm_admin *admin_new(struct event_base *base, const struct vm_config *cfg,
         return NULL;
     }
     struct vm_admin *a = vm_calloc(1, sizeof(*a));
-    a->status = status;
+    a->ops = ops;
     a->owner = owner;
     a->unix_path = cfg->admin_unix;
     a->http = evhttp_new(base);
@@ -68,8 +163,13 @@ struct vm_admin *admin_new(struct event_base *base, const struct vm_config *cfg,
         free(a);
         return NULL;
     }
-    evhttp_set_cb(a->http, "/status", status_cb, a);
-    vm_info("admin", "status endpoint on %s (GET /status)", where);
+    /* Every method reaches dispatch(), so a wrong one gets our 405, not libevent's 501. */
+    evhttp_set_allowed_methods(a->http, EVHTTP_REQ_GET | EVHTTP_REQ_POST | EVHTTP_REQ_HEAD |
+                                            EVHTTP_REQ_PUT | EVHTTP_REQ_DELETE |
+                                            EVHTTP_REQ_OPTIONS | EVHTTP_REQ_TRACE |
+                                            EVHTTP_REQ_CONNECT | EVHTTP_REQ_PATCH);
+    evhttp_set_gencb(a->http, dispatch, a);
+    vm_info("admin", "admin endpoint on %s (GET /status, /healthz)", where);
     return a;
 }
 

@@ -96,10 +96,23 @@ struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
     return gw;
 }
 
-static json_t *status_json(void *owner)
+static json_t *admin_status(void *owner)
 {
     return gateway_status_json(owner);
 }
+
+/* Serving from gateway_start until the loop stops; a drain will answer 503 "draining" here so
+ * that load balancers send new clients elsewhere. */
+static int admin_health(void *owner, const char **word)
+{
+    *word = "ok";
+    return 200;
+}
+
+static const struct vm_admin_ops gateway_admin_ops = {
+    .status = admin_status,
+    .health = admin_health,
+};
 
 void gateway_adopt(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evutil_socket_t fd,
                    const char *peer, const struct vm_identity *id, SSL_CTX *tls)
@@ -131,7 +144,7 @@ int gateway_start(struct vm_gateway *gw)
         return -1;
     /* The admin endpoint first: once clients can connect, the status is there too. */
     if (gw->cfg->admin_address || gw->cfg->admin_unix) {
-        gw->admin = admin_new(gw->base, gw->cfg, status_json, gw);
+        gw->admin = admin_new(gw->base, gw->cfg, &gateway_admin_ops, gw);
         if (!gw->admin)
             return -1;
     }
