@@ -7,6 +7,7 @@ another client; a socket waiting for its header holds an unauthenticated slot. (
 HAProxy in front of two gateways: test_haproxy.py.)
 """
 
+import re
 import socket
 import struct
 import time
@@ -195,3 +196,36 @@ def test_proxy_protocol_is_refused_on_unix_listeners(tmp_path):
     r = harness.check_config(cfg)
     assert r.returncode != 0
     assert "listeners[0].proxy_protocol: only TCP and TLS listeners" in r.stderr + r.stdout
+
+
+def test_tls_listener_reads_the_header_before_tls(shared_libvirtd, gateway, tmp_path):
+    import ssl
+
+    import pki
+    ca = pki.Pki(str(tmp_path / "ca"))
+    server, client = ca.server("localhost"), ca.client("client1")
+    cfg = proxied_config(shared_libvirtd, policy=POLICY, auth="tls",
+                         tls={"cert": server.cert, "key": server.key, "ca": ca.ca_cert,
+                              "verify_client": "required"})
+    gw = gateway(cfg)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(ca.ca_cert)
+    ctx.load_cert_chain(client.cert, client.key)
+    with ProxiedClient(gw.port, v2_header("192.0.2.44", 4444)) as c:
+        c.sock = ctx.wrap_socket(c.sock)      # the ClientHello follows the header
+        assert c.sock.recv(1) == b"\x01"      # libvirt's "certificate accepted"
+        c.handshake()
+        assert c.list_all_domains()
+    log = gw.log_text()
+    assert re.search(r"C#\d+ 192\.0\.2\.44:4444: authenticated \(tls certificate\)", log), \
+        log[-2000:]
+    # without a header, the ClientHello itself is the garbage: closed, no TLS
+    with RawClient(port=gw.port) as c:
+        try:
+            c.sock = ctx.wrap_socket(c.sock)
+            first = c.sock.recv(1)
+        except (ssl.SSLError, OSError):
+            first = b""
+        assert first == b""
+    assert "no PROXY protocol v2 signature" in gw.log_text()
