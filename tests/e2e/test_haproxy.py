@@ -167,11 +167,22 @@ def test_clients_through_haproxy(cluster):
 def test_real_source_shows_in_logs_and_status(cluster):
     lb, gws = cluster
     ports = []
-    for _ in range(2):                   # one on each gateway (round robin)
-        with RawClient(port=lb.port) as c:
+    clients = [RawClient(port=lb.port) for _ in range(2)]   # one on each gateway (round robin)
+    try:
+        for c in clients:
             c.handshake()
             assert c.list_all_domains()
             ports.append(c.sock.getsockname()[1])
+        peers = []
+        for g in gws:
+            listed = g.status()["sessions"]
+            if isinstance(listed, list):     # /status lists sessions (with their peer)
+                peers += [sess.get("peer") for sess in listed]
+        if peers:
+            assert sorted(peers) == sorted("127.0.0.1:%d" % p for p in ports), peers
+    finally:
+        for c in clients:
+            c.close()
     logs = [g.log_text() for g in gws]
     for port in ports:
         seen = [bool(re.search(r"C#\d+ 127\.0\.0\.1:%d: connected" % port, text))
