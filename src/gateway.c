@@ -445,10 +445,31 @@ static void host_unauth_release(void *owner, const char *source)
     gw->nunauth--;
 }
 
+/* A socket still sending its PROXY header counts against max_unauthenticated only: its
+ * source is the balancer's, shared by every client behind it, so a per-source share would
+ * refuse a burst of real clients. Once the header names the client, the session counts it
+ * against that source as usual. */
+static enum vm_unauth listener_hold(void *owner)
+{
+    struct vm_gateway *gw = owner;
+    if (gw->nunauth >= gw->cfg->max_unauthenticated) {
+        gw->refused_unauth++;
+        return VM_UNAUTH_FULL;
+    }
+    gw->nunauth++;
+    return VM_UNAUTH_OK;
+}
+
+static void listener_release(void *owner)
+{
+    struct vm_gateway *gw = owner;
+    gw->nunauth--;
+}
+
 static const struct vm_listener_ops gateway_listener_ops = {
     .accept = accept_client,
-    .hold = host_unauth_acquire,
-    .release = host_unauth_release,
+    .hold = listener_hold,
+    .release = listener_release,
 };
 
 static const struct vm_session_host_ops gateway_host_ops = {

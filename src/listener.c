@@ -18,7 +18,6 @@
 
 #include "config.h"
 #include "identity.h"
-#include "policy.h"
 #include "proxyproto.h"
 #include "log.h"
 #include "tls.h"
@@ -59,7 +58,7 @@ struct pending {
     evutil_socket_t fd;           /* owned until handed over */
     struct event *rd, *timer;     /* owned */
     char peer[128];               /* the balancer, as the socket says */
-    char source[64];              /* its identity_source: the slot we hold */
+    int held;                     /* holds an unauthenticated slot (ops->hold) */
     struct vm_identity id;
     size_t have, need;
     uint8_t buf[VM_PROXY_MAX_LEN];
@@ -70,9 +69,12 @@ struct pending {
 static void pending_free(struct pending *p)
 {
     LIST_REMOVE(p, entry);
-    event_free(p->rd);
-    event_free(p->timer);
-    p->l->ops->release(p->l->owner, p->source);
+    if (p->rd)
+        event_free(p->rd);
+    if (p->timer)
+        event_free(p->timer);
+    if (p->held)
+        p->l->ops->release(p->l->owner);
     if (p->fd >= 0)
         close(p->fd);
     free(p);
@@ -107,38 +109,50 @@ static void pending_done(struct pending *p, const struct vm_proxy_hdr *h)
     l->ops->accept(l->owner, l->cfg, fd, peer, &id, l->tls);
 }
 
+/* Read what the socket has of the header. Returns 1 when `p` is gone (handed over, or
+ * closed), 0 while more is to come. */
+static int pending_pump(struct pending *p)
+{
+    for (;;) {
+        /* Exactly what the parser asked for, never more: what follows is the session's. */
+        ssize_t n = recv(p->fd, p->buf + p->have, p->need - p->have, 0);
+        if (n == 0 && p->have == 0) {
+            /* A TCP health check (connect, close): worth a line, not a warning. */
+            vm_info(p->l->tag, "closed %s: it sent nothing", p->peer);
+            pending_free(p);
+            return 1;
+        }
+        if (n == 0) {
+            pending_fail(p, "connection closed before a complete PROXY protocol header");
+            return 1;
+        }
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return 0;
+            pending_fail(p, strerror(errno));
+            return 1;
+        }
+        p->have += (size_t)n;
+        struct vm_proxy_hdr h;
+        const char *why = NULL;
+        switch (proxyproto_parse(p->buf, p->have, &h, &p->need, &why)) {
+        case 1:
+            pending_done(p, &h);
+            return 1;
+        case 0:
+            continue; /* p->need grew: the rest may be there already */
+        default:
+            pending_fail(p, why);
+            return 1;
+        }
+    }
+}
+
 static void pending_read(evutil_socket_t fd, short what, void *arg)
 {
-    struct pending *p = arg;
-    /* Exactly what the parser asked for, never more: what follows belongs to the session. */
-    ssize_t n = recv(fd, p->buf + p->have, p->need - p->have, 0);
-    if (n == 0 && p->have == 0) {
-        /* A TCP health check (connect, close): worth a line, not a warning. */
-        vm_info(p->l->tag, "closed %s: it sent nothing", p->peer);
-        pending_free(p);
-        return;
-    }
-    if (n == 0) {
-        pending_fail(p, "connection closed before a complete PROXY protocol header");
-        return;
-    }
-    if (n < 0) {
-        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
-            pending_fail(p, strerror(errno));
-        return;
-    }
-    p->have += (size_t)n;
-    struct vm_proxy_hdr h;
-    const char *why = NULL;
-    switch (proxyproto_parse(p->buf, p->have, &h, &p->need, &why)) {
-    case 1:
-        pending_done(p, &h);
-        return;
-    case 0:
-        return;
-    default:
-        pending_fail(p, why);
-    }
+    pending_pump(arg);
 }
 
 static void pending_timeout(evutil_socket_t fd, short what, void *arg)
@@ -149,29 +163,28 @@ static void pending_timeout(evutil_socket_t fd, short what, void *arg)
 static void pending_start(struct vm_listener *l, evutil_socket_t fd, const char *peer,
                           const struct vm_identity *id)
 {
-    char source[64];
-    identity_source(id, source, sizeof(source));
-    /* The wait for a header is time before authentication: it takes one of those slots. */
-    enum vm_unauth held = l->ops->hold(l->owner, source);
-    if (held != VM_UNAUTH_OK) {
-        vm_warn(l->tag, "refused %s: too many unauthenticated clients%s", peer,
-                held == VM_UNAUTH_SOURCE_FULL ? " from this source" : "");
-        close(fd);
-        return;
-    }
     struct pending *p = vm_calloc(1, sizeof(*p));
     p->l = l;
     p->fd = fd;
     p->id = *id;
     p->need = VM_PROXY_FIXED_LEN;
     snprintf(p->peer, sizeof(p->peer), "%s", peer);
-    snprintf(p->source, sizeof(p->source), "%s", source);
+    LIST_INSERT_HEAD(&l->pending, p, entry);
+    /* A balancer usually sends the header with the connection: often it is there already. */
+    if (pending_pump(p))
+        return;
+    /* Waiting for a header is time before authentication: it takes one of those slots. */
+    if (l->ops->hold(l->owner) != VM_UNAUTH_OK) {
+        vm_warn(l->tag, "refused %s: too many unauthenticated clients", peer);
+        pending_free(p);
+        return;
+    }
+    p->held = 1;
     p->rd = event_new(l->base, fd, EV_READ | EV_PERSIST, pending_read, p);
     p->timer = evtimer_new(l->base, pending_timeout, p);
     struct timeval tv = {l->header_timeout_ms / 1000, (l->header_timeout_ms % 1000) * 1000};
     if (!p->rd || !p->timer || event_add(p->rd, NULL) < 0 || evtimer_add(p->timer, &tv) < 0)
         abort();
-    LIST_INSERT_HEAD(&l->pending, p, entry);
     vm_debug(l->tag, "%s: waiting for its PROXY protocol header", peer);
 }
 

@@ -28,10 +28,10 @@ typedef void (*vm_accept_fn)(void *owner, const struct vm_listener_cfg *cfg, evu
 struct vm_listener_ops {
     vm_accept_fn accept;
     /* PROXY protocol listeners: a socket still waiting for its header is an unauthenticated
-     * client of `source` (identity_source of the socket's own peer, i.e. the balancer) and
-     * holds a slot from hold() until release(); VM_UNAUTH_OK or why not. */
-    enum vm_unauth (*hold)(void *owner, const char *source);
-    void (*release)(void *owner, const char *source);
+     * client and holds a slot from hold() (VM_UNAUTH_OK, or why not) until release(). No
+     * source: before the header it is the balancer's, shared by every client behind it. */
+    enum vm_unauth (*hold)(void *owner);
+    void (*release)(void *owner);
 };
 
 /* Bind the listener described by `cfg`; accepted clients go to `ops->accept` (on a

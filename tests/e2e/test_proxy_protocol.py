@@ -174,8 +174,7 @@ def test_waiting_for_a_header_takes_an_unauthenticated_slot(shared_libvirtd, gat
         for n in (1, 2):
             silent.append(RawClient(port=gw.port))
             assert wait_until(lambda: unauth() == n, harness.scaled(5))
-        with RawClient(port=gw.port) as third:
-            third.send(v2_header())
+        with RawClient(port=gw.port) as third:  # a third that would wait: no slot left
             assert closed_by_gateway(third.sock)
         assert "too many unauthenticated clients" in gw.log_text()
         assert gw.status()["unauthenticated"]["refused"] == 1
@@ -186,6 +185,33 @@ def test_waiting_for_a_header_takes_an_unauthenticated_slot(shared_libvirtd, gat
     assert wait_until(lambda: gw.status()["unauthenticated"]["clients"] == 0,
                       harness.scaled(5)), gw.status()["unauthenticated"]
     assert works(gw, v2_header())
+
+
+def test_a_burst_behind_one_balancer_is_not_refused(shared_libvirtd, gateway):
+    """Before its header every connection comes from the balancer: the per-source share of
+    unauthenticated slots must not apply to that address, or a burst of real clients behind
+    one balancer would be refused. Each client's share applies to its own source."""
+    gw = gateway(proxied_config(shared_libvirtd, limits={"max_unauthenticated": 20,
+                                                         "max_unauthenticated_per_source": 1}))
+    unauth = lambda: gw.status()["unauthenticated"]["clients"]
+    assert wait_until(lambda: unauth() == 0, harness.scaled(5))
+    clients = []
+    try:
+        for _ in range(6):                    # six connections still without their header
+            clients.append(RawClient(port=gw.port))
+        assert wait_until(lambda: unauth() == 6, harness.scaled(5)), gw.status()
+        for i, c in enumerate(clients):      # then each one's header, distinct sources
+            c.send(v2_header("192.0.2.%d" % (10 + i), 1000 + i))
+        for c in clients:
+            c.handshake()
+            assert c.list_all_domains()
+    finally:
+        for c in clients:
+            c.close()
+    st = gw.status()["unauthenticated"]
+    assert st["refused"] == 0 and st["refused_per_source"] == 0, st
+    for i in range(6):
+        assert "192.0.2.%d:%d" % (10 + i, 1000 + i) in gw.log_text()
 
 
 def test_proxy_protocol_is_refused_on_unix_listeners(tmp_path):
