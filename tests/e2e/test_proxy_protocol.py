@@ -255,3 +255,27 @@ def test_tls_listener_reads_the_header_before_tls(shared_libvirtd, gateway, tmp_
             first = b""
         assert first == b""
     assert "no PROXY protocol v2 signature" in gw.log_text()
+
+
+def test_per_source_limits_count_the_real_source(shared_libvirtd, gateway, tmp_path):
+    """Clients behind one balancer are limited per their own address: two from one source
+    still in the TLS handshake fill its share (1), a third from another source is let in."""
+    import pki
+    ca = pki.Pki(str(tmp_path / "ca"))
+    server = ca.server("localhost")
+    gw = gateway(proxied_config(shared_libvirtd, limits={"max_unauthenticated_per_source": 1},
+                                tls={"cert": server.cert, "key": server.key,
+                                     "ca": ca.ca_cert}))
+    unauth = lambda: gw.status()["unauthenticated"]
+    assert wait_until(lambda: unauth()["clients"] == 0, harness.scaled(5))
+    with ProxiedClient(gw.port, v2_header("192.0.2.50", 1)) as first:
+        assert wait_until(lambda: unauth()["clients"] == 1, harness.scaled(5)), unauth()
+        with ProxiedClient(gw.port, v2_header("192.0.2.50", 2)) as second:
+            assert closed_by_gateway(second.sock)
+        with ProxiedClient(gw.port, v2_header("192.0.2.51", 3)) as other:
+            assert wait_until(lambda: unauth()["clients"] == 2, harness.scaled(5)), unauth()
+            assert not closed_by_gateway(other.sock, 0.3)
+            assert unauth()["sources"] == 2
+        assert not closed_by_gateway(first.sock, 0.1)
+    assert unauth()["refused_per_source"] == 1
+    assert "192.0.2.50 already has max_unauthenticated_per_source (1)" in gw.log_text()
