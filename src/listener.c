@@ -18,8 +18,8 @@
 
 #include "config.h"
 #include "identity.h"
-#include "proxyproto.h"
 #include "log.h"
+#include "proxyproto.h"
 #include "tls.h"
 #include "util.h"
 
