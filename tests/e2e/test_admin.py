@@ -65,7 +65,7 @@ def test_healthz_on_unix_admin_socket(shared_libvirtd, gateway, tmp_path):
     assert (status, body) == (200, b"ok\n")
 
 
-@pytest.mark.parametrize("path", ["/healthz", "/status", "/", "/nosuch"])
+@pytest.mark.parametrize("path", ["/healthz", "/status", "/metrics", "/", "/nosuch"])
 def test_head_is_get_without_body(shared_libvirtd, gateway, path):
     gw = admin_gateway(gateway, shared_libvirtd)
     gstatus, gheaders, gbody = admin_request(gw, "GET", path)
@@ -75,8 +75,8 @@ def test_head_is_get_without_body(shared_libvirtd, gateway, path):
     assert gbody != b""
     for key in ("content-type", "content-length"):
         assert hheaders.get(key) == gheaders.get(key), key
-    # /status is made fresh per request; its length may change, the rest may not
-    if path != "/status":
+    # /status and /metrics are made fresh per request; their length may change
+    if path not in ("/status", "/metrics"):
         assert int(hheaders["content-length"]) == len(gbody)
 
 
@@ -586,3 +586,102 @@ def test_token_file_missing_refused(shared_libvirtd, tmp_path):
     r = harness.check_config(cfg)
     assert r.returncode == 1
     assert "admin.token_file" in r.stderr and "No such file" in r.stderr, r.stderr
+
+
+# --------------------------------------------------------------------------
+# events: registrations, subscribers, deliveries, subscribers cut off
+# --------------------------------------------------------------------------
+
+from test_events_fanout import controller, flip  # noqa: E402,F401
+
+EVENT_NAME = "metrics-" + "x" * 250     # ~330 bytes per lifecycle event
+
+
+def event_domain(ctl):
+    dom = ctl.defineXML("<domain type='test'><name>%s</name><memory>65536</memory>"
+                        "<os><type>hvm</type></os></domain>" % EVENT_NAME)
+    dom.create()
+    return dom
+
+
+def test_event_metrics(libvirtd, gateway, controller, event_clients, tmp_path):  # noqa: F811
+    sock = str(tmp_path / "gw.sock")
+    listeners = [{"name": "tcp", "auth": "none",
+                  "address": "127.0.0.1:%d" % harness.free_port()},
+                 {"name": "local", "auth": "none", "unix": sock}]
+    cfg = harness.make_config([harness.upstream_entry("hv1", libvirtd.direct_uri)],
+                              default_upstream="hv1", admin=True, listeners=listeners,
+                              events={"max_queue_bytes": 65536})
+    gw = gateway(cfg)
+    dom = event_domain(controller(libvirtd))
+    readers = event_clients()
+    assert readers.open(gw.uri(), n=3)["errors"] == []
+    fams = scrape(gw)
+    assert sample(fams, "virtmux_event_registrations", upstream="hv1") == 1
+    assert sample(fams, "virtmux_event_subscribers", upstream="hv1") == 3
+    delivered0 = sample(fams, "virtmux_events_delivered", "_total", upstream="hv1")
+    flip(dom, 2)
+    assert readers.wait_counts(4, timeout=harness.scaled(10)) == [4] * 3
+    assert sample(scrape(gw), "virtmux_events_delivered", "_total", upstream="hv1") == \
+        delivered0 + 4 * 3
+
+    # a subscriber that never reads (a unix socket buffers little) is cut off and counted
+    slow = harness.RawClient(unix=sock)
+    try:
+        slow.handshake()
+        assert harness.raw_register_event(slow) == 0
+        assert sample(scrape(gw), "virtmux_event_subscribers", upstream="hv1") == 4
+
+        def dropped():
+            return sample(scrape(gw), "virtmux_event_subscribers_dropped", "_total",
+                          upstream="hv1")
+        for _ in range(30):
+            if dropped():
+                break
+            flip(dom, 50)
+        assert wait_until(lambda: dropped() == 1, 5.0)
+        fams = scrape(gw)
+        assert sample(fams, "virtmux_limit_hits", "_total",
+                      limit="events_max_queue_bytes") == 1
+        assert sample(fams, "virtmux_event_subscribers", upstream="hv1") == 3
+    finally:
+        slow.close()
+
+
+# --------------------------------------------------------------------------
+# calls in flight and queued; max_inflight and queue_timeout hits
+# --------------------------------------------------------------------------
+
+def test_inflight_queued_and_queue_timeout(libvirtd, gateway, connections):
+    cfg = harness.make_config(
+        [harness.upstream_entry("hv1", libvirtd.direct_uri, max_connections=1,
+                                max_inflight=1)],
+        default_upstream="hv1", admin=True,
+        limits={"queue_timeout_ms": int(harness.scaled(1.0) * 1000)})
+    gw = gateway(cfg)
+    first = open_conn(gw.uri(), connections)
+    second = open_conn(gw.uri(), connections)
+    before = scrape(gw)
+    libvirtd.sigstop()       # the one upstream connection's one slot stays taken
+    try:
+        stuck, stuck_res = harness.start_call(first.listAllDomains)
+        assert wait_until(lambda: sample(scrape(gw), "virtmux_calls_in_flight",
+                                         upstream="hv1") == 1, 5.0)
+        waiting, waiting_res = harness.start_call(second.listAllDomains)
+        assert wait_until(lambda: sample(scrape(gw), "virtmux_calls_queued",
+                                         upstream="hv1") == 1, 5.0)
+        waiting.join(harness.scaled(10.0))
+        assert isinstance(waiting_res.error, libvirt.libvirtError), waiting_res.error
+        assert waiting_res.error.get_error_code() == libvirt.VIR_ERR_OPERATION_TIMEOUT
+    finally:
+        libvirtd.sigcont()
+    stuck.join(harness.scaled(10.0))
+    assert stuck_res.error is None
+    after = scrape(gw)
+    for limit in ("max_inflight", "queue_timeout"):
+        assert sample(after, "virtmux_limit_hits", "_total", limit=limit) == \
+            sample(before, "virtmux_limit_hits", "_total", limit=limit) + 1, limit
+    assert sample(after, "virtmux_errors", "_total", kind="timeout") == \
+        sample(before, "virtmux_errors", "_total", kind="timeout") + 1
+    assert sample(after, "virtmux_calls_in_flight", upstream="hv1") == 0
+    assert sample(after, "virtmux_calls_queued", upstream="hv1") == 0
