@@ -670,6 +670,11 @@ def test_inflight_queued_and_queue_timeout(libvirtd, gateway, connections):
         waiting, waiting_res = harness.start_call(second.listAllDomains)
         assert wait_until(lambda: sample(scrape(gw), "virtmux_calls_queued",
                                          upstream="hv1") == 1, 5.0)
+        # /status agrees: one call in flight, one queued, each session with one outstanding
+        st = status_of(gw)
+        [up] = [u for u in st["upstreams"] if u["name"] == "hv1"]
+        assert (up["inflight"], up["queued"]) == (1, 1)
+        assert sorted(x["calls"]["in_flight"] for x in st["session_list"]) == [1, 1]
         waiting.join(harness.scaled(10.0))
         assert isinstance(waiting_res.error, libvirt.libvirtError), waiting_res.error
         assert waiting_res.error.get_error_code() == libvirt.VIR_ERR_OPERATION_TIMEOUT
