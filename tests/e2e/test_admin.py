@@ -1,13 +1,27 @@
 """The admin endpoint (issue "operations", part 1): /healthz, HEAD, /metrics, /status,
 the bearer token and the session disconnect action, checked with real clients (http.client,
-libvirt-python, virsh) and Prometheus's own text parser."""
+libvirt-python) and Prometheus's own text parser (python3-prometheus-client).
 
+Metrics tests scrape before and after real traffic and check that the values moved by what
+the traffic did: N calls of a procedure raise its histogram count by N, a refused call the
+denial counter, a failed login the auth-failure counter, and so on."""
+
+import datetime
 import http.client
+import json
+import os
 import socket
 
+import libvirt
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import harness
+from harness import wait_until
+# fixtures and helpers of the auth and events tests, reused as they are
+from test_auth_sasl import env, open_auth, open_error, sasl_config, Uris, USERS  # noqa: F401
+from test_auth_tls import certs, tls_listener, tls_uri  # noqa: F401
+from test_events_fanout import controller, flip  # noqa: F401
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -103,11 +117,6 @@ def test_index_lists_endpoints(shared_libvirtd, gateway):
 # /metrics, read with Prometheus's own parser
 # --------------------------------------------------------------------------
 
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
-import libvirt  # noqa: E402
-
-from harness import wait_until  # noqa: E402
 
 CONTENT_TYPE_0_0_4 = "text/plain; version=0.0.4; charset=utf-8"
 N_CALLS = 7
@@ -329,9 +338,6 @@ def test_label_values_escaped(shared_libvirtd, gateway, connections):
 # authentication failures (the auth tests' own fixtures)
 # --------------------------------------------------------------------------
 
-from test_auth_sasl import env, open_auth, open_error, sasl_config, Uris, USERS  # noqa: E402,F401
-from test_auth_tls import certs, tls_listener, tls_uri  # noqa: E402,F401
-
 
 def test_sasl_failure_counted_by_listener_and_mechanism(env, shared_libvirtd, gateway,  # noqa: F811
                                                          connections):
@@ -373,10 +379,6 @@ def test_tls_certificate_refusal_counted(certs, shared_libvirtd, gateway):  # no
 # --------------------------------------------------------------------------
 # /status: every session and every configured upstream
 # --------------------------------------------------------------------------
-
-import datetime  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
 
 
 def status_of(gw, headers=None):
@@ -592,7 +594,6 @@ def test_token_file_missing_refused(shared_libvirtd, tmp_path):
 # events: registrations, subscribers, deliveries, subscribers cut off
 # --------------------------------------------------------------------------
 
-from test_events_fanout import controller, flip  # noqa: E402,F401
 
 EVENT_NAME = "metrics-" + "x" * 250     # ~330 bytes per lifecycle event
 
