@@ -704,6 +704,7 @@ static enum vm_unauth listener_hold(void *owner)
     struct vm_gateway *gw = owner;
     if (gw->nunauth >= gw->cfg->max_unauthenticated) {
         gw->refused_unauth++;
+        metrics_limit(gw->metrics, VM_LIMIT_MAX_UNAUTHENTICATED);
         return VM_UNAUTH_FULL;
     }
     gw->nunauth++;
@@ -716,10 +717,19 @@ static void listener_release(void *owner)
     gw->nunauth--;
 }
 
+/* A client that broke the PROXY protocol is an error of kind "protocol", like one that breaks
+ * libvirt's framing. */
+static void listener_header_refused(void *owner)
+{
+    struct vm_gateway *gw = owner;
+    metrics_error(gw->metrics, VM_ERRK_PROTOCOL);
+}
+
 static const struct vm_listener_ops gateway_listener_ops = {
     .accept = accept_client,
     .hold = listener_hold,
     .release = listener_release,
+    .header_refused = listener_header_refused,
 };
 
 static const struct vm_session_host_ops gateway_host_ops = {

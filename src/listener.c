@@ -83,6 +83,7 @@ static void pending_free(struct pending *p)
 static void pending_fail(struct pending *p, const char *why)
 {
     vm_warn(p->l->tag, "closed %s: %s", p->peer, why);
+    p->l->ops->header_refused(p->l->owner);
     pending_free(p);
 }
 

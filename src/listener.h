@@ -32,6 +32,8 @@ struct vm_listener_ops {
      * source: before the header it is the balancer's, shared by every client behind it. */
     enum vm_unauth (*hold)(void *owner);
     void (*release)(void *owner);
+    /* A connection was closed for a missing, garbled or late PROXY header (counted). */
+    void (*header_refused)(void *owner);
 };
 
 /* Bind the listener described by `cfg`; accepted clients go to `ops->accept` (on a

@@ -173,13 +173,11 @@ def test_real_source_shows_in_logs_and_status(cluster):
             c.handshake()
             assert c.list_all_domains()
             ports.append(c.sock.getsockname()[1])
+        # /status lists each gateway's sessions with their peer: the clients' own ports
         peers = []
         for g in gws:
-            listed = g.status()["sessions"]
-            if isinstance(listed, list):     # /status lists sessions (with their peer)
-                peers += [sess.get("peer") for sess in listed]
-        if peers:
-            assert sorted(peers) == sorted("127.0.0.1:%d" % p for p in ports), peers
+            peers += [sess["peer"] for sess in g.status()["session_list"]]
+        assert sorted(peers) == sorted("127.0.0.1:%d" % p for p in ports), peers
     finally:
         for c in clients:
             c.close()

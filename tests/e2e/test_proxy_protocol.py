@@ -56,6 +56,21 @@ def proxied_config(lvd, policy=None, limits=None, **listener):
     return cfg
 
 
+def protocol_errors(gw):
+    """virtmux_errors_total{kind="protocol"} from the admin endpoint's /metrics."""
+    import http.client
+    host, port = harness.split_address(gw.config["admin"]["address"])
+    conn = http.client.HTTPConnection(host, port, timeout=harness.scaled(5))
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    m = re.search(r'^virtmux_errors_total\{kind="protocol"\} (\d+)', text, re.M)
+    assert m, text[:2000]
+    return int(m.group(1))
+
+
 def closed_by_gateway(sock, timeout=None):
     """True when the gateway closes `sock` (EOF or reset) within `timeout`."""
     sock.settimeout(timeout or harness.scaled(5.0))
@@ -85,7 +100,11 @@ POLICY = {"default": "deny", "rules": [
 def test_the_source_in_the_header_is_the_client(shared_libvirtd, gateway):
     gw = gateway(proxied_config(shared_libvirtd, policy=POLICY))
     # the socket's peer is 127.0.0.1, which no rule admits: only the header's source can
-    assert works(gw, v2_header("192.0.2.7", 40000))
+    with ProxiedClient(gw.port, v2_header("192.0.2.7", 40000)) as c:
+        c.handshake()
+        assert c.list_all_domains()
+        (sess,) = gw.status()["session_list"]
+        assert (sess["peer"], sess["identity"]) == ("192.0.2.7:40000", "192.0.2.7@lb"), sess
     wait_until(lambda: "192.0.2.7:40000" in gw.log_text(), harness.scaled(5))
     log = gw.log_text()
     assert "C#" in log and "192.0.2.7:40000" in log, log[-2000:]
@@ -141,6 +160,7 @@ HOSTILE = {
 def test_hostile_header_is_closed_cleanly(shared_libvirtd, gateway, case):
     data, reason = HOSTILE[case]
     gw = gateway(proxied_config(shared_libvirtd))
+    assert protocol_errors(gw) == 0
     with RawClient(port=gw.port) as bad, ProxiedClient(gw.port, v2_header()) as good:
         good.handshake()                      # another client, mid-session
         bad.send(data)
@@ -150,6 +170,7 @@ def test_hostile_header_is_closed_cleanly(shared_libvirtd, gateway, case):
     assert works(gw, v2_header())
     st = gw.status()
     assert st["unauthenticated"]["clients"] == 0, st["unauthenticated"]
+    assert protocol_errors(gw) == 1          # counted as a client breaking the protocol
 
 
 def test_header_that_never_completes_times_out(shared_libvirtd, gateway):
