@@ -31,6 +31,27 @@ enum vm_ro_arg {
 };
 enum vm_ro_test { VM_RO_TEST_MASK, VM_RO_TEST_EQUALS };
 
+/* What a procedure names of the domains a policy grant limits (data/procedures.tsv, column
+ * "objects"). remote_nonnull_domain is {string name; uuid[16]; int id}. */
+enum vm_dom_how {
+    VM_DOM_NONE,        /* names no domain */
+    VM_DOM_ARG,         /* arguments start with a remote_nonnull_domain */
+    VM_DOM_IN_ARG,      /* arguments start with {string name; remote_nonnull_domain} */
+    VM_DOM_XML,         /* arguments start with domain XML: the name is its <name> */
+    VM_DOM_RENAME,      /* a domain, then the new name */
+    VM_DOM_LOOKUP_NAME, /* arguments start with the name looked up */
+    VM_DOM_LOOKUP,      /* the reply starts with the domain found (by id or UUID) */
+    VM_DOM_LIST_ALL,    /* reply: remote_nonnull_domain list + count */
+    VM_DOM_STATS_ALL,   /* arguments: domain list; reply: records starting with a domain */
+    VM_DOM_LIST_IDS,    /* reply: active domain ids */
+    VM_DOM_LIST_NAMES,  /* reply: inactive domain names */
+    VM_DOM_NUM_ACTIVE,  /* reply: a count of active domains */
+    VM_DOM_NUM_DEFINED, /* reply: a count of inactive domains */
+    VM_DOM_EVENT,       /* an event whose payload starts with the domain */
+    VM_DOM_EVENT_CB,    /* an event: int callbackID, then the domain */
+    VM_DOM_REFUSE,      /* names domains in a way that cannot be filtered safely */
+};
+
 struct vm_proc_info {
     uint32_t prog;
     int32_t proc;
@@ -51,6 +72,7 @@ struct vm_proc_info {
     int32_t family;       /* events: the register procedure whose callback ids they carry;
                            * register/deregister: the register procedure */
     int32_t pair;         /* register <-> deregister counterpart (0 for others) */
+    enum vm_dom_how dom;  /* how it names domains, for domain grants */
 };
 
 extern const struct vm_proc_info vm_proc_table[];

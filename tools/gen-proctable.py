@@ -9,7 +9,7 @@ out_names.h names every procedure (VM_PROC_CONNECT_OPEN, VM_QEMU_PROC_...), and 
 table links each callback event to the register procedure it comes from and each
 register procedure to its deregister counterpart.
 
-Every row must carry a known kind and read-only verdict, and every "flags"
+Every row must carry a known kind, read-only verdict and objects class, and every "flags"
 verdict must have its deciding argument in readonly-flags.tsv; anything
 unclassified fails the build, so a procedure cannot slip in without a decision.
 """
@@ -33,6 +33,26 @@ KINDS = {
     "keepalive": "VM_PK_KEEPALIVE",
 }
 RO = {"yes": "VM_RO_YES", "no": "VM_RO_NO", "flags": "VM_RO_FLAGS"}
+# What a procedure names of the domains a policy grant limits (the "objects" column): where
+# the domain sits in its arguments, reply or event, or that it cannot be filtered safely.
+DOM = {
+    "none": "VM_DOM_NONE",
+    "domain:arg": "VM_DOM_ARG",
+    "domain:in-arg": "VM_DOM_IN_ARG",
+    "domain:xml": "VM_DOM_XML",
+    "domain:rename": "VM_DOM_RENAME",
+    "domain:lookup-name": "VM_DOM_LOOKUP_NAME",
+    "domain:lookup": "VM_DOM_LOOKUP",
+    "domain:list-all": "VM_DOM_LIST_ALL",
+    "domain:stats-all": "VM_DOM_STATS_ALL",
+    "domain:list-ids": "VM_DOM_LIST_IDS",
+    "domain:list-names": "VM_DOM_LIST_NAMES",
+    "domain:num-active": "VM_DOM_NUM_ACTIVE",
+    "domain:num-defined": "VM_DOM_NUM_DEFINED",
+    "domain:event": "VM_DOM_EVENT",
+    "domain:event-cb": "VM_DOM_EVENT_CB",
+    "domain:refuse": "VM_DOM_REFUSE",
+}
 PROG_ORDER = {"LXC": 0x00068000, "REMOTE": 0x20008086, "QEMU": 0x20008087,
               "KEEPALIVE": 0x6B656570}
 
@@ -101,7 +121,7 @@ def load(path):
     with open(path, encoding="utf-8") as f:
         header = f.readline().rstrip("\n").split("\t")
         col = {name: i for i, name in enumerate(header)}
-        for need in ("program", "number", "name", "readonly_ok", "kind", "notes"):
+        for need in ("program", "number", "name", "readonly_ok", "kind", "notes", "objects"):
             if need not in col:
                 sys.exit(f"{path}: missing column {need}")
         for lineno, line in enumerate(f, start=2):
@@ -116,6 +136,9 @@ def load(path):
                 sys.exit(f"{path}:{lineno}: unclassified kind {kind!r}")
             if ro not in RO:
                 sys.exit(f"{path}:{lineno}: unclassified readonly verdict {ro!r}")
+            objects = c[col["objects"]] if len(c) > col["objects"] else ""
+            if objects not in DOM:
+                sys.exit(f"{path}:{lineno}: unclassified objects {objects!r}")
             notes = c[col["notes"]]
             api = refused_by = ""
             for part in notes.split(";"):
@@ -142,6 +165,7 @@ def load(path):
                 "legacy": kind.startswith("event-") and "legacy" in notes,
                 "fds_in": "CALL_WITH_FDS" in notes,
                 "fds_out": "REPLY_WITH_FDS" in notes,
+                "dom": DOM[objects],
             })
     rows.sort(key=lambda r: (PROG_ORDER[r["prog"]], r["num"]))
     seen = set()
@@ -228,7 +252,7 @@ def emit(rows, out):
             f'{KINDS[r["kind"]]}, {RO[r["ro"]]}, {int(r["fds_in"])}, {int(r["fds_out"])}, '
             f'{int(r["cb_first"])}, {int(r["legacy"])}, '
             f'{c_str(r["api"]) if r["api"] else "NULL"}, {r["domain"]}, {ro_rule}, '
-            f'{r["family"]}, {r["pair"]} }},')
+            f'{r["family"]}, {r["pair"]}, {r["dom"]} }},')
     lines += ["};", "",
               "const size_t vm_proc_table_len = sizeof(vm_proc_table) / sizeof(vm_proc_table[0]);",
               ""]
