@@ -1,4 +1,4 @@
-/* Domain grants: see grant.h. Everything here reads XDR from the front, as libvirtd does, and
+/* Object grants: see grant.h. Everything here reads XDR from the front, as libvirtd does, and
  * refuses what it cannot read rather than forwarding it unchecked. */
 #include "grant.h"
 
@@ -14,9 +14,14 @@
 
 enum {
     VIR_ERR_NO_DOMAIN = 42,
+    VIR_ERR_NO_NETWORK = 43,
+    VIR_ERR_NO_STORAGE_POOL = 49,
+    VIR_ERR_NO_STORAGE_VOL = 50,
     VIR_FROM_QEMU = 10,
     VIR_FROM_TEST = 12,
     VIR_FROM_LXC = 17,
+    VIR_FROM_STORAGE = 18,
+    VIR_FROM_NETWORK = 19,
     VIR_FROM_LIBXL = 41,
     VIR_FROM_CH = 72,
     VIR_FROM_BHYVE = 57,
@@ -26,17 +31,48 @@ enum {
     VIR_FROM_HYPERV = 43,
     VIR_FROM_VMWARE = 39,
 };
-enum { LIST_ACTIVE = 1, LIST_INACTIVE = 2 };
 #define UUID_LEN 16
-#define LIST_MAX 16384 /* REMOTE_DOMAIN_LIST_MAX and the name/id list limits */
+#define LIST_MAX 16384 /* the protocol's largest object and name lists */
+
+/* What differs between the families. */
+struct family {
+    const char *noun;  /* in "no %s with matching ..." */
+    const char *title; /* "Domain not found" */
+    int code;          /* VIR_ERR_NO_* */
+    const char *root;  /* root element of its XML definition */
+    int has_id;        /* the handle carries an int id after the UUID (domains) */
+    int by_name;       /* handles are checked by UUID and name (the test driver finds
+                        * networks and pools by name, the others by UUID) */
+    uint32_t active, inactive; /* the LIST_ALL flags for running / defined-only */
+    int32_t list_all;          /* its LIST_ALL procedure */
+};
+
+static const struct family families[VM_OBJ_FAMILIES] = {
+    [VM_OBJ_DOMAIN] = {"domain", "Domain not found", VIR_ERR_NO_DOMAIN, "domain", 1, 0, 1, 2,
+                       VM_PROC_CONNECT_LIST_ALL_DOMAINS},
+    [VM_OBJ_NETWORK] = {"network", "Network not found", VIR_ERR_NO_NETWORK, "network", 0, 1, 2,
+                        1, VM_PROC_CONNECT_LIST_ALL_NETWORKS},
+    [VM_OBJ_STORAGE_POOL] = {"storage pool", "Storage pool not found", VIR_ERR_NO_STORAGE_POOL,
+                             "pool", 0, 1, 2, 1, VM_PROC_CONNECT_LIST_ALL_STORAGE_POOLS},
+};
+
+/* A handle the session was shown. */
+struct seen {
+    uint8_t uuid[UUID_LEN];
+    char *name; /* by_name families only */
+    int used;
+};
+
+struct fam_grant {
+    char *const *patterns; /* NULL: the family is not limited */
+    int err_domain;        /* the error domain its driver reports "not found" under */
+    int test;              /* the test driver: its own wordings */
+    struct seen *seen;     /* open addressing; cap a power of two or 0 */
+    size_t cap, count;
+};
 
 struct vm_grant {
-    char *const *patterns;
-    int driver_domain;
-    int bare_lookup;     /* the test driver says just "Domain not found" for lookups */
-    uint8_t (*seen)[UUID_LEN];
-    uint8_t *used;
-    size_t cap, count;   /* cap: a power of two, or 0 */
+    struct fam_grant f[VM_OBJ_FAMILIES];
 };
 
 int grant_allows(char *const *patterns, const char *name)
@@ -55,97 +91,117 @@ int grant_allows(char *const *patterns, const char *name)
     return granted;
 }
 
-struct vm_grant *grant_new(char *const *patterns, const char *opened_name)
+static int driver_domain(const char *opened_name)
 {
     static const struct {
         const char *driver;
         int domain;
     } drivers[] = {
-        {"test", VIR_FROM_TEST},   {"qemu", VIR_FROM_QEMU}, {"lxc", VIR_FROM_LXC},
-        {"xen", VIR_FROM_LIBXL},   {"ch", VIR_FROM_CH},     {"bhyve", VIR_FROM_BHYVE},
-        {"vbox", VIR_FROM_VBOX},   {"openvz", VIR_FROM_OPENVZ}, {"esx", VIR_FROM_ESX},
+        {"test", VIR_FROM_TEST},     {"qemu", VIR_FROM_QEMU},     {"lxc", VIR_FROM_LXC},
+        {"xen", VIR_FROM_LIBXL},     {"ch", VIR_FROM_CH},         {"bhyve", VIR_FROM_BHYVE},
+        {"vbox", VIR_FROM_VBOX},     {"openvz", VIR_FROM_OPENVZ}, {"esx", VIR_FROM_ESX},
         {"hyperv", VIR_FROM_HYPERV}, {"vmwareplayer", VIR_FROM_VMWARE},
     };
-    struct vm_grant *g = vm_calloc(1, sizeof(*g));
-    g->patterns = patterns;
-    g->driver_domain = VIR_FROM_QEMU;
     size_t n = opened_name ? strcspn(opened_name, ":+") : 0;
-    for (size_t i = 0; i < sizeof(drivers) / sizeof(drivers[0]); i++) {
+    for (size_t i = 0; i < sizeof(drivers) / sizeof(drivers[0]); i++)
         if (strlen(drivers[i].driver) == n && strncmp(drivers[i].driver, opened_name, n) == 0)
-            g->driver_domain = drivers[i].domain;
-    }
-    g->bare_lookup = g->driver_domain == VIR_FROM_TEST;
+            return drivers[i].domain;
+    return VIR_FROM_QEMU;
+}
+
+struct vm_grant *grant_new(char *const *domains, char *const *networks,
+                           char *const *storage_pools, const char *opened_name)
+{
+    if (!domains && !networks && !storage_pools)
+        return NULL;
+    struct vm_grant *g = vm_calloc(1, sizeof(*g));
+    int drv = driver_domain(opened_name);
+    int test = drv == VIR_FROM_TEST;
+    g->f[VM_OBJ_DOMAIN].patterns = domains;
+    g->f[VM_OBJ_DOMAIN].err_domain = drv;
+    g->f[VM_OBJ_NETWORK].patterns = networks;
+    g->f[VM_OBJ_NETWORK].err_domain = test ? VIR_FROM_TEST : VIR_FROM_NETWORK;
+    g->f[VM_OBJ_STORAGE_POOL].patterns = storage_pools;
+    g->f[VM_OBJ_STORAGE_POOL].err_domain = test ? VIR_FROM_TEST : VIR_FROM_STORAGE;
+    for (int i = 0; i < VM_OBJ_FAMILIES; i++)
+        g->f[i].test = test;
     return g;
+}
+
+static void seen_clear(struct fam_grant *f)
+{
+    for (size_t i = 0; i < f->cap; i++)
+        free(f->seen[i].name);
+    free(f->seen);
 }
 
 void grant_free(struct vm_grant *g)
 {
     if (!g)
         return;
-    free(g->seen);
-    free(g->used);
+    for (int i = 0; i < VM_OBJ_FAMILIES; i++)
+        seen_clear(&g->f[i]);
     free(g);
 }
 
-/* ---- the domains this session was shown: an open-addressing set of UUIDs ---- */
+/* ---- the handles this session was shown: an open-addressing set ---- */
 
-static size_t uuid_slot(const struct vm_grant *g, const uint8_t *uuid)
+static size_t uuid_slot(const struct fam_grant *f, const uint8_t *uuid)
 {
     /* UUIDs are random enough: their first bytes are the hash */
     uint64_t h = 0;
     memcpy(&h, uuid, sizeof(h));
     h ^= h >> 29;
-    return (size_t)(h * 0x9e3779b97f4a7c15ull) & (g->cap - 1);
+    return (size_t)(h * 0x9e3779b97f4a7c15ull) & (f->cap - 1);
 }
 
-static int seen_has(const struct vm_grant *g, const uint8_t *uuid)
+/* Was (uuid, name) shown? name: NULL for families checked by UUID alone. */
+static int seen_has(const struct fam_grant *f, const uint8_t *uuid, const char *name)
 {
-    if (!g->cap)
+    if (!f->cap)
         return 0;
-    for (size_t i = uuid_slot(g, uuid);; i = (i + 1) & (g->cap - 1)) {
-        if (!g->used[i])
+    for (size_t i = uuid_slot(f, uuid);; i = (i + 1) & (f->cap - 1)) {
+        const struct seen *e = &f->seen[i];
+        if (!e->used)
             return 0;
-        if (memcmp(g->seen[i], uuid, UUID_LEN) == 0)
+        if (memcmp(e->uuid, uuid, UUID_LEN) == 0 &&
+            (!name || (e->name && strcmp(e->name, name) == 0)))
             return 1;
     }
 }
 
-static void seen_put(struct vm_grant *g, const uint8_t *uuid)
+static void seen_put(struct fam_grant *f, const uint8_t *uuid, char *name)
 {
-    size_t i = uuid_slot(g, uuid);
-    while (g->used[i]) {
-        if (memcmp(g->seen[i], uuid, UUID_LEN) == 0)
-            return;
-        i = (i + 1) & (g->cap - 1);
-    }
-    memcpy(g->seen[i], uuid, UUID_LEN);
-    g->used[i] = 1;
-    g->count++;
+    size_t i = uuid_slot(f, uuid);
+    while (f->seen[i].used)
+        i = (i + 1) & (f->cap - 1);
+    memcpy(f->seen[i].uuid, uuid, UUID_LEN);
+    f->seen[i].name = name;
+    f->seen[i].used = 1;
+    f->count++;
 }
 
-static void seen_add(struct vm_grant *g, const uint8_t *uuid)
+static void seen_add(struct fam_grant *f, const uint8_t *uuid, const char *name)
 {
-    if (seen_has(g, uuid) || g->count >= VM_GRANT_SEEN_MAX)
+    if (seen_has(f, uuid, name) || f->count >= VM_GRANT_SEEN_MAX)
         return;
-    if ((g->count + 1) * 2 > g->cap) {
-        struct vm_grant old = *g;
-        g->cap = old.cap ? old.cap * 2 : 64;
-        g->seen = vm_calloc(g->cap, UUID_LEN);
-        g->used = vm_calloc(g->cap, 1);
-        g->count = 0;
+    if ((f->count + 1) * 2 > f->cap) {
+        struct fam_grant old = *f;
+        f->cap = old.cap ? old.cap * 2 : 64;
+        f->seen = vm_calloc(f->cap, sizeof(*f->seen));
+        f->count = 0;
         for (size_t i = 0; i < old.cap; i++)
-            if (old.used[i])
-                seen_put(g, old.seen[i]);
+            if (old.seen[i].used)
+                seen_put(f, old.seen[i].uuid, old.seen[i].name);
         free(old.seen);
-        free(old.used);
     }
-    seen_put(g, uuid);
+    seen_put(f, uuid, name ? vm_strdup(name) : NULL);
 }
 
-/* ---- reading domains ---- */
+/* ---- reading handles ---- */
 
-/* remote_nonnull_domain: {string name; opaque uuid[16]; int id}. name is malloc'd. */
-struct dom {
+/* A domain, network or pool handle; name is malloc'd. */
+struct handle {
     char *name;
     uint8_t uuid[UUID_LEN];
     int32_t id;
@@ -162,17 +218,36 @@ static void read_raw(struct xrd *r, void *out, size_t n)
     r->off += n;
 }
 
-static int read_dom(struct xrd *r, struct dom *d)
+static int read_handle(struct xrd *r, const struct family *fam, struct handle *h)
 {
-    d->name = xr_string(r, VM_STRING_MAX);
-    read_raw(r, d->uuid, UUID_LEN);
-    d->id = xr_i32(r);
+    h->name = xr_string(r, VM_STRING_MAX);
+    read_raw(r, h->uuid, UUID_LEN);
+    h->id = fam->has_id ? xr_i32(r) : -1;
     if (r->err) {
-        free(d->name);
-        d->name = NULL;
+        free(h->name);
+        h->name = NULL;
         return -1;
     }
     return 0;
+}
+
+/* A volume {string pool; string name; string key}: its pool's name, malloc'd (the key too
+ * when asked for). */
+static char *read_vol_pool(struct xrd *r, char **key)
+{
+    char *pool = xr_string(r, VM_STRING_MAX);
+    xr_skip_string(r);
+    char *k = xr_string(r, VM_STRING_MAX);
+    if (r->err) {
+        free(pool);
+        free(k);
+        return NULL;
+    }
+    if (key)
+        *key = k;
+    else
+        free(k);
+    return pool;
 }
 
 static void uuid_str(const uint8_t *u, char out[37])
@@ -183,42 +258,61 @@ static void uuid_str(const uint8_t *u, char out[37])
              u[15]);
 }
 
-/* ---- errors, worded as the driver words a missing domain ---- */
+/* ---- errors, worded as the driver words a missing object ---- */
 
-static void set_error(struct vm_grant_error *e, int code, int domain, const char *str1,
+/* "<title>: <detail>" with str1 "<title>: %s" and str2 the detail; detail NULL: the bare
+ * title (the test driver's domain lookups). */
+static void not_found(struct vm_grant_error *e, int code, int domain, const char *title,
                       const char *detail)
 {
     e->code = code;
     e->domain = domain;
-    snprintf(e->str1, sizeof(e->str1), "%s", str1 ? str1 : "");
-    snprintf(e->str2, sizeof(e->str2), "%s", detail ? detail : "");
-    if (detail)
-        snprintf(e->message, sizeof(e->message), "%s: %s", "Domain not found", detail);
-    else
-        snprintf(e->message, sizeof(e->message), "%s", str1 ? str1 : "");
+    if (detail) {
+        snprintf(e->str1, sizeof(e->str1), "%s: %%s", title);
+        snprintf(e->str2, sizeof(e->str2), "%s", detail);
+        snprintf(e->message, sizeof(e->message), "%s: %s", title, detail);
+    } else {
+        snprintf(e->str1, sizeof(e->str1), "%s", title);
+        e->str2[0] = '\0';
+        snprintf(e->message, sizeof(e->message), "%s", title);
+    }
 }
 
-/* A call naming a domain by handle: the driver looked its UUID up and did not find it. */
-static void not_found_handle(const struct vm_grant *g, const struct dom *d,
-                             struct vm_grant_error *e)
+/* A call naming an object by a handle the driver cannot find. */
+static void not_found_handle(const struct fam_grant *f, const struct family *fam,
+                             const struct handle *h, struct vm_grant_error *e)
 {
     char u[37], detail[sizeof(e->str2)];
-    uuid_str(d->uuid, u);
-    snprintf(detail, sizeof(detail), "no domain with matching uuid '%s' (%.400s)", u, d->name);
-    set_error(e, VIR_ERR_NO_DOMAIN, g->driver_domain, "Domain not found: %s", detail);
+    uuid_str(h->uuid, u);
+    if (fam->by_name && f->test)
+        snprintf(detail, sizeof(detail), "no %s with matching name '%.400s'", fam->noun,
+                 h->name);
+    else
+        snprintf(detail, sizeof(detail), "no %s with matching uuid '%s' (%.400s)", fam->noun, u,
+                 h->name);
+    not_found(e, fam->code, f->err_domain, fam->title, detail);
 }
 
-/* A lookup found nothing: `what` is "name 'x'", "uuid 'u'" or "id 3". */
-static void not_found_lookup(const struct vm_grant *g, const char *what,
-                             struct vm_grant_error *e)
+/* A lookup found nothing: `what` is "name 'x'", "uuid 'u'", "id 3", "target path 'p'". */
+static void not_found_lookup(const struct fam_grant *f, const struct family *fam,
+                             const char *what, struct vm_grant_error *e)
 {
-    if (g->bare_lookup) {
-        set_error(e, VIR_ERR_NO_DOMAIN, g->driver_domain, "Domain not found", NULL);
+    if (fam->has_id && f->test) {
+        not_found(e, fam->code, f->err_domain, fam->title, NULL);
         return;
     }
     char detail[sizeof(e->str2)];
-    snprintf(detail, sizeof(detail), "no domain with matching %s", what);
-    set_error(e, VIR_ERR_NO_DOMAIN, g->driver_domain, "Domain not found: %s", detail);
+    snprintf(detail, sizeof(detail), "no %s with matching %s", fam->noun, what);
+    not_found(e, fam->code, f->err_domain, fam->title, detail);
+}
+
+/* A volume whose pool the grant excludes: its pool "does not exist". */
+static void not_found_vol_pool(const struct fam_grant *f, const char *pool,
+                               struct vm_grant_error *e)
+{
+    char detail[sizeof(e->str2)];
+    snprintf(detail, sizeof(detail), "no storage pool with matching name '%.400s'", pool);
+    not_found(e, VIR_ERR_NO_STORAGE_POOL, f->err_domain, "Storage pool not found", detail);
 }
 
 static void access_error(struct vm_grant_error *e, const char *text)
@@ -229,10 +323,10 @@ static void access_error(struct vm_grant_error *e, const char *text)
     snprintf(e->message, sizeof(e->message), "access denied: virtmux: %s", text);
 }
 
-static void outside_grant(struct vm_grant_error *e, const char *name)
+static void outside_grant(struct vm_grant_error *e, const struct family *fam, const char *name)
 {
     char text[400];
-    snprintf(text, sizeof(text), "domain '%.300s' is outside this client's grant", name);
+    snprintf(text, sizeof(text), "%s '%.300s' is outside this client's grant", fam->noun, name);
     access_error(e, text);
 }
 
@@ -244,7 +338,7 @@ static void decode_error(struct vm_grant_error *e)
     snprintf(e->message, sizeof(e->message), "Unable to decode message payload");
 }
 
-/* ---- the name inside domain XML ---- */
+/* ---- the name inside an XML definition ---- */
 
 static int name_char_ok(unsigned char c)
 {
@@ -370,7 +464,7 @@ static int tag_is(const char *p, const char *tend, const char *name)
     return c == '>' || c == '/' || c == ' ' || c == '\t' || c == '\n' || c == '\r';
 }
 
-char *grant_xml_domain_name(const char *xml, size_t len)
+char *grant_xml_name(const char *xml, size_t len, const char *root)
 {
     const char *p = xml, *end = xml + len;
     int depth = 0;
@@ -396,7 +490,7 @@ char *grant_xml_domain_name(const char *xml, size_t len)
         }
         int selfclosing = te[-1] == '/';
         if (depth == 0) {
-            if (!tag_is(p + 1, te, "domain") || selfclosing)
+            if (!tag_is(p + 1, te, root) || selfclosing)
                 return NULL;
         } else if (depth == 1 && tag_is(p + 1, te, "name")) {
             if (selfclosing)
@@ -437,8 +531,8 @@ static const uint8_t *payload_of(struct evbuffer *pkt, size_t *n)
     return p + VM_HDR_LEN;
 }
 
-/* Replace the call in `pkt` by CONNECT_LIST_ALL_DOMAINS(need_results = 1, flags). */
-static void rewrite_list_all(struct evbuffer *pkt, uint32_t flags)
+/* Replace the call in `pkt` by the family's LIST_ALL(need_results = 1, flags). */
+static void rewrite_list_all(struct evbuffer *pkt, const struct family *fam, uint32_t flags)
 {
     struct vm_hdr h;
     wire_hdr_peek(pkt, &h);
@@ -447,52 +541,86 @@ static void rewrite_list_all(struct evbuffer *pkt, uint32_t flags)
     xb_i32(&b, 1);
     xb_u32(&b, flags);
     evbuffer_drain(pkt, evbuffer_get_length(pkt));
-    wire_put_packet(pkt, h.prog, VM_PROC_CONNECT_LIST_ALL_DOMAINS, h.type, h.serial, h.status,
-                    b.p, b.len);
+    wire_put_packet(pkt, h.prog, fam->list_all, h.type, h.serial, h.status, b.p, b.len);
     xb_free(&b);
 }
 
-/* A call that names a domain by handle: only domains this session was shown. */
-static enum vm_grant_verdict check_handle(struct vm_grant *g, struct xrd *r,
-                                          struct vm_grant_error *err)
+/* A handle in the arguments: only one this session was shown. */
+static enum vm_grant_verdict check_handle(struct fam_grant *f, const struct family *fam,
+                                          struct xrd *r, struct vm_grant_error *err)
 {
-    struct dom d;
-    if (read_dom(r, &d) < 0) {
+    struct handle h;
+    if (read_handle(r, fam, &h) < 0) {
         decode_error(err);
         return VM_GRANT_REFUSED;
     }
     enum vm_grant_verdict v = VM_GRANT_PASS;
-    if (!seen_has(g, d.uuid)) {
-        not_found_handle(g, &d, err);
+    if (!seen_has(f, h.uuid, fam->by_name ? h.name : NULL)) {
+        not_found_handle(f, fam, &h, err);
         v = VM_GRANT_REFUSED;
     }
-    free(d.name);
+    free(h.name);
     return v;
 }
 
-enum vm_grant_verdict grant_check_call(struct vm_grant *g, const struct vm_proc_info *info,
-                                       struct evbuffer *pkt, uint32_t *aux,
+/* A volume in the arguments: its pool, by name. */
+static enum vm_grant_verdict check_vol(struct fam_grant *f, struct xrd *r,
                                        struct vm_grant_error *err)
 {
-    *aux = 0;
-    if (!info || info->dom == VM_DOM_NONE)
-        return VM_GRANT_PASS;
+    char *pool = read_vol_pool(r, NULL);
+    if (!pool) {
+        decode_error(err);
+        return VM_GRANT_REFUSED;
+    }
+    enum vm_grant_verdict v = VM_GRANT_PASS;
+    if (!grant_allows(f->patterns, pool)) {
+        not_found_vol_pool(f, pool, err);
+        v = VM_GRANT_REFUSED;
+    }
+    free(pool);
+    return v;
+}
+
+/* Read a string argument for the wording of a lookup answered later. */
+static char *read_note(struct xrd *r)
+{
+    return xr_string(r, VM_STRING_MAX);
+}
+
+static enum vm_grant_verdict check_family(struct fam_grant *f, const struct family *fam,
+                                          const struct vm_proc_info *info, enum vm_obj_how how,
+                                          struct evbuffer *pkt, struct vm_grant_memo *memo,
+                                          struct vm_grant_error *err)
+{
     size_t n;
     const uint8_t *args = payload_of(pkt, &n);
     struct xrd r;
     xr_init(&r, args, n);
-    switch (info->dom) {
-    case VM_DOM_NONE:
-    case VM_DOM_EVENT:
-    case VM_DOM_EVENT_CB:
+    switch (how) {
+    case VM_OBJ_NONE:
+    case VM_OBJ_EVENT:
+    case VM_OBJ_EVENT_CB:
         return VM_GRANT_PASS;
-    case VM_DOM_ARG:
-        return check_handle(g, &r, err);
-    case VM_DOM_IN_ARG:
+    case VM_OBJ_ARG:
+        return check_handle(f, fam, &r, err);
+    case VM_OBJ_IN_ARG:
         xr_skip_string(&r);
-        return check_handle(g, &r, err);
-    case VM_DOM_RENAME: {
-        enum vm_grant_verdict v = check_handle(g, &r, err);
+        return check_handle(f, fam, &r, err);
+    case VM_OBJ_VOL:
+        return check_vol(f, &r, err);
+    case VM_OBJ_LOOKUP_VOL: {
+        enum vm_grant_verdict v = check_vol(f, &r, err);
+        return v == VM_GRANT_PASS ? VM_GRANT_FILTER : v;
+    }
+    case VM_OBJ_CLONE: {
+        enum vm_grant_verdict v = check_handle(f, fam, &r, err);
+        if (v != VM_GRANT_PASS)
+            return v;
+        xr_skip_string(&r); /* the new volume's XML */
+        return check_vol(f, &r, err);
+    }
+    case VM_OBJ_RENAME: {
+        enum vm_grant_verdict v = check_handle(f, fam, &r, err);
         if (v != VM_GRANT_PASS)
             return v;
         int present;
@@ -501,58 +629,75 @@ enum vm_grant_verdict grant_check_call(struct vm_grant *g, const struct vm_proc_
             decode_error(err);
             return VM_GRANT_REFUSED;
         }
-        if (present && !grant_allows(g->patterns, to)) {
-            outside_grant(err, to);
+        if (present && !grant_allows(f->patterns, to)) {
+            outside_grant(err, fam, to);
             v = VM_GRANT_REFUSED;
         }
         free(to);
         return v;
     }
-    case VM_DOM_XML: {
+    case VM_OBJ_XML: {
         uint32_t len = xr_u32(&r);
         if (r.err || len > VM_STRING_MAX || r.len - r.off < len) {
             decode_error(err);
             return VM_GRANT_REFUSED;
         }
-        char *name = grant_xml_domain_name((const char *)r.p + r.off, len);
+        char *name = grant_xml_name((const char *)r.p + r.off, len, fam->root);
         if (!name) {
-            access_error(err, "cannot read the domain name in the XML");
+            char text[100];
+            snprintf(text, sizeof(text), "cannot read the %s name in the XML", fam->noun);
+            access_error(err, text);
             return VM_GRANT_REFUSED;
         }
         enum vm_grant_verdict v = VM_GRANT_FILTER;
-        if (!grant_allows(g->patterns, name)) {
-            outside_grant(err, name);
+        if (!grant_allows(f->patterns, name)) {
+            outside_grant(err, fam, name);
             v = VM_GRANT_REFUSED;
         }
         free(name);
         return v;
     }
-    case VM_DOM_LOOKUP_NAME: {
+    case VM_OBJ_LOOKUP_NAME: {
         char *name = xr_string(&r, VM_STRING_MAX);
         if (!name) {
             decode_error(err);
             return VM_GRANT_REFUSED;
         }
         enum vm_grant_verdict v = VM_GRANT_FILTER;
-        if (!grant_allows(g->patterns, name)) {
+        if (!grant_allows(f->patterns, name)) {
             char what[320];
             snprintf(what, sizeof(what), "name '%.300s'", name);
-            not_found_lookup(g, what, err);
+            not_found_lookup(f, fam, what, err);
             v = VM_GRANT_REFUSED;
         }
         free(name);
         return v;
     }
-    case VM_DOM_LOOKUP:
-    case VM_DOM_STATS_ALL:
+    case VM_OBJ_LOOKUP:
+        if (info->proc == VM_PROC_STORAGE_POOL_LOOKUP_BY_TARGET_PATH) {
+            memo->note = read_note(&r);
+            if (!memo->note) {
+                decode_error(err);
+                return VM_GRANT_REFUSED;
+            }
+        }
         return VM_GRANT_FILTER;
-    case VM_DOM_LIST_ALL: {
+    case VM_OBJ_VOL_LOOKUP:
+        memo->note = read_note(&r);
+        if (!memo->note) {
+            decode_error(err);
+            return VM_GRANT_REFUSED;
+        }
+        return VM_GRANT_FILTER;
+    case VM_OBJ_STATS_ALL:
+        return VM_GRANT_FILTER;
+    case VM_OBJ_LIST_ALL: {
         int32_t need = xr_i32(&r);
         if (r.err || r.len - r.off < 4) {
             decode_error(err);
             return VM_GRANT_REFUSED;
         }
-        *aux = need != 0;
+        memo->aux = need != 0;
         if (!need) {
             /* the client wants only the count: ask for the list, count what it may see */
             uint8_t *w = (uint8_t *)args;
@@ -560,30 +705,55 @@ enum vm_grant_verdict grant_check_call(struct vm_grant *g, const struct vm_proc_
         }
         return VM_GRANT_FILTER;
     }
-    case VM_DOM_LIST_IDS:
-    case VM_DOM_LIST_NAMES: {
+    case VM_OBJ_LIST_IDS:
+    case VM_OBJ_LIST_ACTIVE:
+    case VM_OBJ_LIST_DEFINED: {
         int32_t max = xr_i32(&r);
         if (r.err || max < 0 || max > LIST_MAX) {
             decode_error(err);
             return VM_GRANT_REFUSED;
         }
-        *aux = (uint32_t)max;
-        rewrite_list_all(pkt, info->dom == VM_DOM_LIST_IDS ? LIST_ACTIVE : LIST_INACTIVE);
+        memo->aux = (uint32_t)max;
+        rewrite_list_all(pkt, fam, how == VM_OBJ_LIST_DEFINED ? fam->inactive : fam->active);
         return VM_GRANT_FILTER;
     }
-    case VM_DOM_NUM_ACTIVE:
-    case VM_DOM_NUM_DEFINED:
-        rewrite_list_all(pkt, info->dom == VM_DOM_NUM_ACTIVE ? LIST_ACTIVE : LIST_INACTIVE);
+    case VM_OBJ_NUM_ACTIVE:
+    case VM_OBJ_NUM_DEFINED:
+        rewrite_list_all(pkt, fam, how == VM_OBJ_NUM_ACTIVE ? fam->active : fam->inactive);
         return VM_GRANT_FILTER;
-    case VM_DOM_REFUSE: {
+    case VM_OBJ_REFUSE: {
         char text[200];
-        snprintf(text, sizeof(text), "%s is not available to clients limited to some domains",
-                 info->name);
+        snprintf(text, sizeof(text), "%s is not available to clients limited to some %ss",
+                 info->name, fam->noun);
         access_error(err, text);
         return VM_GRANT_REFUSED;
     }
     }
     return VM_GRANT_PASS;
+}
+
+enum vm_grant_verdict grant_check_call(struct vm_grant *g, const struct vm_proc_info *info,
+                                       struct evbuffer *pkt, struct vm_grant_memo *memo,
+                                       struct vm_grant_error *err)
+{
+    memo->aux = 0;
+    memo->note = NULL;
+    if (!info)
+        return VM_GRANT_PASS;
+    enum vm_grant_verdict v = VM_GRANT_PASS;
+    for (int i = 0; i < VM_OBJ_FAMILIES && v != VM_GRANT_REFUSED; i++) {
+        if (!g->f[i].patterns || info->objects[i] == VM_OBJ_NONE)
+            continue;
+        enum vm_grant_verdict fv =
+            check_family(&g->f[i], &families[i], info, info->objects[i], pkt, memo, err);
+        if (fv != VM_GRANT_PASS)
+            v = fv;
+    }
+    if (v == VM_GRANT_REFUSED) {
+        free(memo->note);
+        memo->note = NULL;
+    }
+    return v;
 }
 
 /* ---- replies ---- */
@@ -620,25 +790,28 @@ static void skip_typed_param(struct xrd *r)
     }
 }
 
-/* One domain (or stats record) of a list: kept or not, and where its bytes are. */
+/* One handle (or stats record) of a list: kept or not, and where its bytes are. */
 struct item {
     size_t start, end;
-    struct dom d;
+    struct handle h;
     int keep;
 };
 
-/* Read `count` then the items of a domain list (stats: records with params). */
-static struct item *read_items(struct vm_grant *g, struct xrd *r, int stats, uint32_t *count)
+/* Read `count` then the items of a list of handles (stats: records with params). */
+static struct item *read_items(const struct fam_grant *f, const struct family *fam,
+                               struct xrd *r, int stats, uint32_t *count)
 {
     uint32_t n = xr_u32(r);
-    if (r->err || n > LIST_MAX || n > (r->len - r->off) / 24) {
+    size_t min = 4 + UUID_LEN + (fam->has_id ? 4 : 0);
+    if (r->err || n > LIST_MAX || n > (r->len - r->off) / min) {
         r->err = 1;
+        *count = 0;
         return NULL;
     }
     struct item *items = vm_calloc(n ? n : 1, sizeof(*items));
     for (uint32_t i = 0; i < n && !r->err; i++) {
         items[i].start = r->off;
-        if (read_dom(r, &items[i].d) < 0)
+        if (read_handle(r, fam, &items[i].h) < 0)
             break;
         if (stats) {
             uint32_t np = xr_u32(r);
@@ -648,7 +821,7 @@ static struct item *read_items(struct vm_grant *g, struct xrd *r, int stats, uin
                 skip_typed_param(r);
         }
         items[i].end = r->off;
-        items[i].keep = grant_allows(g->patterns, items[i].d.name);
+        items[i].keep = grant_allows(f->patterns, items[i].h.name);
     }
     *count = n;
     return items;
@@ -657,101 +830,116 @@ static struct item *read_items(struct vm_grant *g, struct xrd *r, int stats, uin
 static void free_items(struct item *items, uint32_t n)
 {
     for (uint32_t i = 0; items && i < n; i++)
-        free(items[i].d.name);
+        free(items[i].h.name);
     free(items);
 }
 
-void grant_filter_reply(struct vm_grant *g, const struct vm_proc_info *info, uint32_t aux,
-                        const struct vm_hdr *call, struct evbuffer *reply, struct evbuffer *out)
+static void remember(struct fam_grant *f, const struct family *fam, const struct handle *h)
 {
-    struct vm_hdr h;
-    wire_hdr_peek(reply, &h);
-    size_t n;
-    const uint8_t *payload = payload_of(reply, &n);
-    if (h.status != VM_STATUS_OK) {
-        /* an error passes as it is, answered as the client's procedure */
-        wire_put_packet(out, call->prog, call->proc, VM_REPLY, call->serial, h.status, payload,
-                        n);
-        evbuffer_drain(reply, evbuffer_get_length(reply));
-        return;
-    }
+    seen_add(f, h->uuid, fam->by_name ? h->name : NULL);
+}
+
+/* The filtered payload of a reply into b; 0, or -1 with *e to answer instead. */
+static int filter_payload(struct fam_grant *f, const struct family *fam, enum vm_obj_how how,
+                          const struct vm_grant_memo *memo, const struct vm_hdr *call,
+                          const uint8_t *payload, size_t n, struct xbuf *b,
+                          struct vm_grant_error *e)
+{
     struct xrd r;
     xr_init(&r, payload, n);
-    struct xbuf b;
-    xb_init(&b);
-    struct vm_grant_error e;
-    int refused = 0;
-    switch (info->dom) {
-    case VM_DOM_XML:
-    case VM_DOM_LOOKUP_NAME:
-    case VM_DOM_LOOKUP: {
-        struct dom d;
-        if (read_dom(&r, &d) < 0) {
-            r.err = 1;
+    switch (how) {
+    case VM_OBJ_XML:
+    case VM_OBJ_LOOKUP_NAME:
+    case VM_OBJ_LOOKUP:
+    case VM_OBJ_LOOKUP_VOL: {
+        struct handle h;
+        if (read_handle(&r, fam, &h) < 0)
             break;
+        if (grant_allows(f->patterns, h.name)) {
+            remember(f, fam, &h);
+            xb_bytes(b, payload, n);
+            free(h.name);
+            return 0;
         }
-        if (grant_allows(g->patterns, d.name)) {
-            seen_add(g, d.uuid);
-            xb_bytes(&b, payload, n);
-        } else {
-            char what[320], u[37];
-            uuid_str(d.uuid, u);
-            if (call->proc == VM_PROC_DOMAIN_LOOKUP_BY_ID && call->prog == VM_PROG_REMOTE)
-                snprintf(what, sizeof(what), "id %d", (int)d.id);
-            else if (call->proc == VM_PROC_DOMAIN_LOOKUP_BY_UUID && call->prog == VM_PROG_REMOTE)
-                snprintf(what, sizeof(what), "uuid '%s'", u);
-            else
-                snprintf(what, sizeof(what), "name '%.300s'", d.name);
-            not_found_lookup(g, what, &e);
-            refused = 1;
-        }
-        free(d.name);
-        break;
+        char what[320], u[37];
+        uuid_str(h.uuid, u);
+        if (call->proc == VM_PROC_DOMAIN_LOOKUP_BY_ID)
+            snprintf(what, sizeof(what), "id %d", (int)h.id);
+        else if (memo->note)
+            snprintf(what, sizeof(what), "target path '%.300s'", memo->note);
+        else if (how == VM_OBJ_LOOKUP)
+            snprintf(what, sizeof(what), "uuid '%s'", u);
+        else
+            snprintf(what, sizeof(what), "name '%.300s'", h.name);
+        not_found_lookup(f, fam, what, e);
+        free(h.name);
+        return -1;
     }
-    case VM_DOM_LIST_ALL:
-    case VM_DOM_STATS_ALL: {
+    case VM_OBJ_VOL_LOOKUP: {
+        char *key = NULL;
+        char *pool = read_vol_pool(&r, &key);
+        if (!pool)
+            break;
+        int ok = grant_allows(f->patterns, pool);
+        free(pool);
+        free(key);
+        if (ok) {
+            xb_bytes(b, payload, n);
+            return 0;
+        }
+        char detail[sizeof(e->str2)];
+        snprintf(detail, sizeof(detail), "no storage vol with matching %s '%.400s'",
+                 call->proc == VM_PROC_STORAGE_VOL_LOOKUP_BY_KEY ? "key" : "path",
+                 memo->note ? memo->note : "");
+        not_found(e, VIR_ERR_NO_STORAGE_VOL, f->err_domain, "Storage volume not found", detail);
+        return -1;
+    }
+    case VM_OBJ_LIST_ALL:
+    case VM_OBJ_STATS_ALL: {
         uint32_t count = 0, kept = 0;
-        struct item *items = read_items(g, &r, info->dom == VM_DOM_STATS_ALL, &count);
-        if (info->dom == VM_DOM_LIST_ALL)
+        struct item *items = read_items(f, fam, &r, how == VM_OBJ_STATS_ALL, &count);
+        if (how == VM_OBJ_LIST_ALL)
             (void)xr_u32(&r); /* ret: the upstream's count, replaced below */
         if (!r.err) {
             for (uint32_t i = 0; i < count; i++)
                 kept += items[i].keep;
-            int list = info->dom == VM_DOM_STATS_ALL || aux;
-            xb_u32(&b, list ? kept : 0);
+            int list = how == VM_OBJ_STATS_ALL || memo->aux;
+            xb_u32(b, list ? kept : 0);
             for (uint32_t i = 0; list && i < count; i++) {
                 if (!items[i].keep)
                     continue;
-                seen_add(g, items[i].d.uuid);
-                xb_bytes(&b, payload + items[i].start, items[i].end - items[i].start);
+                remember(f, fam, &items[i].h);
+                xb_bytes(b, payload + items[i].start, items[i].end - items[i].start);
             }
-            if (info->dom == VM_DOM_LIST_ALL)
-                xb_u32(&b, kept);
+            if (how == VM_OBJ_LIST_ALL)
+                xb_u32(b, kept);
         }
         free_items(items, count);
         break;
     }
-    case VM_DOM_LIST_IDS:
-    case VM_DOM_LIST_NAMES:
-    case VM_DOM_NUM_ACTIVE:
-    case VM_DOM_NUM_DEFINED: {
+    case VM_OBJ_LIST_IDS:
+    case VM_OBJ_LIST_ACTIVE:
+    case VM_OBJ_LIST_DEFINED:
+    case VM_OBJ_NUM_ACTIVE:
+    case VM_OBJ_NUM_DEFINED: {
         uint32_t count = 0, kept = 0;
-        struct item *items = read_items(g, &r, 0, &count);
+        struct item *items = read_items(f, fam, &r, 0, &count);
+        (void)xr_u32(&r);
         if (!r.err) {
             for (uint32_t i = 0; i < count; i++)
                 kept += items[i].keep;
-            if (info->dom == VM_DOM_NUM_ACTIVE || info->dom == VM_DOM_NUM_DEFINED) {
-                xb_i32(&b, (int32_t)kept);
+            if (how == VM_OBJ_NUM_ACTIVE || how == VM_OBJ_NUM_DEFINED) {
+                xb_i32(b, (int32_t)kept);
             } else {
-                uint32_t k = kept < aux ? kept : aux;
-                xb_u32(&b, k);
+                uint32_t k = kept < memo->aux ? kept : memo->aux;
+                xb_u32(b, k);
                 for (uint32_t i = 0, w = 0; i < count && w < k; i++) {
                     if (!items[i].keep)
                         continue;
-                    if (info->dom == VM_DOM_LIST_IDS)
-                        xb_i32(&b, items[i].d.id);
+                    if (how == VM_OBJ_LIST_IDS)
+                        xb_i32(b, items[i].h.id);
                     else
-                        xb_string(&b, items[i].d.name);
+                        xb_string(b, items[i].h.name);
                     w++;
                 }
             }
@@ -760,14 +948,61 @@ void grant_filter_reply(struct vm_grant *g, const struct vm_proc_info *info, uin
         break;
     }
     default:
-        xb_bytes(&b, payload, n);
-        break;
+        xb_bytes(b, payload, n);
+        return 0;
     }
     if (r.err) {
-        decode_error(&e);
-        refused = 1;
+        decode_error(e);
+        return -1;
     }
-    if (refused)
+    return 0;
+}
+
+static int filters(enum vm_obj_how how)
+{
+    switch (how) {
+    case VM_OBJ_XML:
+    case VM_OBJ_LOOKUP_NAME:
+    case VM_OBJ_LOOKUP:
+    case VM_OBJ_LOOKUP_VOL:
+    case VM_OBJ_VOL_LOOKUP:
+    case VM_OBJ_LIST_ALL:
+    case VM_OBJ_STATS_ALL:
+    case VM_OBJ_LIST_IDS:
+    case VM_OBJ_LIST_ACTIVE:
+    case VM_OBJ_LIST_DEFINED:
+    case VM_OBJ_NUM_ACTIVE:
+    case VM_OBJ_NUM_DEFINED:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+void grant_filter_reply(struct vm_grant *g, const struct vm_proc_info *info,
+                        const struct vm_grant_memo *memo, const struct vm_hdr *call,
+                        struct evbuffer *reply, struct evbuffer *out)
+{
+    struct vm_hdr h;
+    wire_hdr_peek(reply, &h);
+    size_t n;
+    const uint8_t *payload = payload_of(reply, &n);
+    int fi = -1;
+    for (int i = 0; info && i < VM_OBJ_FAMILIES && fi < 0; i++)
+        if (g->f[i].patterns && filters(info->objects[i]))
+            fi = i;
+    if (h.status != VM_STATUS_OK || fi < 0) {
+        /* an error passes as it is, answered as the client's procedure */
+        wire_put_packet(out, call->prog, call->proc, VM_REPLY, call->serial, h.status, payload,
+                        n);
+        evbuffer_drain(reply, evbuffer_get_length(reply));
+        return;
+    }
+    struct xbuf b;
+    xb_init(&b);
+    struct vm_grant_error e;
+    if (filter_payload(&g->f[fi], &families[fi], info->objects[fi], memo, call, payload, n, &b,
+                       &e) < 0)
         put_error(out, call, &e);
     else
         wire_put_packet(out, call->prog, call->proc, VM_REPLY, call->serial, VM_STATUS_OK, b.p,
@@ -781,20 +1016,26 @@ void grant_filter_reply(struct vm_grant *g, const struct vm_proc_info *info, uin
 int grant_event_allowed(struct vm_grant *g, const struct vm_proc_info *info, const void *pkt,
                         size_t len)
 {
-    if (!info || (info->dom != VM_DOM_EVENT && info->dom != VM_DOM_EVENT_CB))
+    if (!info)
         return 1;
-    if (len < VM_HDR_LEN)
-        return 0;
-    struct xrd r;
-    xr_init(&r, (const uint8_t *)pkt + VM_HDR_LEN, len - VM_HDR_LEN);
-    if (info->dom == VM_DOM_EVENT_CB)
-        (void)xr_i32(&r);
-    struct dom d;
-    if (read_dom(&r, &d) < 0)
-        return 0;
-    int ok = grant_allows(g->patterns, d.name);
-    if (ok)
-        seen_add(g, d.uuid);
-    free(d.name);
-    return ok;
+    for (int i = 0; i < VM_OBJ_FAMILIES; i++) {
+        enum vm_obj_how how = info->objects[i];
+        if (!g->f[i].patterns || (how != VM_OBJ_EVENT && how != VM_OBJ_EVENT_CB))
+            continue;
+        if (len < VM_HDR_LEN)
+            return 0;
+        struct xrd r;
+        xr_init(&r, (const uint8_t *)pkt + VM_HDR_LEN, len - VM_HDR_LEN);
+        if (how == VM_OBJ_EVENT_CB)
+            (void)xr_i32(&r);
+        struct handle h;
+        if (read_handle(&r, &families[i], &h) < 0)
+            return 0;
+        int ok = grant_allows(g->f[i].patterns, h.name);
+        if (ok)
+            remember(&g->f[i], &families[i], &h);
+        free(h.name);
+        return ok;
+    }
+    return 1;
 }

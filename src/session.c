@@ -259,8 +259,9 @@ static void call_done(void *arg, struct vm_call *c, const struct vm_hdr *reply,
 {
     struct vm_session *s = arg;
     if (reply && c->grant_filter && s->grant) {
-        grant_filter_reply(s->grant, vm_proc_lookup(c->hdr.prog, c->hdr.proc), c->grant_aux,
-                           &c->hdr, pkt, session_out(s));
+        struct vm_grant_memo memo = {c->grant_aux, c->grant_note};
+        grant_filter_reply(s->grant, vm_proc_lookup(c->hdr.prog, c->hdr.proc), &memo, &c->hdr,
+                           pkt, session_out(s));
     } else if (reply) {
         wire_set_serial(pkt, c->hdr.serial);
         evbuffer_add_buffer(session_out(s), pkt);
@@ -358,7 +359,7 @@ static void handle_open(struct vm_session *s, const struct vm_hdr *h, const uint
     s->opened_name = name;
     s->readonly = (flags & 1) || rule->readonly || s->lcfg->readonly;
     grant_free(s->grant);
-    s->grant = rule->domains ? grant_new(rule->domains, s->route.name) : NULL;
+    s->grant = grant_new(rule->domains, rule->networks, rule->storage_pools, s->route.name);
     s->open_hdr = *h;
     s->state = S_OPENING;
     s->pool = s->host->ops->pool(s->host->owner, s->route.upstream, s->route.name, s->readonly);
@@ -398,12 +399,15 @@ static void open_done(struct vm_open_wait *w, struct vm_link *home, const void *
 
 /* Hand a call to the pool; the packet moves into the call record. */
 static void forward_call(struct vm_session *s, const struct vm_hdr *h, struct evbuffer *pkt,
-                         int grant_filter, uint32_t grant_aux)
+                         int grant_filter, const struct vm_grant_memo *memo)
 {
     struct vm_call *c = call_new(call_done, s, 0);
     c->hdr = *h;
     c->grant_filter = (uint8_t)grant_filter;
-    c->grant_aux = grant_aux;
+    if (memo) {
+        c->grant_aux = memo->aux;
+        c->grant_note = memo->note;
+    }
     c->fair = &s->fair;
     evbuffer_add_buffer(c->pkt, pkt);
     TAILQ_INSERT_TAIL(&s->calls, c, sentry);
@@ -457,7 +461,7 @@ static void handle_feature(struct vm_session *s, const struct vm_hdr *h, struct 
     if (!require_open(s, h))
         return;
     /* A driver feature (migration, typed params, ...): the upstream decides. */
-    forward_call(s, h, pkt, 0, 0);
+    forward_call(s, h, pkt, 0, NULL);
 }
 
 static void refuse(struct vm_session *s, const struct vm_hdr *h, const char *what,
@@ -615,10 +619,10 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
         }
     }
     int grant_filter = 0;
-    uint32_t grant_aux = 0;
-    if (s->grant && info && info->dom != VM_DOM_NONE) {
+    struct vm_grant_memo memo = {0, NULL};
+    if (s->grant && info) {
         struct vm_grant_error ge;
-        enum vm_grant_verdict v = grant_check_call(s->grant, info, pkt, &grant_aux, &ge);
+        enum vm_grant_verdict v = grant_check_call(s->grant, info, pkt, &memo, &ge);
         if (v == VM_GRANT_REFUSED) {
             audit_denied(s->env->audit, s->tag, s->ident_str, info->name,
                          s->route.upstream->name, ge.message);
@@ -641,7 +645,7 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
         return;
     }
 
-    forward_call(s, h, pkt, grant_filter, grant_aux);
+    forward_call(s, h, pkt, grant_filter, &memo);
 }
 
 /* One whole packet from the client, in `pkt` (freed by the caller). */

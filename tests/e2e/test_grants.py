@@ -273,22 +273,41 @@ def test_forged_and_foreign_handles_are_not_found(hv):
 # the sweep: every procedure that names a domain
 # --------------------------------------------------------------------------
 
+CLASSES = {
+    "domain": {"arg", "in-arg", "xml", "rename", "lookup-name", "lookup",
+               "list-all", "stats-all", "list-ids", "list-defined",
+               "num-active", "num-defined", "event", "event-cb", "refuse"},
+    "network": {"arg", "xml", "lookup-name", "lookup", "list-all",
+                "list-active", "list-defined", "num-active", "num-defined",
+                "event-cb"},
+    "storage_pool": {"arg", "xml", "lookup-name", "lookup", "lookup-vol",
+                     "list-all", "list-active", "list-defined", "num-active",
+                     "num-defined", "event-cb", "vol", "vol-lookup", "clone"},
+}
+
+
+def objects(row):
+    """{family: class} of a procedures.tsv row."""
+    if row["objects"] == "none":
+        return {}
+    return dict(p.split(":", 1) for p in row["objects"].split(","))
+
+
 def test_objects_column_classifies_every_procedure():
     rows = _rows()
     assert len(rows) > 400
-    values = {r["objects"] for r in rows}
-    assert values <= {"none", "domain:arg", "domain:in-arg", "domain:xml",
-                      "domain:rename", "domain:lookup-name", "domain:lookup",
-                      "domain:list-all", "domain:stats-all",
-                      "domain:list-ids", "domain:list-names",
-                      "domain:num-active", "domain:num-defined",
-                      "domain:event", "domain:event-cb", "domain:refuse"}
-    by = {r["name"]: r["objects"] for r in rows if r["program"] == "REMOTE"}
-    assert by["DOMAIN_GET_INFO"] == "domain:arg"
-    assert by["DOMAIN_SNAPSHOT_GET_XML_DESC"] == "domain:in-arg"
-    assert by["CONNECT_GET_ALL_DOMAIN_STATS"] == "domain:stats-all"
-    assert by["DOMAIN_MIGRATE_PREPARE3_PARAMS"] == "domain:refuse"
-    assert by["CONNECT_GET_CAPABILITIES"] == "none"
+    for r in rows:
+        for fam, cls in objects(r).items():
+            assert cls in CLASSES[fam], r
+    by = {r["name"]: objects(r) for r in rows if r["program"] == "REMOTE"}
+    assert by["DOMAIN_GET_INFO"] == {"domain": "arg"}
+    assert by["DOMAIN_SNAPSHOT_GET_XML_DESC"] == {"domain": "in-arg"}
+    assert by["CONNECT_GET_ALL_DOMAIN_STATS"] == {"domain": "stats-all"}
+    assert by["DOMAIN_MIGRATE_PREPARE3_PARAMS"] == {"domain": "refuse"}
+    assert by["NETWORK_GET_DHCP_LEASES"] == {"domain": "refuse",
+                                             "network": "arg"}
+    assert by["STORAGE_VOL_GET_INFO"] == {"storage_pool": "vol"}
+    assert by["CONNECT_GET_CAPABILITIES"] == {}
 
 
 def test_sweep_every_domain_procedure_with_a_forbidden_domain(hv):
@@ -298,8 +317,8 @@ def test_sweep_every_domain_procedure_with_a_forbidden_domain(hv):
     access error."""
     vault = hv.direct.lookupByName("vault-1")
     ref = xdr_domain("vault-1", vault.UUID(), vault.ID())
-    rows = [r for r in _rows() if r["objects"] in
-            ("domain:arg", "domain:in-arg", "domain:rename", "domain:refuse")]
+    rows = [r for r in _rows() if objects(r).get("domain") in
+            ("arg", "in-arg", "rename", "refuse")]
     assert len(rows) > 180, len(rows)
     want_msg = ("Domain not found: no domain with matching uuid '%s' (vault-1)"
                 % vault.UUIDString())
@@ -310,7 +329,8 @@ def test_sweep_every_domain_procedure_with_a_forbidden_domain(hv):
         for r in rows:
             prog = PROGRAMS[r["program"]]
             proc = int(r["number"])
-            if r["objects"] == "domain:in-arg":
+            cls = objects(r)["domain"]
+            if cls == "in-arg":
                 payload = xdr_string("snap-1") + ref
             else:
                 payload = ref
@@ -323,7 +343,7 @@ def test_sweep_every_domain_procedure_with_a_forbidden_domain(hv):
                                harness.STATUS_CONTINUE, b"x" * 64)
             err = decode_error(pkt.payload) if pkt.status == STATUS_ERROR \
                 else None
-            if r["objects"] == "domain:refuse":
+            if cls == "refuse":
                 ok = err and (err["code"], err["domain"]) == (
                     VIR_ERR_ACCESS_DENIED, VIR_FROM_ACCESS) and \
                     r["name"] in err["message"]
@@ -438,6 +458,36 @@ def test_events_about_other_domains_are_not_delivered(hv, event_clients):
     d.lookupByName("web-secret").destroy()
 
 
+def test_virsh_event_all_shows_only_granted_domains(hv):
+    """virsh event --all through the grant while another identity (the
+    unrestricted listener) defines and starts forbidden and granted
+    domains."""
+    import subprocess
+    proc = subprocess.Popen(
+        [harness.VIRSH, "-c", hv.uri["tcp"], "event", "--all", "--loop",
+         "--timeout", "%d" % int(harness.scaled(6))],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        time.sleep(harness.scaled(1.5))   # registered
+        other = open_gw(hv, "all")
+        try:
+            for name in ("vault-9", "web-9"):
+                dom = other.defineXML(DOMAIN_XML % name)
+                dom.create()
+                dom.destroy()
+                dom.undefine()
+        finally:
+            other.close()
+        out, err = proc.communicate(timeout=harness.scaled(20))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    seen = set(re.findall(r"for domain '?([\w-]+)'?", out))
+    assert seen == {"web-9"}, (out, err)
+
+
 # --------------------------------------------------------------------------
 # configuration
 # --------------------------------------------------------------------------
@@ -450,3 +500,198 @@ def test_check_config_rejects_bad_domains(virtmux_bin, domains):
     r = harness.check_config(cfg, virtmux_bin)
     assert r.returncode != 0
     assert "policy.default.domains" in r.stderr, r.stderr
+
+
+# --------------------------------------------------------------------------
+# networks and storage pools
+# --------------------------------------------------------------------------
+
+NET_XML = "<network><name>%s</name><bridge name='%s'/></network>"
+POOL_XML = ("<pool type='dir'><name>%s</name><target><path>/%s</path>"
+            "</target></pool>")
+VOL_XML = "<volume><name>%s</name><capacity>1048576</capacity></volume>"
+VIR_ERR_NO_NETWORK = 43
+VIR_ERR_NO_STORAGE_POOL = 49
+VIR_ERR_NO_STORAGE_VOL = 50
+
+
+@pytest.fixture
+def objs(libvirtd, gateway, request):
+    """Networks net-a (running), net-b, net-c (running); pools pool-a
+    (running, volume va), pool-x (running, volume vx). The gateway's tcp
+    listener grants networks ["net-a*", "net-c"] and storage_pools
+    ["pool-a"]; the "all" listener everything."""
+    d = call_with_timeout(libvirt.open, libvirtd.direct_uri)
+    request.addfinalizer(d.close)
+    for i, name in enumerate(("net-a", "net-b", "net-c")):
+        n = d.networkDefineXML(NET_XML % (name, "vbr%d" % (20 + i)))
+        if name != "net-b":
+            n.create()
+    for name, vol in (("pool-a", "va"), ("pool-x", "vx")):
+        p = d.storagePoolDefineXML(POOL_XML % (name, name))
+        p.create()
+        p.createXML(VOL_XML % vol)
+    tap = tapmod.Tap(libvirtd.port)
+    request.addfinalizer(tap.stop)
+    listeners = [{"name": n, "address": "127.0.0.1:%d" % harness.free_port(),
+                  "auth": "none"} for n in ("tcp", "all")]
+    cfg = harness.make_config(
+        [harness.upstream_entry("hv1", tap.uri())], default_upstream="hv1",
+        listeners=listeners)
+    cfg["policy"] = {"default": "deny", "rules": [
+        {"match": {"listener": "tcp"}, "networks": ["net-a*", "net-c"],
+         "storage_pools": ["pool-a"]},
+        {"match": {"listener": "all"}},
+    ]}
+    gw = gateway(cfg)
+
+    class O:
+        pass
+    o = O()
+    o.lvd, o.tap, o.gw, o.direct = libvirtd, tap, gw, d
+    o.port = {lst["name"]: harness.split_address(lst["address"])[1]
+              for lst in listeners}
+    o.uri = {n: "test+tcp://127.0.0.1:%d/default" % p
+             for n, p in o.port.items()}
+    return o
+
+
+def test_network_lists_lookups_and_handles(objs):
+    o = objs
+    c = call_with_timeout(libvirt.open, o.uri["tcp"])
+    try:
+        assert sorted(n.name() for n in c.listAllNetworks()) == ["net-a",
+                                                                  "net-c"]
+        assert sorted(c.listNetworks()) == ["net-a", "net-c"]
+        assert c.listDefinedNetworks() == []
+        assert c.numOfNetworks() == 2 and c.numOfDefinedNetworks() == 0
+        out = virsh(o.uri["tcp"], "net-list", "--all", "--name")
+        assert sorted(out.stdout.split()) == ["net-a", "net-c"], out
+        want = direct_error(lambda: o.direct.networkLookupByName("nosuch"))
+        with pytest.raises(libvirt.libvirtError) as ei:
+            c.networkLookupByName("net-b")
+        assert no_domain_error(ei.value) == (want[0], want[1], want[2].replace(
+            "nosuch", "net-b"))
+        netb = o.direct.networkLookupByName("net-b")
+        with pytest.raises(libvirt.libvirtError) as ei:
+            c.networkLookupByUUID(netb.UUID())
+        assert ei.value.get_error_code() == VIR_ERR_NO_NETWORK
+        assert c.networkLookupByName("net-a").bridgeName() == "vbr20"
+        # define a forbidden one: refused before libvirtd sees it
+        with pytest.raises(libvirt.libvirtError) as ei:
+            c.networkDefineXML(NET_XML % ("net-z", "vbr29"))
+        assert ei.value.get_error_code() == VIR_ERR_ACCESS_DENIED
+        assert "net-z" not in [n.name() for n in o.direct.listAllNetworks()]
+    finally:
+        c.close()
+    # a forged handle (net-b's name and UUID) and a foreign one (net-b's
+    # UUID under a granted name) reach nothing
+    with RawClient(port=o.port["tcp"], timeout=10.0) as rc:
+        rc.handshake()
+        mark = o.tap.mark()
+        for name in ("net-b", "net-a"):
+            pkt = rc.call(PROC["NETWORK_GET_XML_DESC"],
+                          xdr_string(name) + netb.UUID() + xdr_u32(0))
+            err = decode_error(pkt.payload)
+            assert err["code"] == VIR_ERR_NO_NETWORK, err
+        assert not o.tap.calls(mark, proc=PROC["NETWORK_GET_XML_DESC"])
+
+
+def test_storage_pools_and_volumes(objs):
+    o = objs
+    c = call_with_timeout(libvirt.open, o.uri["tcp"])
+    try:
+        assert [p.name() for p in c.listAllStoragePools()] == ["pool-a"]
+        assert c.listStoragePools() == ["pool-a"]
+        assert c.numOfStoragePools() == 1
+        pa = c.storagePoolLookupByName("pool-a")
+        assert pa.listVolumes() == ["va"]
+        va = pa.storageVolLookupByName("va")
+        assert va.info()[1] == 1048576
+        assert c.storageVolLookupByPath("/pool-a/va").name() == "va"
+        want = direct_error(
+            lambda: o.direct.storagePoolLookupByName("nosuch"))
+        with pytest.raises(libvirt.libvirtError) as ei:
+            c.storagePoolLookupByName("pool-x")
+        assert no_domain_error(ei.value) == (want[0], want[1], want[2].replace(
+            "nosuch", "pool-x"))
+        # a volume of pool-x, by key and by path: "not found" as libvirtd
+        # words a missing volume
+        for fn, what in ((lambda: c.storageVolLookupByKey("/pool-x/vx"),
+                          "key '/pool-x/vx'"),
+                         (lambda: c.storageVolLookupByPath("/pool-x/vx"),
+                          "path '/pool-x/vx'")):
+            with pytest.raises(libvirt.libvirtError) as ei:
+                fn()
+            assert ei.value.get_error_code() == VIR_ERR_NO_STORAGE_VOL
+            assert ei.value.get_error_message() == (
+                "Storage volume not found: no storage vol with matching %s"
+                % what)
+    finally:
+        c.close()
+    # raw: a volume handle in pool-x, and pool-x's own handle
+    px = o.direct.storagePoolLookupByName("pool-x")
+    with RawClient(port=o.port["tcp"], timeout=10.0) as rc:
+        rc.handshake()
+        mark = o.tap.mark()
+        vol = xdr_string("pool-x") + xdr_string("vx") + xdr_string("/pool-x/vx")
+        pkt = rc.call(PROC["STORAGE_VOL_GET_INFO"], vol)
+        err = decode_error(pkt.payload)
+        assert (err["code"], err["message"]) == (
+            VIR_ERR_NO_STORAGE_POOL, "Storage pool not found: no storage pool "
+            "with matching name 'pool-x'")
+        pkt = rc.call(PROC["STORAGE_POOL_GET_INFO"],
+                      xdr_string("pool-x") + px.UUID())
+        assert decode_error(pkt.payload)["code"] == VIR_ERR_NO_STORAGE_POOL
+        assert not o.tap.calls(mark, proc=PROC["STORAGE_VOL_GET_INFO"])
+        assert not o.tap.calls(mark, proc=PROC["STORAGE_POOL_GET_INFO"])
+
+
+def test_sweep_network_and_pool_procedures(objs):
+    """Every procedure that takes a network, a pool or a volume, naming the
+    forbidden one: none reaches libvirtd, each gets "not found"."""
+    o = objs
+    netb = o.direct.networkLookupByName("net-b")
+    px = o.direct.storagePoolLookupByName("pool-x")
+    refs = {
+        ("network", "arg"): (xdr_string("net-b") + netb.UUID(),
+                             VIR_ERR_NO_NETWORK),
+        ("storage_pool", "arg"): (xdr_string("pool-x") + px.UUID(),
+                                  VIR_ERR_NO_STORAGE_POOL),
+        ("storage_pool", "clone"): (xdr_string("pool-x") + px.UUID(),
+                                    VIR_ERR_NO_STORAGE_POOL),
+        ("storage_pool", "vol"): (xdr_string("pool-x") + xdr_string("vx")
+                                  + xdr_string("/pool-x/vx"),
+                                  VIR_ERR_NO_STORAGE_POOL),
+        ("storage_pool", "lookup-vol"): (xdr_string("pool-x")
+                                         + xdr_string("vx")
+                                         + xdr_string("/pool-x/vx"),
+                                         VIR_ERR_NO_STORAGE_POOL),
+    }
+    cases = []
+    for r in _rows():
+        for fam, cls in objects(r).items():
+            if (fam, cls) in refs:
+                cases.append((r, refs[(fam, cls)]))
+    assert len(cases) > 25, len(cases)
+    problems = []
+    with RawClient(port=o.port["tcp"], timeout=10.0) as rc:
+        rc.handshake()
+        mark = o.tap.mark()
+        for r, (payload, code) in cases:
+            proc = int(r["number"])
+            pkt = rc.call(proc, payload + b"\0" * 64)
+            if r["kind"] == "stream-create":
+                rc.send_packet(REMOTE_PROGRAM, 1, proc, harness.TYPE_STREAM,
+                               rc.serial - 1, harness.STATUS_CONTINUE,
+                               b"x" * 64)
+            err = decode_error(pkt.payload) if pkt.status == STATUS_ERROR \
+                else None
+            # network calls that name domains are refused for domain grants
+            # only: this grant limits networks, so they are "not found"
+            if not err or err["code"] != code:
+                problems.append("%s: %r" % (r["name"], err))
+        end = o.tap.mark()
+    leaked = [f for f in o.tap.since(mark) if f.seq < end and f.type == 0]
+    assert not problems, "\n".join(problems)
+    assert not leaked, [f.proc for f in leaked]
