@@ -201,6 +201,47 @@ def test_filtered_list_is_byte_correct(hv):
         assert count_only == xdr_u32(0) + xdr_u32(len(want))
 
 
+def _raw_stats(port):
+    """CONNECT_GET_ALL_DOMAIN_STATS(no domains, stats 0, flags 0) ->
+    [(name, raw handle bytes, [field names])]."""
+    with RawClient(port=port, timeout=10.0) as rc:
+        rc.handshake()
+        pkt = rc.check_ok(rc.call(PROC["CONNECT_GET_ALL_DOMAIN_STATS"],
+                                  xdr_u32(0) + xdr_u32(0) + xdr_u32(0)))
+    r = XdrReader(pkt.payload)
+    out = []
+    for _ in range(r.u32()):
+        start = r.pos
+        dom = r.domain()
+        raw = pkt.payload[start:r.pos]
+        fields = []
+        for _ in range(r.u32()):
+            fields.append(r.string())
+            t = r.i32()
+            if t in (1, 2, 6):
+                r.u32()
+            elif t in (3, 4, 5):
+                r.u64()
+            elif t == 7:
+                r.string()
+            else:
+                raise AssertionError("typed param type %d" % t)
+        out.append((dom["name"], raw, fields))
+    assert r.remaining() == 0
+    return out
+
+
+def test_filtered_stats_keep_libvirtds_records(hv):
+    """Through the grant, CONNECT_GET_ALL_DOMAIN_STATS holds exactly the
+    granted records of libvirtd's own reply, in its order, each with the
+    same domain bytes and the same fields."""
+    direct = [(n, raw, f) for n, raw, f in _raw_stats(hv.lvd.port)
+              if n in GRANTED]
+    got = _raw_stats(hv.port["tcp"])
+    assert [(n, raw, f) for n, raw, f in got] == direct
+    assert len(got) == 2
+
+
 # --------------------------------------------------------------------------
 # lookups and handles
 # --------------------------------------------------------------------------
