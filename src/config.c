@@ -1,6 +1,7 @@
 #include "config.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <grp.h>
 #include <pwd.h>
 #include <stdarg.h>
@@ -177,6 +178,42 @@ static void check_private(struct parse_ctx *ctx, const char *path, const char *f
         return;
     cfg_error(ctx, path, "\"%s\" holds a secret but other users may read or write it "
               "(mode %04o): chmod o-rw it", file, (unsigned)(st.st_mode & 07777));
+}
+
+/* The admin endpoint's bearer token: the file's first line, read once at start. Only its owner
+ * may read it (not even the group: nothing but the gateway needs it). */
+static char *read_token(struct parse_ctx *ctx, const char *path, const char *file)
+{
+    struct stat st;
+    FILE *f = fopen(file, "r");
+    if (!f || fstat(fileno(f), &st) < 0) {
+        cfg_error(ctx, path, "cannot read \"%s\": %s", file, strerror(errno));
+        if (f)
+            fclose(f);
+        return NULL;
+    }
+    if (st.st_mode & (S_IRGRP | S_IWGRP | S_IROTH | S_IWOTH)) {
+        cfg_error(ctx, path, "\"%s\" holds the admin token but its group or other users may "
+                  "read or write it (mode %04o): chmod go-rw it", file,
+                  (unsigned)(st.st_mode & 07777));
+        fclose(f);
+        return NULL;
+    }
+    char buf[1024];
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    buf[strcspn(buf, "\r\n")] = '\0';
+    size_t len = strlen(buf);
+    int ok = len >= 16 && len < sizeof(buf) - 2;
+    for (size_t i = 0; ok && i < len; i++)
+        ok = buf[i] > ' ' && buf[i] < 0x7f; /* a header value: printable, no spaces */
+    char *tok = ok ? vm_strdup(buf) : NULL;
+    explicit_bzero(buf, sizeof(buf));
+    if (!ok)
+        cfg_error(ctx, path, "\"%s\" must hold one line of 16 to 1000 printable characters "
+                  "without spaces (the token)", file);
+    return tok;
 }
 
 static struct vm_tls_cfg *parse_tls(struct parse_ctx *ctx, const char *path, json_t *o, int server)
@@ -615,7 +652,7 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
                                             "service_host", "max_failures",
                                             "failure_window_s", NULL};
     static const char *const events_keys[] = {"max_queue_bytes", "max_per_session", NULL};
-    static const char *const admin_keys[] = {"address", "unix", NULL};
+    static const char *const admin_keys[] = {"address", "unix", "token_file", NULL};
     static const char *const limit_keys[] = {"max_clients", "queue_timeout_ms",
                                              "max_client_requests", "max_unauthenticated",
                                              "max_unauthenticated_per_source",
@@ -791,6 +828,9 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
             cfg->admin_address = vm_strdup(a);
         if (u)
             cfg->admin_unix = vm_strdup(u);
+        const char *t = get_string(ctx, "admin", admin, "token_file", 0);
+        if (t)
+            cfg->admin_token = read_token(ctx, "admin.token_file", t);
     }
 
     parse_process(ctx, get_object(ctx, "", root, "process"), cfg);
@@ -876,6 +916,10 @@ void config_free(struct vm_config *cfg)
     }
     free(cfg->admin_address);
     free(cfg->admin_unix);
+    if (cfg->admin_token) {
+        explicit_bzero(cfg->admin_token, strlen(cfg->admin_token));
+        free(cfg->admin_token);
+    }
     free(cfg->process_user);
     free(cfg->process_group);
     for (int i = 0; i < cfg->nlisteners; i++) {
