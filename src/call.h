@@ -44,6 +44,10 @@ struct vm_call {
     vm_call_done_fn done;       /* NULL once swallowed */
     void *done_arg;
     int internal;               /* the gateway's own call (event registration), not a client's */
+    uint8_t grant_filter;       /* session: the reply goes through grant_filter_reply */
+    uint32_t grant_aux;         /* session: what grant_filter_reply needs to know */
+    char *grant_note;           /* owned, freed with the call: what the call asked for, for
+                                 * grant_filter_reply's wording (NULL mostly) */
     struct vm_fair *fair;       /* its owner's place in pool queues; NULL: the pool's own */
     TAILQ_ENTRY(vm_call) qentry; /* pool queue, in arrival order (deadlines) */
     TAILQ_ENTRY(vm_call) fentry; /* its owner's waiting calls (fair->calls) */

@@ -494,6 +494,35 @@ static int parse_cidr(const char *s, struct vm_rule *r)
     return 0;
 }
 
+/* A grant's "domains", "networks" or "storage_pools": globs on the object's name, "!glob" to
+ * exclude. Stored NULL-terminated as given; NULL when absent (every object). */
+static char **parse_names(struct parse_ctx *ctx, const char *path, json_t *o, const char *key)
+{
+    json_t *doms = json_object_get(o, key);
+    if (!doms)
+        return NULL;
+    char p[160];
+    snprintf(p, sizeof(p), "%s.%s", path, key);
+    if (!json_is_array(doms) || json_array_size(doms) == 0 || json_array_size(doms) > 256) {
+        cfg_error(ctx, p, "must be an array of 1 to 256 name patterns (\"web-*\", \"!web-secret\")");
+        return NULL;
+    }
+    char **out = vm_calloc(json_array_size(doms) + 1, sizeof(char *));
+    size_t i, n = 0;
+    json_t *v;
+    json_array_foreach(doms, i, v) {
+        const char *pat = json_is_string(v) ? json_string_value(v) : NULL;
+        size_t len = pat ? strlen(pat) : 0;
+        if (!pat || len == 0 || (pat[0] == '!' && len == 1) || len > 256) {
+            cfg_error(ctx, p, "entry %zu must be a non-empty name pattern of at most 256 "
+                              "characters", i);
+            continue;
+        }
+        out[n++] = vm_strdup(pat);
+    }
+    return out;
+}
+
 /* The grant part of a rule (or of policy.default). */
 static void parse_grant(struct parse_ctx *ctx, const char *path, json_t *o, struct vm_rule *r,
                         const struct vm_config *cfg)
@@ -501,6 +530,9 @@ static void parse_grant(struct parse_ctx *ctx, const char *path, json_t *o, stru
     r->deny = get_bool(ctx, path, o, "deny", 0);
     r->readonly = get_bool(ctx, path, o, "readonly", 0);
     r->max_sessions = get_int(ctx, path, o, "max_sessions", 0, 0, 1000000);
+    r->domains = parse_names(ctx, path, o, "domains");
+    r->networks = parse_names(ctx, path, o, "networks");
+    r->storage_pools = parse_names(ctx, path, o, "storage_pools");
     json_t *ups = json_object_get(o, "upstreams");
     char p[160];
     snprintf(p, sizeof(p), "%s.upstreams", path);
@@ -530,8 +562,10 @@ static void parse_policy(struct parse_ctx *ctx, json_t *pol, struct vm_config *c
 {
     static const char *const keys[] = {"default", "rules", NULL};
     static const char *const rule_keys[] = {"match", "deny", "readonly", "upstreams",
-                                            "max_sessions", NULL};
-    static const char *const grant_keys[] = {"deny", "readonly", "upstreams", "max_sessions", NULL};
+                                            "max_sessions", "domains", "networks",
+                                            "storage_pools", NULL};
+    static const char *const grant_keys[] = {"deny", "readonly", "upstreams", "max_sessions",
+                                             "domains", "networks", "storage_pools", NULL};
     static const char *const match_keys[] = {"listener", "source", "unix_uid", "unix_gid",
                                              "sasl_user", "tls_dn", NULL};
     cfg->policy_present = 1;
@@ -914,6 +948,13 @@ static void rule_clear(struct vm_rule *r)
         for (char **u = r->upstreams; *u; u++)
             free(*u);
     free(r->upstreams);
+    char **lists[] = {r->domains, r->networks, r->storage_pools};
+    for (size_t i = 0; i < sizeof(lists) / sizeof(lists[0]); i++) {
+        if (lists[i])
+            for (char **d = lists[i]; *d; d++)
+                free(*d);
+        free(lists[i]);
+    }
 }
 
 void config_free(struct vm_config *cfg)

@@ -85,6 +85,10 @@
  *     .readonly            bool, false
  *     .upstreams           ["hv1", ...] or "*", "*"
  *     .max_sessions        int, unlimited: open sessions under this rule at once
+ *     .domains             ["web-*", "!web-secret"], all: the domains the session may see and
+ *                          touch (globs; a name is granted when it matches a pattern and no
+ *                          "!" pattern); see src/grant.h
+ *     .networks / .storage_pools   the same for networks and storage pools (and volumes)
  */
 #ifndef VM_CONFIG_H
 #define VM_CONFIG_H
@@ -139,6 +143,9 @@ struct vm_rule {
     int readonly;
     char **upstreams;       /* NULL-terminated; NULL = all upstreams */
     int max_sessions;       /* 0 = unlimited */
+    char **domains;         /* NULL-terminated globs, "!glob" excludes; NULL = all domains */
+    char **networks;        /* the same for networks */
+    char **storage_pools;   /* and for storage pools (and their volumes) */
 };
 
 struct vm_listener_cfg {

@@ -31,6 +31,7 @@
 #include "conn.h"
 #include "events.h"
 #include "env.h"
+#include "grant.h"
 #include "reap.h"
 #include "identity.h"
 #include "keepalive.h"
@@ -94,6 +95,12 @@ static void peer_block_reading(struct vm_peer *c, int on)
 static int peer_push_event(struct vm_peer *c, const void *pkt, size_t len)
 {
     struct vm_session *s = of_peer(c);
+    if (s->grant && len >= VM_HDR_LEN) {
+        struct vm_hdr h;
+        wire_hdr_decode(pkt, &h);
+        if (!grant_event_allowed(s->grant, vm_proc_lookup(h.prog, h.proc), pkt, len))
+            return 0; /* about a domain outside the grant: not for this subscriber */
+    }
     if (s->event_bytes + len > (size_t)s->env->cfg->event_queue_bytes)
         return -1;
     s->adding_event = 1;
@@ -286,10 +293,14 @@ static void call_done(void *arg, struct vm_call *c, const struct vm_hdr *reply,
                       struct evbuffer *pkt, const struct vm_call_error *err)
 {
     struct vm_session *s = arg;
-    metrics_call(s->env->metrics, s->mup, vm_proc_lookup(c->hdr.prog, c->hdr.proc), c->t0_ns);
-    if (reply) {
-        if (reply->status == VM_STATUS_ERROR)
-            metrics_error(s->env->metrics, VM_ERRK_UPSTREAM);
+    const struct vm_proc_info *info = vm_proc_lookup(c->hdr.prog, c->hdr.proc);
+    metrics_call(s->env->metrics, s->mup, info, c->t0_ns);
+    if (reply && reply->status == VM_STATUS_ERROR)
+        metrics_error(s->env->metrics, VM_ERRK_UPSTREAM);
+    if (reply && c->grant_filter && s->grant) {
+        struct vm_grant_memo memo = {c->grant_aux, c->grant_note};
+        grant_filter_reply(s->grant, info, &memo, &c->hdr, pkt, session_out(s));
+    } else if (reply) {
         wire_set_serial(pkt, c->hdr.serial);
         evbuffer_add_buffer(session_out(s), pkt);
     } else {
@@ -386,6 +397,8 @@ static void handle_open(struct vm_session *s, const struct vm_hdr *h, const uint
     free(s->opened_name);
     s->opened_name = name;
     s->readonly = (flags & 1) || rule->readonly || s->lcfg->readonly;
+    grant_free(s->grant);
+    s->grant = grant_new(rule->domains, rule->networks, rule->storage_pools, s->route.name);
     s->open_hdr = *h;
     s->state = S_OPENING;
     s->pool = s->host->ops->pool(s->host->owner, s->route.upstream, s->route.name, s->readonly);
@@ -425,10 +438,16 @@ static void open_done(struct vm_open_wait *w, struct vm_link *home, const void *
 /* ---- dispatch ---- */
 
 /* Hand a call to the pool; the packet moves into the call record. */
-static void forward_call(struct vm_session *s, const struct vm_hdr *h, struct evbuffer *pkt)
+static void forward_call(struct vm_session *s, const struct vm_hdr *h, struct evbuffer *pkt,
+                         int grant_filter, const struct vm_grant_memo *memo)
 {
     struct vm_call *c = call_new(call_done, s, 0);
     c->hdr = *h;
+    c->grant_filter = (uint8_t)grant_filter;
+    if (memo) {
+        c->grant_aux = memo->aux;
+        c->grant_note = memo->note;
+    }
     c->fair = &s->fair;
     c->t0_ns = metrics_now_ns();
     s->ncalls++;
@@ -484,7 +503,7 @@ static void handle_feature(struct vm_session *s, const struct vm_hdr *h, struct 
     if (!require_open(s, h))
         return;
     /* A driver feature (migration, typed params, ...): the upstream decides. */
-    forward_call(s, h, pkt);
+    forward_call(s, h, pkt, 0, NULL);
 }
 
 static void refuse(struct vm_session *s, const struct vm_hdr *h, const char *what,
@@ -643,6 +662,20 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
             return;
         }
     }
+    int grant_filter = 0;
+    struct vm_grant_memo memo = {0, NULL};
+    if (s->grant && info) {
+        struct vm_grant_error ge;
+        enum vm_grant_verdict v = grant_check_call(s->grant, info, pkt, &memo, &ge);
+        if (v == VM_GRANT_REFUSED) {
+            audit_denied(s->env->audit, s->tag, s->ident_str, info->name,
+                         s->route.upstream->name, ge.message);
+            wire_put_error_full(session_out(s), h, ge.code, ge.domain, ge.message,
+                                ge.str1[0] ? ge.str1 : NULL, ge.str2[0] ? ge.str2 : NULL);
+            return;
+        }
+        grant_filter = v == VM_GRANT_FILTER;
+    }
     if (info && (info->kind == VM_PK_EVENT_REGISTER || info->kind == VM_PK_EVENT_DEREGISTER)) {
         handle_event_call(s, h, pkt, info);
         return;
@@ -656,7 +689,7 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
         return;
     }
 
-    forward_call(s, h, pkt);
+    forward_call(s, h, pkt, grant_filter, &memo);
 }
 
 /* One whole packet from the client, in `pkt` (freed by the caller). */
@@ -854,6 +887,7 @@ static void session_free(void *p)
     auth_free(s->auth);
     free(s->runs);
     free(s->opened_name);
+    grant_free(s->grant);
     route_clear(&s->route);
     free(s);
 }

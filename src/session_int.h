@@ -62,6 +62,7 @@ struct vm_session {
     struct vm_hdr open_hdr;            /* the CONNECT_OPEN being answered */
     struct vm_open_wait open_wait;     /* our place among the pool's waiters */
     char *opened_name;                 /* owned: the name the client opened */
+    struct vm_grant *grant;            /* owned: the rule's domain grant; NULL = all domains */
     struct vm_route route;             /* owned: upstream and forwarded name */
     int readonly;
     struct vm_pool *pool;              /* not owned; valid while home or opening */
