@@ -111,6 +111,9 @@ int main(int argc, char **argv)
         fprintf(stderr, "virtmux: %s: invalid configuration\n", config_path);
         return 1;
     }
+    /* Warnings go to stderr in both modes: before logging starts, and --check-config
+     * still exits 0 for a valid config. */
+    config_warn(cfg, stderr);
     if (check_only) {
         printf("%s: configuration OK (%d listeners, %d upstreams)\n", config_path,
                cfg->nlisteners, cfg->nupstreams);

@@ -10,6 +10,11 @@
  *     .tls                 {cert, key, ca, crl, verify_client: "required"|"optional"|"none",
  *                           allowed_dn: [globs]}: makes it a TLS listener
  *     .upstream            upstream used when the name names none, optional
+ *     .proxy_protocol      bool, false: TCP and TLS listeners only. Every connection must
+ *                          start with a PROXY protocol v2 header (HAProxy send-proxy-v2),
+ *                          read before TLS within limits.auth_timeout_s; the client address
+ *                          it names is the peer for policy, limits, logs and /status.
+ *                          Connections without a valid header are closed.
  *   upstreams[]            array, required, at least one
  *     .name                string, required, unique, [A-Za-z0-9_.-]
  *     .uri                 DRIVER+tcp://host[:port]/PATH | DRIVER+unix:///PATH?socket=S
@@ -23,6 +28,11 @@
  *     .pool.max_streams    int 1..1024, 8: streams (each on its own upstream connection) open
  *                          at once; more wait up to limits.queue_timeout_ms, then fail
  *   default_upstream       name, optional
+ *   routing.strict         bool, false: a CONNECT_OPEN name whose first path segment is not
+ *                          an upstream ("qemu:///nosuch/system", but also "qemu:///system") is
+ *                          refused with a message naming the upstreams, instead of going to
+ *                          default_upstream. Names without a path ("") still take the default;
+ *                          listeners with their own "upstream" are not affected.
  *   limits.max_clients     int, 10000
  *   limits.queue_timeout_ms int, 30000
  *   limits.max_unauthenticated int, 20: clients still authenticating at once (like libvirtd's
@@ -147,6 +157,7 @@ struct vm_listener_cfg {
     struct vm_tls_cfg *tls; /* a TLS listener when set */
     char *upstream;  /* NULL: use default_upstream */
     int readonly;    /* every client of this listener is read-only */
+    int proxy_protocol; /* TCP/TLS: each connection starts with a PROXY v2 header */
 };
 
 struct vm_pool_cfg {
@@ -174,6 +185,7 @@ struct vm_config {
     struct vm_upstream_cfg *upstreams;
     int nupstreams;
     char *default_upstream; /* may be NULL */
+    int routing_strict;     /* a first path segment that is no upstream is an error */
     int max_clients;
     int queue_timeout_ms;
     int max_client_requests;
@@ -204,6 +216,10 @@ struct vm_config *config_load(const char *path, FILE *errs);
 /* Same, from a string (tests). */
 struct vm_config *config_parse(const char *json, FILE *errs);
 void config_free(struct vm_config *cfg);
+
+/* Print to `out` one warning line per questionable but valid setting (an upstream named like
+ * a path libvirt URIs use, such as "system", captures those URIs). Returns how many. */
+int config_warn(const struct vm_config *cfg, FILE *out);
 
 /* The upstream called `name`, or NULL. */
 const struct vm_upstream_cfg *config_upstream(const struct vm_config *cfg, const char *name);

@@ -69,6 +69,7 @@ struct vm_gateway {
 };
 
 static const struct vm_session_host_ops gateway_host_ops;
+static const struct vm_listener_ops gateway_listener_ops;
 
 static void trim_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -178,7 +179,8 @@ int gateway_start(struct vm_gateway *gw)
             return -1;
     }
     for (int i = 0; i < gw->cfg->nlisteners; i++) {
-        gw->listeners[i] = listener_new(gw->base, &gw->cfg->listeners[i], accept_client, gw);
+        gw->listeners[i] = listener_new(gw->base, &gw->cfg->listeners[i], &gateway_listener_ops,
+                                        gw, gw->cfg->auth_timeout_s * 1000);
         if (!gw->listeners[i])
             return -1;
     }
@@ -692,6 +694,43 @@ static void host_unauth_release(void *owner, const char *source)
     srccount_release(gw->unauth_by_source, source);
     gw->nunauth--;
 }
+
+/* A socket still sending its PROXY header counts against max_unauthenticated only: its
+ * source is the balancer's, shared by every client behind it, so a per-source share would
+ * refuse a burst of real clients. Once the header names the client, the session counts it
+ * against that source as usual. */
+static enum vm_unauth listener_hold(void *owner)
+{
+    struct vm_gateway *gw = owner;
+    if (gw->nunauth >= gw->cfg->max_unauthenticated) {
+        gw->refused_unauth++;
+        metrics_limit(gw->metrics, VM_LIMIT_MAX_UNAUTHENTICATED);
+        return VM_UNAUTH_FULL;
+    }
+    gw->nunauth++;
+    return VM_UNAUTH_OK;
+}
+
+static void listener_release(void *owner)
+{
+    struct vm_gateway *gw = owner;
+    gw->nunauth--;
+}
+
+/* A client that broke the PROXY protocol is an error of kind "protocol", like one that breaks
+ * libvirt's framing. */
+static void listener_header_refused(void *owner)
+{
+    struct vm_gateway *gw = owner;
+    metrics_error(gw->metrics, VM_ERRK_PROTOCOL);
+}
+
+static const struct vm_listener_ops gateway_listener_ops = {
+    .accept = accept_client,
+    .hold = listener_hold,
+    .release = listener_release,
+    .header_refused = listener_header_refused,
+};
 
 static const struct vm_session_host_ops gateway_host_ops = {
     .pool = host_pool,

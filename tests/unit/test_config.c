@@ -146,6 +146,13 @@ int main(void)
     CHECK(e && strstr(e, "listeners[1].unix: \"/run/v/s\" is already used by listeners[0]"));
     CHECK(errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\"},{\"unix\":\"/run/v/s\"}]," UP
                     "}") == NULL);
+    /* PROXY protocol: TCP and TLS listeners only (a unix client is its credentials) */
+    e = errors_of("{\"listeners\":[{\"unix\":\"/run/v/s\",\"proxy_protocol\":true}]," UP "}");
+    CHECK(e && strstr(e, "listeners[0].proxy_protocol: only TCP and TLS listeners"));
+    e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\",\"proxy_protocol\":1}]," UP "}");
+    CHECK(e && strstr(e, "listeners[0].proxy_protocol: must be true or false"));
+    CHECK(errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\",\"proxy_protocol\":true}],"
+                    UP "}") == NULL);
     /* a bad entry in a rule's upstreams must not lose the names after it (found by
      * fuzz_config as a leak; the sanitizer stage runs this with LeakSanitizer) */
     e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}]," UP
