@@ -36,8 +36,21 @@
 #include "upstream.h"
 #include "util.h"
 
+/* An upstream made from a template on first use. It lives while a pool of it exists (the
+ * pools point at `up`); the last pool's free frees it. */
+struct dyn_upstream {
+    struct vm_upstream_cfg up;          /* name, uri_text and uri owned; tls and sasl point
+                                         * into the template (the config snapshot) */
+    const struct vm_upstream_cfg *tpl;  /* not owned: in gw->cfg->templates */
+    int tpl_index;
+    int npools;                         /* pool_nodes of it, dying ones included */
+    LIST_ENTRY(dyn_upstream) entry;
+};
+
 struct pool_node {
     struct vm_pool *pool;
+    struct vm_gateway *gw;
+    struct dyn_upstream *dyn; /* the pool's upstream when made from a template, else NULL */
     int dying; /* queued for reaping */
     LIST_ENTRY(pool_node) entry;
 };
@@ -59,6 +72,10 @@ struct vm_gateway {
     struct vm_admin *admin;      /* owned, optional */
     int *rule_sessions;          /* owned: open sessions per rule; last slot = default */
     SSL_CTX **upstream_tls;       /* owned: per upstream, NULL unless tls:// */
+    SSL_CTX **template_tls;       /* owned: per template, shared by what is made from it */
+    LIST_HEAD(, dyn_upstream) dyns; /* owned: the dynamic upstream registry */
+    int ndyns;
+    int closing;                  /* gateway_free: dyns are freed at the end, not one by one */
     struct vm_session **sessions; /* registry (not owned): index = session slot */
     int capsessions;
     struct vm_link_list retiring; /* links saying goodbye (in no pool): freed at shutdown */
@@ -83,6 +100,7 @@ struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
     gw->cfg = cfg;
     gw->accepting = 1;
     LIST_INIT(&gw->pools);
+    LIST_INIT(&gw->dyns);
     gw->listeners = calloc((size_t)cfg->nlisteners, sizeof(*gw->listeners));
     gw->reaper = reaper_new(base);
     gw->trim = event_new(base, -1, EV_PERSIST, trim_cb, gw);
@@ -170,6 +188,18 @@ int gateway_start(struct vm_gateway *gw)
             return -1;
         }
     }
+    gw->template_tls = vm_calloc((size_t)gw->cfg->ntemplates + 1, sizeof(SSL_CTX *));
+    for (int i = 0; i < gw->cfg->ntemplates; i++) {
+        const struct vm_upstream_cfg *t = &gw->cfg->templates[i];
+        if (!t->tls)
+            continue;
+        char err[300];
+        gw->template_tls[i] = tls_client_ctx(t->tls, err, sizeof(err));
+        if (!gw->template_tls[i]) {
+            vm_err(NULL, "upstream template %s: TLS: %s", t->name, err);
+            return -1;
+        }
+    }
     if (gw->cfg->sasl && auth_global_init(gw->cfg->sasl) < 0)
         return -1;
     /* The admin endpoint first: once clients can connect, the status is there too. */
@@ -192,6 +222,31 @@ int gateway_start(struct vm_gateway *gw)
                 gw->cfg->upstreams[i].uri_text, uri_endpoint(&gw->cfg->upstreams[i].uri, ep,
                                                              sizeof(ep)));
     }
+    for (int i = 0; i < gw->cfg->ntemplates; i++)
+        vm_info(NULL, "upstream template %s: %s (made on first use, at most %d at once)",
+                gw->cfg->templates[i].name, gw->cfg->templates[i].uri_text,
+                gw->cfg->max_upstreams);
+    return 0;
+}
+
+static void dyn_free(struct dyn_upstream *d)
+{
+    free(d->up.name);
+    free(d->up.uri_text);
+    uri_clear(&d->up.uri);
+    free(d);
+}
+
+/* Does a session still route to `d` (between its OPEN and close)? Its pools are gone by
+ * then in every path we know of; this keeps a surprise from becoming a use after free. */
+static int dyn_in_use(struct vm_gateway *gw, const struct dyn_upstream *d)
+{
+    for (int i = 0; i < gw->nsessions; i++) {
+        struct vm_session_view v;
+        session_view(gw->sessions[i], &v);
+        if (v.upstream && !strcmp(v.upstream, d->up.name))
+            return 1;
+    }
     return 0;
 }
 
@@ -199,7 +254,15 @@ static void pool_node_free(void *p)
 {
     struct pool_node *n = p;
     pool_free(n->pool);
+    struct dyn_upstream *d = n->dyn;
+    struct vm_gateway *gw = n->gw;
     free(n);
+    if (d && --d->npools == 0 && !gw->closing && !dyn_in_use(gw, d)) {
+        vm_info(NULL, "upstream %s (template %s): idle, forgotten", d->up.name, d->tpl->name);
+        LIST_REMOVE(d, entry);
+        gw->ndyns--;
+        dyn_free(d);
+    }
 }
 
 /*
@@ -217,6 +280,7 @@ void gateway_free(struct vm_gateway *gw)
 {
     if (!gw)
         return;
+    gw->closing = 1;
     for (int i = 0; i < gw->cfg->nlisteners; i++)
         if (gw->listeners[i])
             listener_free(gw->listeners[i]);
@@ -245,6 +309,15 @@ void gateway_free(struct vm_gateway *gw)
         if (gw->upstream_tls[i])
             tls_ctx_free(gw->upstream_tls[i]);
     free(gw->upstream_tls);
+    while (!LIST_EMPTY(&gw->dyns)) { /* after the reaper: its pool frees still read them */
+        struct dyn_upstream *d = LIST_FIRST(&gw->dyns);
+        LIST_REMOVE(d, entry);
+        dyn_free(d);
+    }
+    for (int i = 0; gw->template_tls && i < gw->cfg->ntemplates; i++)
+        if (gw->template_tls[i])
+            tls_ctx_free(gw->template_tls[i]);
+    free(gw->template_tls);
     config_free(gw->cfg);
     free(gw);
 }
@@ -317,11 +390,32 @@ static const char *upstream_state(const struct vm_pool_totals *t)
     return "idle";
 }
 
+/* Every upstream that exists now: the configured ones, then those made from templates (with
+ * their template's "match" in tpl[], NULL for configured ones). Caller frees both arrays. */
+static int all_upstreams(struct vm_gateway *gw, const struct vm_upstream_cfg ***ups,
+                         const char ***tpl)
+{
+    int n = 0;
+    *ups = vm_calloc((size_t)(gw->cfg->nupstreams + gw->ndyns) + 1, sizeof(**ups));
+    *tpl = vm_calloc((size_t)(gw->cfg->nupstreams + gw->ndyns) + 1, sizeof(**tpl));
+    for (int i = 0; i < gw->cfg->nupstreams; i++)
+        (*ups)[n++] = &gw->cfg->upstreams[i];
+    struct dyn_upstream *d;
+    LIST_FOREACH(d, &gw->dyns, entry) {
+        (*tpl)[n] = d->tpl->name;
+        (*ups)[n++] = &d->up;
+    }
+    return n;
+}
+
 static json_t *upstreams_json(struct vm_gateway *gw)
 {
     json_t *arr = json_array();
-    for (int i = 0; i < gw->cfg->nupstreams; i++) {
-        const struct vm_upstream_cfg *up = &gw->cfg->upstreams[i];
+    const struct vm_upstream_cfg **ups;
+    const char **tpls;
+    int nups = all_upstreams(gw, &ups, &tpls);
+    for (int i = 0; i < nups; i++) {
+        const struct vm_upstream_cfg *up = ups[i];
         struct vm_pool_totals t;
         const char *err;
         int npools = upstream_totals(gw, up, &t, &err);
@@ -334,8 +428,9 @@ static json_t *upstreams_json(struct vm_gateway *gw)
             session_view(gw->sessions[k], &v);
             sessions += v.upstream && !strcmp(v.upstream, up->name);
         }
+        json_t *o;
         json_array_append_new(
-            arr, json_pack("{s:s, s:s, s:s, s:i, s:{s:i, s:i, s:i, s:i}, s:i, s:i, s:i, s:i, "
+            arr, o = json_pack("{s:s, s:s, s:s, s:i, s:{s:i, s:i, s:i, s:i}, s:i, s:i, s:i, s:i, "
                            "s:i, s:i, s:i, s:i, s:i, s:i, s:o}",
                            "name", up->name, "uri", up->uri_text, "state", upstream_state(&t),
                            "connections", t.links, "connections_by_state", "connecting",
@@ -347,6 +442,24 @@ static json_t *upstreams_json(struct vm_gateway *gw)
                            t.opening, "streams", t.streams, "event_registrations",
                            t.event_registrations, "event_subscribers", t.event_subscribers,
                            "last_error", err ? json_string(err) : json_null()));
+        json_object_set_new(o, "template", tpls[i] ? json_string(tpls[i]) : json_null());
+    }
+    free(ups);
+    free(tpls);
+    return arr;
+}
+
+static json_t *templates_json(struct vm_gateway *gw)
+{
+    json_t *arr = json_array();
+    for (int i = 0; i < gw->cfg->ntemplates; i++) {
+        int made = 0;
+        struct dyn_upstream *d;
+        LIST_FOREACH(d, &gw->dyns, entry)
+            made += d->tpl_index == i;
+        json_array_append_new(arr, json_pack("{s:s, s:s, s:i}", "match",
+                                             gw->cfg->templates[i].name, "uri",
+                                             gw->cfg->templates[i].uri_text, "upstreams", made));
     }
     return arr;
 }
@@ -388,12 +501,16 @@ json_t *gateway_status_json(struct vm_gateway *gw)
                                srccount_sources(gw->unauth_by_source), "refused",
                                (json_int_t)gw->refused_unauth, "refused_per_source",
                                (json_int_t)gw->refused_unauth_source);
-    return json_pack("{s:i, s:i, s:o, s:o, s:I, s:o, s:o, s:o, s:o}", "sessions",
+    json_t *st = json_pack("{s:i, s:i, s:o, s:o, s:I, s:o, s:o, s:o, s:o}", "sessions",
                      gw->nsessions, "max_clients", gw->cfg->max_clients, "totals",
                      totals_json(gw), "pools", pools, "denials_total",
                      (json_int_t)audit_total(gw->audit), "denials", audit_json(gw->audit),
                      "unauthenticated", unauth, "session_list", sessions_json(gw), "upstreams",
                      upstreams_json(gw));
+    json_object_set_new(st, "templates", templates_json(gw));
+    json_object_set_new(st, "dynamic_upstreams", json_pack("{s:i, s:i}", "count", gw->ndyns,
+                                                           "max", gw->cfg->max_upstreams));
+    return st;
 }
 
 /* ---- GET /metrics: the gauges of live objects, then metrics.c's counters ---- */
@@ -439,19 +556,20 @@ static void sessions_metrics(struct vm_gateway *gw, struct evbuffer *out)
 /* Per configured upstream, one gauge family at a time (the format wants families whole). */
 static void upstream_metrics(struct vm_gateway *gw, struct evbuffer *out)
 {
-    int n = gw->cfg->nupstreams;
+    const struct vm_upstream_cfg **ups;
+    const char **tpls;
+    int n = all_upstreams(gw, &ups, &tpls);
     struct vm_pool_totals *t = vm_calloc((size_t)n + 1, sizeof(*t));
     for (int i = 0; i < n; i++) {
         const char *err;
-        (void)upstream_totals(gw, &gw->cfg->upstreams[i], &t[i], &err);
+        (void)upstream_totals(gw, ups[i], &t[i], &err);
     }
     static const char *const states[] = {"connecting", "handshake", "ready", "backoff"};
     metrics_write_family(out, "virtmux_upstream_connections", "gauge",
                          "Pooled upstream connections by upstream and state.");
     for (int i = 0; i < n; i++)
         for (int k = 0; k < 4; k++) {
-            const char *labels[] = {"upstream", gw->cfg->upstreams[i].name, "state", states[k],
-                                    NULL};
+            const char *labels[] = {"upstream", ups[i]->name, "state", states[k], NULL};
             metrics_write_sample(out, "virtmux_upstream_connections", labels,
                                  t[i].by_state[k]);
         }
@@ -480,12 +598,19 @@ static void upstream_metrics(struct vm_gateway *gw, struct evbuffer *out)
     for (size_t g = 0; g < sizeof(gauges) / sizeof(gauges[0]); g++) {
         metrics_write_family(out, gauges[g].name, "gauge", gauges[g].help);
         for (int i = 0; i < n; i++) {
-            const char *labels[] = {"upstream", gw->cfg->upstreams[i].name, NULL};
+            const char *labels[] = {"upstream", ups[i]->name, NULL};
             int v = *(const int *)((const char *)&t[i] + gauges[g].off);
             metrics_write_sample(out, gauges[g].name, labels, v);
         }
     }
+    metrics_write_family(out, "virtmux_dynamic_upstreams", "gauge",
+                         "Upstreams made from upstream_templates that exist now.");
+    metrics_write_sample(out, "virtmux_dynamic_upstreams", NULL, gw->ndyns);
+    metrics_write_family(out, "virtmux_max_upstreams", "gauge", "limits.max_upstreams.");
+    metrics_write_sample(out, "virtmux_max_upstreams", NULL, gw->cfg->max_upstreams);
     free(t);
+    free(ups);
+    free(tpls);
 }
 
 static void denial_metrics(struct vm_gateway *gw, struct evbuffer *out)
@@ -541,6 +666,15 @@ static void host_rule_release(void *owner, const struct vm_rule *rule)
     (*rule_slot(gw, rule))--;
 }
 
+static struct dyn_upstream *find_dyn(const struct vm_gateway *gw, const struct vm_upstream_cfg *up)
+{
+    struct dyn_upstream *d;
+    LIST_FOREACH(d, &gw->dyns, entry)
+        if (&d->up == up)
+            return d;
+    return NULL;
+}
+
 SSL_CTX *gateway_upstream_tls(const struct vm_gateway *gw, const struct vm_upstream_cfg *up)
 {
     if (!gw->upstream_tls)
@@ -548,7 +682,8 @@ SSL_CTX *gateway_upstream_tls(const struct vm_gateway *gw, const struct vm_upstr
     for (int i = 0; i < gw->cfg->nupstreams; i++)
         if (&gw->cfg->upstreams[i] == up)
             return gw->upstream_tls[i];
-    return NULL;
+    struct dyn_upstream *d = find_dyn(gw, up);
+    return d && gw->template_tls ? gw->template_tls[d->tpl_index] : NULL;
 }
 
 struct event_base *gateway_base(const struct vm_gateway *gw)
@@ -597,11 +732,56 @@ static struct vm_pool *host_pool(void *owner, const struct vm_upstream_cfg *up, 
         if (!n->dying && pool_matches(n->pool, up, name, readonly))
             return n->pool;
     n = vm_calloc(1, sizeof(*n));
+    n->gw = gw;
+    n->dyn = find_dyn(gw, up);
+    if (n->dyn)
+        n->dyn->npools++;
     n->pool = pool_new(&gw->env, &gateway_pool_ops, gw, up, name, readonly,
                        gateway_upstream_tls(gw, up));
     LIST_INSERT_HEAD(&gw->pools, n, entry);
     gw->npools++;
     return n->pool;
+}
+
+/* Find or make upstream `upname` from template `tpl`, then its pool. The router checked the
+ * name; nothing connects until the pool's first link does. */
+static struct vm_pool *host_template_pool(void *owner, const struct vm_upstream_cfg *tpl,
+                                          const char *upname, const char *name, int readonly,
+                                          char *err, size_t errlen)
+{
+    struct vm_gateway *gw = owner;
+    struct dyn_upstream *d;
+    LIST_FOREACH(d, &gw->dyns, entry)
+        if (!strcmp(d->up.name, upname))
+            return host_pool(gw, &d->up, name, readonly);
+    if (gw->ndyns >= gw->cfg->max_upstreams) {
+        metrics_limit(gw->metrics, VM_LIMIT_MAX_UPSTREAMS);
+        vm_warn(NULL, "limits.max_upstreams (%d) reached: upstream %s not made",
+                gw->cfg->max_upstreams, upname);
+        snprintf(err, errlen, "virtmux already has limits.max_upstreams (%d) upstreams made "
+                 "from templates; upstream %s can be made once one of them goes idle",
+                 gw->cfg->max_upstreams, upname);
+        return NULL;
+    }
+    d = vm_calloc(1, sizeof(*d));
+    d->up = *tpl; /* pool, tls, sasl: the template's (the snapshot outlives us) */
+    d->up.name = vm_strdup(upname);
+    d->up.uri_text = uri_expand(tpl->uri_text, upname);
+    memset(&d->up.uri, 0, sizeof(d->up.uri));
+    char why[256];
+    if (uri_parse(d->up.uri_text, &d->up.uri, why, sizeof(why)) < 0) {
+        snprintf(err, errlen, "upstream %s: template %s gives the URI %s: %s", upname, tpl->name,
+                 d->up.uri_text, why);
+        dyn_free(d);
+        return NULL;
+    }
+    d->tpl = tpl;
+    d->tpl_index = (int)(tpl - gw->cfg->templates);
+    LIST_INSERT_HEAD(&gw->dyns, d, entry);
+    gw->ndyns++;
+    (void)metrics_upstream(gw->metrics, upname);
+    vm_info(NULL, "upstream %s: made from template %s: %s", upname, tpl->name, d->up.uri_text);
+    return host_pool(gw, &d->up, name, readonly);
 }
 
 struct vm_pool *gateway_pool(struct vm_gateway *gw, const struct vm_upstream_cfg *up,
@@ -734,6 +914,7 @@ static const struct vm_listener_ops gateway_listener_ops = {
 
 static const struct vm_session_host_ops gateway_host_ops = {
     .pool = host_pool,
+    .template_pool = host_template_pool,
     .pool_check = host_pool_check,
     .rule_acquire = host_rule_acquire,
     .rule_release = host_rule_release,
