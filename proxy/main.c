@@ -32,7 +32,10 @@ static void usage(FILE *f)
           "  -h, --help               print this text and exit\n"
           "\n"
           "Signals:\n"
-          "  SIGTERM, SIGINT  stop: close listeners and connections, exit 0\n"
+          "  SIGTERM, SIGINT  drain: close the listeners, let calls in flight finish (up to\n"
+          "                   limits.drain_timeout_s), close each session once idle and the\n"
+          "                   upstream connections with CONNECT_CLOSE, exit 0; a second\n"
+          "                   signal stops at once\n"
           "  SIGHUP           re-read the TLS listeners' certificate, key, CA and CRL files\n"
           "  SIGUSR1          log pools, upstream connections and calls in flight\n"
           "\n"
@@ -43,8 +46,14 @@ static void usage(FILE *f)
 
 static void on_stop(evutil_socket_t sig, short what, void *arg)
 {
-    vm_info(NULL, "signal %d: stopping", (int)sig);
-    event_base_loopexit(arg, NULL);
+    struct vm_gateway *gw = arg;
+    if (gateway_draining(gw)) {
+        vm_warn(NULL, "signal %d during the drain: stopping now", (int)sig);
+        event_base_loopexit(gateway_base(gw), NULL);
+        return;
+    }
+    vm_info(NULL, "signal %d: draining", (int)sig);
+    gateway_drain(gw);
 }
 
 static void on_reload(evutil_socket_t sig, short what, void *arg)
@@ -135,8 +144,8 @@ int main(int argc, char **argv)
         return 1;
     }
     struct vm_gateway *gw = gateway_new(base, cfg);
-    struct event *sigint = evsignal_new(base, SIGINT, on_stop, base);
-    struct event *sigterm = evsignal_new(base, SIGTERM, on_stop, base);
+    struct event *sigint = evsignal_new(base, SIGINT, on_stop, gw);
+    struct event *sigterm = evsignal_new(base, SIGTERM, on_stop, gw);
     struct event *sigusr1 = evsignal_new(base, SIGUSR1, on_status, gw);
     struct event *sighup = evsignal_new(base, SIGHUP, on_reload, gw);
     evsignal_add(sighup, NULL);

@@ -585,7 +585,7 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
     static const char *const limit_keys[] = {"max_clients", "queue_timeout_ms",
                                              "max_client_requests", "max_unauthenticated",
                                              "max_unauthenticated_per_source",
-                                             "auth_timeout_s", NULL};
+                                             "auth_timeout_s", "drain_timeout_s", NULL};
     static const char *const ka_keys[] = {"interval_s", "count", NULL};
     static const char *const log_keys[] = {"level", "format", NULL};
     struct vm_config *cfg = vm_calloc(1, sizeof(*cfg));
@@ -658,6 +658,7 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
                   "%d is more than limits.max_unauthenticated (%d)",
                   cfg->max_unauthenticated_per_source, cfg->max_unauthenticated);
     cfg->auth_timeout_s = get_int(ctx, "limits", limits, "auth_timeout_s", 30, 1, 3600);
+    cfg->drain_timeout_s = get_int(ctx, "limits", limits, "drain_timeout_s", 30, 0, 3600);
 
     json_t *ka = get_object(ctx, "", root, "keepalive");
     if (ka)

@@ -31,6 +31,8 @@
  *                          max_unauthenticated: the same per source (TCP address, unix uid),
  *                          so one source cannot take every slot
  *   limits.auth_timeout_s  int, 30: a client that has not authenticated by then is closed
+ *   limits.drain_timeout_s int 0..3600, 30: on SIGTERM/SIGINT, how long calls in flight and
+ *                          queued may take to finish before the rest are cut off
  *   limits.max_client_requests int 1..4096, 16: calls one client may have outstanding before
  *                          the gateway stops reading its socket
  *   keepalive.interval_s   int, 5 (-1 disables the gateway's own PINGs)
@@ -168,6 +170,7 @@ struct vm_config {
     int max_unauthenticated;
     int max_unauthenticated_per_source;
     int auth_timeout_s;
+    int drain_timeout_s;
     int keepalive_interval_s;
     int keepalive_count;
     int log_level;

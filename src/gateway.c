@@ -61,6 +61,17 @@ struct vm_gateway {
     struct vm_srccount *unauth_by_source; /* owned: the same, per source */
     long refused_unauth;         /* closed on accept: max_unauthenticated reached */
     long refused_unauth_source;  /* closed on accept: their source's share reached */
+    struct gateway_drain {       /* SIGTERM: see gateway_drain */
+        int on;
+        int upstream_phase;      /* every session gone: saying goodbye upstream */
+        struct event *deadline;  /* owned: limits.drain_timeout_s */
+        struct event *tick;      /* owned: watches the goodbyes */
+        struct timeval started, goodbye_until;
+        int sessions;            /* open when the drain began */
+        int calls;               /* outstanding then */
+        int cut_off;             /* still outstanding at the deadline */
+        int timed_out;
+    } drain;
 };
 
 static const struct vm_session_host_ops gateway_host_ops;
@@ -150,6 +161,15 @@ int gateway_start(struct vm_gateway *gw)
     return 0;
 }
 
+static void close_listeners(struct vm_gateway *gw)
+{
+    for (int i = 0; i < gw->cfg->nlisteners; i++) {
+        if (gw->listeners[i])
+            listener_free(gw->listeners[i]);
+        gw->listeners[i] = NULL;
+    }
+}
+
 static void pool_node_free(void *p)
 {
     struct pool_node *n = p;
@@ -172,9 +192,7 @@ void gateway_free(struct vm_gateway *gw)
 {
     if (!gw)
         return;
-    for (int i = 0; i < gw->cfg->nlisteners; i++)
-        if (gw->listeners[i])
-            listener_free(gw->listeners[i]);
+    close_listeners(gw);
     free(gw->listeners);
     admin_free(gw->admin);
     while (gw->nsessions > 0) /* each close leaves the registry */
@@ -186,6 +204,10 @@ void gateway_free(struct vm_gateway *gw)
             pool_node_free(n);
     }
     link_free_retiring(&gw->retiring); /* links saying goodbye belong to no pool */
+    if (gw->drain.deadline)
+        event_free(gw->drain.deadline);
+    if (gw->drain.tick)
+        event_free(gw->drain.tick);
     reaper_free(gw->reaper);
     event_free(gw->trim);
     call_cache_trim(1);
@@ -457,4 +479,110 @@ void gateway_defer_free(struct vm_gateway *gw, void (*fn)(void *), void *p)
 struct vm_reaper *gateway_reaper(const struct vm_gateway *gw)
 {
     return gw->reaper;
+}
+
+/* ---- drain (SIGTERM / SIGINT) ----
+ *
+ *   1. listeners close (unix socket files go): nobody new comes in; the admin endpoint stays;
+ *   2. every session is told to drain: idle ones close now, busy ones once their calls,
+ *      streams and registrations have finished; new upstream calls are refused meanwhile;
+ *   3. at limits.drain_timeout_s the sessions left are closed, their calls cut off;
+ *   4. with no session left, their event registrations are being dropped upstream; every
+ *      link with nothing in flight sends CONNECT_CLOSE (libvirtd must not see a connection
+ *      vanish with deregistrations pending) and goes once answered, for GOODBYE_S at most;
+ *   5. one summary line, and the loop stops (main exits 0).
+ */
+#define GOODBYE_S 5
+
+int gateway_draining(const struct vm_gateway *gw)
+{
+    return gw->drain.on;
+}
+
+static double since(struct vm_gateway *gw, const struct timeval *t0)
+{
+    struct timeval now, d;
+    event_base_gettimeofday_cached(gw->base, &now);
+    evutil_timersub(&now, t0, &d);
+    return (double)d.tv_sec + d.tv_usec / 1e6;
+}
+
+static void drain_finish(struct vm_gateway *gw, int complete)
+{
+    struct gateway_drain *d = &gw->drain;
+    event_del(d->tick);
+    event_del(d->deadline);
+    if (!complete)
+        vm_warn(NULL, "drain: upstream connections still busy after %d s of goodbyes: "
+                "closing them", GOODBYE_S);
+    vm_info(NULL, "drained in %.1f s: %d sessions closed, %d calls completed, %d calls cut "
+            "off at the %d s timeout", since(gw, &d->started), d->sessions,
+            d->calls - d->cut_off, d->cut_off, gw->cfg->drain_timeout_s);
+    event_base_loopexit(gw->base, NULL);
+}
+
+static void drain_tick(evutil_socket_t fd, short what, void *arg)
+{
+    struct vm_gateway *gw = arg;
+    struct gateway_drain *d = &gw->drain;
+    if (gw->nsessions > 0)
+        return;
+    struct timeval now;
+    event_base_gettimeofday_cached(gw->base, &now);
+    if (!d->upstream_phase) {
+        d->upstream_phase = 1;
+        struct timeval add = {GOODBYE_S, 0};
+        evutil_timeradd(&now, &add, &d->goodbye_until);
+        vm_info(NULL, "drain: every session closed; closing upstream connections");
+    }
+    /* A retired link may empty its pool, which then leaves the list: step ahead first. */
+    struct pool_node *n, *next;
+    for (n = LIST_FIRST(&gw->pools); n; n = next) {
+        next = LIST_NEXT(n, entry);
+        (void)pool_retire_idle(n->pool);
+    }
+    if (LIST_EMPTY(&gw->pools) && TAILQ_EMPTY(&gw->retiring))
+        drain_finish(gw, 1);
+    else if (evutil_timercmp(&now, &d->goodbye_until, >))
+        drain_finish(gw, 0);
+}
+
+static void drain_deadline(evutil_socket_t fd, short what, void *arg)
+{
+    struct vm_gateway *gw = arg;
+    struct gateway_drain *d = &gw->drain;
+    d->timed_out = 1;
+    for (int i = 0; i < gw->nsessions; i++)
+        d->cut_off += session_outstanding(gw->sessions[i]);
+    if (gw->nsessions)
+        vm_warn(NULL, "drain timeout (%d s): closing %d sessions, cutting off %d calls",
+                gw->cfg->drain_timeout_s, gw->nsessions, d->cut_off);
+    while (gw->nsessions > 0)
+        session_close(gw->sessions[gw->nsessions - 1], "drain timeout: virtmux is stopping");
+    drain_tick(-1, 0, gw);
+}
+
+void gateway_drain(struct vm_gateway *gw)
+{
+    struct gateway_drain *d = &gw->drain;
+    if (d->on)
+        return;
+    d->on = 1;
+    event_base_gettimeofday_cached(gw->base, &d->started);
+    close_listeners(gw);
+    d->sessions = gw->nsessions;
+    for (int i = 0; i < gw->nsessions; i++)
+        d->calls += session_outstanding(gw->sessions[i]);
+    vm_info(NULL, "draining: listeners closed; %d sessions, %d calls outstanding; waiting up "
+            "to %d s", d->sessions, d->calls, gw->cfg->drain_timeout_s);
+    d->deadline = evtimer_new(gw->base, drain_deadline, gw);
+    d->tick = event_new(gw->base, -1, EV_PERSIST, drain_tick, gw);
+    struct timeval limit = {gw->cfg->drain_timeout_s, 0}, every = {0, 50000};
+    if (!d->deadline || !d->tick || evtimer_add(d->deadline, &limit) < 0 ||
+        event_add(d->tick, &every) < 0)
+        abort();
+    /* Backwards: an idle session leaves the registry at once. */
+    for (int i = gw->nsessions - 1; i >= 0; i--)
+        if (i < gw->nsessions)
+            session_drain(gw->sessions[i]);
 }

@@ -31,6 +31,13 @@ void session_set_slot(struct vm_session *s, int slot);
  * CONNECT_EVENT_CONNECTION_CLOSED, then every such session is closed once flushed. */
 void session_upstream_lost(struct vm_session *s, const char *why);
 
+/* The gateway is stopping: calls already outstanding finish, new ones that would reach an
+ * upstream are refused ("virtmux is shutting down"), and the session closes (cleanly, once
+ * its output is written) as soon as nothing is outstanding, maybe at once. */
+void session_drain(struct vm_session *s);
+/* Nothing outstanding and no OPEN pending. */
+int session_idle(const struct vm_session *s);
+
 /* Close a session for `why` (logged). Idempotent; the memory is reaped after this loop turn. */
 void session_close(struct vm_session *s, const char *why);
 

@@ -87,6 +87,8 @@ struct vm_session {
     char sasl_user[256];               /* identity storage */
     char tls_dn[512];
     int slot;                          /* index in the gateway's registry */
+    int draining;                      /* the gateway is stopping: no new calls; close once
+                                        * nothing is outstanding */
 };
 
 /* Helpers both files use; inline so that session_auth.c never calls into session.c. */
