@@ -195,6 +195,15 @@ struct vm_config *config_load(const char *path, FILE *errs);
 struct vm_config *config_parse(const char *json, FILE *errs);
 void config_free(struct vm_config *cfg);
 
+/* True when `p` points into `cfg` (a listener, upstream or rule): what keeps a snapshot alive. */
+int config_owns(const struct vm_config *cfg, const void *p);
+/* Reload: an upstream whose connections may be shared as they are (same URI, pool, TLS files,
+ * SASL login), a listener whose socket may stay (same address or path, mode, TLS or not),
+ * an unchanged sasl section. */
+int config_upstream_same(const struct vm_upstream_cfg *a, const struct vm_upstream_cfg *b);
+int config_listener_same_socket(const struct vm_listener_cfg *a, const struct vm_listener_cfg *b);
+int config_sasl_same(const struct vm_sasl_cfg *a, const struct vm_sasl_cfg *b);
+
 /* The upstream called `name`, or NULL. */
 const struct vm_upstream_cfg *config_upstream(const struct vm_config *cfg, const char *name);
 

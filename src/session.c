@@ -178,6 +178,21 @@ int session_outstanding(const struct vm_session *s)
     return s->noutstanding;
 }
 
+const struct vm_listener_cfg *session_listener(const struct vm_session *s)
+{
+    return s->lcfg;
+}
+
+const struct vm_rule *session_rule(const struct vm_session *s)
+{
+    return s->rule;
+}
+
+const struct vm_upstream_cfg *session_upstream(const struct vm_session *s)
+{
+    return s->route.upstream;
+}
+
 int session_slot(const struct vm_session *s)
 {
     return s->slot;

@@ -25,6 +25,11 @@ struct vm_link *session_home(const struct vm_session *s);
 /* Calls of `s` forwarded or queued and not yet answered. */
 int session_outstanding(const struct vm_session *s);
 int session_slot(const struct vm_session *s);
+/* What the session points to in a config snapshot (the gateway keeps a snapshot while any of
+ * these is in it): its listener, its policy rule (NULL before OPEN), its routed upstream. */
+const struct vm_listener_cfg *session_listener(const struct vm_session *s);
+const struct vm_rule *session_rule(const struct vm_session *s);
+const struct vm_upstream_cfg *session_upstream(const struct vm_session *s);
 void session_set_slot(struct vm_session *s, int slot);
 
 /* The home link is lost for good: a session that registered a close callback gets
