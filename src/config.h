@@ -1,6 +1,7 @@
 /* Configuration: a JSON file read with jansson into an immutable snapshot.
  *
- * Keys (type, default; "reload" says whether a future reload may change it):
+ * Keys (type, default). SIGHUP reloads every key (gateway_reload) except those marked
+ * [restart], which keep their running value (a change is logged as a warning):
  *   listeners[]            array, required, at least one
  *     .name                string, "listenerN"
  *     .address             "host:port" TCP listener            } exactly one of
@@ -44,6 +45,7 @@
  *                          cut off (closed), so it cannot hold the others back
  *   Secret files (TLS keys, sasl.sasldb, sasl.keytab, upstreams[].sasl.password_file) with
  *   mode & 0006 are refused: other users must not read or write them.
+ *   sasl.*                 [restart] once a SASL listener has been set up
  *   sasl.sasldb            path of the sasldb (never /etc unless you say so)
  *   sasl.mechanisms        ["scram-sha-256", "digest-md5", "gssapi"], default scram-sha-256 and
  *                          gssapi: digest-md5 leaks in cyrus-sasl, offered only when listed
@@ -54,12 +56,12 @@
  *                          address; the uid for unix clients)
  *   upstreams[].tls        {cert, key, ca, crl, no_verify, server_name} for DRIVER+tls:// URIs
  *   upstreams[].sasl       {username, password_file}: when libvirtd asks for SASL
- *   admin.address          "host:port" of the HTTP status endpoint (GET /status), optional
- *   admin.unix             or a unix socket path for it
- *   process.user           user name to run as once listeners are bound and keys read
+ *   admin.address          [restart] "host:port" of the HTTP status endpoint (GET /status), optional
+ *   admin.unix             [restart] or a unix socket path for it
+ *   process.user           [restart] user name to run as once listeners are bound and keys read
  *                          (needs root at start), optional; the sasldb, keytab and upstream
  *                          password files must be readable by it
- *   process.group          group name, optional: the user's primary group
+ *   process.group          [restart] group name, optional: the user's primary group
  *   listeners[].readonly   bool, false: force read-only for every client of this listener
  *   policy                 optional; absent = every client may reach every upstream read-write
  *   policy.default         "deny" (the default) | "allow" | {grant}: when no rule matches

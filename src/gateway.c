@@ -280,15 +280,6 @@ void gateway_free(struct vm_gateway *gw)
     free(gw);
 }
 
-int gateway_reload_tls(struct vm_gateway *gw)
-{
-    int rc = 0;
-    for (int i = 0; i < gw->cfg->nlisteners; i++)
-        if (gw->listeners[i] && listener_reload_tls(gw->listeners[i]) < 0)
-            rc = -1;
-    return rc;
-}
-
 void gateway_log_status(struct vm_gateway *gw)
 {
     vm_info(NULL, "status: %d sessions, %d pools", gw->nsessions, gw->npools);

@@ -19,9 +19,6 @@ int gateway_start(struct vm_gateway *gw) VM_WUR;
 /* After the loop has stopped: close every session, then free pools, links and everything
  * else the gateway owns. */
 void gateway_free(struct vm_gateway *gw);
-/* Re-read every TLS listener's certificate files (SIGHUP); -1 if any failed (it keeps its
- * old ones). */
-int gateway_reload_tls(struct vm_gateway *gw);
 /* SIGHUP: read and validate the whole file at `path` and swap it in (see gateway.c for what
  * changes and what stays). 0 when swapped in; -1 when the running configuration stays (the
  * reason is logged at error level, with the JSON path of every error). */
