@@ -31,6 +31,7 @@ import harness
 from harness import wait_until
 
 NCLIENTS = 32
+FREED = "an earlier configuration is no longer used: freed"
 
 
 def tcp_listener(name="tcp"):
@@ -313,3 +314,75 @@ def test_restart_only_keys_kept(libvirtd, gateway):
     assert harness.admin_status(admin_addr)["sessions"] == 0
     host, port = harness.split_address(new["admin"]["address"])
     assert not harness.tcp_accepts(host, port)
+
+
+def test_old_snapshots_outlive_reloads(libvirtd, gateway):
+    """A session opened under one config outlives two reloads, then leaves:
+    its rule is released in its own snapshot, its changed upstream's
+    connection retires (reading the old upstream entry), and the old
+    snapshots are freed only after that (the sanitizer stage checks that
+    nothing freed is read). max_sessions then counts in the current one."""
+    def cfg_with(idle, cap):
+        c = base_config(libvirtd, upstreams=[harness.upstream_entry(
+            "hv1", libvirtd.direct_uri, idle_timeout_s=idle)],
+            policy={"default": "deny",
+                    "rules": [{"match": {"source": "127.0.0.0/8"}, "max_sessions": cap}]})
+        return c
+    first = cfg_with(1, 2)
+    gw = gateway(first)
+
+    def later(idle, cap):
+        c = cfg_with(idle, cap)
+        c["listeners"], c["admin"] = first["listeners"], first["admin"]
+        return c
+    s1 = open_conn(gw.uri())
+    dom1 = s1.lookupByName("test")
+    reload(gw, later(2, 2))
+    s2 = open_conn(gw.uri())
+    reload(gw, later(1, 3))
+    assert len(pools_of(gw, "hv1")) == 2, gw.status()["pools"]
+    # both sessions still point into their snapshots: none was freed
+    assert gw.log_text().count(FREED) == 0
+    for _ in range(10):
+        assert dom1.info()[0] in (1, 3)
+        assert s2.getVersion() > 0
+    dom1 = None
+    close_quietly(s1, s2)
+    # both links go idle, retire (CONNECT_CLOSE) and their pools go
+    assert wait_until(lambda: not gw.status()["pools"], timeout=harness.scaled(10)), \
+        gw.status()["pools"]
+    time.sleep(0.5)
+    log = reload(gw, later(1, 2))
+    assert gw.log_text().count(FREED) == 3, log
+    conns = [open_conn(gw.uri()) for _ in range(2)]
+    try:
+        with pytest.raises(libvirt.libvirtError) as e:
+            libvirt.open(gw.uri())
+        assert "already has the 2 sessions" in str(e.value)
+    finally:
+        close_quietly(*conns)
+
+
+def test_unix_listener_mode_change_reopens(libvirtd, gateway):
+    """Same name and path, another mode: the socket is reopened in place (the
+    old one closed first, so the new bind does not meet a live socket)."""
+    sockdir = tempfile.mkdtemp(prefix="virtmux-reload-")
+    unix_path = os.path.join(sockdir, "gw.sock")
+    local = {"name": "local", "unix": unix_path, "auth": "none", "mode": "0660"}
+    cfg = base_config(libvirtd, listeners=[tcp_listener(), local])
+    gw = gateway(cfg)
+    try:
+        assert os.stat(unix_path).st_mode & 0o777 == 0o660
+        before = open_conn(gw.unix_uri())
+        new = json.loads(json.dumps(cfg))
+        new["listeners"][1]["mode"] = "0600"
+        log = reload(gw, new)
+        assert "2 listeners (1 opened, 1 closed)" in log, log
+        assert os.stat(unix_path).st_mode & 0o777 == 0o600
+        c = open_conn(gw.unix_uri())
+        assert c.getVersion() > 0
+        assert before.getVersion() > 0
+        close_quietly(c, before)
+    finally:
+        gw.stop()
+        os.rmdir(sockdir)
