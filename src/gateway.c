@@ -80,7 +80,6 @@ struct vm_gateway {
         int sessions;            /* open when the drain began */
         int calls;               /* outstanding then */
         int cut_off;             /* still outstanding at the deadline */
-        int timed_out;
     } drain;
 };
 
@@ -447,7 +446,7 @@ static void host_pool_check(void *owner, struct vm_pool *p)
 
 static void set_accepting(struct vm_gateway *gw, int on)
 {
-    if (gw->accepting == on)
+    if (gw->accepting == on || gw->drain.on) /* draining: the listeners are gone */
         return;
     gw->accepting = on;
     for (int i = 0; i < gw->cfg->nlisteners; i++)
@@ -582,6 +581,9 @@ static void drain_tick(evutil_socket_t fd, short what, void *arg)
 {
     struct vm_gateway *gw = arg;
     struct gateway_drain *d = &gw->drain;
+    for (int i = gw->nsessions - 1; i >= 0; i--) /* backwards: a session may leave */
+        if (i < gw->nsessions)
+            session_drain(gw->sessions[i]);
     if (gw->nsessions > 0)
         return;
     struct timeval now;
@@ -608,7 +610,6 @@ static void drain_deadline(evutil_socket_t fd, short what, void *arg)
 {
     struct vm_gateway *gw = arg;
     struct gateway_drain *d = &gw->drain;
-    d->timed_out = 1;
     for (int i = 0; i < gw->nsessions; i++)
         d->cut_off += session_outstanding(gw->sessions[i]);
     if (gw->nsessions)

@@ -234,7 +234,10 @@ int session_idle(const struct vm_session *s)
     return s->noutstanding == 0 && s->state != S_OPENING;
 }
 
-/* Draining and idle: hang up once the last reply is written, as after CONNECT_CLOSE. */
+/* Draining and idle: hang up once the last reply is written, as after CONNECT_CLOSE. This
+ * runs inside pool, link, events and stream callbacks, so it never closes the session
+ * itself: the write that empties the output does (on_drained), or the gateway's next
+ * session_drain when there was nothing left to write. */
 static void drain_check(struct vm_session *s)
 {
     if (!s->draining || !session_idle(s) || s->state == S_CLOSING || s->close_after_flush)
@@ -242,8 +245,6 @@ static void drain_check(struct vm_session *s)
     s->close_after_flush = 1;
     s->close_reason = "virtmux is shutting down (drained)";
     conn_pause(s->conn, 1);
-    if (conn_output_length(s->conn) == 0)
-        session_close(s, s->close_reason);
 }
 
 void session_drain(struct vm_session *s)
@@ -252,6 +253,8 @@ void session_drain(struct vm_session *s)
         return;
     s->draining = 1;
     drain_check(s);
+    if (s->close_after_flush && conn_output_length(s->conn) == 0)
+        session_close(s, s->close_reason);
 }
 
 /* During a drain a call that would reach an upstream is answered here instead: clients get a

@@ -38,7 +38,9 @@ void session_upstream_lost(struct vm_session *s, const char *why);
 
 /* The gateway is stopping: calls already outstanding finish, new ones that would reach an
  * upstream are refused ("virtmux is shutting down"), and the session closes (cleanly, once
- * its output is written) as soon as nothing is outstanding, maybe at once. */
+ * its output is written) as soon as nothing is outstanding, maybe at once. Call it again
+ * from time to time (from the loop, not from a callback of the session's objects): it closes
+ * a session that became idle with nothing left to write. */
 void session_drain(struct vm_session *s);
 /* Nothing outstanding and no OPEN pending. */
 int session_idle(const struct vm_session *s);
