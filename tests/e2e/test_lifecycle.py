@@ -156,6 +156,10 @@ def test_second_signal_stops_now(libvirtd, relay, gateway):
     assert wait_until(lambda: "draining: listeners closed" in gw.log_text(),
                       timeout=harness.scaled(5))
     assert gw.running()
+    # no reload in the middle of a drain
+    gw.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "reload ignored: virtmux is draining" in gw.log_text(),
+                      timeout=harness.scaled(5))
     gw.proc.send_signal(signal.SIGTERM)
     assert wait_exit(gw, 3 * SLACK) == 0, gw.log_tail()
     assert "during the drain: stopping now" in gw.log_text()
@@ -182,6 +186,11 @@ def test_drain_deregisters_events_then_closes(libvirtd, gateway):
         assert harness.PROC_CONNECT_CLOSE in procs, procs
         assert procs.index(harness.PROC_DOMAIN_EVENT_CALLBACK_DEREGISTER_ANY) < \
             procs.index(harness.PROC_CONNECT_CLOSE)
+        # libvirtd answered both before the gateway let go of its connection
+        answered = [f.proc for f in tap.reply_frames() if f.type == harness.TYPE_REPLY]
+        assert harness.PROC_DOMAIN_EVENT_CALLBACK_DEREGISTER_ANY in answered, answered
+        assert harness.PROC_CONNECT_CLOSE in answered, answered
+        assert "closed: said goodbye with CONNECT_CLOSE" in gw.log_text()
         assert summary(gw) == (1, 0, 0)
         assert wait_until(lambda: libvirtd.nclients() == 0, timeout=harness.scaled(5))
         assert libvirtd.running()
