@@ -14,6 +14,9 @@
 #include <string.h>
 #include <sys/queue.h>
 #include <time.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 #include <event2/buffer.h>
 #include <event2/event.h>
@@ -87,6 +90,7 @@ struct vm_gateway {
     LIST_HEAD(, dyn_upstream) dyns; /* owned: the dynamic upstream registry */
     int ndyns;                   /* in it, idle ones waiting to be freed included */
     int closing;                 /* gateway_free: dyns are freed at the end, not one by one */
+    int pools_freed;             /* since the last give_back */
     struct vm_session **sessions; /* registry (not owned): index = session slot */
     int capsessions;
     struct vm_link_list retiring; /* links saying goodbye (in no pool): freed at shutdown */
@@ -113,11 +117,28 @@ static void snapshots_collect(struct vm_gateway *gw);
 
 static void dyns_collect(struct vm_gateway *gw);
 
+/* Give memory back to the system once pools were freed: an idle fleet gateway should shrink
+ * to about its resting size, not keep the heap its busiest minute grew (glibc keeps freed
+ * memory in its arenas until asked). With no session and no pool left, the recycled call
+ * records go too. */
+static void give_back(struct vm_gateway *gw)
+{
+    if (gw->nsessions == 0 && gw->npools == 0)
+        call_cache_trim(1);
+#ifdef __GLIBC__
+    malloc_trim(0);
+#endif
+    gw->pools_freed = 0;
+}
+
 static void trim_cb(evutil_socket_t fd, short what, void *arg)
 {
+    struct vm_gateway *gw = arg;
     call_cache_trim(0);
-    snapshots_collect(arg);
-    dyns_collect(arg);
+    snapshots_collect(gw);
+    dyns_collect(gw);
+    if (gw->pools_freed || gw->npools == 0) /* idle: links that said goodbye since, too */
+        give_back(gw);
 }
 
 static struct snapshot *snapshot_new(struct vm_config *cfg)
@@ -381,10 +402,13 @@ static void pool_node_free(void *p)
     struct dyn_upstream *d = n->dyn;
     struct vm_gateway *gw = n->gw;
     free(n);
+    gw->pools_freed++;
     if (d && --d->npools == 0) {
         vm_info(NULL, "upstream %s (template %s): idle, forgotten", d->up.name, d->tpl->name);
         dyns_collect(gw);
     }
+    if (!gw->closing && gw->npools == 0 && gw->nsessions == 0)
+        give_back(gw); /* the last one: now rather than at the next trim */
 }
 
 /*
