@@ -14,6 +14,7 @@ test wants; libvirt-python clients through the gateway. What must hold:
 * event registrations are dropped upstream before CONNECT_CLOSE.
 """
 
+import http.client
 import os
 import re
 import signal
@@ -152,10 +153,23 @@ def test_second_signal_stops_now(libvirtd, relay, gateway):
     relay.hold(held_info)
     t, res = start_call(dom.info)
     assert wait_until(lambda: relay.held() == 1, timeout=harness.scaled(5))
+    host, port = harness.split_address(gw.config["admin"]["address"])
+
+    def healthz():
+        c = http.client.HTTPConnection(host, port, timeout=harness.scaled(5))
+        try:
+            c.request("GET", "/healthz")
+            r = c.getresponse()
+            return r.status, r.read()
+        finally:
+            c.close()
+    assert healthz() == (200, b"ok\n")
     gw.proc.send_signal(signal.SIGTERM)
     assert wait_until(lambda: "draining: listeners closed" in gw.log_text(),
                       timeout=harness.scaled(5))
     assert gw.running()
+    # load balancers are told to send new clients elsewhere
+    assert healthz() == (503, b"draining\n")
     # no reload in the middle of a drain
     gw.proc.send_signal(signal.SIGHUP)
     assert wait_until(lambda: "reload ignored: virtmux is draining" in gw.log_text(),
