@@ -110,7 +110,7 @@ void metrics_free(struct vm_metrics *m)
     if (!m)
         return;
     for (int i = 0; i < m->nups; i++) {
-        for (size_t k = 0; k <= vm_proc_table_len; k++)
+        for (size_t k = 0; m->ups[i]->hist && k <= vm_proc_table_len; k++)
             free(m->ups[i]->hist[k]);
         free(m->ups[i]->hist);
         free(m->ups[i]->name);
@@ -145,7 +145,8 @@ int metrics_upstream(struct vm_metrics *m, const char *name)
     m->ups = grow(m->ups, m->nups, &m->capups);
     struct mup *u = vm_calloc(1, sizeof(*u));
     u->name = vm_strdup(name);
-    u->hist = vm_calloc(vm_proc_table_len + 1, sizeof(*u->hist));
+    /* u->hist is made at the first call: an upstream nobody uses (a fleet lists many) costs
+     * its name and counters, not a pointer per procedure. */
     m->ups[m->nups] = u;
     return m->nups++;
 }
@@ -184,6 +185,8 @@ void metrics_call(struct vm_metrics *m, int up, const struct vm_proc_info *info,
     if (up < 0 || up >= m->nups)
         return;
     size_t k = info ? (size_t)(info - vm_proc_table) : vm_proc_table_len;
+    if (!m->ups[up]->hist)
+        m->ups[up]->hist = vm_calloc(vm_proc_table_len + 1, sizeof(*m->ups[up]->hist));
     struct hist **slot = &m->ups[up]->hist[k];
     if (!*slot)
         *slot = vm_calloc(1, sizeof(**slot));
@@ -353,7 +356,7 @@ static void render_histograms(const struct vm_metrics *m, struct evbuffer *out)
                          "call to its reply or error.");
     for (int i = 0; i < m->nups; i++) {
         const struct mup *u = m->ups[i];
-        for (size_t k = 0; k <= vm_proc_table_len; k++) {
+        for (size_t k = 0; u->hist && k <= vm_proc_table_len; k++) {
             const struct hist *h = u->hist[k];
             if (!h)
                 continue;
