@@ -1,6 +1,8 @@
 /*
  *   listeners --accept--> sessions --CONNECT_OPEN--> gateway_pool(upstream, name, ro)
- *                                                      |
+ *                                          |           |
+ *                    (a template's name) --+--> dyn_upstream (made on first use,
+ *                                          |     freed with its last pool)
  *                                                    pools --> links --> libvirtd
  *
  * The gateway owns listeners and pools. Sessions own themselves (they end in session_close);
@@ -356,12 +358,9 @@ static void dyn_free(struct dyn_upstream *d)
  * then in every path we know of; this keeps a surprise from becoming a use after free. */
 static int dyn_in_use(struct vm_gateway *gw, const struct dyn_upstream *d)
 {
-    for (int i = 0; i < gw->nsessions; i++) {
-        struct vm_session_view v;
-        session_view(gw->sessions[i], &v);
-        if (v.upstream && !strcmp(v.upstream, d->up.name))
+    for (int i = 0; i < gw->nsessions; i++)
+        if (session_upstream(gw->sessions[i]) == &d->up)
             return 1;
-    }
     return 0;
 }
 
@@ -896,7 +895,10 @@ static struct vm_pool *host_template_pool(void *owner, const struct vm_upstream_
     /* After a reload, one made from an unchanged template is still the same upstream. */
     LIST_FOREACH(d, &gw->dyns, entry)
         if (!strcmp(d->up.name, upname) && (d->tpl == tpl || config_upstream_same(d->tpl, tpl)))
-            return host_pool(gw, &d->up, name, readonly);
+            break;
+    if (d && d->npools)
+        return host_pool(gw, &d->up, name, readonly);
+    /* A new one, or one idle and waiting to be freed: either counts again. */
     if (live_dyns(gw) >= gw->cfg->max_upstreams) {
         metrics_limit(gw->metrics, VM_LIMIT_MAX_UPSTREAMS);
         vm_warn(NULL, "limits.max_upstreams (%d) reached: upstream %s not made",
@@ -906,6 +908,8 @@ static struct vm_pool *host_template_pool(void *owner, const struct vm_upstream_
                  gw->cfg->max_upstreams, upname);
         return NULL;
     }
+    if (d)
+        return host_pool(gw, &d->up, name, readonly);
     d = vm_calloc(1, sizeof(*d));
     d->up = *tpl; /* pool, tls, sasl: the template's (the snapshot outlives us) */
     d->up.name = vm_strdup(upname);
