@@ -93,6 +93,8 @@ struct vm_gateway {
     int ndyns;                   /* in it, idle ones waiting to be freed included */
     int closing;                 /* gateway_free: dyns are freed at the end, not one by one */
     int pools_freed;             /* since the last give_back */
+    struct event *dyn_sweep;     /* owned: frees idle dyns (and the snapshots they kept) soon
+                                  * after their last pool, outside the reaper */
     struct vm_session **sessions; /* registry (not owned): index = session slot */
     int capsessions;
     struct vm_link_list retiring; /* links saying goodbye (in no pool): freed at shutdown */
@@ -119,6 +121,23 @@ static void snapshots_collect(struct vm_gateway *gw);
 
 static void dyns_collect(struct vm_gateway *gw);
 
+/* An upstream made from a template lost its last pool: free it (and an old snapshot it was
+ * keeping) once its connections' goodbyes are over (at most 2 s), not at the next trim. */
+static void dyn_sweep_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct vm_gateway *gw = arg;
+    dyns_collect(gw);
+    snapshots_collect(gw);
+    struct dyn_upstream *d;
+    LIST_FOREACH(d, &gw->dyns, entry) {
+        if (!d->npools && link_list_uses(&gw->retiring, &d->up)) { /* a goodbye to wait for */
+            struct timeval again = {0, 500000};
+            evtimer_add(gw->dyn_sweep, &again);
+            break;
+        }
+    }
+}
+
 /* Give memory back to the system once pools were freed: an idle fleet gateway should shrink
  * to about its resting size, not keep the heap its busiest minute grew (glibc keeps freed
  * memory in its arenas until asked). With no session and no pool left, the recycled call
@@ -137,8 +156,8 @@ static void trim_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct vm_gateway *gw = arg;
     call_cache_trim(0);
+    dyns_collect(gw); /* first: a dyn may be what keeps an old snapshot */
     snapshots_collect(gw);
-    dyns_collect(gw);
     if (gw->pools_freed || gw->npools == 0) /* idle: links that said goodbye since, too */
         give_back(gw);
 }
@@ -221,8 +240,9 @@ struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
     gw->listeners = calloc((size_t)cfg->nlisteners, sizeof(*gw->listeners));
     gw->reaper = reaper_new(base);
     gw->trim = event_new(base, -1, EV_PERSIST, trim_cb, gw);
+    gw->dyn_sweep = evtimer_new(base, dyn_sweep_cb, gw);
     struct timeval every = {10, 0};
-    if (!gw->trim || event_add(gw->trim, &every) < 0)
+    if (!gw->trim || !gw->dyn_sweep || event_add(gw->trim, &every) < 0)
         abort();
     gw->audit = audit_new();
     gw->metrics = metrics_new();
@@ -376,17 +396,17 @@ static void close_listeners(struct vm_gateway *gw)
 }
 
 /* Free the upstreams made from templates that have no pool left. A link saying goodbye
- * (retiring, in no pool) may still read its upstream entry, so while any is, they wait: the
- * trim timer comes back within 10 s (the goodbyes take at most 2 s). Waiting ones are not
- * shown and do not count against max_upstreams. */
+ * (retiring, in no pool) may still read its upstream entry, so one such link keeps its
+ * upstream waiting: dyn_sweep comes back (the goodbyes take at most 2 s). Waiting ones are
+ * not shown and do not count against max_upstreams. */
 static void dyns_collect(struct vm_gateway *gw)
 {
-    if (gw->closing || !TAILQ_EMPTY(&gw->retiring))
+    if (gw->closing)
         return;
     struct dyn_upstream *d, *next;
     for (d = LIST_FIRST(&gw->dyns); d; d = next) {
         next = LIST_NEXT(d, entry);
-        if (d->npools || dyn_in_use(gw, d))
+        if (d->npools || dyn_in_use(gw, d) || link_list_uses(&gw->retiring, &d->up))
             continue;
         LIST_REMOVE(d, entry);
         gw->ndyns--;
@@ -402,9 +422,11 @@ static void pool_node_free(void *p)
     struct vm_gateway *gw = n->gw;
     free(n);
     gw->pools_freed++;
-    if (d && --d->npools == 0) {
+    if (d && --d->npools == 0 && !gw->closing) {
         vm_info(NULL, "upstream %s (template %s): idle, forgotten", d->up.name, d->tpl->name);
-        dyns_collect(gw);
+        /* Not here: the reaper is running, and snapshots_collect runs it. */
+        struct timeval soon = {0, TAILQ_EMPTY(&gw->retiring) ? 0 : 500000};
+        evtimer_add(gw->dyn_sweep, &soon);
     }
     if (!gw->closing && gw->npools == 0 && gw->nsessions == 0)
         give_back(gw); /* the last one: now rather than at the next trim */
@@ -444,6 +466,7 @@ void gateway_free(struct vm_gateway *gw)
         event_free(gw->drain.tick);
     reaper_free(gw->reaper);
     event_free(gw->trim);
+    event_free(gw->dyn_sweep);
     call_cache_trim(1);
     audit_free(gw->audit);
     metrics_free(gw->metrics);
@@ -558,11 +581,13 @@ static json_t *upstreams_json(struct vm_gateway *gw)
         if (!err && !t.by_state[VM_LINK_READY]) /* its pools may be gone; the failure stays */
             err = metrics_upstream_last_error(gw->metrics, metrics_upstream(gw->metrics,
                                                                             up->name));
+        /* A configured upstream by name (sessions of an older snapshot point at its entry
+         * there); one made from a template by entry (after a reload two may share a name). */
         int sessions = 0;
         for (int k = 0; k < gw->nsessions; k++) {
-            struct vm_session_view v;
-            session_view(gw->sessions[k], &v);
-            sessions += v.upstream && !strcmp(v.upstream, up->name);
+            const struct vm_upstream_cfg *su = session_upstream(gw->sessions[k]);
+            sessions += tpls[i] ? su == up : su && !find_dyn(gw, su) && !strcmp(su->name,
+                                                                              up->name);
         }
         json_t *o;
         json_array_append_new(
