@@ -22,6 +22,10 @@
  *                          0 = keep retrying forever
  *     .pool.max_streams    int 1..1024, 8: streams (each on its own upstream connection) open
  *                          at once; more wait up to limits.queue_timeout_ms, then fail
+ *     .pool.reconnect_hold_ms int 0..3600000, 10000: while the pool reconnects (libvirtd
+ *                          restarted) or its upstream is paused, new calls wait this long
+ *                          (and at most limits.queue_timeout_ms) instead of failing at once;
+ *                          0 = fail at once (pause then holds up to queue_timeout_ms)
  *   default_upstream       name, optional
  *   limits.max_clients     int, 10000
  *   limits.queue_timeout_ms int, 30000
@@ -144,6 +148,7 @@ struct vm_pool_cfg {
     int connect_timeout_ms;
     int give_up_s;
     int max_streams;
+    int reconnect_hold_ms;
 };
 
 struct vm_upstream_cfg {
