@@ -61,6 +61,7 @@ struct vm_gateway {
     struct vm_srccount *unauth_by_source; /* owned: the same, per source */
     long refused_unauth;         /* closed on accept: max_unauthenticated reached */
     long refused_unauth_source;  /* closed on accept: their source's share reached */
+    enum vm_upstream_op *up_op;  /* owned: operator state per configured upstream */
 };
 
 static const struct vm_session_host_ops gateway_host_ops;
@@ -90,7 +91,8 @@ struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
     gw->host = (struct vm_session_host){.ops = &gateway_host_ops, .owner = gw, .env = &gw->env};
     gw->rule_sessions = calloc((size_t)cfg->nrules + 1, sizeof(int));
     gw->unauth_by_source = srccount_new();
-    if (!gw->listeners || !gw->reaper || !gw->rule_sessions)
+    gw->up_op = calloc((size_t)cfg->nupstreams + 1, sizeof(*gw->up_op)); /* all ACTIVE */
+    if (!gw->listeners || !gw->reaper || !gw->rule_sessions || !gw->up_op)
         abort();
     return gw;
 }
@@ -98,6 +100,27 @@ struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
 static json_t *status_json(void *owner)
 {
     return gateway_status_json(owner);
+}
+
+/* POST /upstreams/NAME/ACTION from the admin endpoint. */
+static int upstream_action(void *owner, const char *name, const char *action, const char **state)
+{
+    struct vm_gateway *gw = owner;
+    enum vm_upstream_op op;
+    if (gateway_upstream_op(gw, name) < 0)
+        return -1;
+    if (strcmp(action, "pause") == 0)
+        op = VM_UP_PAUSED;
+    else if (strcmp(action, "resume") == 0)
+        op = VM_UP_ACTIVE;
+    else if (strcmp(action, "drain") == 0)
+        op = VM_UP_DRAINING;
+    else
+        return -2;
+    if (gateway_upstream_set_op(gw, name, op) < 0)
+        return -1;
+    *state = pool_op_name(op);
+    return 0;
 }
 
 void gateway_adopt(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evutil_socket_t fd,
@@ -133,6 +156,7 @@ int gateway_start(struct vm_gateway *gw)
         gw->admin = admin_new(gw->base, gw->cfg, status_json, gw);
         if (!gw->admin)
             return -1;
+        admin_set_upstream_action(gw->admin, upstream_action);
     }
     for (int i = 0; i < gw->cfg->nlisteners; i++) {
         gw->listeners[i] = listener_new(gw->base, &gw->cfg->listeners[i], accept_client, gw);
@@ -193,6 +217,7 @@ void gateway_free(struct vm_gateway *gw)
     if (gw->cfg->sasl)
         auth_global_done();
     free(gw->rule_sessions);
+    free(gw->up_op);
     srccount_free(gw->unauth_by_source);
     free(gw->sessions);
     for (int i = 0; gw->upstream_tls && i < gw->cfg->nupstreams; i++)
@@ -312,6 +337,50 @@ struct vm_env *gateway_env(struct vm_gateway *gw)
 
 static void host_pool_check(void *owner, struct vm_pool *p);
 
+static int upstream_index(const struct vm_gateway *gw, const struct vm_upstream_cfg *up)
+{
+    for (int i = 0; i < gw->cfg->nupstreams; i++)
+        if (&gw->cfg->upstreams[i] == up)
+            return i;
+    return gw->cfg->nupstreams; /* not configured (tests): the spare slot, always ACTIVE */
+}
+
+int gateway_upstream_op(const struct vm_gateway *gw, const char *name)
+{
+    for (int i = 0; i < gw->cfg->nupstreams; i++)
+        if (strcmp(gw->cfg->upstreams[i].name, name) == 0)
+            return (int)gw->up_op[i];
+    return -1;
+}
+
+int gateway_upstream_set_op(struct vm_gateway *gw, const char *name, enum vm_upstream_op op)
+{
+    int i;
+    for (i = 0; i < gw->cfg->nupstreams; i++)
+        if (strcmp(gw->cfg->upstreams[i].name, name) == 0)
+            break;
+    if (i == gw->cfg->nupstreams)
+        return -1;
+    if (gw->up_op[i] != op)
+        vm_warn(NULL, "upstream %s: %s -> %s by an operator", name, pool_op_name(gw->up_op[i]),
+                pool_op_name(op));
+    gw->up_op[i] = op;
+    /* A pool told here may empty itself (a drain answered its last waiter): walk a copy. */
+    int n = 0;
+    struct pool_node *pn;
+    LIST_FOREACH(pn, &gw->pools, entry)
+        n++;
+    struct vm_pool **todo = vm_calloc((size_t)n + 1, sizeof(*todo));
+    n = 0;
+    LIST_FOREACH(pn, &gw->pools, entry)
+        if (!pn->dying && pool_upstream(pn->pool) == &gw->cfg->upstreams[i])
+            todo[n++] = pn->pool;
+    for (int k = 0; k < n; k++)
+        pool_set_op(todo[k], op);
+    free(todo);
+    return 0;
+}
+
 static void pool_maybe_empty(void *owner, struct vm_pool *p)
 {
     host_pool_check(owner, p);
@@ -338,6 +407,7 @@ static struct vm_pool *host_pool(void *owner, const struct vm_upstream_cfg *up, 
     n = vm_calloc(1, sizeof(*n));
     n->pool = pool_new(&gw->env, &gateway_pool_ops, gw, up, name, readonly,
                        gateway_upstream_tls(gw, up));
+    pool_set_op(n->pool, gw->up_op[upstream_index(gw, up)]);
     LIST_INSERT_HEAD(&gw->pools, n, entry);
     gw->npools++;
     return n->pool;
