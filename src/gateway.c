@@ -513,9 +513,11 @@ static const struct vm_session_host_ops gateway_host_ops = {
 
 void gateway_link_lost(struct vm_gateway *gw, struct vm_link *l, const char *why)
 {
-    /* Walk backwards: a session told here may leave the registry at once. */
+    /* Walk backwards: a session told here may leave the registry at once. One that can move
+     * to another READY link of its pool does so and never notices. */
     for (int i = gw->nsessions - 1; i >= 0; i--)
-        if (i < gw->nsessions && session_home(gw->sessions[i]) == l)
+        if (i < gw->nsessions && session_home(gw->sessions[i]) == l &&
+            session_rehome(gw->sessions[i]) < 0)
             session_upstream_lost(gw->sessions[i], why);
 }
 

@@ -675,6 +675,15 @@ void pool_cancel_call(struct vm_pool *p, struct vm_call *c)
     arm_qtimer(p);
 }
 
+struct vm_link *pool_rehome(struct vm_pool *p, struct vm_link *old)
+{
+    struct vm_link *l = least_referenced_ready(p);
+    if (!l || l == old)
+        return NULL;
+    link_ref(l);
+    return l;
+}
+
 void pool_release(struct vm_pool *p, struct vm_link *home)
 {
     link_unref(home);

@@ -82,6 +82,9 @@ void pool_cancel_open(struct vm_pool *p, struct vm_open_wait *w);
 void pool_submit(struct vm_pool *p, struct vm_link *home, struct vm_call *c);
 /* Remove a call still waiting in the queue (its client left). Does not free it. */
 void pool_cancel_call(struct vm_pool *p, struct vm_call *c);
+/* Another READY link than `old` for a session whose home is lost for good, with a reference
+ * taken for it; NULL when there is none. */
+struct vm_link *pool_rehome(struct vm_pool *p, struct vm_link *old);
 /* A session drops its reference on its home link. */
 void pool_release(struct vm_pool *p, struct vm_link *home);
 

@@ -405,3 +405,51 @@ def test_refused_name_is_not_reopened_per_retry(libvirtd, gateway):
     assert set(errors) == {(direct.value.get_error_code(), str(direct.value))}, \
         errors
     assert "virtmux" not in errors[0][1]
+
+
+# --------------------------------------------------------------------------
+# a home that never comes back
+# --------------------------------------------------------------------------
+
+def test_session_rehomed_when_its_link_gives_up(libvirtd, gateway,
+                                                connections):
+    """Two sessions homed on two upstream connections; libvirtd comes back
+    admitting one client only, so one connection never reconnects. After
+    give_up_s its session moves to the connection that did (no close
+    callback, no error) instead of being closed."""
+    lvd = libvirtd
+    gw = gateway(harness.make_config(
+        [harness.upstream_entry("hv1", lvd.direct_uri, max_connections=2,
+                                max_inflight=1, give_up_s=2,
+                                connect_timeout_ms=500)],
+        default_upstream="hv1", admin=True))
+    first = call_with_timeout(libvirt.open, gw.uri(), timeout=10)
+    connections.append(first)
+    # two calls at once with max_inflight 1: the pool opens a second link
+    lvd.sigstop()
+    calls = [start_call(first.lookupByName, "test") for _ in range(2)]
+    assert wait_until(lambda: gw.status()["totals"]["links"] == 2, 5)
+    lvd.sigcont()
+    for t, res in calls:
+        t.join(10)
+        assert res.error is None, res.error
+    # the second session is homed on the least used link: the new one
+    second = call_with_timeout(libvirt.open, gw.uri(), timeout=10)
+    connections.append(second)
+    homes = sorted(link["sessions"] for link in only_pool(gw)["links"])
+    assert homes == [1, 1], only_pool(gw)
+
+    lvd.stop()
+    lvd.extra_conf.update(max_clients=1, max_anonymous_clients=1)
+    lvd.start()
+    # one link gets libvirtd's only slot; the other's handshakes time out
+    # until it gives up, and its session moves over
+    assert wait_until(lambda: [link["sessions"]
+                               for link in only_pool(gw)["links"]] == [2],
+                      scaled(15)), only_pool(gw)
+    for c in (first, second):
+        assert call_with_timeout(
+            lambda: c.lookupByName("test").info()[0], timeout=10) == \
+            libvirt.VIR_DOMAIN_RUNNING
+    assert gw.status()["sessions"] == 2
+    assert "lost for good: now U#" in gw.log_text()
