@@ -460,6 +460,16 @@ void events_deliver(struct vm_events *ev, struct vm_link *l, const struct vm_hdr
 
 void events_link_ready(struct vm_events *ev, struct vm_link *l)
 {
+    if (ev->link && l != ev->link && link_state(ev->link) != VM_LINK_READY) {
+        /* The event link is still away (it may never come back: give_up_s) while another
+         * link of the pool is READY: the registrations move there. Nothing is in flight on
+         * the old one, its failure answered or idled every registration. */
+        struct vm_link *old = ev->link;
+        ev->link = l;
+        link_ref(l);
+        vm_info(link_tag(l), "takes over the event registrations from %s", link_tag(old));
+        link_unref(old); /* may free it */
+    }
     if (l != ev->link)
         return;
     int n = 0;

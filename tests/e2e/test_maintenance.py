@@ -412,11 +412,12 @@ def test_refused_name_is_not_reopened_per_retry(libvirtd, gateway):
 # --------------------------------------------------------------------------
 
 def test_session_rehomed_when_its_link_gives_up(libvirtd, gateway,
-                                                connections):
+                                                connections, strict_clients):
     """Two sessions homed on two upstream connections; libvirtd comes back
     admitting one client only, so one connection never reconnects. After
     give_up_s its session moves to the connection that did (no close
-    callback, no error) instead of being closed."""
+    callback, no error) instead of being closed, and the event
+    registrations live on whichever connection came back."""
     lvd = libvirtd
     gw = gateway(harness.make_config(
         [harness.upstream_entry("hv1", lvd.direct_uri, max_connections=2,
@@ -438,18 +439,30 @@ def test_session_rehomed_when_its_link_gives_up(libvirtd, gateway,
     connections.append(second)
     homes = sorted(link["sessions"] for link in only_pool(gw)["links"])
     assert homes == [1, 1], only_pool(gw)
+    strict = strict_clients(gw.uri())   # a third session, with an event
+    assert gw.event_counts() == (1, 1)
 
     lvd.stop()
     lvd.extra_conf.update(max_clients=1, max_anonymous_clients=1)
     lvd.start()
     # one link gets libvirtd's only slot; the other's handshakes time out
     # until it gives up, and its session moves over
-    assert wait_until(lambda: [link["sessions"]
-                               for link in only_pool(gw)["links"]] == [2],
-                      scaled(15)), only_pool(gw)
+    # (a link's "sessions" counts the event registrations' reference too)
+    assert wait_until(lambda: "lost for good: now U#" in gw.log_text()
+                      and len(only_pool(gw)["links"]) == 1, scaled(15)), \
+        only_pool(gw)
+    assert only_pool(gw)["links"][0]["sessions"] >= 3
     for c in (first, second):
         assert call_with_timeout(
             lambda: c.lookupByName("test").info()[0], timeout=10) == \
             libvirt.VIR_DOMAIN_RUNNING
-    assert gw.status()["sessions"] == 2
-    assert "lost for good: now U#" in gw.log_text()
+    assert gw.status()["sessions"] == 3
+    assert wait_until(lambda: gw.event_counts() == (1, 1), scaled(5))
+    seen = len(strict.state()["events"])
+    first.lookupByName("test").suspend()
+    assert wait_until(lambda: len(strict.state()["events"]) > seen,
+                      scaled(5)), "no event after the re-home"
+    first.lookupByName("test").resume()
+    strict.spawn("after")
+    assert wait_until(lambda: len(strict.results("after")) == 1, scaled(10))
+    assert_untouched(strict)
