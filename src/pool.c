@@ -86,6 +86,7 @@ static const struct vm_link_ops pool_link_ops;
 static void stream_wait_timeout(evutil_socket_t fd, short what, void *arg);
 static struct vm_link *least_referenced_ready(struct vm_pool *p);
 static void refusal_expired(evutil_socket_t fd, short what, void *arg);
+static int hold_ms(const struct vm_pool *p);
 static void pump(struct vm_pool *p);
 static void forget_refusal(struct vm_pool *p);
 static void remember_refusal(struct vm_pool *p, const void *payload, size_t n,
@@ -132,7 +133,7 @@ struct vm_pool *pool_new(struct vm_env *env, const struct vm_pool_ops *ops, void
     if (!p->name || !p->qtimer || !p->stimer || !p->rtimer)
         abort();
     snprintf(p->last_error, sizeof(p->last_error), "not connected yet");
-    p->events = events_new(env, up->name, ready_link_for_events, p);
+    p->events = events_new(env, up->name, ready_link_for_events, p, hold_ms(p));
     return p;
 }
 

@@ -63,13 +63,27 @@ def one_call(tag):
         results.append(res)
 
 
+def one_register(tag):
+    t0 = time.monotonic()
+    try:
+        cid = conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, lambda *a: None, None)
+        res = {"tag": tag, "ok": cid, "start": t0, "end": time.monotonic()}
+    except libvirt.libvirtError as e:
+        res = {"tag": tag, "error": [e.get_error_code(), str(e)], "start": t0,
+               "end": time.monotonic()}
+    with lock:
+        results.append(res)
+
+
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
     cmd = json.loads(line)
     op = cmd["op"]
     if op == "spawn":
+        fn = one_register if cmd.get("kind") == "register" else one_call
         for i in range(cmd["n"]):
-            threading.Thread(target=one_call, args=("%s%d" % (cmd["tag"], i),),
+            threading.Thread(target=fn, args=("%s%d" % (cmd["tag"], i),),
                              daemon=True).start()
         ans = {"spawned": cmd["n"]}
     elif op == "state":
@@ -107,8 +121,10 @@ class StrictClient:
         self.proc.stdin.flush()
         return self._read(10.0)
 
-    def spawn(self, tag, n=1):
-        return self.request(op="spawn", tag=tag, n=n)
+    def spawn(self, tag, n=1, kind="call"):
+        """n calls (kind "call": a domain lookup and info; "register": an
+        event registration) in threads of their own; results() has them."""
+        return self.request(op="spawn", tag=tag, n=n, kind=kind)
 
     def state(self):
         return self.request(op="state")
@@ -168,9 +184,10 @@ def assert_untouched(client):
 def test_strict_client_survives_libvirtd_restart(libvirtd, gateway,
                                                  strict_clients, connections):
     """libvirtd is down for 3 s: the strict client's calls issued during the
-    outage complete once it is back, its next call succeeds, its close
-    callback never fires, and its event registration is re-made upstream
-    (an event after the restart reaches it)."""
+    outage (an event registration among them) complete once it is back, its
+    next call succeeds, its close callback never fires, and its event
+    registration is re-made upstream (an event after the restart reaches
+    it)."""
     lvd = libvirtd
     gw = gateway(maint_config(lvd))
     client = strict_clients(gw.uri())
@@ -183,8 +200,10 @@ def test_strict_client_survives_libvirtd_restart(libvirtd, gateway,
     down_at = time.monotonic()
     time.sleep(0.3)
     client.spawn("during", n=3)
+    client.spawn("register", kind="register")
     time.sleep(max(0.0, down_at + 3.0 - time.monotonic()))
     assert client.results("during") == [], "answered while libvirtd was down"
+    assert client.results("register") == [], "answered while libvirtd was down"
     assert only_pool(gw).get("holding") is True
     lvd.start()
     up_at = time.monotonic()
@@ -194,12 +213,16 @@ def test_strict_client_survives_libvirtd_restart(libvirtd, gateway,
     for r in client.results("during"):
         assert r["ok"] == libvirt.VIR_DOMAIN_RUNNING, r
         assert r["end"] >= up_at - 0.05, r
+    assert wait_until(lambda: len(client.results("register")) == 1,
+                      scaled(10)), client.state()
+    assert "error" not in client.results("register")[0]
     client.spawn("after")
     assert wait_until(lambda: len(client.results("after")) == 1, scaled(10))
     assert_untouched(client)
 
-    # the lifecycle registration was re-made on the new libvirtd
-    assert wait_until(lambda: gw.event_counts() == (1, 1), scaled(5)), \
+    # the lifecycle registration was re-made on the new libvirtd, the
+    # reboot one made there
+    assert wait_until(lambda: gw.event_counts() == (2, 2), scaled(5)), \
         gw.event_counts()
     other = call_with_timeout(libvirt.open, gw.uri(), timeout=10)
     connections.append(other)
@@ -239,6 +262,31 @@ def test_call_held_past_the_hold_fails_clearly(libvirtd, gateway,
                       scaled(10))
     assert call_with_timeout(dom.info, timeout=10)[0] == \
         libvirt.VIR_DOMAIN_RUNNING
+
+
+def test_event_registration_held_past_the_hold_fails_clearly(
+        libvirtd, gateway, strict_clients):
+    """An event registration made while the event link reconnects waits
+    like a call, and fails after the hold with a clear error."""
+    lvd = libvirtd
+    gw = gateway(maint_config(lvd, reconnect_hold_ms=1500))
+    client = strict_clients(gw.uri())     # holds a lifecycle registration
+    lvd.stop()
+    time.sleep(0.3)
+    client.spawn("register", kind="register")
+    assert wait_until(lambda: len(client.results("register")) == 1,
+                      scaled(10))
+    r, = client.results("register")
+    took = r["end"] - r["start"]
+    assert r["error"][0] == libvirt.VIR_ERR_INTERNAL_ERROR, r
+    assert "cannot reach upstream hv1 for event registration (the call " \
+        "waited 1500 ms)" in r["error"][1], r
+    assert 1.3 <= took <= 1.5 + scaled(2.0), took
+    lvd.start()
+    client.spawn("after")
+    assert wait_until(lambda: len(client.results("after")) == 1, scaled(10))
+    assert "error" not in client.results("after")[0]
+    assert client.state()["closed"] == []
 
 
 def test_no_hold_fails_at_once(libvirtd, gateway, connections):
