@@ -20,7 +20,8 @@
  * a waiting call's deadline is then the earlier of its queue deadline and
  * max(queued_at, held_since) + reconnect_hold_ms. Both are in arrival order, so the queue
  * head always has the first deadline. Calls that were in flight when a link died are not
- * the pool's: the link fails them at once (they may have run). New OPENs are not held.
+ * the pool's: the link fails them at once (they may have run). New OPENs wait the same way
+ * (their vm_open_wait gets the deadline).
  */
 #include "pool.h"
 
@@ -77,6 +78,7 @@ struct vm_pool {
     size_t nrefusal;
     char refusal_msg[600];
     struct event *rtimer;               /* owned: forgets the refusal */
+    struct event *otimer;               /* owned: fires at the first held open's deadline */
 };
 
 static void queue_timeout(evutil_socket_t fd, short what, void *arg);
@@ -87,6 +89,11 @@ static void stream_wait_timeout(evutil_socket_t fd, short what, void *arg);
 static struct vm_link *least_referenced_ready(struct vm_pool *p);
 static void refusal_expired(evutil_socket_t fd, short what, void *arg);
 static int hold_ms(const struct vm_pool *p);
+static void open_hold_timeout(evutil_socket_t fd, short what, void *arg);
+static void hold_waiters(struct vm_pool *p);
+static void arm_for(struct vm_pool *p, struct event *timer, const struct timeval *deadline);
+static int held(const struct vm_pool *p);
+static int any_retrying(struct vm_pool *p);
 static void pump(struct vm_pool *p);
 static void forget_refusal(struct vm_pool *p);
 static void remember_refusal(struct vm_pool *p, const void *payload, size_t n,
@@ -129,8 +136,9 @@ struct vm_pool *pool_new(struct vm_env *env, const struct vm_pool_ops *ops, void
     p->qtimer = evtimer_new(env->base, queue_timeout, p);
     p->stimer = evtimer_new(env->base, stream_wait_timeout, p);
     p->rtimer = evtimer_new(env->base, refusal_expired, p);
+    p->otimer = evtimer_new(env->base, open_hold_timeout, p);
     TAILQ_INIT(&p->swait);
-    if (!p->name || !p->qtimer || !p->stimer || !p->rtimer)
+    if (!p->name || !p->qtimer || !p->stimer || !p->rtimer || !p->otimer)
         abort();
     snprintf(p->last_error, sizeof(p->last_error), "not connected yet");
     p->events = events_new(env, up->name, ready_link_for_events, p, hold_ms(p));
@@ -156,6 +164,7 @@ void pool_free(struct vm_pool *p)
     event_free(p->qtimer);
     event_free(p->stimer);
     event_free(p->rtimer);
+    event_free(p->otimer);
     free(p->refusal);
     free(p->waiters);
     free(p->name);
@@ -327,6 +336,11 @@ void pool_open(struct vm_pool *p, struct vm_open_wait *w)
             abort();
     }
     p->waiters[p->nwaiters++] = w;
+    evutil_timerclear(&w->deadline);
+    if (held(p) && p->op != VM_UP_PAUSED && any_retrying(p)) {
+        hold_waiters(p); /* libvirtd is restarting: the links retry on their own timers */
+        return;
+    }
     ensure_connecting(p);
 }
 
@@ -342,6 +356,50 @@ void pool_cancel_open(struct vm_pool *p, struct vm_open_wait *w)
     }
 }
 
+/* Arm the open timer for the first held waiter's deadline, or disarm it. */
+static void arm_otimer(struct vm_pool *p)
+{
+    const struct timeval *first = NULL;
+    for (int i = 0; i < p->nwaiters; i++) {
+        const struct timeval *d = &p->waiters[i]->deadline;
+        if (evutil_timerisset(d) && (!first || evutil_timercmp(d, first, <)))
+            first = d;
+    }
+    arm_for(p, p->otimer, first);
+}
+
+/* Every waiting OPEN without a deadline gets one: now + the hold. */
+static void hold_waiters(struct vm_pool *p)
+{
+    struct timeval now, add = {hold_ms(p) / 1000, (hold_ms(p) % 1000) * 1000};
+    event_base_gettimeofday_cached(p->env->base, &now);
+    for (int i = 0; i < p->nwaiters; i++)
+        if (!evutil_timerisset(&p->waiters[i]->deadline))
+            evutil_timeradd(&now, &add, &p->waiters[i]->deadline);
+    arm_otimer(p);
+}
+
+static void open_hold_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    struct vm_pool *p = arg;
+    struct timeval now;
+    event_base_gettimeofday_cached(p->env->base, &now);
+    char why[600], msg[700];
+    unavailable_message(p, why, sizeof(why));
+    snprintf(msg, sizeof(msg), "%s (the open waited %d ms)", why, hold_ms(p));
+    for (int i = 0; i < p->nwaiters;) {
+        struct vm_open_wait *w = p->waiters[i];
+        if (!evutil_timerisset(&w->deadline) || evutil_timercmp(&now, &w->deadline, <)) {
+            i++;
+            continue;
+        }
+        pool_cancel_open(p, w);
+        w->done(w, NULL, NULL, 0, msg);
+    }
+    arm_otimer(p);
+    p->ops->maybe_empty(p->owner, p);
+}
+
 /* Answer every waiting OPEN with a failure. */
 static void fail_waiters(struct vm_pool *p, const void *err_payload, size_t n, const char *message)
 {
@@ -350,6 +408,7 @@ static void fail_waiters(struct vm_pool *p, const void *err_payload, size_t n, c
         pool_cancel_open(p, w);
         w->done(w, NULL, err_payload, n, message);
     }
+    arm_otimer(p);
 }
 
 /* ---- the queue ---- */
@@ -768,6 +827,7 @@ static void on_link_ready(void *owner, struct vm_link *l)
         link_ref(home);
         w->done(w, home, NULL, 0, NULL);
     }
+    arm_otimer(p);
     pump(p);
 }
 
@@ -798,10 +858,10 @@ static void on_link_down(void *owner, struct vm_link *l, const void *err_payload
     if (err_payload) {
         remember_refusal(p, err_payload, n, message);
     } else if (holding(p)) {
-        /* libvirtd is away (restarting?) and a link keeps trying: queued and new calls wait
-         * for it up to the hold; OPENs of new sessions are not held. */
+        /* libvirtd is away (restarting?) and a link keeps trying: queued and new calls, and
+         * OPENs of new sessions, wait for it up to the hold. */
         hold_begin(p);
-        fail_waiters(p, NULL, 0, msg);
+        hold_waiters(p);
         return;
     }
     fail_waiters(p, err_payload, n, err_payload ? message : msg);

@@ -36,6 +36,7 @@ struct vm_pool_ops {
 struct vm_open_wait {
     void (*done)(struct vm_open_wait *w, struct vm_link *home, const void *err, size_t n,
                  const char *message);
+    struct timeval deadline; /* the pool's: a held open gives up then (cleared: not held) */
 };
 
 /* What an operator made of an upstream; every pool of that upstream follows it.

@@ -201,7 +201,10 @@ def test_strict_client_survives_libvirtd_restart(libvirtd, gateway,
     time.sleep(0.3)
     client.spawn("during", n=3)
     client.spawn("register", kind="register")
+    # a new connection opened during the outage waits as well
+    opener, opening = start_call(libvirt.open, gw.uri())
     time.sleep(max(0.0, down_at + 3.0 - time.monotonic()))
+    assert opener.is_alive(), opening.error
     assert client.results("during") == [], "answered while libvirtd was down"
     assert client.results("register") == [], "answered while libvirtd was down"
     assert only_pool(gw).get("holding") is True
@@ -216,6 +219,11 @@ def test_strict_client_survives_libvirtd_restart(libvirtd, gateway,
     assert wait_until(lambda: len(client.results("register")) == 1,
                       scaled(10)), client.state()
     assert "error" not in client.results("register")[0]
+    opener.join(scaled(10))
+    assert opening.error is None, opening.error
+    connections.append(opening.value)
+    assert opening.value.lookupByName("test").info()[0] == \
+        libvirt.VIR_DOMAIN_RUNNING
     client.spawn("after")
     assert wait_until(lambda: len(client.results("after")) == 1, scaled(10))
     assert_untouched(client)
@@ -256,6 +264,14 @@ def test_call_held_past_the_hold_fails_clearly(libvirtd, gateway,
     assert e.get_error_code() == libvirt.VIR_ERR_INTERNAL_ERROR, str(e)
     assert "virtmux cannot reach upstream hv1" in str(e), str(e)
     assert "(the call waited 1500 ms)" in str(e), str(e)
+    assert 1.3 <= took <= 1.5 + scaled(2.0), took
+    # a new session's open waits the same, then fails the same way
+    t0 = time.monotonic()
+    with pytest.raises(libvirt.libvirtError) as ei:
+        call_with_timeout(libvirt.open, gw.uri(), timeout=scaled(10))
+    took = time.monotonic() - t0
+    assert "virtmux cannot reach upstream hv1" in str(ei.value), str(ei.value)
+    assert "(the open waited 1500 ms)" in str(ei.value), str(ei.value)
     assert 1.3 <= took <= 1.5 + scaled(2.0), took
     lvd.start()
     assert wait_until(lambda: only_pool(gw).get("holding") is False,

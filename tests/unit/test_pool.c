@@ -503,6 +503,35 @@ static void test_drain(void)
     teardown(&f);
 }
 
+/* While the pool is held for a reconnect, a new session's OPEN waits too: answered when the
+ * link is back, or failed after the hold. */
+static void test_open_held(void)
+{
+    struct fixture f;
+    setup_hold(&f, 2, 30000, 5000);
+    home_link_goes_down(&f, 0);
+    opened = open_failed = 0;
+    struct vm_open_wait w = {.done = open_done};
+    pool_open(f.p, &w);
+    CHECK(opened == 0 && open_failed == 0 && nmade == 1);
+    made[0]->state = VM_LINK_CONNECTING;
+    make_ready(made[0]);
+    CHECK(opened == 1);
+    pool_release(f.p, made[0]);
+    teardown(&f);
+
+    setup_hold(&f, 1, 30000, 50);
+    home_link_goes_down(&f, 0);
+    opened = open_failed = 0;
+    pool_open(f.p, &w);
+    CHECK(opened == 0 && open_failed == 0);
+    run_loop(&f, 300);
+    CHECK(open_failed == 1);
+    CHECK(strstr(open_msg, "cannot reach upstream hv1") != NULL);
+    CHECK(strstr(open_msg, "(the open waited 50 ms)") != NULL);
+    teardown(&f);
+}
+
 /* libvirtd refused the name: the next OPENs get the same refusal without a new link, for
  * VM_REFUSAL_CACHE_MS; the pool is not empty meanwhile. */
 static void test_refusal_cached(void)
@@ -540,5 +569,6 @@ int main(void)
     test_pause_hold_expires();
     test_drain();
     test_refusal_cached();
+    test_open_held();
     return check_done();
 }
