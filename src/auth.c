@@ -29,6 +29,8 @@ struct vm_sasl {
     unsigned maxout;
     char user[256];
     char source[64];
+    char mech[32];                 /* the mechanism the client chose at START, or "" */
+    int limited;                   /* the last attempt was refused: too many failures */
 };
 
 /* ---- process-wide state: cyrus-sasl options and the failure table ---- */
@@ -295,7 +297,9 @@ int auth_handle(struct vm_sasl *a, const struct vm_hdr *h, const uint8_t *args, 
                        "authentication failed: SASL authentication not initialised");
         return -1;
     }
+    a->limited = 0;
     if (blocked(a)) {
+        a->limited = 1;
         vm_warn(tag, "SASL attempt from %s refused: too many failures", a->source);
         if (a->conn)
             sasl_dispose(&a->conn);
@@ -319,6 +323,7 @@ int auth_handle(struct vm_sasl *a, const struct vm_hdr *h, const uint8_t *args, 
             return -1;
         }
         a->started = 1;
+        snprintf(a->mech, sizeof(a->mech), "%s", mech);
         vm_debug(tag, "SASL start, mechanism %s", mech);
         rc = sasl_server_start(a->conn, mech, nil ? NULL : (const char *)data, dlen, &outdata,
                                &outlen);
@@ -335,6 +340,16 @@ int auth_handle(struct vm_sasl *a, const struct vm_hdr *h, const uint8_t *args, 
         return -1;
     }
     return finish_step(a, rc, outdata, outlen, h, out, tag);
+}
+
+const char *auth_mechanism(const struct vm_sasl *a)
+{
+    return a->mech[0] ? a->mech : NULL;
+}
+
+int auth_was_limited(const struct vm_sasl *a)
+{
+    return a->limited;
 }
 
 /* ---- the security layer (both directions, server or client connection) ---- */

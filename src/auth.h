@@ -38,6 +38,10 @@ void auth_free(struct vm_sasl *a);
 int auth_handle(struct vm_sasl *a, const struct vm_hdr *h, const uint8_t *args, size_t n,
                 struct evbuffer *out, const char *tag);
 const char *auth_user(const struct vm_sasl *a);
+/* The mechanism the client named at AUTH_SASL_START (its text, unchecked), or NULL. */
+const char *auth_mechanism(const struct vm_sasl *a);
+/* The last auth_handle failure was the per-source failure limit (sasl.max_failures). */
+int auth_was_limited(const struct vm_sasl *a);
 /* Negotiated security strength; > 0 means the stream must be encoded from now on. */
 int auth_ssf(const struct vm_sasl *a);
 /* Wrap `under` in a filter doing SASL encode/decode with `a` (which must outlive it). */

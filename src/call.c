@@ -61,6 +61,8 @@ static void destroy(struct vm_call *c)
 
 void call_free(struct vm_call *c)
 {
+    free(c->grant_note);
+    c->grant_note = NULL;
     if (ncache >= CACHE_MAX || !c->pkt) {
         destroy(c);
         return;

@@ -41,9 +41,14 @@ struct vm_call {
     uint32_t up_serial;         /* serial on the upstream connection */
     struct timeval deadline;    /* when waiting in the pool queue must end */
     struct timeval queued_at;   /* when it entered the pool queue (the reconnect hold) */
+    uint64_t t0_ns;             /* when the client's call was handed on (latency metrics) */
     vm_call_done_fn done;       /* NULL once swallowed */
     void *done_arg;
     int internal;               /* the gateway's own call (event registration), not a client's */
+    uint8_t grant_filter;       /* session: the reply goes through grant_filter_reply */
+    uint32_t grant_aux;         /* session: what grant_filter_reply needs to know */
+    char *grant_note;           /* owned, freed with the call: what the call asked for, for
+                                 * grant_filter_reply's wording (NULL mostly) */
     struct vm_fair *fair;       /* its owner's place in pool queues; NULL: the pool's own */
     TAILQ_ENTRY(vm_call) qentry; /* pool queue, in arrival order (deadlines) */
     TAILQ_ENTRY(vm_call) fentry; /* its owner's waiting calls (fair->calls) */

@@ -1,6 +1,7 @@
 #include "config.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <grp.h>
 #include <pwd.h>
 #include <stdarg.h>
@@ -177,6 +178,42 @@ static void check_private(struct parse_ctx *ctx, const char *path, const char *f
         return;
     cfg_error(ctx, path, "\"%s\" holds a secret but other users may read or write it "
               "(mode %04o): chmod o-rw it", file, (unsigned)(st.st_mode & 07777));
+}
+
+/* The admin endpoint's bearer token: the file's first line, read once at start. Only its owner
+ * may read it (not even the group: nothing but the gateway needs it). */
+static char *read_token(struct parse_ctx *ctx, const char *path, const char *file)
+{
+    struct stat st;
+    FILE *f = fopen(file, "r");
+    if (!f || fstat(fileno(f), &st) < 0) {
+        cfg_error(ctx, path, "cannot read \"%s\": %s", file, strerror(errno));
+        if (f)
+            fclose(f);
+        return NULL;
+    }
+    if (st.st_mode & (S_IRGRP | S_IWGRP | S_IROTH | S_IWOTH)) {
+        cfg_error(ctx, path, "\"%s\" holds the admin token but its group or other users may "
+                  "read or write it (mode %04o): chmod go-rw it", file,
+                  (unsigned)(st.st_mode & 07777));
+        fclose(f);
+        return NULL;
+    }
+    char buf[1024];
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    buf[strcspn(buf, "\r\n")] = '\0';
+    size_t len = strlen(buf);
+    int ok = len >= 16 && len < sizeof(buf) - 2;
+    for (size_t i = 0; ok && i < len; i++)
+        ok = buf[i] > ' ' && buf[i] < 0x7f; /* a header value: printable, no spaces */
+    char *tok = ok ? vm_strdup(buf) : NULL;
+    explicit_bzero(buf, sizeof(buf));
+    if (!ok)
+        cfg_error(ctx, path, "\"%s\" must hold one line of 16 to 1000 printable characters "
+                  "without spaces (the token)", file);
+    return tok;
 }
 
 static struct vm_tls_cfg *parse_tls(struct parse_ctx *ctx, const char *path, json_t *o, int server)
@@ -450,6 +487,35 @@ static int parse_cidr(const char *s, struct vm_rule *r)
     return 0;
 }
 
+/* A grant's "domains", "networks" or "storage_pools": globs on the object's name, "!glob" to
+ * exclude. Stored NULL-terminated as given; NULL when absent (every object). */
+static char **parse_names(struct parse_ctx *ctx, const char *path, json_t *o, const char *key)
+{
+    json_t *doms = json_object_get(o, key);
+    if (!doms)
+        return NULL;
+    char p[160];
+    snprintf(p, sizeof(p), "%s.%s", path, key);
+    if (!json_is_array(doms) || json_array_size(doms) == 0 || json_array_size(doms) > 256) {
+        cfg_error(ctx, p, "must be an array of 1 to 256 name patterns (\"web-*\", \"!web-secret\")");
+        return NULL;
+    }
+    char **out = vm_calloc(json_array_size(doms) + 1, sizeof(char *));
+    size_t i, n = 0;
+    json_t *v;
+    json_array_foreach(doms, i, v) {
+        const char *pat = json_is_string(v) ? json_string_value(v) : NULL;
+        size_t len = pat ? strlen(pat) : 0;
+        if (!pat || len == 0 || (pat[0] == '!' && len == 1) || len > 256) {
+            cfg_error(ctx, p, "entry %zu must be a non-empty name pattern of at most 256 "
+                              "characters", i);
+            continue;
+        }
+        out[n++] = vm_strdup(pat);
+    }
+    return out;
+}
+
 /* The grant part of a rule (or of policy.default). */
 static void parse_grant(struct parse_ctx *ctx, const char *path, json_t *o, struct vm_rule *r,
                         const struct vm_config *cfg)
@@ -457,6 +523,9 @@ static void parse_grant(struct parse_ctx *ctx, const char *path, json_t *o, stru
     r->deny = get_bool(ctx, path, o, "deny", 0);
     r->readonly = get_bool(ctx, path, o, "readonly", 0);
     r->max_sessions = get_int(ctx, path, o, "max_sessions", 0, 0, 1000000);
+    r->domains = parse_names(ctx, path, o, "domains");
+    r->networks = parse_names(ctx, path, o, "networks");
+    r->storage_pools = parse_names(ctx, path, o, "storage_pools");
     json_t *ups = json_object_get(o, "upstreams");
     char p[160];
     snprintf(p, sizeof(p), "%s.upstreams", path);
@@ -486,8 +555,10 @@ static void parse_policy(struct parse_ctx *ctx, json_t *pol, struct vm_config *c
 {
     static const char *const keys[] = {"default", "rules", NULL};
     static const char *const rule_keys[] = {"match", "deny", "readonly", "upstreams",
-                                            "max_sessions", NULL};
-    static const char *const grant_keys[] = {"deny", "readonly", "upstreams", "max_sessions", NULL};
+                                            "max_sessions", "domains", "networks",
+                                            "storage_pools", NULL};
+    static const char *const grant_keys[] = {"deny", "readonly", "upstreams", "max_sessions",
+                                             "domains", "networks", "storage_pools", NULL};
     static const char *const match_keys[] = {"listener", "source", "unix_uid", "unix_gid",
                                              "sasl_user", "tls_dn", NULL};
     cfg->policy_present = 1;
@@ -583,7 +654,7 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
                                             "service_host", "max_failures",
                                             "failure_window_s", NULL};
     static const char *const events_keys[] = {"max_queue_bytes", "max_per_session", NULL};
-    static const char *const admin_keys[] = {"address", "unix", NULL};
+    static const char *const admin_keys[] = {"address", "unix", "token_file", NULL};
     static const char *const limit_keys[] = {"max_clients", "queue_timeout_ms",
                                              "max_client_requests", "max_unauthenticated",
                                              "max_unauthenticated_per_source",
@@ -759,6 +830,9 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
             cfg->admin_address = vm_strdup(a);
         if (u)
             cfg->admin_unix = vm_strdup(u);
+        const char *t = get_string(ctx, "admin", admin, "token_file", 0);
+        if (t)
+            cfg->admin_token = read_token(ctx, "admin.token_file", t);
     }
 
     parse_process(ctx, get_object(ctx, "", root, "process"), cfg);
@@ -817,6 +891,13 @@ static void rule_clear(struct vm_rule *r)
         for (char **u = r->upstreams; *u; u++)
             free(*u);
     free(r->upstreams);
+    char **lists[] = {r->domains, r->networks, r->storage_pools};
+    for (size_t i = 0; i < sizeof(lists) / sizeof(lists[0]); i++) {
+        if (lists[i])
+            for (char **d = lists[i]; *d; d++)
+                free(*d);
+        free(lists[i]);
+    }
 }
 
 void config_free(struct vm_config *cfg)
@@ -837,6 +918,10 @@ void config_free(struct vm_config *cfg)
     }
     free(cfg->admin_address);
     free(cfg->admin_unix);
+    if (cfg->admin_token) {
+        explicit_bzero(cfg->admin_token, strlen(cfg->admin_token));
+        free(cfg->admin_token);
+    }
     free(cfg->process_user);
     free(cfg->process_group);
     for (int i = 0; i < cfg->nlisteners; i++) {

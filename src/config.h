@@ -56,8 +56,13 @@
  *                          address; the uid for unix clients)
  *   upstreams[].tls        {cert, key, ca, crl, no_verify, server_name} for DRIVER+tls:// URIs
  *   upstreams[].sasl       {username, password_file}: when libvirtd asks for SASL
- *   admin.address          "host:port" of the HTTP status endpoint (GET /status), optional
+ *   admin.address          "host:port" of the HTTP admin endpoint (GET /status, /metrics,
+ *                          /healthz, POST /sessions/ID/disconnect), optional
  *   admin.unix             or a unix socket path for it
+ *   admin.token_file       file whose first line is a bearer token (16..1000 printable
+ *                          characters), read at start; then every admin request needs
+ *                          "Authorization: Bearer TOKEN". Refused if its group or other users
+ *                          may read or write it (mode & 0066)
  *   process.user           user name to run as once listeners are bound and keys read
  *                          (needs root at start), optional; the sasldb, keytab and upstream
  *                          password files must be readable by it
@@ -74,6 +79,10 @@
  *     .readonly            bool, false
  *     .upstreams           ["hv1", ...] or "*", "*"
  *     .max_sessions        int, unlimited: open sessions under this rule at once
+ *     .domains             ["web-*", "!web-secret"], all: the domains the session may see and
+ *                          touch (globs; a name is granted when it matches a pattern and no
+ *                          "!" pattern); see src/grant.h
+ *     .networks / .storage_pools   the same for networks and storage pools (and volumes)
  */
 #ifndef VM_CONFIG_H
 #define VM_CONFIG_H
@@ -128,6 +137,9 @@ struct vm_rule {
     int readonly;
     char **upstreams;       /* NULL-terminated; NULL = all upstreams */
     int max_sessions;       /* 0 = unlimited */
+    char **domains;         /* NULL-terminated globs, "!glob" excludes; NULL = all domains */
+    char **networks;        /* the same for networks */
+    char **storage_pools;   /* and for storage pools (and their volumes) */
 };
 
 struct vm_listener_cfg {
@@ -182,6 +194,7 @@ struct vm_config {
     struct vm_sasl_cfg *sasl; /* needed by listeners with SASL */
     char *admin_address;    /* HTTP status endpoint, or NULL */
     char *admin_unix;
+    char *admin_token;      /* admin.token_file's token (secret), or NULL: no token needed */
     char *process_user;     /* drop to this user after start-up, or NULL */
     char *process_group;    /* ... and this group (NULL: the user's primary group) */
     int policy_present;     /* a policy section was given */

@@ -9,6 +9,7 @@
 #include <event2/bufferevent.h>
 #include <event2/event.h>
 
+#include "metrics.h"
 #include "util.h"
 
 /* Encoded bytes a SASL layer may queue in the socket's buffer before the plaintext waits. */
@@ -33,6 +34,7 @@ struct vm_conn {
     int raw;                     /* ops->raw reads the input first */
     void (*watch)(struct evbuffer *, const struct evbuffer_cb_info *, void *);
     void *watch_arg;
+    struct vm_bytes *bytes;      /* not owned: packet bytes in and out are added here */
 };
 
 static void watch_hangup(struct vm_conn *c, int on);
@@ -74,6 +76,8 @@ static void process(struct vm_conn *c)
         struct evbuffer *pkt = c->pkt;
         evbuffer_drain(pkt, evbuffer_get_length(pkt)); /* what an owner left last time */
         evbuffer_remove_buffer(in, pkt, len);
+        if (c->bytes)
+            c->bytes->in += len;
         struct vm_hdr h;
         wire_hdr_peek(pkt, &h);
         c->in_packet = 1;
@@ -102,10 +106,12 @@ static void write_cb(struct bufferevent *bev, void *arg)
         c->ops->drained(c->owner, c);
 }
 
-/* Output was appended to a plain socket's buffer: write it at the end of this turn. */
+/* Output was appended (counted); on a plain socket, write it at the end of this turn. */
 static void output_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg)
 {
     struct vm_conn *c = arg;
+    if (c->bytes)
+        c->bytes->out += info->n_added;
     if (info->n_added && c->plain && !c->flush_pending) {
         c->flush_pending = 1;
         event_active(c->flush, 0, 0);
@@ -161,8 +167,8 @@ static void install(struct vm_conn *c)
          * (a unix socket may even connect at once and only signal it through it). */
         if (c->connected)
             bufferevent_disable(c->bev, EV_WRITE);
-        evbuffer_add_cb(bufferevent_get_output(c->bev), output_cb, c);
     }
+    evbuffer_add_cb(bufferevent_get_output(c->bev), output_cb, c);
     bufferevent_setwatermark(c->bev, EV_WRITE, c->low_mark, 0);
     if (c->watch)
         evbuffer_add_cb(bufferevent_get_output(c->bev), c->watch, c->watch_arg);
@@ -212,6 +218,11 @@ void conn_free(struct vm_conn *c)
     watch_hangup(c, 0);
     bufferevent_free(c->bev);
     free(c);
+}
+
+void conn_count_bytes(struct vm_conn *c, struct vm_bytes *bytes)
+{
+    c->bytes = bytes;
 }
 
 struct evbuffer *conn_output(struct vm_conn *c)
@@ -333,6 +344,8 @@ int conn_push_filter(struct vm_conn *c,
     bufferevent_setwatermark(under, EV_WRITE, cap / 2, cap);
     if (c->watch)
         evbuffer_remove_cb(bufferevent_get_output(under), c->watch, c->watch_arg);
+    /* Packet bytes are counted above the layer, where they are plaintext. */
+    evbuffer_remove_cb(bufferevent_get_output(under), output_cb, c);
     c->bev = f; /* the filter owns the one below */
     install(c);
     return 0;

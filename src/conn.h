@@ -51,6 +51,10 @@ struct vm_conn *conn_new(struct bufferevent *bev, const struct vm_conn_ops *ops,
 /* Close the socket and free the connection now. Never touch `c` after this. */
 void conn_free(struct vm_conn *c);
 
+/* Add the length of every packet read and every byte queued for writing to `bytes` (not
+ * owned; it must outlive the connection), above any TLS or SASL layer. */
+struct vm_bytes;
+void conn_count_bytes(struct vm_conn *c, struct vm_bytes *bytes);
 struct evbuffer *conn_output(struct vm_conn *c);
 size_t conn_output_length(const struct vm_conn *c);
 /* The bufferevent on top (TLS state, timeouts, connect). Changes when a filter is pushed. */

@@ -11,6 +11,7 @@
 #include "config.h"
 #include "env.h"
 #include "log.h"
+#include "metrics.h"
 #include "proc.h"
 #include "upstream.h"
 #include "util.h"
@@ -63,6 +64,7 @@ struct vm_events {
     int dying;              /* the pool is being freed: calls finishing now change nothing */
     int hold_ms;            /* how long a registration waits for a reconnecting event link */
     struct event *htimer;   /* owned: fires at the first held registration's deadline */
+    int mup;                /* metrics slot of the upstream */
 };
 
 static void hold_timeout(evutil_socket_t fd, short what, void *arg);
@@ -79,6 +81,7 @@ struct vm_events *events_new(struct vm_env *env, const char *upstream, vm_ready_
     ev->upstream = upstream;
     ev->ready_link = ready_link;
     ev->owner = owner;
+    ev->mup = metrics_upstream(env->metrics, upstream);
     TAILQ_INIT(&ev->regs);
     return ev;
 }
@@ -387,6 +390,8 @@ void events_subscribe(struct vm_events *ev, struct vm_peer *c, const struct vm_h
         mine++;
     int max = ev->env->cfg->event_max_per_session;
     if (mine >= max) {
+        metrics_limit(ev->env->metrics, VM_LIMIT_EVENTS_PER_SESSION);
+        metrics_error_code(ev->env->metrics, VIR_ERR_OPERATION_FAILED);
         char msg[200];
         snprintf(msg, sizeof(msg), "operation failed: this connection already holds %d event "
                  "registrations (virtmux events.max_per_session)", max);
@@ -504,10 +509,12 @@ void events_deliver(struct vm_events *ev, struct vm_link *l, const struct vm_hdr
     /* Deliver to every subscriber, then cut off those that stopped reading. */
     struct vm_peer **overflow = NULL;
     int nover = 0, capover = 0;
+    unsigned delivered = 0;
     struct vm_sub *sub;
     TAILQ_FOREACH(sub, &r->subs, reg_entry) {
         if (sub->pending)
             continue;
+        delivered++;
         raw[28] = (uint8_t)((uint32_t)sub->client_id >> 24);
         raw[29] = (uint8_t)((uint32_t)sub->client_id >> 16);
         raw[30] = (uint8_t)((uint32_t)sub->client_id >> 8);
@@ -522,8 +529,11 @@ void events_deliver(struct vm_events *ev, struct vm_link *l, const struct vm_hdr
             overflow[nover++] = sub->c;
         }
     }
+    metrics_events_delivered(ev->env->metrics, ev->mup, delivered - (unsigned)nover);
     for (int i = 0; i < nover; i++) {
         ev->cut_off++;
+        metrics_limit(ev->env->metrics, VM_LIMIT_EVENT_QUEUE_BYTES);
+        metrics_subscriber_dropped(ev->env->metrics, ev->mup);
         vm_warn(overflow[i]->tag, "event queue overflow: subscriber cut off, it does "
                 "not read (%lu so far)", ev->cut_off);
         overflow[i]->ops->close(overflow[i], "event queue overflow: the client does not read");

@@ -9,10 +9,13 @@
  */
 #include "gateway.h"
 
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/queue.h>
+#include <time.h>
 
+#include <event2/buffer.h>
 #include <event2/event.h>
 
 #include "admin.h"
@@ -23,6 +26,7 @@
 #include "env.h"
 #include "listener.h"
 #include "log.h"
+#include "metrics.h"
 #include "pool.h"
 #include "reap.h"
 #include "session.h"
@@ -51,6 +55,7 @@ struct vm_gateway {
     struct vm_reaper *reaper;    /* owned */
     struct event *trim;          /* owned: gives back unused recycled call records */
     struct vm_audit *audit;      /* owned */
+    struct vm_metrics *metrics;  /* owned: counters for GET /metrics */
     struct vm_admin *admin;      /* owned, optional */
     int *rule_sessions;          /* owned: open sessions per rule; last slot = default */
     SSL_CTX **upstream_tls;       /* owned: per upstream, NULL unless tls:// */
@@ -85,9 +90,15 @@ struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
     if (!gw->trim || event_add(gw->trim, &every) < 0)
         abort();
     gw->audit = audit_new();
+    gw->metrics = metrics_new();
+    /* Every configured upstream and listener has its counters from the start (at zero). */
+    for (int i = 0; i < cfg->nupstreams; i++)
+        (void)metrics_upstream(gw->metrics, cfg->upstreams[i].name);
+    for (int i = 0; i < cfg->nlisteners; i++)
+        (void)metrics_listener(gw->metrics, cfg->listeners[i].name);
     TAILQ_INIT(&gw->retiring);
     gw->env = (struct vm_env){.base = base, .reaper = gw->reaper, .cfg = cfg, .audit = gw->audit,
-                              .retiring = &gw->retiring};
+                              .metrics = gw->metrics, .retiring = &gw->retiring};
     gw->host = (struct vm_session_host){.ops = &gateway_host_ops, .owner = gw, .env = &gw->env};
     gw->rule_sessions = calloc((size_t)cfg->nrules + 1, sizeof(int));
     gw->unauth_by_source = srccount_new();
@@ -97,7 +108,7 @@ struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
     return gw;
 }
 
-static json_t *status_json(void *owner)
+static json_t *admin_status(void *owner)
 {
     return gateway_status_json(owner);
 }
@@ -122,6 +133,39 @@ static int upstream_action(void *owner, const char *name, const char *action, co
     *state = pool_op_name(op);
     return 0;
 }
+
+/* Serving from gateway_start until the loop stops; a drain will answer 503 "draining" here so
+ * that load balancers send new clients elsewhere. */
+static int admin_health(void *owner, const char **word)
+{
+    *word = "ok";
+    return 200;
+}
+
+static void admin_metrics(void *owner, struct evbuffer *out)
+{
+    gateway_metrics(owner, out);
+}
+
+static int admin_disconnect(void *owner, unsigned id)
+{
+    struct vm_gateway *gw = owner;
+    for (int i = 0; i < gw->nsessions; i++) {
+        if (session_id(gw->sessions[i]) == id) {
+            session_close(gw->sessions[i], "disconnected by the admin endpoint");
+            return 0;
+        }
+    }
+    return -1;
+}
+
+static const struct vm_admin_ops gateway_admin_ops = {
+    .status = admin_status,
+    .health = admin_health,
+    .metrics = admin_metrics,
+    .disconnect_session = admin_disconnect,
+    .upstream_action = upstream_action,
+};
 
 void gateway_adopt(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evutil_socket_t fd,
                    const char *peer, const struct vm_identity *id, SSL_CTX *tls)
@@ -153,10 +197,9 @@ int gateway_start(struct vm_gateway *gw)
         return -1;
     /* The admin endpoint first: once clients can connect, the status is there too. */
     if (gw->cfg->admin_address || gw->cfg->admin_unix) {
-        gw->admin = admin_new(gw->base, gw->cfg, status_json, gw);
+        gw->admin = admin_new(gw->base, gw->cfg, &gateway_admin_ops, gw);
         if (!gw->admin)
             return -1;
-        admin_set_upstream_action(gw->admin, upstream_action);
     }
     for (int i = 0; i < gw->cfg->nlisteners; i++) {
         gw->listeners[i] = listener_new(gw->base, &gw->cfg->listeners[i], accept_client, gw);
@@ -214,6 +257,7 @@ void gateway_free(struct vm_gateway *gw)
     event_free(gw->trim);
     call_cache_trim(1);
     audit_free(gw->audit);
+    metrics_free(gw->metrics);
     if (gw->cfg->sasl)
         auth_global_done();
     free(gw->rule_sessions);
@@ -263,6 +307,102 @@ static json_t *totals_json(struct vm_gateway *gw)
                      "queued", t.queued, "opening", t.opening, "streams", stream_count());
 }
 
+/* Everything the pools of configured upstream `up` hold, summed; `last_error` is the first
+ * pool's failure (NULL when none). Returns the number of pools. */
+static int upstream_totals(struct vm_gateway *gw, const struct vm_upstream_cfg *up,
+                           struct vm_pool_totals *t, const char **last_error)
+{
+    int npools = 0;
+    *t = (struct vm_pool_totals){0};
+    *last_error = NULL;
+    struct pool_node *n;
+    LIST_FOREACH(n, &gw->pools, entry) {
+        if (pool_upstream(n->pool) != up)
+            continue;
+        npools++;
+        pool_add_totals(n->pool, t);
+        if (!*last_error)
+            *last_error = pool_last_error(n->pool);
+    }
+    return npools;
+}
+
+/* One word for an upstream: ready (a connection is READY), connecting, backoff (every
+ * connection is waiting to reconnect), or idle (none: unused, or its pools were freed). */
+static const char *upstream_state(const struct vm_pool_totals *t)
+{
+    if (t->by_state[VM_LINK_READY])
+        return "ready";
+    if (t->by_state[VM_LINK_CONNECTING] || t->by_state[VM_LINK_HANDSHAKE])
+        return "connecting";
+    if (t->by_state[VM_LINK_BACKOFF])
+        return "backoff";
+    return "idle";
+}
+
+static json_t *upstreams_json(struct vm_gateway *gw)
+{
+    json_t *arr = json_array();
+    for (int i = 0; i < gw->cfg->nupstreams; i++) {
+        const struct vm_upstream_cfg *up = &gw->cfg->upstreams[i];
+        struct vm_pool_totals t;
+        const char *err;
+        int npools = upstream_totals(gw, up, &t, &err);
+        if (!err && !t.by_state[VM_LINK_READY]) /* its pools may be gone; the failure stays */
+            err = metrics_upstream_last_error(gw->metrics, metrics_upstream(gw->metrics,
+                                                                            up->name));
+        int sessions = 0;
+        for (int k = 0; k < gw->nsessions; k++) {
+            struct vm_session_view v;
+            session_view(gw->sessions[k], &v);
+            sessions += v.upstream && !strcmp(v.upstream, up->name);
+        }
+        json_t *o = json_pack("{s:s, s:s, s:s, s:i, s:{s:i, s:i, s:i, s:i}, s:i, s:i, s:i, s:i, "
+                              "s:i, s:i, s:i, s:i, s:i, s:i, s:o}",
+                              "name", up->name, "uri", up->uri_text, "state", upstream_state(&t),
+                              "connections", t.links, "connections_by_state", "connecting",
+                              t.by_state[VM_LINK_CONNECTING], "handshake",
+                              t.by_state[VM_LINK_HANDSHAKE], "ready", t.by_state[VM_LINK_READY],
+                              "backoff", t.by_state[VM_LINK_BACKOFF], "refcounts", t.link_refs,
+                              "sessions", sessions, "pools", npools, "inflight", t.inflight,
+                              "internal_inflight", t.internal, "queued", t.queued, "opening",
+                              t.opening, "streams", t.streams, "event_registrations",
+                              t.event_registrations, "event_subscribers", t.event_subscribers,
+                              "last_error", err ? json_string(err) : json_null());
+        /* what an operator made of it (POST /upstreams/NAME/...), pools or not */
+        json_object_set_new(o, "operator", json_string(pool_op_name(gw->up_op[i])));
+        json_array_append_new(arr, o);
+    }
+    return arr;
+}
+
+static void iso8601(long long when, char *buf, size_t len)
+{
+    time_t tt = (time_t)when;
+    struct tm tm;
+    gmtime_r(&tt, &tm);
+    strftime(buf, len, "%Y-%m-%dT%H:%M:%SZ", &tm);
+}
+
+static json_t *sessions_json(struct vm_gateway *gw)
+{
+    json_t *arr = json_array();
+    for (int i = 0; i < gw->nsessions; i++) {
+        struct vm_session_view v;
+        session_view(gw->sessions[i], &v);
+        char since[32];
+        iso8601(v.since, since, sizeof(since));
+        json_array_append_new(
+            arr, json_pack("{s:I, s:s, s:s, s:s, s:o, s:s, s:b, s:s, s:{s:I, s:i}}", "id",
+                           (json_int_t)v.id, "identity", v.identity, "listener", v.listener,
+                           "peer", v.peer, "upstream",
+                           v.upstream ? json_string(v.upstream) : json_null(), "state", v.state,
+                           "readonly", v.readonly, "since", since, "calls", "total",
+                           (json_int_t)v.calls, "in_flight", v.outstanding));
+    }
+    return arr;
+}
+
 json_t *gateway_status_json(struct vm_gateway *gw)
 {
     json_t *pools = json_array();
@@ -273,10 +413,131 @@ json_t *gateway_status_json(struct vm_gateway *gw)
                                srccount_sources(gw->unauth_by_source), "refused",
                                (json_int_t)gw->refused_unauth, "refused_per_source",
                                (json_int_t)gw->refused_unauth_source);
-    return json_pack("{s:i, s:i, s:o, s:o, s:I, s:o, s:o}", "sessions", gw->nsessions,
-                     "max_clients", gw->cfg->max_clients, "totals", totals_json(gw), "pools",
-                     pools, "denials_total", (json_int_t)audit_total(gw->audit), "denials",
-                     audit_json(gw->audit), "unauthenticated", unauth);
+    return json_pack("{s:i, s:i, s:o, s:o, s:I, s:o, s:o, s:o, s:o}", "sessions",
+                     gw->nsessions, "max_clients", gw->cfg->max_clients, "totals",
+                     totals_json(gw), "pools", pools, "denials_total",
+                     (json_int_t)audit_total(gw->audit), "denials", audit_json(gw->audit),
+                     "unauthenticated", unauth, "session_list", sessions_json(gw), "upstreams",
+                     upstreams_json(gw));
+}
+
+/* ---- GET /metrics: the gauges of live objects, then metrics.c's counters ---- */
+
+struct ident_count {
+    const char *listener, *identity;
+};
+
+static int ident_cmp(const void *a, const void *b)
+{
+    const struct ident_count *x = a, *y = b;
+    int c = strcmp(x->listener, y->listener);
+    return c ? c : strcmp(x->identity, y->identity);
+}
+
+static void sessions_metrics(struct vm_gateway *gw, struct evbuffer *out)
+{
+    metrics_write_family(out, "virtmux_sessions", "gauge",
+                         "Open client connections by listener and identity.");
+    struct ident_count *v = vm_calloc((size_t)gw->nsessions + 1, sizeof(*v));
+    for (int i = 0; i < gw->nsessions; i++) {
+        struct vm_session_view sv;
+        session_view(gw->sessions[i], &sv);
+        v[i] = (struct ident_count){sv.listener, sv.identity};
+    }
+    qsort(v, (size_t)gw->nsessions, sizeof(*v), ident_cmp);
+    for (int i = 0; i < gw->nsessions;) {
+        int j = i;
+        while (j < gw->nsessions && !ident_cmp(&v[i], &v[j]))
+            j++;
+        const char *labels[] = {"listener", v[i].listener, "identity", v[i].identity, NULL};
+        metrics_write_sample(out, "virtmux_sessions", labels, j - i);
+        i = j;
+    }
+    free(v);
+    metrics_write_family(out, "virtmux_sessions_unauthenticated", "gauge",
+                         "Client connections still authenticating.");
+    metrics_write_sample(out, "virtmux_sessions_unauthenticated", NULL, gw->nunauth);
+    metrics_write_family(out, "virtmux_max_clients", "gauge", "limits.max_clients.");
+    metrics_write_sample(out, "virtmux_max_clients", NULL, gw->cfg->max_clients);
+}
+
+/* Per configured upstream, one gauge family at a time (the format wants families whole). */
+static void upstream_metrics(struct vm_gateway *gw, struct evbuffer *out)
+{
+    int n = gw->cfg->nupstreams;
+    struct vm_pool_totals *t = vm_calloc((size_t)n + 1, sizeof(*t));
+    for (int i = 0; i < n; i++) {
+        const char *err;
+        (void)upstream_totals(gw, &gw->cfg->upstreams[i], &t[i], &err);
+    }
+    static const char *const states[] = {"connecting", "handshake", "ready", "backoff"};
+    metrics_write_family(out, "virtmux_upstream_connections", "gauge",
+                         "Pooled upstream connections by upstream and state.");
+    for (int i = 0; i < n; i++)
+        for (int k = 0; k < 4; k++) {
+            const char *labels[] = {"upstream", gw->cfg->upstreams[i].name, "state", states[k],
+                                    NULL};
+            metrics_write_sample(out, "virtmux_upstream_connections", labels,
+                                 t[i].by_state[k]);
+        }
+    static const struct {
+        const char *name, *help;
+        size_t off;
+    } gauges[] = {
+        {"virtmux_upstream_session_refs", "Sessions holding a pooled connection as their home.",
+         offsetof(struct vm_pool_totals, link_refs)},
+        {"virtmux_calls_in_flight", "Client calls sent upstream and not answered yet.",
+         offsetof(struct vm_pool_totals, inflight)},
+        {"virtmux_calls_queued", "Client calls waiting for a free upstream connection.",
+         offsetof(struct vm_pool_totals, queued)},
+        {"virtmux_gateway_calls_in_flight",
+         "The gateway's own calls (event registrations) in flight.",
+         offsetof(struct vm_pool_totals, internal)},
+        {"virtmux_streams", "Streams open, each on its own upstream connection.",
+         offsetof(struct vm_pool_totals, streams)},
+        {"virtmux_streams_waiting", "Streams waiting for a pool.max_streams slot.",
+         offsetof(struct vm_pool_totals, stream_waiting)},
+        {"virtmux_event_registrations", "Event registrations held upstream.",
+         offsetof(struct vm_pool_totals, event_registrations)},
+        {"virtmux_event_subscribers", "Client event registrations (subscribers).",
+         offsetof(struct vm_pool_totals, event_subscribers)},
+    };
+    for (size_t g = 0; g < sizeof(gauges) / sizeof(gauges[0]); g++) {
+        metrics_write_family(out, gauges[g].name, "gauge", gauges[g].help);
+        for (int i = 0; i < n; i++) {
+            const char *labels[] = {"upstream", gw->cfg->upstreams[i].name, NULL};
+            int v = *(const int *)((const char *)&t[i] + gauges[g].off);
+            metrics_write_sample(out, gauges[g].name, labels, v);
+        }
+    }
+    free(t);
+}
+
+static void denial_metrics(struct vm_gateway *gw, struct evbuffer *out)
+{
+    metrics_write_family(out, "virtmux_policy_denials_total", "counter",
+                         "Calls and connections refused by policy or read-only, by identity, "
+                         "procedure and upstream.");
+    json_t *d = audit_json(gw->audit);
+    size_t i;
+    json_t *e;
+    json_array_foreach(d, i, e) {
+        const char *labels[] = {
+            "identity", json_string_value(json_object_get(e, "identity")),
+            "procedure", json_string_value(json_object_get(e, "procedure")),
+            "upstream", json_string_value(json_object_get(e, "upstream")), NULL};
+        metrics_write_sample(out, "virtmux_policy_denials_total", labels,
+                             (double)json_integer_value(json_object_get(e, "count")));
+    }
+    json_decref(d);
+}
+
+void gateway_metrics(struct vm_gateway *gw, struct evbuffer *out)
+{
+    sessions_metrics(gw, out);
+    upstream_metrics(gw, out);
+    denial_metrics(gw, out);
+    metrics_render(gw->metrics, out);
 }
 
 struct vm_audit *gateway_audit(const struct vm_gateway *gw)
@@ -445,6 +706,8 @@ static void set_accepting(struct vm_gateway *gw, int on)
         if (gw->listeners[i])
             listener_set_enabled(gw->listeners[i], on);
     if (!on)
+        metrics_limit(gw->metrics, VM_LIMIT_MAX_CLIENTS);
+    if (!on)
         vm_warn(NULL, "max_clients (%d) reached: not accepting new clients", gw->cfg->max_clients);
     else
         vm_info(NULL, "below max_clients again: accepting");
@@ -481,12 +744,14 @@ static enum vm_unauth host_unauth_acquire(void *owner, const char *source)
     struct vm_gateway *gw = owner;
     if (gw->nunauth >= gw->cfg->max_unauthenticated) {
         gw->refused_unauth++;
+        metrics_limit(gw->metrics, VM_LIMIT_MAX_UNAUTHENTICATED);
         return VM_UNAUTH_FULL;
     }
     /* One source alone cannot fill the gateway-wide cap and lock every other client out. */
     if (srccount_acquire(gw->unauth_by_source, source,
                          gw->cfg->max_unauthenticated_per_source) < 0) {
         gw->refused_unauth_source++;
+        metrics_limit(gw->metrics, VM_LIMIT_MAX_UNAUTHENTICATED_PER_SOURCE);
         return VM_UNAUTH_SOURCE_FULL;
     }
     gw->nunauth++;

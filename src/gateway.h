@@ -60,6 +60,9 @@ struct vm_audit *gateway_audit(const struct vm_gateway *gw);
 
 /* The whole state as JSON (admin endpoint); caller owns the result. */
 json_t *gateway_status_json(struct vm_gateway *gw);
+/* Every metric in the Prometheus text format, appended to `out` (GET /metrics). */
+struct evbuffer;
+void gateway_metrics(struct vm_gateway *gw, struct evbuffer *out);
 
 /* Free `p` with `fn` after the current loop turn (never free an object inside its own
  * callback). */

@@ -38,6 +38,7 @@
 #include "events.h"
 #include "env.h"
 #include "log.h"
+#include "metrics.h"
 #include "reap.h"
 #include "upstream.h"
 #include "util.h"
@@ -79,6 +80,7 @@ struct vm_pool {
     char refusal_msg[600];
     struct event *rtimer;               /* owned: forgets the refusal */
     struct event *otimer;               /* owned: fires at the first held open's deadline */
+    int mup;                            /* metrics slot of the upstream */
 };
 
 static void queue_timeout(evutil_socket_t fd, short what, void *arg);
@@ -141,6 +143,7 @@ struct vm_pool *pool_new(struct vm_env *env, const struct vm_pool_ops *ops, void
     if (!p->name || !p->qtimer || !p->stimer || !p->rtimer || !p->otimer)
         abort();
     snprintf(p->last_error, sizeof(p->last_error), "not connected yet");
+    p->mup = metrics_upstream(env->metrics, up->name);
     p->events = events_new(env, up->name, ready_link_for_events, p, hold_ms(p));
     return p;
 }
@@ -219,6 +222,8 @@ void pool_link_params(struct vm_pool *p, struct vm_link_params *lp)
         .tls = p->tls,
         .keepalive_interval_s = cfg->keepalive_interval_s,
         .keepalive_count = cfg->keepalive_count,
+        .metrics = p->env->metrics,
+        .bytes = metrics_upstream_bytes(p->env->metrics, p->mup),
     };
 }
 
@@ -582,6 +587,7 @@ static void queue_timeout(evutil_socket_t fd, short what, void *arg)
                  "%s%s%s", ms, p->up->name, p->last_error[0] ? " (" : "", p->last_error,
                  p->last_error[0] ? ")" : "");
         vm_warn(p->tag, "queue timeout after %d ms (%d still queued)", ms, p->nqueued);
+        metrics_limit(p->env->metrics, VM_LIMIT_QUEUE_TIMEOUT);
         call_fail(c, VIR_ERR_OPERATION_TIMEOUT, VIR_FROM_RPC, msg);
     }
     arm_qtimer(p);
@@ -638,6 +644,8 @@ void pool_submit(struct vm_pool *p, struct vm_link *home, struct vm_call *c)
         call_fail(c, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, msg);
         return;
     }
+    if (least_loaded_ready(p, 0) && !can_grow)
+        metrics_limit(p->env->metrics, VM_LIMIT_MAX_INFLIGHT); /* every connection is busy */
     enqueue(p, c);
     /* Held for a reconnect: the links backing off retry on their own timers; a new link per
      * held call would only knock on a closed door. */
@@ -660,6 +668,7 @@ int pool_stream_acquire(struct vm_pool *p, struct vm_slot_wait *w)
         p->nstreams++;
         return 1;
     }
+    metrics_limit(p->env->metrics, VM_LIMIT_MAX_STREAMS);
     set_deadline(p, &w->deadline);
     if (p->op == VM_UP_PAUSED) { /* a new stream is a client call too: held like one */
         struct timeval now, add = {hold_ms(p) / 1000, (hold_ms(p) % 1000) * 1000}, t;
@@ -723,6 +732,8 @@ static void stream_wait_timeout(evutil_socket_t fd, short what, void *arg)
                      "%d stream connections to upstream %s (pool.max_streams)",
                      p->env->cfg->queue_timeout_ms, p->up->pool.max_streams, p->up->name);
         vm_warn(p->tag, "stream waited too long for a slot (%d still waiting)", p->nswait);
+        metrics_limit(p->env->metrics, VM_LIMIT_STREAM_QUEUE_TIMEOUT);
+        metrics_error(p->env->metrics, VM_ERRK_TIMEOUT);
         w->expired(w, msg);
     }
     arm_stimer(p);
@@ -819,6 +830,7 @@ static void on_link_ready(void *owner, struct vm_link *l)
     forget_refusal(p);
     if (p->op != VM_UP_PAUSED)
         hold_end(p);
+    metrics_upstream_error(p->env->metrics, p->mup, NULL);
     events_link_ready(p->events, l);
     while (p->nwaiters > 0) {
         struct vm_open_wait *w = p->waiters[0];
@@ -850,6 +862,7 @@ static void on_link_down(void *owner, struct vm_link *l, const void *err_payload
 {
     struct vm_pool *p = owner;
     snprintf(p->last_error, sizeof(p->last_error), "%s", message);
+    metrics_upstream_error(p->env->metrics, p->mup, message);
     events_link_down(p->events, l);
     if (any_connecting(p) || least_loaded_ready(p, 0))
         return; /* someone else may still serve the waiters and the queue */
@@ -907,9 +920,22 @@ void pool_add_totals(const struct vm_pool *p, struct vm_pool_totals *t)
         t->link_refs += link_refs(n->link);
         t->inflight += link_inflight(n->link);
         t->internal += link_internal(n->link);
+        t->by_state[link_state(n->link)]++;
     }
     t->queued += p->nqueued;
     t->opening += p->nwaiters;
+    t->streams += p->nstreams;
+    t->stream_waiting += p->nswait;
+    t->event_registrations += events_registrations(p->events);
+    t->event_subscribers += events_subscribers(p->events);
+}
+
+_Static_assert(sizeof(((struct vm_pool_totals *)0)->by_state) / sizeof(int) == VM_LINK_CLOSED + 1,
+               "vm_pool_totals.by_state has one entry per link state");
+
+const char *pool_last_error(const struct vm_pool *p)
+{
+    return p->last_error[0] ? p->last_error : NULL;
 }
 
 static const char *const link_states[] = {"connecting", "handshake", "ready",

@@ -116,8 +116,13 @@ void pool_link_params(struct vm_pool *p, struct vm_link_params *lp);
 /* Running totals over pools, for the admin status (each field is added to). */
 struct vm_pool_totals {
     int links, link_refs, inflight, internal, queued, opening;
+    int streams, stream_waiting;         /* stream slots taken, streams waiting for one */
+    int event_registrations, event_subscribers;
+    int by_state[6];                     /* links per enum vm_link_state */
 };
 void pool_add_totals(const struct vm_pool *p, struct vm_pool_totals *t);
+/* The last connection failure of the pool's upstream, or NULL while it is reached. */
+const char *pool_last_error(const struct vm_pool *p);
 /* The pool and its links as JSON (admin status); caller owns it. */
 json_t *pool_status_json(const struct vm_pool *p);
 

@@ -31,6 +31,37 @@ enum vm_ro_arg {
 };
 enum vm_ro_test { VM_RO_TEST_MASK, VM_RO_TEST_EQUALS };
 
+/* The object families a policy grant can limit. */
+enum vm_obj_family { VM_OBJ_DOMAIN, VM_OBJ_NETWORK, VM_OBJ_STORAGE_POOL, VM_OBJ_FAMILIES };
+
+/* How a procedure names objects of one family (data/procedures.tsv, column "objects"). A
+ * handle is the family's remote_nonnull_* struct: a domain {string name; uuid[16]; int id},
+ * a network or storage pool {string name; uuid[16]}; a volume {string pool; string name;
+ * string key} names its pool by name. */
+enum vm_obj_how {
+    VM_OBJ_NONE,         /* names none of them */
+    VM_OBJ_ARG,          /* arguments start with a handle */
+    VM_OBJ_IN_ARG,       /* arguments start with {string name; domain handle} (snapshots) */
+    VM_OBJ_XML,          /* arguments start with XML defining one: the name is its <name> */
+    VM_OBJ_RENAME,       /* a domain handle, then the new name */
+    VM_OBJ_LOOKUP_NAME,  /* arguments start with the name looked up; reply: a handle */
+    VM_OBJ_LOOKUP,       /* reply: the handle found (by UUID, id, target path) */
+    VM_OBJ_LOOKUP_VOL,   /* arguments start with a volume; reply: its pool's handle */
+    VM_OBJ_LIST_ALL,     /* reply: handles + count (need_results honoured) */
+    VM_OBJ_STATS_ALL,    /* reply: records starting with a domain handle */
+    VM_OBJ_LIST_IDS,     /* reply: ids of the active ones */
+    VM_OBJ_LIST_ACTIVE,  /* reply: names of the active ones */
+    VM_OBJ_LIST_DEFINED, /* reply: names of the inactive ones */
+    VM_OBJ_NUM_ACTIVE,   /* reply: how many are active */
+    VM_OBJ_NUM_DEFINED,  /* reply: how many are inactive */
+    VM_OBJ_EVENT,        /* an event whose payload starts with a handle */
+    VM_OBJ_EVENT_CB,     /* an event: int callbackID, then a handle */
+    VM_OBJ_VOL,          /* arguments start with a volume (its pool by name) */
+    VM_OBJ_VOL_LOOKUP,   /* reply: a volume (its pool by name) */
+    VM_OBJ_CLONE,        /* a pool handle, XML, then the volume to clone */
+    VM_OBJ_REFUSE,       /* names them in a way that cannot be filtered safely */
+};
+
 struct vm_proc_info {
     uint32_t prog;
     int32_t proc;
@@ -51,6 +82,7 @@ struct vm_proc_info {
     int32_t family;       /* events: the register procedure whose callback ids they carry;
                            * register/deregister: the register procedure */
     int32_t pair;         /* register <-> deregister counterpart (0 for others) */
+    enum vm_obj_how objects[VM_OBJ_FAMILIES]; /* how it names each family, for grants */
 };
 
 extern const struct vm_proc_info vm_proc_table[];

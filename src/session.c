@@ -31,10 +31,12 @@
 #include "conn.h"
 #include "events.h"
 #include "env.h"
+#include "grant.h"
 #include "reap.h"
 #include "identity.h"
 #include "keepalive.h"
 #include "log.h"
+#include "metrics.h"
 #include "policy.h"
 #include "pool.h"
 #include "proc.h"
@@ -93,6 +95,12 @@ static void peer_block_reading(struct vm_peer *c, int on)
 static int peer_push_event(struct vm_peer *c, const void *pkt, size_t len)
 {
     struct vm_session *s = of_peer(c);
+    if (s->grant && len >= VM_HDR_LEN) {
+        struct vm_hdr h;
+        wire_hdr_decode(pkt, &h);
+        if (!grant_event_allowed(s->grant, vm_proc_lookup(h.prog, h.proc), pkt, len))
+            return 0; /* about a domain outside the grant: not for this subscriber */
+    }
     if (s->event_bytes + len > (size_t)s->env->cfg->event_queue_bytes)
         return -1;
     s->adding_event = 1;
@@ -158,6 +166,31 @@ static void session_output_cb(struct evbuffer *buf, const struct evbuffer_cb_inf
             s->nruns--;
         }
     }
+}
+
+void session_view(const struct vm_session *s, struct vm_session_view *v)
+{
+    static const char *const states[] = {
+        [S_TLS] = "authenticating", [S_NEW] = "new", [S_OPENING] = "opening",
+        [S_OPEN] = "open", [S_CLOSING] = "closing",
+    };
+    *v = (struct vm_session_view){
+        .id = s->id,
+        .identity = s->ident_str,
+        .listener = s->lcfg->name,
+        .peer = s->peer_name,
+        .upstream = s->route.upstream ? s->route.upstream->name : NULL,
+        .state = !s->authed && s->state == S_NEW ? "authenticating" : states[s->state],
+        .since = (long long)s->since,
+        .calls = (unsigned long long)s->ncalls,
+        .outstanding = s->noutstanding,
+        .readonly = s->state == S_OPEN && s->readonly,
+    };
+}
+
+unsigned session_id(const struct vm_session *s)
+{
+    return s->id;
 }
 
 const char *session_tag(const struct vm_session *s)
@@ -245,6 +278,15 @@ static void update_flow(struct vm_session *s)
      * client park half a gigabyte in the gateway. */
     int busy = s->noutstanding >= max || s->outstanding_bytes > OUTSTANDING_BYTES_MAX ||
                out > OUT_HIGH || s->blocked > 0;
+    if (busy && !conn_paused(s->conn)) {
+        /* Counted when reading stops, by the first bound that stopped it. */
+        enum vm_limit why = s->noutstanding >= max ? VM_LIMIT_MAX_CLIENT_REQUESTS
+                            : s->outstanding_bytes > OUTSTANDING_BYTES_MAX
+                                ? VM_LIMIT_OUTSTANDING_BYTES
+                            : out > OUT_HIGH ? VM_LIMIT_CLIENT_OUTPUT
+                                             : VM_LIMIT_STREAM_UPLOAD;
+        metrics_limit(s->env->metrics, why);
+    }
     if (busy)
         conn_pause(s->conn, 1);
     else if (out <= OUT_LOW)
@@ -265,7 +307,14 @@ static void call_done(void *arg, struct vm_call *c, const struct vm_hdr *reply,
                       struct evbuffer *pkt, const struct vm_call_error *err)
 {
     struct vm_session *s = arg;
-    if (reply) {
+    const struct vm_proc_info *info = vm_proc_lookup(c->hdr.prog, c->hdr.proc);
+    metrics_call(s->env->metrics, s->mup, info, c->t0_ns);
+    if (reply && reply->status == VM_STATUS_ERROR)
+        metrics_error(s->env->metrics, VM_ERRK_UPSTREAM);
+    if (reply && c->grant_filter && s->grant) {
+        struct vm_grant_memo memo = {c->grant_aux, c->grant_note};
+        grant_filter_reply(s->grant, info, &memo, &c->hdr, pkt, session_out(s));
+    } else if (reply) {
         wire_set_serial(pkt, c->hdr.serial);
         evbuffer_add_buffer(session_out(s), pkt);
     } else {
@@ -350,6 +399,7 @@ static void handle_open(struct vm_session *s, const struct vm_hdr *h, const uint
     }
     if (!s->rule_held) {
         if (s->host->ops->rule_acquire(s->host->owner, rule) < 0) {
+            metrics_limit(s->env->metrics, VM_LIMIT_RULE_MAX_SESSIONS);
             snprintf(err, sizeof(err), "access denied: %s already has the %d sessions its "
                      "virtmux policy allows", s->ident_str, rule->max_sessions);
             deny_open(s, h, err, name);
@@ -361,9 +411,12 @@ static void handle_open(struct vm_session *s, const struct vm_hdr *h, const uint
     free(s->opened_name);
     s->opened_name = name;
     s->readonly = (flags & 1) || rule->readonly || s->lcfg->readonly;
+    grant_free(s->grant);
+    s->grant = grant_new(rule->domains, rule->networks, rule->storage_pools, s->route.name);
     s->open_hdr = *h;
     s->state = S_OPENING;
     s->pool = s->host->ops->pool(s->host->owner, s->route.upstream, s->route.name, s->readonly);
+    s->mup = metrics_upstream(s->env->metrics, s->route.upstream->name);
     vm_info(s->tag, "open \"%s\" -> upstream %s as \"%s\"%s", name, s->route.upstream->name,
             s->route.name, s->readonly ? " (read-only)" : "");
     s->open_wait.done = open_done;
@@ -399,11 +452,19 @@ static void open_done(struct vm_open_wait *w, struct vm_link *home, const void *
 /* ---- dispatch ---- */
 
 /* Hand a call to the pool; the packet moves into the call record. */
-static void forward_call(struct vm_session *s, const struct vm_hdr *h, struct evbuffer *pkt)
+static void forward_call(struct vm_session *s, const struct vm_hdr *h, struct evbuffer *pkt,
+                         int grant_filter, const struct vm_grant_memo *memo)
 {
     struct vm_call *c = call_new(call_done, s, 0);
     c->hdr = *h;
+    c->grant_filter = (uint8_t)grant_filter;
+    if (memo) {
+        c->grant_aux = memo->aux;
+        c->grant_note = memo->note;
+    }
     c->fair = &s->fair;
+    c->t0_ns = metrics_now_ns();
+    s->ncalls++;
     evbuffer_add_buffer(c->pkt, pkt);
     TAILQ_INSERT_TAIL(&s->calls, c, sentry);
     s->noutstanding++;
@@ -456,7 +517,7 @@ static void handle_feature(struct vm_session *s, const struct vm_hdr *h, struct 
     if (!require_open(s, h))
         return;
     /* A driver feature (migration, typed params, ...): the upstream decides. */
-    forward_call(s, h, pkt);
+    forward_call(s, h, pkt, 0, NULL);
 }
 
 static void refuse(struct vm_session *s, const struct vm_hdr *h, const char *what,
@@ -480,6 +541,7 @@ static void handle_event_call(struct vm_session *s, const struct vm_hdr *h, stru
     }
     size_t n = h->len - VM_HDR_LEN;
     if (n > EVENT_ARGS_MAX) {
+        metrics_limit(s->env->metrics, VM_LIMIT_EVENT_ARGS);
         session_reply_error(s, h, VIR_ERR_RPC, VIR_FROM_RPC, "Unable to decode message payload");
         return;
     }
@@ -549,6 +611,7 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
             return;
         case VM_PROC_CONNECT_OPEN:
             if (argn > sizeof(args)) {
+                metrics_limit(s->env->metrics, VM_LIMIT_NAME_LENGTH);
                 session_reply_error(s, h, VIR_ERR_INVALID_ARG, VIR_FROM_RPC,
                                     "invalid argument: connection name too long");
                 return;
@@ -613,6 +676,20 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
             return;
         }
     }
+    int grant_filter = 0;
+    struct vm_grant_memo memo = {0, NULL};
+    if (s->grant && info) {
+        struct vm_grant_error ge;
+        enum vm_grant_verdict v = grant_check_call(s->grant, info, pkt, &memo, &ge);
+        if (v == VM_GRANT_REFUSED) {
+            audit_denied(s->env->audit, s->tag, s->ident_str, info->name,
+                         s->route.upstream->name, ge.message);
+            wire_put_error_full(session_out(s), h, ge.code, ge.domain, ge.message,
+                                ge.str1[0] ? ge.str1 : NULL, ge.str2[0] ? ge.str2 : NULL);
+            return;
+        }
+        grant_filter = v == VM_GRANT_FILTER;
+    }
     if (info && (info->kind == VM_PK_EVENT_REGISTER || info->kind == VM_PK_EVENT_DEREGISTER)) {
         handle_event_call(s, h, pkt, info);
         return;
@@ -626,7 +703,7 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
         return;
     }
 
-    forward_call(s, h, pkt);
+    forward_call(s, h, pkt, grant_filter, &memo);
 }
 
 /* One whole packet from the client, in `pkt` (freed by the caller). */
@@ -638,6 +715,7 @@ static void handle_packet(struct vm_session *s, const struct vm_hdr *hp, struct 
     if (h.prog == VM_PROG_KEEPALIVE) {
         if (h.type != VM_MESSAGE || h.vers != VM_PROG_VERSION ||
             (h.proc != VM_PROC_KEEPALIVE_PING && h.proc != VM_PROC_KEEPALIVE_PONG)) {
+            metrics_error(s->env->metrics, VM_ERRK_PROTOCOL);
             session_close(s, "malformed keepalive packet");
             return;
         }
@@ -659,6 +737,7 @@ static void handle_packet(struct vm_session *s, const struct vm_hdr *hp, struct 
         evbuffer_copyout_from(pkt, &pos, w, sizeof(w));
         uint32_t nfds = (uint32_t)w[0] << 24 | (uint32_t)w[1] << 16 | (uint32_t)w[2] << 8 | w[3];
         if (h.len < VM_HDR_LEN + 4 || nfds > 32 || (s->is_tcp && nfds)) {
+            metrics_error(s->env->metrics, VM_ERRK_PROTOCOL);
             session_close(s, "bad CALL_WITH_FDS packet");
             return;
         }
@@ -684,6 +763,7 @@ static void handle_packet(struct vm_session *s, const struct vm_hdr *hp, struct 
     default: {
         char why[64];
         snprintf(why, sizeof(why), "unknown packet type %u", h.type);
+        metrics_error(s->env->metrics, VM_ERRK_PROTOCOL);
         session_close(s, why);
         return;
     }
@@ -708,12 +788,16 @@ static void on_bad_length(void *owner, struct vm_conn *c, const uint8_t w[4])
 {
     char why[80];
     snprintf(why, sizeof(why), "illegal length word 0x%02x%02x%02x%02x", w[0], w[1], w[2], w[3]);
-    session_close(owner, why);
+    struct vm_session *s = owner;
+    metrics_limit(s->env->metrics, VM_LIMIT_FRAME_LENGTH);
+    metrics_error(s->env->metrics, VM_ERRK_PROTOCOL);
+    session_close(s, why);
 }
 
 static void auth_timeout_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct vm_session *s = arg;
+    metrics_limit(s->env->metrics, VM_LIMIT_AUTH_TIMEOUT);
     audit_denied(s->env->audit, s->tag, s->ident_str, "AUTH", NULL,
                  "did not authenticate within auth_timeout_s");
     session_close(s, "authentication timed out");
@@ -772,6 +856,11 @@ void session_new(const struct vm_session_host *host, const struct vm_listener_cf
     TAILQ_INIT(&s->peer.subs);
     TAILQ_INIT(&s->peer.streams);
     snprintf(s->tag, sizeof(s->tag), "C#%u %s", s->id, peer);
+    s->peer_name = strchr(s->tag, ' ') + 1;
+    s->since = time(NULL);
+    s->mup = -1;
+    s->mlis = metrics_listener(s->env->metrics, lcfg->name);
+    metrics_session_accepted(s->env->metrics, s->mlis);
     struct bufferevent *bev;
     if (tls) {
         s->ssl = SSL_new(tls);
@@ -788,6 +877,7 @@ void session_new(const struct vm_session_host *host, const struct vm_listener_cf
     if (!bev)
         abort();
     s->conn = conn_new(bev, &session_conn_ops, s, tls ? 0 : VM_CONN_PLAIN | VM_CONN_CONNECTED);
+    conn_count_bytes(s->conn, metrics_listener_bytes(s->env->metrics, s->mlis));
     conn_set_low_mark(s->conn, OUT_LOW);
     conn_watch_output(s->conn, session_output_cb, s);
     host->ops->opened(host->owner, s);
@@ -811,6 +901,7 @@ static void session_free(void *p)
     auth_free(s->auth);
     free(s->runs);
     free(s->opened_name);
+    grant_free(s->grant);
     route_clear(&s->route);
     free(s);
 }

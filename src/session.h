@@ -20,6 +20,22 @@ void session_new(const struct vm_session_host *host, const struct vm_listener_cf
 
 
 
+/* What the admin endpoint shows of a session (pointers into the session and the config:
+ * valid until the session is closed). */
+struct vm_session_view {
+    unsigned id;
+    const char *identity;   /* "alice@tls", "uid=0@local" */
+    const char *listener;
+    const char *peer;       /* "127.0.0.1:40522" */
+    const char *upstream;   /* NULL until CONNECT_OPEN is routed */
+    const char *state;      /* "authenticating", "new", "opening", "open", "closing" */
+    long long since;        /* accepted at, seconds since the epoch */
+    unsigned long long calls; /* calls forwarded */
+    int outstanding;        /* of those, not answered yet */
+    int readonly;
+};
+void session_view(const struct vm_session *s, struct vm_session_view *v);
+
 const char *session_tag(const struct vm_session *s);
 struct vm_link *session_home(const struct vm_session *s);
 /* Calls of `s` forwarded or queued and not yet answered. */
@@ -33,6 +49,9 @@ void session_upstream_lost(struct vm_session *s, const char *why);
 /* Its home link is lost for good but another link of its pool is READY: make that one the
  * home (the reference moves). 0 when re-homed, -1 when there is none (then it is lost). */
 int session_rehome(struct vm_session *s);
+
+/* The session's id (C#id in its log tag and the admin status). */
+unsigned session_id(const struct vm_session *s);
 
 /* Close a session for `why` (logged). Idempotent; the memory is reaped after this loop turn. */
 void session_close(struct vm_session *s, const char *why);

@@ -91,6 +91,10 @@ int session_handle_auth(struct vm_session *s, const struct vm_hdr *h, struct evb
     const uint8_t *args = evbuffer_pullup(pkt, -1) + VM_HDR_LEN;
     int rc = auth_handle(s->auth, h, args, n, session_out(s), s->tag);
     if (rc < 0) {
+        if (auth_was_limited(s->auth))
+            metrics_limit(s->env->metrics, VM_LIMIT_SASL_MAX_FAILURES);
+        metrics_auth_failure(s->env->metrics, s->mlis, metrics_sasl_mech(auth_mechanism(s->auth)));
+        metrics_error(s->env->metrics, VM_ERRK_AUTH);
         audit_denied(s->env->audit, s->tag, s->ident_str, "AUTH_SASL", NULL,
                      "authentication failed");
         return 0;
@@ -119,6 +123,7 @@ int session_tls_established(struct vm_session *s, char *err, size_t errlen)
 {
     const struct vm_tls_cfg *t = s->lcfg->tls;
     if (tls_check_client(s->ssl, t, s->tls_dn, sizeof(s->tls_dn), err, errlen) < 0) {
+        metrics_auth_failure(s->env->metrics, s->mlis, VM_AUTHM_TLS);
         audit_denied(s->env->audit, s->tag, s->ident_str, "TLS", NULL, err);
         return -1;
     }

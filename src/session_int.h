@@ -6,6 +6,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <time.h>
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
@@ -15,8 +16,10 @@
 #include "events.h"
 #include "identity.h"
 #include "conn.h"
+#include "env.h"
 #include "keepalive.h"
 #include "log.h"
+#include "metrics.h"
 #include "peer.h"
 #include "proc.h"
 #include "pool.h"
@@ -59,6 +62,7 @@ struct vm_session {
     struct vm_hdr open_hdr;            /* the CONNECT_OPEN being answered */
     struct vm_open_wait open_wait;     /* our place among the pool's waiters */
     char *opened_name;                 /* owned: the name the client opened */
+    struct vm_grant *grant;            /* owned: the rule's domain grant; NULL = all domains */
     struct vm_route route;             /* owned: upstream and forwarded name */
     int readonly;
     struct vm_pool *pool;              /* not owned; valid while home or opening */
@@ -87,6 +91,10 @@ struct vm_session {
     char sasl_user[256];               /* identity storage */
     char tls_dn[512];
     int slot;                          /* index in the gateway's registry */
+    const char *peer_name;             /* points into tag: "127.0.0.1:40522", "uid=0 pid=7" */
+    time_t since;                      /* accepted at (wall clock, for the admin status) */
+    uint64_t ncalls;                   /* calls forwarded so far */
+    int mlis, mup;                     /* metrics slots: listener; upstream (-1 until OPEN) */
 };
 
 /* Helpers both files use; inline so that session_auth.c never calls into session.c. */
@@ -102,6 +110,7 @@ static inline void session_reply_error(struct vm_session *s, const struct vm_hdr
     char name[32];
     vm_debug(s->tag, "%s serial %u: error %d: %s", vm_proc_name(h->prog, h->proc, name, 32),
              h->serial, code, msg);
+    metrics_error_code(s->env->metrics, code);
     wire_put_error(session_out(s), h, code, domain, msg);
 }
 

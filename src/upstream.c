@@ -40,6 +40,7 @@
 #include "conn.h"
 #include "keepalive.h"
 #include "log.h"
+#include "metrics.h"
 #include "proc.h"
 #include "reap.h"
 #include "wire.h"
@@ -342,6 +343,8 @@ int link_send_internal(struct vm_link *l, uint32_t prog, int32_t proc, const voi
     c->hdr.prog = prog;
     c->hdr.proc = proc;
     if (!slot_free(l) || l->nwaiting) { /* FIFO: never overtake an earlier one */
+        if (l->p.metrics)
+            metrics_limit(l->p.metrics, VM_LIMIT_INTERNAL_RESERVE);
         TAILQ_INSERT_TAIL(&l->waiting, c, qentry);
         l->nwaiting++;
         return 0;
@@ -828,6 +831,7 @@ static void link_connect(struct vm_link *l)
         abort();
     int tls = up->uri.transport == VM_TR_TLS;
     l->conn = conn_new(bev, &link_conn_ops, l, tls ? 0 : VM_CONN_PLAIN);
+    conn_count_bytes(l->conn, l->p.bytes);
     int ms = up->pool.connect_timeout_ms;
     struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
     bufferevent_set_timeouts(bev, &tv, &tv);
@@ -857,6 +861,8 @@ static void link_down(struct vm_link *l, const void *err_payload, size_t n, cons
     l->conn = NULL;
     vmsasl_client_end(l->sasl); /* after the bufferevent: its filter used the connection */
     l->sasl = NULL;
+    if (l->state != VM_LINK_CLOSED && l->p.metrics)
+        metrics_error(l->p.metrics, VM_ERRK_LINK_DOWN);
     if (l->state == VM_LINK_CLOSED)
         vm_debug(l->tag, "closed: %s", why);
     else if (was_ready || l->ninflight)

@@ -32,6 +32,8 @@ struct evbuffer;
 struct event_base;
 TAILQ_HEAD(vm_link_list, vm_link);
 struct vm_reaper;
+struct vm_metrics;
+struct vm_bytes;
 typedef struct ssl_ctx_st SSL_CTX;
 
 /* What a link needs to know, given by its owner; copied at link_new. */
@@ -47,6 +49,8 @@ struct vm_link_params {
     int keepalive_interval_s, keepalive_count;
     int dedicated;                     /* one stream's: not pooled, never reconnects, every
                                         * packet after the handshake goes to ops->packet */
+    struct vm_metrics *metrics;        /* counters (may be NULL) ... */
+    struct vm_bytes *bytes;            /* ... and its upstream's byte counters (may be NULL) */
 };
 
 /* How a link reports to its owner (a pool, or a stream for a dedicated link). The link never

@@ -261,19 +261,36 @@ void wire_put_reply(struct evbuffer *out, const struct vm_hdr *call, const void 
     wire_put_packet(out, call->prog, call->proc, VM_REPLY, call->serial, VM_STATUS_OK, payload, n);
 }
 
-void wire_error_payload(struct xbuf *b, int code, int domain, const char *message)
+static void error_payload(struct xbuf *b, int code, int domain, const char *message,
+                          const char *str1, const char *str2)
 {
     xb_i32(b, code);
     xb_i32(b, domain);
     xb_opt_string(b, message);
     xb_i32(b, 2); /* level: VIR_ERR_ERROR */
     xb_u32(b, 0); /* dom: absent */
-    xb_u32(b, 0); /* str1 */
-    xb_u32(b, 0); /* str2 */
+    xb_opt_string(b, str1);
+    xb_opt_string(b, str2);
     xb_u32(b, 0); /* str3 */
     xb_i32(b, 0); /* int1 */
     xb_i32(b, 0); /* int2 */
     xb_u32(b, 0); /* net: absent */
+}
+
+void wire_error_payload(struct xbuf *b, int code, int domain, const char *message)
+{
+    error_payload(b, code, domain, message, NULL, NULL);
+}
+
+void wire_put_error_full(struct evbuffer *out, const struct vm_hdr *call, int code, int domain,
+                         const char *message, const char *str1, const char *str2)
+{
+    struct xbuf b;
+    xb_init(&b);
+    error_payload(&b, code, domain, message, str1, str2);
+    wire_put_packet(out, call->prog, call->proc, VM_REPLY, call->serial, VM_STATUS_ERROR, b.p,
+                    b.len);
+    xb_free(&b);
 }
 
 void wire_put_error(struct evbuffer *out, const struct vm_hdr *call, int code, int domain,

@@ -126,6 +126,10 @@ void wire_put_reply(struct evbuffer *out, const struct vm_hdr *call, const void 
  * client prints, prefix included (e.g. "operation timed out: ..."). */
 void wire_put_error(struct evbuffer *out, const struct vm_hdr *call, int code, int domain,
                     const char *message);
+/* The same with libvirt's str1 (the message format) and str2 (its detail), as drivers send
+ * them; NULL = absent. */
+void wire_put_error_full(struct evbuffer *out, const struct vm_hdr *call, int code, int domain,
+                         const char *message, const char *str1, const char *str2);
 /* Encode a virNetMessageError payload (used by wire_put_error and tests). */
 void wire_error_payload(struct xbuf *b, int code, int domain, const char *message);
 /* Keepalive PING or PONG (proc VM_PROC_KEEPALIVE_PING/PONG). */

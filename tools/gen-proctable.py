@@ -9,7 +9,7 @@ out_names.h names every procedure (VM_PROC_CONNECT_OPEN, VM_QEMU_PROC_...), and 
 table links each callback event to the register procedure it comes from and each
 register procedure to its deregister counterpart.
 
-Every row must carry a known kind and read-only verdict, and every "flags"
+Every row must carry a known kind, read-only verdict and objects class, and every "flags"
 verdict must have its deciding argument in readonly-flags.tsv; anything
 unclassified fails the build, so a procedure cannot slip in without a decision.
 """
@@ -33,6 +33,41 @@ KINDS = {
     "keepalive": "VM_PK_KEEPALIVE",
 }
 RO = {"yes": "VM_RO_YES", "no": "VM_RO_NO", "flags": "VM_RO_FLAGS"}
+# What a procedure names of the objects a policy grant limits (the "objects" column: "none",
+# or comma-separated FAMILY:CLASS): where the object sits in its arguments, reply or event,
+# or that the procedure cannot be filtered safely for that family.
+OBJ_FAMILIES = ("domain", "network", "storage_pool")
+OBJ_CLASSES = {
+    "domain": {"arg", "in-arg", "xml", "rename", "lookup-name", "lookup", "list-all",
+               "stats-all", "list-ids", "list-defined", "num-active", "num-defined", "event",
+               "event-cb", "refuse"},
+    "network": {"arg", "xml", "lookup-name", "lookup", "list-all", "list-active",
+                "list-defined", "num-active", "num-defined", "event-cb"},
+    "storage_pool": {"arg", "xml", "lookup-name", "lookup", "lookup-vol", "list-all",
+                     "list-active", "list-defined", "num-active", "num-defined", "event-cb",
+                     "vol", "vol-lookup", "clone"},
+}
+
+
+def obj_enum(cls):
+    return "VM_OBJ_" + cls.upper().replace("-", "_")
+
+
+def parse_objects(value, where):
+    """{"domain": "VM_OBJ_...", ...} for every family (VM_OBJ_NONE when not named)."""
+    out = {f: "VM_OBJ_NONE" for f in OBJ_FAMILIES}
+    if value == "none":
+        return out
+    for part in value.split(","):
+        fam, _, cls = part.partition(":")
+        if fam not in OBJ_CLASSES or cls not in OBJ_CLASSES[fam]:
+            sys.exit(f"{where}: unclassified objects entry {part!r}")
+        if out[fam] != "VM_OBJ_NONE":
+            sys.exit(f"{where}: two entries for {fam}")
+        out[fam] = obj_enum(cls)
+    return out
+
+
 PROG_ORDER = {"LXC": 0x00068000, "REMOTE": 0x20008086, "QEMU": 0x20008087,
               "KEEPALIVE": 0x6B656570}
 
@@ -101,7 +136,7 @@ def load(path):
     with open(path, encoding="utf-8") as f:
         header = f.readline().rstrip("\n").split("\t")
         col = {name: i for i, name in enumerate(header)}
-        for need in ("program", "number", "name", "readonly_ok", "kind", "notes"):
+        for need in ("program", "number", "name", "readonly_ok", "kind", "notes", "objects"):
             if need not in col:
                 sys.exit(f"{path}: missing column {need}")
         for lineno, line in enumerate(f, start=2):
@@ -116,6 +151,8 @@ def load(path):
                 sys.exit(f"{path}:{lineno}: unclassified kind {kind!r}")
             if ro not in RO:
                 sys.exit(f"{path}:{lineno}: unclassified readonly verdict {ro!r}")
+            objects = parse_objects(c[col["objects"]] if len(c) > col["objects"] else "",
+                                    f"{path}:{lineno}")
             notes = c[col["notes"]]
             api = refused_by = ""
             for part in notes.split(";"):
@@ -142,6 +179,7 @@ def load(path):
                 "legacy": kind.startswith("event-") and "legacy" in notes,
                 "fds_in": "CALL_WITH_FDS" in notes,
                 "fds_out": "REPLY_WITH_FDS" in notes,
+                "objects": objects,
             })
     rows.sort(key=lambda r: (PROG_ORDER[r["prog"]], r["num"]))
     seen = set()
@@ -228,7 +266,8 @@ def emit(rows, out):
             f'{KINDS[r["kind"]]}, {RO[r["ro"]]}, {int(r["fds_in"])}, {int(r["fds_out"])}, '
             f'{int(r["cb_first"])}, {int(r["legacy"])}, '
             f'{c_str(r["api"]) if r["api"] else "NULL"}, {r["domain"]}, {ro_rule}, '
-            f'{r["family"]}, {r["pair"]} }},')
+            f'{r["family"]}, {r["pair"]}, '
+            f'{{ {", ".join(r["objects"][f] for f in OBJ_FAMILIES)} }} }},')
     lines += ["};", "",
               "const size_t vm_proc_table_len = sizeof(vm_proc_table) / sizeof(vm_proc_table[0]);",
               ""]

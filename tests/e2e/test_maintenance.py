@@ -168,6 +168,13 @@ def only_pool(gw):
     return pools[0]
 
 
+def upstream_status(gw, name):
+    """The upstream's entry in /status "upstreams"."""
+    ups = [u for u in gw.status()["upstreams"] if u["name"] == name]
+    assert len(ups) == 1, gw.status()["upstreams"]
+    return ups[0]
+
+
 def assert_untouched(client):
     """The strict client saw no close and no error."""
     st = client.state()
@@ -420,6 +427,7 @@ def test_drain(libvirtd, gateway, connections):
     dom = old.lookupByName("test")
     assert gw.upstream_action("hv1", "drain") == "draining"
     assert only_pool(gw)["operator"] == "draining"
+    assert upstream_status(gw, "hv1")["operator"] == "draining"
     with pytest.raises(libvirt.libvirtError) as ei:
         call_with_timeout(libvirt.open, gw.uri(), timeout=10)
     assert "upstream hv1 is draining" in str(ei.value), str(ei.value)
@@ -430,7 +438,10 @@ def test_drain(libvirtd, gateway, connections):
     # no idle_timeout_s wait: the last session out closes the connection
     assert wait_until(lambda: lvd.nclients() == 0, scaled(5)), lvd.nclients()
     assert wait_until(lambda: gw.status()["totals"]["links"] == 0, scaled(5))
+    # no pool left, the upstream still says so
+    assert upstream_status(gw, "hv1")["operator"] == "draining"
     assert gw.upstream_action("hv1", "resume") == "active"
+    assert upstream_status(gw, "hv1")["operator"] == "active"
     new = call_with_timeout(libvirt.open, gw.uri(), timeout=10)
     connections.append(new)
     assert new.lookupByName("test").info()[0] == libvirt.VIR_DOMAIN_RUNNING

@@ -148,3 +148,75 @@ SESSION = {
 }
 for k, v in SESSION.items():
     write("fuzz_session", k, v)
+
+
+# ---- fuzz_grant: procedure index (2 bytes), flags, call arguments [0xffffffff reply] ----
+def grant_named():
+    """(program, name) of the procedures that name objects, in the generated table's order."""
+    order = {"LXC": 0, "REMOTE": 1, "QEMU": 2, "KEEPALIVE": 3}
+    rows = []
+    with open(os.path.join(HERE, "..", "..", "data", "procedures.tsv"), encoding="utf-8") as f:
+        header = f.readline().rstrip("\n").split("\t")
+        for line in f:
+            r = dict(zip(header, line.rstrip("\n").split("\t")))
+            if r.get("objects", "none") != "none":
+                rows.append((order[r["program"]], int(r["number"]), r["program"], r["name"]))
+    rows.sort()
+    return {(p, n): i for i, (_, _, p, n) in enumerate(rows)}
+
+
+NAMED = grant_named()
+SEP = b"\xff" * 4
+ALL_FAMILIES_TEST = 1 | 2 | 4 | 8
+
+
+def dom(name, u, i=1):
+    return xdr_string(name) + bytes([u]) * 16 + struct.pack(">i", i)
+
+
+def net(name, u):
+    return xdr_string(name) + bytes([u]) * 16
+
+
+def gseed(name, flags, body):
+    return struct.pack(">H", NAMED[("REMOTE", name)]) + bytes([flags]) + body
+
+
+GRANT = {
+    "list-all": gseed("CONNECT_LIST_ALL_DOMAINS", ALL_FAMILIES_TEST, struct.pack(">iI", 1, 0)
+                      + SEP + struct.pack(">I", 3) + dom("web-1", 1) + dom("vault-1", 2)
+                      + dom("web-2", 3, -1) + struct.pack(">I", 3)),
+    "count-only": gseed("CONNECT_LIST_ALL_DOMAINS", ALL_FAMILIES_TEST, struct.pack(">iI", 0, 0)
+                        + SEP + struct.pack(">I", 1) + dom("web-1", 1) + struct.pack(">I", 1)),
+    "list-ids": gseed("CONNECT_LIST_DOMAINS", ALL_FAMILIES_TEST, struct.pack(">i", 10) + SEP
+                      + struct.pack(">I", 2) + dom("web-1", 1) + dom("vault-1", 2)
+                      + struct.pack(">I", 2)),
+    "stats": gseed("CONNECT_GET_ALL_DOMAIN_STATS", ALL_FAMILIES_TEST, struct.pack(">III", 0, 0, 0)
+                   + SEP + struct.pack(">I", 2) + dom("web-1", 1) + struct.pack(">I", 2)
+                   + xdr_string("state.state") + struct.pack(">ii", 1, 1)
+                   + xdr_string("balloon.current") + struct.pack(">iQ", 4, 8192)
+                   + dom("vault-1", 2) + struct.pack(">I", 1) + xdr_string("x")
+                   + struct.pack(">i", 7) + xdr_string("y")),
+    "lookup-uuid": gseed("DOMAIN_LOOKUP_BY_UUID", 1 | 8, bytes([2]) * 16 + SEP + dom("vault-1", 2)),
+    "lookup-name": gseed("DOMAIN_LOOKUP_BY_NAME", 1, xdr_string("web-1") + SEP + dom("web-1", 1)),
+    "define": gseed("DOMAIN_DEFINE_XML_FLAGS", 1 | 8,
+                    xdr_string("<domain type='test'><!-- c --><name>web-3</name></domain>")
+                    + struct.pack(">I", 0) + SEP + dom("web-3", 9)),
+    "getinfo": gseed("DOMAIN_GET_INFO", 1, dom("web-1", 1)),
+    "snapshot": gseed("DOMAIN_SNAPSHOT_GET_XML_DESC", 1, xdr_string("s1") + dom("web-1", 1)
+                      + struct.pack(">I", 0)),
+    "rename": gseed("DOMAIN_RENAME", 1, dom("web-1", 1) + struct.pack(">I", 1)
+                    + xdr_string("vault-2") + struct.pack(">I", 0)),
+    "net-list": gseed("CONNECT_LIST_NETWORKS", 2 | 8, struct.pack(">i", 5) + SEP
+                      + struct.pack(">I", 2) + net("net-a", 1) + net("net-b", 2)
+                      + struct.pack(">I", 2)),
+    "vol-lookup": gseed("STORAGE_VOL_LOOKUP_BY_PATH", 4 | 8, xdr_string("/pool-x/vx") + SEP
+                        + xdr_string("pool-x") + xdr_string("vx") + xdr_string("/pool-x/vx")),
+    "clone": gseed("STORAGE_VOL_CREATE_XML_FROM", 4, net("pool-a", 1)
+                   + xdr_string("<volume/>") + xdr_string("pool-x") + xdr_string("v")
+                   + xdr_string("k") + struct.pack(">I", 0)),
+    "event": gseed("DOMAIN_EVENT_CALLBACK_LIFECYCLE", 1, struct.pack(">i", 3) + dom("web-1", 1)
+                   + struct.pack(">ii", 2, 0)),
+}
+for k, v in GRANT.items():
+    write("fuzz_grant", k, v)

@@ -10,6 +10,7 @@
 #include "check.h"
 #include "config.h"
 #include "env.h"
+#include "metrics.h"
 #include "pool.h"
 #include "reap.h"
 #include "upstream.h"
@@ -143,7 +144,8 @@ static void setup_hold(struct fixture *f, int max_connections, int queue_timeout
              max_connections, hold, queue_timeout_ms);
     f->base = event_base_new();
     f->cfg = config_parse(json, stderr);
-    f->env = (struct vm_env){.base = f->base, .reaper = reaper_new(f->base), .cfg = f->cfg};
+    f->env = (struct vm_env){.base = f->base, .reaper = reaper_new(f->base), .cfg = f->cfg,
+                             .metrics = metrics_new()};
     f->p = pool_new(&f->env, &ops, NULL, &f->cfg->upstreams[0], "test:///default", 0, NULL);
     nmade = ended = nsent = 0;
     last_code = 0;
@@ -161,6 +163,7 @@ static void teardown(struct fixture *f)
         call_free(sent[--nsent]);
     pool_free(f->p);
     reaper_free(f->env.reaper);
+    metrics_free(f->env.metrics);
     config_free(f->cfg);
     event_base_free(f->base);
     for (int i = 0; i < nmade; i++)
