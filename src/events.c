@@ -327,6 +327,7 @@ static void hold_timeout(evutil_socket_t fd, short what, void *arg)
         if (!r->held || evutil_timercmp(&now, &r->held_until, <))
             continue;
         r->held = 0;
+        metrics_limit(ev->env->metrics, VM_LIMIT_RECONNECT_HOLD);
         char msg[300];
         snprintf(msg, sizeof(msg), "internal error: virtmux cannot reach upstream %s for event "
                  "registration (the call waited %d ms)", ev->upstream, ev->hold_ms);

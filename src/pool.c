@@ -399,6 +399,7 @@ static void open_hold_timeout(evutil_socket_t fd, short what, void *arg)
             continue;
         }
         pool_cancel_open(p, w);
+        metrics_limit(p->env->metrics, VM_LIMIT_RECONNECT_HOLD);
         w->done(w, NULL, NULL, 0, msg);
     }
     arm_otimer(p);
@@ -577,6 +578,7 @@ static void queue_timeout(evutil_socket_t fd, short what, void *arg)
             snprintf(msg, sizeof(msg), "%s (the call waited %d ms)", why, hold_ms(p));
             vm_warn(p->tag, "held call given up after %d ms (%d still queued)", hold_ms(p),
                     p->nqueued);
+            metrics_limit(p->env->metrics, VM_LIMIT_RECONNECT_HOLD);
             call_fail(c, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, msg);
             continue;
         }

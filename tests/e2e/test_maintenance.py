@@ -168,6 +168,22 @@ def only_pool(gw):
     return pools[0]
 
 
+def reconnect_hold_hits(gw):
+    """virtmux_limit_hits_total{limit="reconnect_hold"} from /metrics."""
+    import http.client
+    host, port = harness.split_address(gw.config["admin"]["address"])
+    conn = http.client.HTTPConnection(host, port, timeout=5)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    for line in text.splitlines():
+        if line.startswith('virtmux_limit_hits_total{limit="reconnect_hold"}'):
+            return int(float(line.split()[-1]))
+    raise AssertionError("no reconnect_hold limit in /metrics")
+
+
 def upstream_status(gw, name):
     """The upstream's entry in /status "upstreams"."""
     ups = [u for u in gw.status()["upstreams"] if u["name"] == name]
@@ -280,6 +296,8 @@ def test_call_held_past_the_hold_fails_clearly(libvirtd, gateway,
     assert "virtmux cannot reach upstream hv1" in str(ei.value), str(ei.value)
     assert "(the open waited 1500 ms)" in str(ei.value), str(ei.value)
     assert 1.3 <= took <= 1.5 + scaled(2.0), took
+    # both counted as limit hits in /metrics
+    assert reconnect_hold_hits(gw) == 2
     lvd.start()
     assert wait_until(lambda: only_pool(gw).get("holding") is False,
                       scaled(10))
