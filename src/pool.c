@@ -646,7 +646,7 @@ void pool_submit(struct vm_pool *p, struct vm_link *home, struct vm_call *c)
         call_fail(c, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, msg);
         return;
     }
-    if (least_loaded_ready(p, 0) && !can_grow)
+    if (!paused && least_loaded_ready(p, 0) && !can_grow)
         metrics_limit(p->env->metrics, VM_LIMIT_MAX_INFLIGHT); /* every connection is busy */
     enqueue(p, c);
     /* Held for a reconnect: the links backing off retry on their own timers; a new link per
@@ -670,7 +670,8 @@ int pool_stream_acquire(struct vm_pool *p, struct vm_slot_wait *w)
         p->nstreams++;
         return 1;
     }
-    metrics_limit(p->env->metrics, VM_LIMIT_MAX_STREAMS);
+    if (p->op != VM_UP_PAUSED)
+        metrics_limit(p->env->metrics, VM_LIMIT_MAX_STREAMS);
     set_deadline(p, &w->deadline);
     if (p->op == VM_UP_PAUSED) { /* a new stream is a client call too: held like one */
         struct timeval now, add = {hold_ms(p) / 1000, (hold_ms(p) % 1000) * 1000}, t;
