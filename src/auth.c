@@ -1,6 +1,7 @@
 #include "auth.h"
 
 #include <fnmatch.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -466,7 +467,8 @@ struct vm_sasl_client *vmsasl_client_begin(const char *user, const char *passwor
     }
     FILE *f = fopen(password_file, "r");
     if (!f) {
-        snprintf(err, errlen, "cannot read the password file %s", password_file);
+        snprintf(err, errlen, "cannot read the password file %s: %s", password_file,
+                 strerror(errno));
         return NULL;
     }
     char pw[1024];

@@ -159,13 +159,14 @@ static void free_strings(char **v)
     free(v);
 }
 
-static int readable(const char *file)
+/* NULL when `file` can be opened for reading, else why not (strerror). */
+static const char *unreadable(const char *file)
 {
     FILE *f = fopen(file, "r");
     if (!f)
-        return 0;
+        return strerror(errno);
     fclose(f);
-    return 1;
+    return NULL;
 }
 
 /* A file holding a secret (private key, sasldb, keytab, password) must not be open to other
@@ -237,8 +238,9 @@ static struct vm_tls_cfg *parse_tls(struct parse_ctx *ctx, const char *path, jso
         *slots[i] = vm_strdup(f);
         char p[160];
         snprintf(p, sizeof(p), "%s.%s", path, files[i]);
-        if (!readable(f))
-            cfg_error(ctx, p, "cannot read \"%s\"", f);
+        const char *why = unreadable(f);
+        if (why)
+            cfg_error(ctx, p, "cannot read \"%s\": %s", f, why);
         else if (slots[i] == &t->key)
             check_private(ctx, p, f);
     }
@@ -334,8 +336,9 @@ static void parse_upstream(struct parse_ctx *ctx, int i, json_t *o, struct vm_up
             u->sasl_password_file = vm_strdup(pf);
             char q[128];
             snprintf(q, sizeof(q), "%s.password_file", p);
-            if (!readable(pf))
-                cfg_error(ctx, q, "cannot read \"%s\"", pf);
+            const char *why = unreadable(pf);
+            if (why)
+                cfg_error(ctx, q, "cannot read \"%s\": %s", pf, why);
             else
                 check_private(ctx, q, pf);
         }
@@ -381,7 +384,7 @@ static void check_listener_unique(struct parse_ctx *ctx, const struct vm_config 
 static void parse_listener(struct parse_ctx *ctx, int i, json_t *o, struct vm_listener_cfg *l)
 {
     static const char *const keys[] = {"name", "address", "unix", "mode", "auth", "upstream",
-                                       "readonly", "tls", NULL};
+                                       "readonly", "tls", "proxy_protocol", NULL};
     char path[64], p[96];
     snprintf(path, sizeof(path), "listeners[%d]", i);
     if (!json_is_object(o)) {
@@ -454,6 +457,12 @@ static void parse_listener(struct parse_ctx *ctx, int i, json_t *o, struct vm_li
     if (up)
         l->upstream = vm_strdup(up);
     l->readonly = get_bool(ctx, path, o, "readonly", 0);
+    l->proxy_protocol = get_bool(ctx, path, o, "proxy_protocol", 0);
+    if (l->proxy_protocol && unix_path) {
+        /* A unix client's identity is its credentials, which a header must not override. */
+        snprintf(p, sizeof(p), "%s.proxy_protocol", path);
+        cfg_error(ctx, p, "only TCP and TLS listeners take a PROXY protocol header");
+    }
 }
 
 static int parse_cidr(const char *s, struct vm_rule *r)
@@ -649,7 +658,8 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
 {
     static const char *const keys[] = {"listeners", "upstreams", "default_upstream", "limits",
                                        "keepalive", "log", "admin", "policy", "events", "sasl",
-                                       "process", NULL};
+                                       "process", "routing", NULL};
+    static const char *const routing_keys[] = {"strict", NULL};
     static const char *const sasl_keys[] = {"sasldb", "mechanisms", "allowed_users", "keytab",
                                             "service_host", "max_failures",
                                             "failure_window_s", NULL};
@@ -658,7 +668,7 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
     static const char *const limit_keys[] = {"max_clients", "queue_timeout_ms",
                                              "max_client_requests", "max_unauthenticated",
                                              "max_unauthenticated_per_source",
-                                             "auth_timeout_s", NULL};
+                                             "auth_timeout_s", "drain_timeout_s", NULL};
     static const char *const ka_keys[] = {"interval_s", "count", NULL};
     static const char *const log_keys[] = {"level", "format", NULL};
     struct vm_config *cfg = vm_calloc(1, sizeof(*cfg));
@@ -731,6 +741,7 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
                   "%d is more than limits.max_unauthenticated (%d)",
                   cfg->max_unauthenticated_per_source, cfg->max_unauthenticated);
     cfg->auth_timeout_s = get_int(ctx, "limits", limits, "auth_timeout_s", 30, 1, 3600);
+    cfg->drain_timeout_s = get_int(ctx, "limits", limits, "drain_timeout_s", 30, 0, 3600);
 
     json_t *ka = get_object(ctx, "", root, "keepalive");
     if (ka)
@@ -774,16 +785,18 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
         const char *db = get_string(ctx, "sasl", sasl, "sasldb", 0);
         if (db) {
             sc->sasldb = vm_strdup(db);
-            if (!readable(db))
-                cfg_error(ctx, "sasl.sasldb", "cannot read \"%s\"", db);
+            const char *why = unreadable(db);
+            if (why)
+                cfg_error(ctx, "sasl.sasldb", "cannot read \"%s\": %s", db, why);
             else
                 check_private(ctx, "sasl.sasldb", db);
         }
         const char *kt = get_string(ctx, "sasl", sasl, "keytab", 0);
         if (kt) {
             sc->keytab = vm_strdup(kt);
-            if (!readable(kt))
-                cfg_error(ctx, "sasl.keytab", "cannot read \"%s\"", kt);
+            const char *why = unreadable(kt);
+            if (why)
+                cfg_error(ctx, "sasl.keytab", "cannot read \"%s\": %s", kt, why);
             else
                 check_private(ctx, "sasl.keytab", kt);
         }
@@ -837,6 +850,12 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
 
     parse_process(ctx, get_object(ctx, "", root, "process"), cfg);
 
+    json_t *routing = get_object(ctx, "", root, "routing");
+    if (routing) {
+        check_keys(ctx, "routing", routing, routing_keys);
+        cfg->routing_strict = get_bool(ctx, "routing", routing, "strict", 0);
+    }
+
     cfg->default_rule.index = -1;
     cfg->default_rule.uid = cfg->default_rule.gid = -1;
     json_t *pol = get_object(ctx, "", root, "policy");
@@ -860,7 +879,16 @@ struct vm_config *config_load(const char *path, FILE *errs)
 {
     struct parse_ctx ctx = {errs, 0};
     json_error_t jerr;
-    json_t *root = json_load_file(path, JSON_REJECT_DUPLICATES, &jerr);
+    /* Opened here so a missing or unreadable file says so plainly (jansson would report it
+     * as a parse error at line -1). */
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        if (errs)
+            fprintf(errs, "cannot open config file %s: %s\n", path, strerror(errno));
+        return NULL;
+    }
+    json_t *root = json_loadf(f, JSON_REJECT_DUPLICATES, &jerr);
+    fclose(f);
     if (!root) {
         if (errs)
             fprintf(errs, "%s:%d:%d: %s\n", path, jerr.line, jerr.column, jerr.text);
@@ -880,6 +908,38 @@ struct vm_config *config_parse(const char *json, FILE *errs)
         return NULL;
     }
     return finish(root, &ctx);
+}
+
+/* First path segments that ordinary libvirt URIs use: qemu:///system, qemu:///session,
+ * qemu:///embed?root=..., test:///default, lxc:///system, and the test driver's file paths
+ * (test:///tmp/node.xml, test:///home/..., ...). An upstream with such a name takes every
+ * such URI away from default_upstream. */
+static const char *const path_words[][2] = {
+    {"system", "qemu:///system"},   {"session", "qemu:///session"},
+    {"embed", "qemu:///embed?root=..."}, {"default", "test:///default"},
+    {"tmp", "test:///tmp/FILE.xml"}, {"home", "test:///home/FILE.xml"},
+    {"var", "test:///var/FILE.xml"}, {"etc", "test:///etc/FILE.xml"},
+    {"usr", "test:///usr/FILE.xml"}, {"opt", "test:///opt/FILE.xml"},
+    {"srv", "test:///srv/FILE.xml"}, {"root", "test:///root/FILE.xml"},
+    {"run", "test:///run/FILE.xml"},
+};
+
+int config_warn(const struct vm_config *cfg, FILE *out)
+{
+    int n = 0;
+    for (int i = 0; i < cfg->nupstreams; i++) {
+        const char *name = cfg->upstreams[i].name;
+        for (size_t w = 0; name && w < sizeof(path_words) / sizeof(path_words[0]); w++) {
+            if (strcmp(name, path_words[w][0]) != 0)
+                continue;
+            fprintf(out, "warning: upstreams[%d].name: \"%s\" is also a path segment of "
+                    "ordinary libvirt URIs (%s): clients opening them reach this upstream, "
+                    "not default_upstream; consider another name\n", i, name,
+                    path_words[w][1]);
+            n++;
+        }
+    }
+    return n;
 }
 
 static void rule_clear(struct vm_rule *r)
@@ -952,4 +1012,61 @@ const struct vm_upstream_cfg *config_upstream(const struct vm_config *cfg, const
         if (cfg->upstreams[i].name && strcmp(cfg->upstreams[i].name, name) == 0)
             return &cfg->upstreams[i];
     return NULL;
+}
+
+int config_owns(const struct vm_config *cfg, const void *p)
+{
+    const char *c = p;
+    if (!c)
+        return 0;
+    if (cfg->nlisteners && c >= (const char *)cfg->listeners &&
+        c < (const char *)(cfg->listeners + cfg->nlisteners))
+        return 1;
+    if (cfg->nupstreams && c >= (const char *)cfg->upstreams &&
+        c < (const char *)(cfg->upstreams + cfg->nupstreams))
+        return 1;
+    if (cfg->nrules && c >= (const char *)cfg->rules && c < (const char *)(cfg->rules + cfg->nrules))
+        return 1;
+    return c == (const char *)&cfg->default_rule;
+}
+
+static int same_str(const char *a, const char *b)
+{
+    return a == b || (a && b && strcmp(a, b) == 0);
+}
+
+static int same_tls(const struct vm_tls_cfg *a, const struct vm_tls_cfg *b)
+{
+    if (!a || !b)
+        return a == b;
+    return same_str(a->cert, b->cert) && same_str(a->key, b->key) && same_str(a->ca, b->ca) &&
+           same_str(a->crl, b->crl) && a->no_verify == b->no_verify &&
+           same_str(a->server_name, b->server_name);
+}
+
+int config_upstream_same(const struct vm_upstream_cfg *a, const struct vm_upstream_cfg *b)
+{
+    return same_str(a->name, b->name) && same_str(a->uri_text, b->uri_text) &&
+           memcmp(&a->pool, &b->pool, sizeof(a->pool)) == 0 && same_tls(a->tls, b->tls) &&
+           same_str(a->sasl_user, b->sasl_user) &&
+           same_str(a->sasl_password_file, b->sasl_password_file);
+}
+
+int config_listener_same_socket(const struct vm_listener_cfg *a, const struct vm_listener_cfg *b)
+{
+    return same_str(a->address, b->address) && same_str(a->unix_path, b->unix_path) &&
+           a->mode == b->mode && !a->tls == !b->tls;
+}
+
+int config_sasl_same(const struct vm_sasl_cfg *a, const struct vm_sasl_cfg *b)
+{
+    if (!a || !b)
+        return a == b;
+    int same_users = !a->allowed_users == !b->allowed_users;
+    for (int i = 0; same_users && a->allowed_users && (a->allowed_users[i] || b->allowed_users[i]);
+         i++)
+        same_users = same_str(a->allowed_users[i], b->allowed_users[i]);
+    return same_users && same_str(a->sasldb, b->sasldb) && same_str(a->mechanisms, b->mechanisms) &&
+           same_str(a->keytab, b->keytab) && same_str(a->service_host, b->service_host) &&
+           a->max_failures == b->max_failures && a->failure_window_s == b->failure_window_s;
 }

@@ -1,4 +1,10 @@
-/* Listeners: a TCP address or a unix socket that accepts libvirt clients into sessions. */
+/* Listeners: a TCP address or a unix socket that accepts libvirt clients into sessions.
+ *
+ *   accept ──[proxy_protocol]── pending: read the PROXY v2 header (exactly), timeout,
+ *     │                          an unauthenticated slot held against the balancer
+ *     │                                │ the client's real address replaces the peer's
+ *     └────────────────────────────────┴──> ops->accept(fd, peer, identity, TLS context)
+ */
 #ifndef VM_LISTENER_H
 #define VM_LISTENER_H
 
@@ -7,6 +13,7 @@
 #include <event2/util.h>
 
 #include "fwd.h"
+#include "session_host.h"
 
 struct event_base;
 struct vm_identity;
@@ -17,14 +24,31 @@ typedef struct ssl_ctx_st SSL_CTX;
 typedef void (*vm_accept_fn)(void *owner, const struct vm_listener_cfg *cfg, evutil_socket_t fd,
                              const char *peer, const struct vm_identity *id, SSL_CTX *tls);
 
-/* Bind the listener described by `cfg`; accepted clients go to `on_accept`. Returns NULL
- * after logging why. */
+/* What a listener asks of its owner (the gateway). */
+struct vm_listener_ops {
+    vm_accept_fn accept;
+    /* PROXY protocol listeners: a socket still waiting for its header is an unauthenticated
+     * client and holds a slot from hold() (VM_UNAUTH_OK, or why not) until release(). No
+     * source: before the header it is the balancer's, shared by every client behind it. */
+    enum vm_unauth (*hold)(void *owner);
+    void (*release)(void *owner);
+    /* A connection was closed for a missing, garbled or late PROXY header (counted). */
+    void (*header_refused)(void *owner);
+};
+
+/* Bind the listener described by `cfg`; accepted clients go to `ops->accept` (on a
+ * `proxy_protocol` listener once their PROXY v2 header, which must arrive within
+ * `header_timeout_ms`, has been read and nothing beyond it). Returns NULL after logging why. */
 struct vm_listener *listener_new(struct event_base *base, const struct vm_listener_cfg *cfg,
-                                 vm_accept_fn on_accept, void *owner);
+                                 const struct vm_listener_ops *ops, void *owner,
+                                 int header_timeout_ms);
 void listener_free(struct vm_listener *l);
 /* Re-read the TLS certificate, key, CA and CRL files; the old context stays on failure.
  * Sessions already connected keep theirs. */
 int listener_reload_tls(struct vm_listener *l);
+/* Reload kept the socket: describe the listener (and its future sessions) with `cfg`, a
+ * newer snapshot's entry with the same socket. */
+void listener_set_cfg(struct vm_listener *l, const struct vm_listener_cfg *cfg);
 /* Stop or resume accepting (used at max_clients). */
 void listener_set_enabled(struct vm_listener *l, int on);
 

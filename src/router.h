@@ -4,6 +4,8 @@
  *   "qemu:///hv2/system"  -> upstream hv2, "qemu:///system"   (first path segment names it)
  *   "qemu:///system"      -> the listener's upstream, else default_upstream
  *   ""                    -> that upstream's own URI name ("qemu:///system")
+ *   routing.strict: "qemu:///system" and "qemu:///hv9/system" are errors naming the upstreams
+ *   (a listener with its own upstream is not strict: its clients use ordinary names)
  */
 #ifndef VM_ROUTER_H
 #define VM_ROUTER_H

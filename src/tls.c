@@ -1,5 +1,6 @@
 #include "tls.h"
 
+#include <errno.h>
 #include <fnmatch.h>
 #include <stdio.h>
 #include <string.h>
@@ -20,9 +21,28 @@ static void ssl_error(char *err, size_t errlen, const char *what, const char *fi
     ERR_clear_error();
 }
 
+/* OpenSSL's own message for a file it cannot open is "system lib"; say why first. */
+static int check_file(const char *file, const char *what, char *err, size_t errlen)
+{
+    if (!file)
+        return 0;
+    FILE *f = fopen(file, "r");
+    if (!f) {
+        snprintf(err, errlen, "%s %s: %s", what, file, strerror(errno));
+        return -1;
+    }
+    fclose(f);
+    return 0;
+}
+
 static int load_common(SSL_CTX *ctx, const struct vm_tls_cfg *cfg, char *err, size_t errlen)
 {
     SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+    if (check_file(cfg->cert, "cannot load certificate", err, errlen) < 0 ||
+        check_file(cfg->key, "cannot load key", err, errlen) < 0 ||
+        check_file(cfg->ca, "cannot load CA", err, errlen) < 0 ||
+        check_file(cfg->crl, "cannot load CRL", err, errlen) < 0)
+        return -1;
     if (cfg->cert && SSL_CTX_use_certificate_chain_file(ctx, cfg->cert) != 1) {
         ssl_error(err, errlen, "cannot load certificate", cfg->cert);
         return -1;

@@ -46,6 +46,22 @@ static int take_query(struct vm_uri *u, const char *q, char *err, size_t errlen)
     return 0;
 }
 
+/* The hypervisor and state drivers libvirt knows by URI scheme (libvirt's drivers/ and the
+ * secondary drivers' own URIs), so that "qemu://host" and "http://host" get different
+ * advice. */
+static int libvirt_driver(const char *d)
+{
+    static const char *const known[] = {
+        "qemu", "test", "lxc", "xen", "libxl", "vbox", "vmwareplayer", "vmwarews",
+        "vmwarefusion", "esx", "gsx", "vpx", "hyperv", "bhyve", "openvz", "vz", "parallels",
+        "ch", "remote", "network", "nwfilter", "nodedev", "secret", "storage", "interface",
+        NULL};
+    for (const char *const *k = known; *k; k++)
+        if (strcasecmp(d, *k) == 0)
+            return 1;
+    return 0;
+}
+
 int uri_parse(const char *s, struct vm_uri *u, char *err, size_t errlen)
 {
     memset(u, 0, sizeof(*u));
@@ -69,8 +85,21 @@ int uri_parse(const char *s, struct vm_uri *u, char *err, size_t errlen)
 
     if (!tr || (trlen == 4 && strncmp(tr, "unix", 4) == 0)) {
         u->transport = VM_TR_UNIX;
-        if (authlen) {
+        if (authlen && tr) {
             snprintf(err, errlen, "a unix URI takes no host (\"%.*s\")", (int)authlen, auth);
+            goto fail;
+        }
+        if (authlen) {
+            /* "qemu://host/system": libvirt would pick TLS by itself; here the transport is
+             * said. "http://h/x": not a libvirt URI at all. */
+            if (libvirt_driver(u->driver))
+                snprintf(err, errlen, "a remote host needs a transport: %s+tcp://%.*s%s or "
+                         "%s+tls://... (a URI without one is local, over unix)", u->driver,
+                         (int)authlen, auth, auth + authlen, u->driver);
+            else
+                snprintf(err, errlen, "unsupported transport: \"%s\" is no libvirt driver; "
+                         "upstream URIs are DRIVER+tcp://HOST/PATH, DRIVER+tls://HOST/PATH or "
+                         "DRIVER+unix:///PATH", u->driver);
             goto fail;
         }
     } else if ((trlen == 3 && strncmp(tr, "tcp", 3) == 0) ||
@@ -110,7 +139,8 @@ int uri_parse(const char *s, struct vm_uri *u, char *err, size_t errlen)
             u->port = (int)p;
         }
     } else {
-        snprintf(err, errlen, "unsupported transport \"%.*s\"", (int)trlen, tr);
+        snprintf(err, errlen, "unsupported transport \"%.*s\" (virtmux connects with tcp, tls "
+                 "or unix)", (int)trlen, tr);
         goto fail;
     }
 

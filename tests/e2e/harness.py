@@ -1024,7 +1024,7 @@ class RawClient:
     """A socket speaking raw libvirt RPC packets."""
 
     def __init__(self, host="127.0.0.1", port=None, unix=None, timeout=5.0,
-                 rcvbuf=None):
+                 rcvbuf=None, source=None):
         if unix:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.settimeout(timeout)
@@ -1037,7 +1037,11 @@ class RawClient:
             self.sock.settimeout(timeout)
             self.sock.connect((host, port))
         else:
-            self.sock = socket.create_connection((host, port), timeout=timeout)
+            # source: a local address to connect from (another loopback
+            # address stands for another client machine)
+            self.sock = socket.create_connection(
+                (host, port), timeout=timeout,
+                source_address=(source, 0) if source else None)
         self.timeout = timeout
         self.serial = 0
         self._buf = b""

@@ -10,6 +10,7 @@
 """
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -559,3 +560,29 @@ def test_session_rehomed_when_its_link_gives_up(libvirtd, gateway,
     strict.spawn("after")
     assert wait_until(lambda: len(strict.results("after")) == 1, scaled(10))
     assert_untouched(strict)
+
+
+def test_operator_state_survives_a_reload(libvirtd, gateway, connections):
+    """A drained upstream stays drained across a SIGHUP reload that changes
+    it (its new pools follow the state by name); resume then works."""
+    lvd = libvirtd
+    cfg = maint_config(lvd)
+    gw = gateway(cfg)
+    assert gw.upstream_action("hv1", "drain") == "draining"
+    changed = json.loads(json.dumps(cfg))
+    changed["upstreams"][0]["pool"] = {"idle_timeout_s": 30}
+    before = len(gw.log_text())
+    with open(gw.config_path, "w") as f:
+        json.dump(changed, f)
+    gw.config = changed
+    gw.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "reloaded " in gw.log_text()[before:],
+                      scaled(10)), gw.log_tail()
+    assert upstream_status(gw, "hv1")["operator"] == "draining"
+    with pytest.raises(libvirt.libvirtError) as ei:
+        call_with_timeout(libvirt.open, gw.uri(), timeout=10)
+    assert "upstream hv1 is draining" in str(ei.value), str(ei.value)
+    assert gw.upstream_action("hv1", "resume") == "active"
+    conn = call_with_timeout(libvirt.open, gw.uri(), timeout=10)
+    connections.append(conn)
+    assert conn.lookupByName("test").info()[0] == libvirt.VIR_DOMAIN_RUNNING

@@ -64,5 +64,31 @@ int main(void)
     CHECK(router_resolve(cfg, NULL, "qemu:///hv2/system", &r, err, sizeof(err)) == 0);
     route_clear(&r);
     config_free(cfg);
+
+    /* routing.strict: a first segment that is no upstream is an error naming the upstreams,
+     * whether mistyped or an ordinary path; no path, or a listener's own upstream, still
+     * routes. */
+    cfg = config_parse("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}],"
+                       " \"upstreams\":[{\"name\":\"hv1\",\"uri\":\"qemu+tcp://10.0.0.11/system\"},"
+                       "  {\"name\":\"hv2\",\"uri\":\"qemu+tcp://10.0.0.12/system\"}],"
+                       " \"default_upstream\":\"hv1\", \"routing\": {\"strict\": true}}", stderr);
+    CHECK(cfg && cfg->routing_strict);
+    if (!cfg)
+        return check_done();
+    CHECK(router_resolve(cfg, NULL, "qemu:///hv3/system", &r, err, sizeof(err)) < 0);
+    CHECK_STR(err, "no upstream \"hv3\" (the first path segment of qemu:///hv3/system); "
+              "routing is strict: open DRIVER:///UPSTREAM/PATH with one of: hv1, hv2");
+    CHECK(router_resolve(cfg, NULL, "qemu:///system", &r, err, sizeof(err)) < 0);
+    CHECK(strstr(err, "no upstream \"system\"") != NULL);
+    CHECK(router_resolve(cfg, NULL, "qemu:///hv2/system", &r, err, sizeof(err)) == 0);
+    CHECK_STR(r.name, "qemu:///system");
+    route_clear(&r);
+    CHECK(router_resolve(cfg, NULL, "", &r, err, sizeof(err)) == 0);
+    CHECK_STR(r.upstream->name, "hv1");
+    route_clear(&r);
+    CHECK(router_resolve(cfg, "hv2", "qemu:///system", &r, err, sizeof(err)) == 0);
+    CHECK_STR(r.upstream->name, "hv2");
+    route_clear(&r);
+    config_free(cfg);
     return check_done();
 }
