@@ -24,8 +24,8 @@
  *     .pool.idle_timeout_s    int 0..86400, 60
  *     .pool.connect_timeout_ms int 100..600000, 10000
  *     .pool.give_up_s      int 0..86400, 60: after this long without reconnecting, sessions
- *                          homed on a lost connection are told (close callback) and closed;
- *                          0 = keep retrying forever
+ *                          homed on a lost connection move to a READY one of their pool, or
+ *                          else are told (close callback) and closed; 0 = keep retrying forever
  *     .pool.max_streams    int 1..1024, 8: streams (each on its own upstream connection) open
  *                          at once; more wait up to limits.queue_timeout_ms, then fail
  *     .pool.reconnect_hold_ms int 0..3600000, 10000: while the pool reconnects (libvirtd
