@@ -311,7 +311,8 @@ static void parse_upstream(struct parse_ctx *ctx, const char *arr, int i, json_t
     static const char *const tmpl_keys[] = {"match", "uri", "pool", "tls", "sasl", NULL};
     static const char *const sasl_keys[] = {"username", "password_file", NULL};
     static const char *const pool_keys[] = {"max_connections", "max_inflight", "idle_timeout_s",
-                                            "connect_timeout_ms", "give_up_s", "max_streams", NULL};
+                                            "connect_timeout_ms", "give_up_s", "max_streams",
+                                            "reconnect_hold_ms", NULL};
     char path[64], p[96];
     snprintf(path, sizeof(path), "%s[%d]", arr, i);
     if (!json_is_object(o)) {
@@ -381,6 +382,7 @@ static void parse_upstream(struct parse_ctx *ctx, const char *arr, int i, json_t
     u->pool.connect_timeout_ms = get_int(ctx, p, pool, "connect_timeout_ms", 10000, 100, 600000);
     u->pool.give_up_s = get_int(ctx, p, pool, "give_up_s", 60, 0, 86400);
     u->pool.max_streams = get_int(ctx, p, pool, "max_streams", 8, 1, 1024);
+    u->pool.reconnect_hold_ms = get_int(ctx, p, pool, "reconnect_hold_ms", 10000, 0, 3600000);
 }
 
 static int same(const char *a, const char *b)

@@ -318,3 +318,27 @@ def test_reload_keeps_or_replaces_made_upstreams(gateway, libvirtd, keeper, tap)
     c = open_conn(gw, "hv-1")
     assert len(c.listAllDomains()) >= 1
     c.close()
+
+
+def test_operator_pause_applies_to_template_names(gateway, libvirtd, keeper, tap):
+    """POST /upstreams/NAME/pause takes a name a template would make, before
+    it exists and after it was freed (the state is kept by name); a name no
+    template matches, or that is no host name, is 404."""
+    gw = gateway(template_config(tap, libvirtd.direct_uri, idle_s=1))
+    assert gw.admin("POST", "/upstreams/hv-5/pause") == \
+        (200, {"upstream": "hv-5", "state": "paused"})
+    assert gw.admin("POST", "/upstreams/db-1/pause")[0] == 404
+    assert gw.admin("POST", "/upstreams/hv-a_b/pause")[0] == 404
+    # made while paused: its pool is paused, so calls wait, and /status says so
+    c = open_conn(gw, "hv-5")
+    try:
+        assert dynamic(gw.status())["hv-5"]["operator"] == "paused"
+        _, result = harness.start_call(c.listAllDomains)
+        threading.Event().wait(0.5)
+        assert result.end is None, "a call went out while paused"
+        assert gw.admin("POST", "/upstreams/hv-5/resume") == \
+            (200, {"upstream": "hv-5", "state": "active"})
+        assert wait_until(lambda: result.end is not None, timeout=harness.scaled(15))
+        assert result.error is None and len(result.value) >= 1, result.error
+    finally:
+        c.close()
