@@ -26,12 +26,14 @@ and 40 000 calls a second from one Python process on a 2-core machine shared
 with other jobs: the load side, not the gateway, would be measured. SCRAPERS
 defaults to 10 (2 000 connections, 4 000 calls a round; 100 would also pass
 the default 20 000 open-file limit); the whole test takes about 8 s here. Override with VIRTMUX_FLEET_HOSTS (up to 1000),
-VIRTMUX_FLEET_SCRAPERS and VIRTMUX_FLEET_ROUNDS.
+VIRTMUX_FLEET_SCRAPERS and VIRTMUX_FLEET_ROUNDS. Fewer scrapers are used when
+the open-file limit (raised to its hard limit) cannot hold the connections.
 """
 
 import asyncio
 import http.client
 import os
+import resource
 import shutil
 import struct
 import tempfile
@@ -86,6 +88,19 @@ def metrics_text(gw):
         return conn.getresponse().read().decode()
     finally:
         conn.close()
+
+
+def scrapers_for_fd_limit():
+    """SCRAPERS, or fewer when the open-file limit (raised to its hard limit
+    here; the gateway inherits it) cannot hold SCRAPERS * HOSTS client
+    sockets on both sides plus the daemons' and the harness's own."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if limit == resource.RLIM_INFINITY:
+        return SCRAPERS
+    return max(1, min(SCRAPERS, (limit - HOSTS - 256) // HOSTS))
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +231,7 @@ def test_fleet(fleet, gateway):
         "uri": "test+tcp://{name}:%d/default" % port,
         "pool": {"max_connections": 1, "idle_timeout_s": IDLE_S},
     }]
+    scrapers = scrapers_for_fd_limit()
     gw = gateway(cfg, verbose=False)
     st = gw.status()
     assert st["dynamic_upstreams"] == {"count": 0, "max": HOSTS}
@@ -223,7 +239,7 @@ def test_fleet(fleet, gateway):
     rss_start = rss_kib(gw.proc.pid)
 
     async def run():
-        scrapes = [Scrape(i, tmp) for _ in range(SCRAPERS) for i in range(HOSTS)]
+        scrapes = [Scrape(i, tmp) for _ in range(scrapers) for i in range(HOSTS)]
         await bounded([s.connect(gw.port) for s in scrapes])
         await bounded([s.open() for s in scrapes])
         problems = []
@@ -247,14 +263,14 @@ def test_fleet(fleet, gateway):
 
     problems, in_use, rss_busy, extra_reply, lat = asyncio.run(run())
     assert problems == [], "%d wrong replies, e.g. %r" % (len(problems), problems[:5])
-    assert len(lat) == SCRAPERS * HOSTS * ROUNDS
+    assert len(lat) == scrapers * HOSTS * ROUNDS
 
     dyn = [u for u in in_use["upstreams"] if u.get("template") == "127.0.*"]
     assert sorted(u["name"] for u in dyn) == sorted(host_addr(i) for i in range(HOSTS))
     assert in_use["dynamic_upstreams"] == {"count": HOSTS, "max": HOSTS}
     # each host: one pooled connection to its own libvirtd, shared by every scraper
-    assert all(u["connections"] == 1 and u["sessions"] == SCRAPERS for u in dyn), \
-        [u for u in dyn if u["connections"] != 1 or u["sessions"] != SCRAPERS][:3]
+    assert all(u["connections"] == 1 and u["sessions"] == scrapers for u in dyn), \
+        [u for u in dyn if u["connections"] != 1 or u["sessions"] != scrapers][:3]
     assert in_use["totals"]["links"] == HOSTS
 
     assert extra_reply.status != STATUS_OK
@@ -275,7 +291,7 @@ def test_fleet(fleet, gateway):
     # trim. What stays: libevent keeps one small record per file descriptor number ever
     # used (SCRAPERS * HOSTS + HOSTS of them here) for the process's life, and each pins
     # a heap page among the freed ones; plus the counters kept per upstream name.
-    fds = SCRAPERS * HOSTS + HOSTS
+    fds = scrapers * HOSTS + HOSTS
     bound = rss_start * 1.1 + 2048 + 5 * fds
     if not harness.is_sanitized():
         wait_until(lambda: rss_kib(gw.proc.pid) <= bound, timeout=harness.scaled(15),
@@ -284,7 +300,7 @@ def test_fleet(fleet, gateway):
     p99 = lat[int(len(lat) * 0.99) - 1]
     print("\nfleet: %d hosts, %d scrapers, %d rounds; gateway RSS KiB: start %d, "
           "in use %d, idle %d; round p99 %.1f ms"
-          % (HOSTS, SCRAPERS, ROUNDS, rss_start, rss_busy, rss_idle, p99 * 1000))
+          % (HOSTS, scrapers, ROUNDS, rss_start, rss_busy, rss_idle, p99 * 1000))
     if not harness.is_sanitized():
         # the pools' memory is given back: near the start, far below the peak
         assert rss_idle <= bound, (rss_start, rss_busy, rss_idle, bound)

@@ -225,8 +225,8 @@ int main(void)
     e = errors_of("{" LS ", \"upstream_templates\":[{\"match\":\"x*\",\"uri\":\"ssh://{name}/s\"}]}");
     CHECK(e && strstr(e, "upstream_templates[0].uri: "));
     e = errors_of("{" LS ", \"upstream_templates\":[{\"match\":\"x*\",\"uri\":\"qemu+tcp://{name}/s\","
-                  "\"cache\":{}}]}");
-    CHECK(e && strstr(e, "upstream_templates[0].cache: unknown key"));
+                  "\"bogus\":{}}]}");
+    CHECK(e && strstr(e, "upstream_templates[0].bogus: unknown key"));
     e = errors_of("{" LS ", \"upstream_templates\":{}}");
     CHECK(e && strstr(e, "upstream_templates: must be an array"));
     e = errors_of("{" LS "," UP ", \"limits\":{\"max_upstreams\":0}}");
