@@ -43,7 +43,7 @@
  *                          characters [A-Za-z0-9.-], no leading '-' or '.', no empty label,
  *                          at most 63 per label and 253 in all. An upstream made from a template
  *                          lives while it has a pool: once its pools go idle (pool.idle_timeout_s
- *                          with no sessions) it is freed and leaves /status and /metrics' gauges.
+ *                          with no sessions) it is freed and leaves /status and /metrics.
  *   limits.max_upstreams   int 1..1000000, 1024: upstreams made from templates existing at once;
  *                          one more is refused at CONNECT_OPEN with an error saying so
  *   default_upstream       name, optional

@@ -443,6 +443,14 @@ static void dyns_collect(struct vm_gateway *gw)
             continue;
         LIST_REMOVE(d, entry);
         gw->ndyns--;
+        /* Its counters go with it, unless the name lives on (a configured upstream, or
+         * another made from a changed template after a reload). */
+        struct dyn_upstream *o;
+        LIST_FOREACH(o, &gw->dyns, entry)
+            if (!strcmp(o->up.name, d->up.name))
+                break;
+        if (!o && !config_upstream(gw->cfg, d->up.name))
+            metrics_upstream_forget(gw->metrics, metrics_upstream(gw->metrics, d->up.name));
         dyn_free(d);
     }
 }

@@ -140,9 +140,17 @@ static void *grow(void *arr, int n, int *cap)
 
 int metrics_upstream(struct vm_metrics *m, const char *name)
 {
-    for (int i = 0; i < m->nups; i++)
-        if (!strcmp(m->ups[i]->name, name))
+    int spare = -1;
+    for (int i = 0; i < m->nups; i++) {
+        if (!m->ups[i]->name)
+            spare = spare < 0 ? i : spare;
+        else if (!strcmp(m->ups[i]->name, name))
             return i;
+    }
+    if (spare >= 0) { /* a forgotten slot, zeroed by metrics_upstream_forget */
+        m->ups[spare]->name = vm_strdup(name);
+        return spare;
+    }
     m->ups = grow(m->ups, m->nups, &m->capups);
     struct mup *u = vm_calloc(1, sizeof(*u));
     u->name = vm_strdup(name);
@@ -162,6 +170,18 @@ int metrics_listener(struct vm_metrics *m, const char *name)
     l->name = vm_strdup(name);
     m->lis[m->nlis] = l;
     return m->nlis++;
+}
+
+void metrics_upstream_forget(struct vm_metrics *m, int up)
+{
+    if (up < 0 || up >= m->nups)
+        return;
+    struct mup *u = m->ups[up];
+    for (size_t k = 0; u->hist && k <= vm_proc_table_len; k++)
+        free(u->hist[k]);
+    free(u->hist);
+    free(u->name);
+    memset(u, 0, sizeof(*u));
 }
 
 struct vm_bytes *metrics_upstream_bytes(struct vm_metrics *m, int up)
@@ -357,7 +377,7 @@ static void render_histograms(const struct vm_metrics *m, struct evbuffer *out)
                          "call to its reply or error.");
     for (int i = 0; i < m->nups; i++) {
         const struct mup *u = m->ups[i];
-        for (size_t k = 0; u->hist && k <= vm_proc_table_len; k++) {
+        for (size_t k = 0; u->name && u->hist && k <= vm_proc_table_len; k++) {
             const struct hist *h = u->hist[k];
             if (!h)
                 continue;
@@ -431,6 +451,8 @@ void metrics_render(const struct vm_metrics *m, struct evbuffer *out)
         metrics_write_family(out, bytes[f].name, "counter", bytes[f].help);
         int n = bytes[f].upstream ? m->nups : m->nlis;
         for (int i = 0; i < n; i++) {
+            if (bytes[f].upstream && !m->ups[i]->name)
+                continue; /* forgotten */
             const struct vm_bytes *b = bytes[f].upstream ? &m->ups[i]->bytes : &m->lis[i]->bytes;
             const char *labels[] = {bytes[f].upstream ? "upstream" : "listener",
                                     bytes[f].upstream ? m->ups[i]->name : m->lis[i]->name, NULL};
@@ -442,12 +464,14 @@ void metrics_render(const struct vm_metrics *m, struct evbuffer *out)
                          "Event subscribers cut off for not reading (events.max_queue_bytes).");
     for (int i = 0; i < m->nups; i++) {
         const char *labels[] = {"upstream", m->ups[i]->name, NULL};
-        write_u64(out, "virtmux_event_subscribers_dropped_total", labels, m->ups[i]->dropped);
+        if (m->ups[i]->name)
+            write_u64(out, "virtmux_event_subscribers_dropped_total", labels, m->ups[i]->dropped);
     }
     metrics_write_family(out, "virtmux_events_delivered_total", "counter",
                          "Event messages delivered to subscribers (one per subscriber).");
     for (int i = 0; i < m->nups; i++) {
         const char *labels[] = {"upstream", m->ups[i]->name, NULL};
-        write_u64(out, "virtmux_events_delivered_total", labels, m->ups[i]->delivered);
+        if (m->ups[i]->name)
+            write_u64(out, "virtmux_events_delivered_total", labels, m->ups[i]->delivered);
     }
 }
