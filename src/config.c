@@ -987,6 +987,22 @@ int config_warn(const struct vm_config *cfg, FILE *out)
             n++;
         }
     }
+    /* A template whose glob matches such a word makes an upstream of it: "qemu:///system"
+     * would go to a host called "system". */
+    for (int i = 0; i < cfg->ntemplates; i++) {
+        const char *match = cfg->templates[i].name;
+        for (size_t w = 0; match && w < sizeof(path_words) / sizeof(path_words[0]); w++) {
+            if (fnmatch(match, path_words[w][0], 0) != 0)
+                continue;
+            fprintf(out, "warning: upstream_templates[%d].match: \"%s\" matches \"%s\", a path "
+                    "segment of ordinary libvirt URIs (%s): clients opening them make an "
+                    "upstream called \"%s\" instead of reaching default_upstream; consider a "
+                    "narrower glob\n", i, match, path_words[w][0], path_words[w][1],
+                    path_words[w][0]);
+            n++;
+            break;
+        }
+    }
     return n;
 }
 

@@ -234,6 +234,18 @@ int main(void)
     e = errors_of("{" LS "," UP ", \"policy\":{\"default\":{\"upstreams\":[\"hv9\"]}}}");
     CHECK(e && strstr(e, "no upstream is called \"hv9\" and no upstream_templates[].match"));
     CHECK(!errors_of("{" LS "," UP ", \"policy\":{\"default\":{\"upstreams\":[\"hv*\"]}}}"));
+    /* A template glob that matches a libvirt path word is warned about, once per template. */
+    cfg = config_parse("{" LS ", \"upstream_templates\":[{\"match\":\"*\",\"uri\":\"qemu+tcp://{name}/s\"},"
+                       " {\"match\":\"hv-*\",\"uri\":\"qemu+tcp://{name}/s\"}]}", stderr);
+    CHECK(cfg != NULL);
+    if (cfg) {
+        char wbuf[2048] = "";
+        FILE *wf = fmemopen(wbuf, sizeof(wbuf), "w");
+        CHECK(config_warn(cfg, wf) == 1);
+        fclose(wf);
+        CHECK(strstr(wbuf, "upstream_templates[0].match: \"*\" matches \"system\"") != NULL);
+        config_free(cfg);
+    }
 #undef LS
     return check_done();
 }
