@@ -397,12 +397,13 @@ static void ka_dead(void *arg)
 
 /* ---- open / close ---- */
 
-/* Refuse a routed CONNECT_OPEN for a policy reason: audit, answer 88, forget the route. */
 /* The upstream a route names: configured, or still to be made from a template. */
 static const char *route_upstream_name(const struct vm_route *r)
 {
     return r->upstream ? r->upstream->name : r->upname;
 }
+
+/* Refuse a routed CONNECT_OPEN for a policy reason: audit, answer 88, forget the route. */
 
 static void deny_open(struct vm_session *s, const struct vm_hdr *h, const char *err, char *name)
 {
