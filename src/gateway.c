@@ -131,14 +131,18 @@ static const struct vm_listener_ops gateway_listener_ops;
 static void snapshots_collect(struct vm_gateway *gw);
 
 static void dyns_collect(struct vm_gateway *gw);
+static void give_back(struct vm_gateway *gw);
 
 /* An upstream made from a template lost its last pool: free it (and an old snapshot it was
  * keeping) once its connections' goodbyes are over (at most 2 s), not at the next trim. */
 static void dyn_sweep_cb(evutil_socket_t fd, short what, void *arg)
 {
     struct vm_gateway *gw = arg;
+    int had = gw->ndyns;
     dyns_collect(gw);
     snapshots_collect(gw);
+    if (gw->ndyns < had && gw->npools == 0 && gw->nsessions == 0)
+        give_back(gw); /* the last ones went: what they held too */
     struct dyn_upstream *d;
     LIST_FOREACH(d, &gw->dyns, entry) {
         if (!d->npools && link_list_uses(&gw->retiring, &d->up)) { /* a goodbye to wait for */
