@@ -23,6 +23,7 @@
 #include <event2/buffer.h>
 #include <event2/event.h>
 
+#include "cache.h"
 #include "call.h"
 #include "config.h"
 #include "events.h"
@@ -58,6 +59,7 @@ struct vm_pool {
     int nwaiters, capwaiters;
     char last_error[256];
     struct vm_events *events;           /* owned */
+    struct vm_cache *cache;             /* owned: coalescing and the micro-cache; NULL: off */
     int nstreams;                       /* stream slots taken (max_streams) */
     TAILQ_HEAD(, vm_slot_wait) swait;   /* streams waiting for a slot; owned by their streams */
     int nswait;
@@ -102,6 +104,7 @@ struct vm_pool *pool_new(struct vm_env *env, const struct vm_pool_ops *ops, void
     snprintf(p->last_error, sizeof(p->last_error), "not connected yet");
     p->mup = metrics_upstream(env->metrics, up->name);
     p->events = events_new(env, up->name, ready_link_for_events, p);
+    p->cache = cache_new(env, up, readonly, p->events, p->mup);
     return p;
 }
 
@@ -111,6 +114,7 @@ void pool_free(struct vm_pool *p)
     /* Links first (their failing event calls must find the registrations, told to stay
      * put), then the events state. */
     events_shutdown(p->events);
+    cache_shutdown(p->cache);
     struct link_node *n;
     while ((n = TAILQ_FIRST(&p->links)))
         link_free(n->link); /* tells on_link_gone, which removes the node */
@@ -121,6 +125,7 @@ void pool_free(struct vm_pool *p)
         unqueue(p, c);
         call_fail(c, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, "internal error: virtmux is shutting down");
     }
+    cache_free(p->cache); /* after the calls: shared ones hand their callers the failure */
     event_free(p->qtimer);
     event_free(p->stimer);
     free(p->waiters);
@@ -160,6 +165,11 @@ int pool_is_empty(const struct vm_pool *p)
 struct vm_events *pool_events(const struct vm_pool *p)
 {
     return p->events;
+}
+
+struct vm_cache *pool_cache(const struct vm_pool *p)
+{
+    return p->cache;
 }
 
 void pool_link_params(struct vm_pool *p, struct vm_link_params *lp)
@@ -565,6 +575,7 @@ static void on_link_down(void *owner, struct vm_link *l, const void *err_payload
     snprintf(p->last_error, sizeof(p->last_error), "%s", message);
     metrics_upstream_error(p->env->metrics, p->mup, message);
     events_link_down(p->events, l);
+    cache_link_down(p->cache);
     if (any_connecting(p) || least_loaded_ready(p, 0))
         return; /* someone else may still serve the waiters and the queue */
     char msg[600];
