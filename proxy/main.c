@@ -32,8 +32,14 @@ static void usage(FILE *f)
           "  -h, --help               print this text and exit\n"
           "\n"
           "Signals:\n"
-          "  SIGTERM, SIGINT  stop: close listeners and connections, exit 0\n"
-          "  SIGHUP           re-read the TLS listeners' certificate, key, CA and CRL files\n"
+          "  SIGTERM, SIGINT  drain: close the listeners, let calls in flight finish (up to\n"
+          "                   limits.drain_timeout_s), close each session once idle and the\n"
+          "                   upstream connections with CONNECT_CLOSE, exit 0; a second\n"
+          "                   signal stops at once\n"
+          "  SIGHUP           reload the config file: checked first (if invalid, the running\n"
+          "                   one stays and the errors are logged); listeners open and close,\n"
+          "                   upstreams and policy change for new sessions, TLS files are\n"
+          "                   re-read; sessions already open keep what they had\n"
           "  SIGUSR1          log pools, upstream connections and calls in flight\n"
           "\n"
           "Exit status: 0 stopped by a signal or config valid; 1 invalid config or start-up\n"
@@ -43,14 +49,32 @@ static void usage(FILE *f)
 
 static void on_stop(evutil_socket_t sig, short what, void *arg)
 {
-    vm_info(NULL, "signal %d: stopping", (int)sig);
-    event_base_loopexit(arg, NULL);
+    struct vm_gateway *gw = arg;
+    if (gateway_draining(gw)) {
+        vm_warn(NULL, "signal %d during the drain: stopping now", (int)sig);
+        event_base_loopexit(gateway_base(gw), NULL);
+        return;
+    }
+    vm_info(NULL, "signal %d: draining", (int)sig);
+    gateway_drain(gw);
 }
+
+/* What SIGHUP needs: the file to read again and the command line's log overrides. */
+struct reload_ctx {
+    struct vm_gateway *gw;
+    const char *path;
+    int verbose, json;
+};
 
 static void on_reload(evutil_socket_t sig, short what, void *arg)
 {
-    vm_info(NULL, "SIGHUP: reloading TLS certificates");
-    (void)gateway_reload_tls(arg);
+    struct reload_ctx *r = arg;
+    vm_info(NULL, "SIGHUP: reloading %s", r->path);
+    if (gateway_reload(r->gw, r->path) < 0)
+        return;
+    const struct vm_config *cfg = gateway_config(r->gw);
+    vm_log_setup(r->verbose ? VM_LOG_DEBUG : (enum vm_log_level)cfg->log_level,
+                 r->json >= 0 ? r->json : cfg->log_json);
 }
 
 static void on_status(evutil_socket_t sig, short what, void *arg)
@@ -138,10 +162,11 @@ int main(int argc, char **argv)
         return 1;
     }
     struct vm_gateway *gw = gateway_new(base, cfg);
-    struct event *sigint = evsignal_new(base, SIGINT, on_stop, base);
-    struct event *sigterm = evsignal_new(base, SIGTERM, on_stop, base);
+    struct event *sigint = evsignal_new(base, SIGINT, on_stop, gw);
+    struct event *sigterm = evsignal_new(base, SIGTERM, on_stop, gw);
     struct event *sigusr1 = evsignal_new(base, SIGUSR1, on_status, gw);
-    struct event *sighup = evsignal_new(base, SIGHUP, on_reload, gw);
+    struct reload_ctx reload = {gw, config_path, verbose, json};
+    struct event *sighup = evsignal_new(base, SIGHUP, on_reload, &reload);
     evsignal_add(sighup, NULL);
     evsignal_add(sigint, NULL);
     evsignal_add(sigterm, NULL);

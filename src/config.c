@@ -730,7 +730,7 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
     static const char *const limit_keys[] = {"max_clients", "queue_timeout_ms",
                                              "max_client_requests", "max_unauthenticated",
                                              "max_unauthenticated_per_source",
-                                             "auth_timeout_s", NULL};
+                                             "auth_timeout_s", "drain_timeout_s", NULL};
     static const char *const ka_keys[] = {"interval_s", "count", NULL};
     static const char *const log_keys[] = {"level", "format", NULL};
     struct vm_config *cfg = vm_calloc(1, sizeof(*cfg));
@@ -803,6 +803,7 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
                   "%d is more than limits.max_unauthenticated (%d)",
                   cfg->max_unauthenticated_per_source, cfg->max_unauthenticated);
     cfg->auth_timeout_s = get_int(ctx, "limits", limits, "auth_timeout_s", 30, 1, 3600);
+    cfg->drain_timeout_s = get_int(ctx, "limits", limits, "drain_timeout_s", 30, 0, 3600);
 
     json_t *ka = get_object(ctx, "", root, "keepalive");
     if (ka)
@@ -1074,4 +1075,61 @@ const struct vm_upstream_cfg *config_upstream(const struct vm_config *cfg, const
         if (cfg->upstreams[i].name && strcmp(cfg->upstreams[i].name, name) == 0)
             return &cfg->upstreams[i];
     return NULL;
+}
+
+int config_owns(const struct vm_config *cfg, const void *p)
+{
+    const char *c = p;
+    if (!c)
+        return 0;
+    if (cfg->nlisteners && c >= (const char *)cfg->listeners &&
+        c < (const char *)(cfg->listeners + cfg->nlisteners))
+        return 1;
+    if (cfg->nupstreams && c >= (const char *)cfg->upstreams &&
+        c < (const char *)(cfg->upstreams + cfg->nupstreams))
+        return 1;
+    if (cfg->nrules && c >= (const char *)cfg->rules && c < (const char *)(cfg->rules + cfg->nrules))
+        return 1;
+    return c == (const char *)&cfg->default_rule;
+}
+
+static int same_str(const char *a, const char *b)
+{
+    return a == b || (a && b && strcmp(a, b) == 0);
+}
+
+static int same_tls(const struct vm_tls_cfg *a, const struct vm_tls_cfg *b)
+{
+    if (!a || !b)
+        return a == b;
+    return same_str(a->cert, b->cert) && same_str(a->key, b->key) && same_str(a->ca, b->ca) &&
+           same_str(a->crl, b->crl) && a->no_verify == b->no_verify &&
+           same_str(a->server_name, b->server_name);
+}
+
+int config_upstream_same(const struct vm_upstream_cfg *a, const struct vm_upstream_cfg *b)
+{
+    return same_str(a->name, b->name) && same_str(a->uri_text, b->uri_text) &&
+           memcmp(&a->pool, &b->pool, sizeof(a->pool)) == 0 && same_tls(a->tls, b->tls) &&
+           same_str(a->sasl_user, b->sasl_user) &&
+           same_str(a->sasl_password_file, b->sasl_password_file);
+}
+
+int config_listener_same_socket(const struct vm_listener_cfg *a, const struct vm_listener_cfg *b)
+{
+    return same_str(a->address, b->address) && same_str(a->unix_path, b->unix_path) &&
+           a->mode == b->mode && !a->tls == !b->tls;
+}
+
+int config_sasl_same(const struct vm_sasl_cfg *a, const struct vm_sasl_cfg *b)
+{
+    if (!a || !b)
+        return a == b;
+    int same_users = !a->allowed_users == !b->allowed_users;
+    for (int i = 0; same_users && a->allowed_users && (a->allowed_users[i] || b->allowed_users[i]);
+         i++)
+        same_users = same_str(a->allowed_users[i], b->allowed_users[i]);
+    return same_users && same_str(a->sasldb, b->sasldb) && same_str(a->mechanisms, b->mechanisms) &&
+           same_str(a->keytab, b->keytab) && same_str(a->service_host, b->service_host) &&
+           a->max_failures == b->max_failures && a->failure_window_s == b->failure_window_s;
 }

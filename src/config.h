@@ -1,6 +1,7 @@
 /* Configuration: a JSON file read with jansson into an immutable snapshot.
  *
- * Keys (type, default; "reload" says whether a future reload may change it):
+ * Keys (type, default). SIGHUP reloads every key (gateway_reload) except those marked
+ * [restart], which keep their running value (a change is logged as a warning):
  *   listeners[]            array, required, at least one
  *     .name                string, "listenerN"
  *     .address             "host:port" TCP listener            } exactly one of
@@ -57,6 +58,8 @@
  *                          max_unauthenticated: the same per source (TCP address, unix uid),
  *                          so one source cannot take every slot
  *   limits.auth_timeout_s  int, 30: a client that has not authenticated by then is closed
+ *   limits.drain_timeout_s int 0..3600, 30: on SIGTERM/SIGINT, how long calls in flight and
+ *                          queued may take to finish before the rest are cut off
  *   limits.max_client_requests int 1..4096, 16: calls one client may have outstanding before
  *                          the gateway stops reading its socket
  *   keepalive.interval_s   int, 5 (-1 disables the gateway's own PINGs)
@@ -68,6 +71,7 @@
  *                          cut off (closed), so it cannot hold the others back
  *   Secret files (TLS keys, sasl.sasldb, sasl.keytab, upstreams[].sasl.password_file) with
  *   mode & 0006 are refused: other users must not read or write them.
+ *   sasl.*                 [restart] once a SASL listener has been set up
  *   sasl.sasldb            path of the sasldb (never /etc unless you say so)
  *   sasl.mechanisms        ["scram-sha-256", "digest-md5", "gssapi"], default scram-sha-256 and
  *                          gssapi: digest-md5 leaks in cyrus-sasl, offered only when listed
@@ -78,17 +82,17 @@
  *                          address; the uid for unix clients)
  *   upstreams[].tls        {cert, key, ca, crl, no_verify, server_name} for DRIVER+tls:// URIs
  *   upstreams[].sasl       {username, password_file}: when libvirtd asks for SASL
- *   admin.address          "host:port" of the HTTP admin endpoint (GET /status, /metrics,
+ *   admin.address          [restart] "host:port" of the HTTP admin endpoint (GET /status, /metrics,
  *                          /healthz, POST /sessions/ID/disconnect), optional
- *   admin.unix             or a unix socket path for it
- *   admin.token_file       file whose first line is a bearer token (16..1000 printable
+ *   admin.unix             [restart] or a unix socket path for it
+ *   admin.token_file       [restart] file whose first line is a bearer token (16..1000 printable
  *                          characters), read at start; then every admin request needs
  *                          "Authorization: Bearer TOKEN". Refused if its group or other users
  *                          may read or write it (mode & 0066)
- *   process.user           user name to run as once listeners are bound and keys read
+ *   process.user           [restart] user name to run as once listeners are bound and keys read
  *                          (needs root at start), optional; the sasldb, keytab and upstream
  *                          password files must be readable by it
- *   process.group          group name, optional: the user's primary group
+ *   process.group          [restart] group name, optional: the user's primary group
  *   listeners[].readonly   bool, false: force read-only for every client of this listener
  *   policy                 optional; absent = every client may reach every upstream read-write
  *   policy.default         "deny" (the default) | "allow" | {grant}: when no rule matches
@@ -222,6 +226,7 @@ struct vm_config {
     int max_unauthenticated;
     int max_unauthenticated_per_source;
     int auth_timeout_s;
+    int drain_timeout_s;
     int keepalive_interval_s;
     int keepalive_count;
     int log_level;
@@ -250,6 +255,14 @@ void config_free(struct vm_config *cfg);
 /* Print to `out` one warning line per questionable but valid setting (an upstream named like
  * a path libvirt URIs use, such as "system", captures those URIs). Returns how many. */
 int config_warn(const struct vm_config *cfg, FILE *out);
+/* True when `p` points into `cfg` (a listener, upstream or rule): what keeps a snapshot alive. */
+int config_owns(const struct vm_config *cfg, const void *p);
+/* Reload: an upstream whose connections may be shared as they are (same URI, pool, TLS files,
+ * SASL login), a listener whose socket may stay (same address or path, mode, TLS or not),
+ * an unchanged sasl section. */
+int config_upstream_same(const struct vm_upstream_cfg *a, const struct vm_upstream_cfg *b);
+int config_listener_same_socket(const struct vm_listener_cfg *a, const struct vm_listener_cfg *b);
+int config_sasl_same(const struct vm_sasl_cfg *a, const struct vm_sasl_cfg *b);
 
 /* The upstream called `name`, or NULL. */
 const struct vm_upstream_cfg *config_upstream(const struct vm_config *cfg, const char *name);

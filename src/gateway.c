@@ -43,11 +43,23 @@ struct pool_node {
     LIST_ENTRY(pool_node) entry;
 };
 
+/* A config snapshot and what the gateway keeps per snapshot. Sessions, pools and links point
+ * into it (listener, upstream and rule entries); after a reload the old one stays on the
+ * `old` list until none of them does (snapshots_collect). */
+struct snapshot {
+    struct vm_config *cfg;       /* owned */
+    SSL_CTX **upstream_tls;      /* owned: per upstream, NULL unless tls:// */
+    int *rule_sessions;          /* owned: open sessions per rule; last slot = default */
+    LIST_ENTRY(snapshot) entry;
+};
+
 struct vm_gateway {
     struct vm_env env;           /* handed down to pools and sessions */
     struct vm_session_host host; /* what sessions ask of us */
     struct event_base *base;     /* not owned */
-    struct vm_config *cfg;       /* owned */
+    struct snapshot *snap;       /* owned: the current config */
+    struct vm_config *cfg;       /* snap->cfg */
+    LIST_HEAD(, snapshot) old;   /* owned: earlier snapshots something still points into */
     struct vm_listener **listeners; /* owned, cfg->nlisteners entries */
     LIST_HEAD(, pool_node) pools;   /* owned */
     int npools;
@@ -58,8 +70,6 @@ struct vm_gateway {
     struct vm_audit *audit;      /* owned */
     struct vm_metrics *metrics;  /* owned: counters for GET /metrics */
     struct vm_admin *admin;      /* owned, optional */
-    int *rule_sessions;          /* owned: open sessions per rule; last slot = default */
-    SSL_CTX **upstream_tls;       /* owned: per upstream, NULL unless tls:// */
     struct vm_session **sessions; /* registry (not owned): index = session slot */
     int capsessions;
     struct vm_link_list retiring; /* links saying goodbye (in no pool): freed at shutdown */
@@ -67,21 +77,85 @@ struct vm_gateway {
     struct vm_srccount *unauth_by_source; /* owned: the same, per source */
     long refused_unauth;         /* closed on accept: max_unauthenticated reached */
     long refused_unauth_source;  /* closed on accept: their source's share reached */
+    struct gateway_drain {       /* SIGTERM: see gateway_drain */
+        int on;
+        int upstream_phase;      /* every session gone: saying goodbye upstream */
+        struct event *deadline;  /* owned: limits.drain_timeout_s */
+        struct event *tick;      /* owned: watches the goodbyes */
+        struct timeval started, goodbye_until;
+        int sessions;            /* open when the drain began */
+        int calls;               /* outstanding then */
+        int cut_off;             /* still outstanding at the deadline */
+    } drain;
 };
 
 static const struct vm_session_host_ops gateway_host_ops;
 static const struct vm_listener_ops gateway_listener_ops;
 
+static void snapshots_collect(struct vm_gateway *gw);
+
 static void trim_cb(evutil_socket_t fd, short what, void *arg)
 {
     call_cache_trim(0);
+    snapshots_collect(arg);
+}
+
+static struct snapshot *snapshot_new(struct vm_config *cfg)
+{
+    struct snapshot *sn = vm_calloc(1, sizeof(*sn));
+    sn->cfg = cfg;
+    sn->rule_sessions = vm_calloc((size_t)cfg->nrules + 1, sizeof(int));
+    sn->upstream_tls = vm_calloc((size_t)cfg->nupstreams, sizeof(SSL_CTX *));
+    return sn;
+}
+
+static void snapshot_free(struct snapshot *sn)
+{
+    for (int i = 0; i < sn->cfg->nupstreams; i++)
+        if (sn->upstream_tls[i])
+            tls_ctx_free(sn->upstream_tls[i]);
+    free(sn->upstream_tls);
+    free(sn->rule_sessions);
+    config_free(sn->cfg);
+    free(sn);
+}
+
+/* The client contexts of the tls:// upstreams; -1 (logged) if one fails to load. */
+static int snapshot_load_tls(struct snapshot *sn)
+{
+    for (int i = 0; i < sn->cfg->nupstreams; i++) {
+        const struct vm_upstream_cfg *up = &sn->cfg->upstreams[i];
+        if (!up->tls)
+            continue;
+        char err[300];
+        sn->upstream_tls[i] = tls_client_ctx(up->tls, err, sizeof(err));
+        if (!sn->upstream_tls[i]) {
+            vm_err(NULL, "upstream %s: TLS: %s", up->name, err);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* The snapshot `p` (a listener, upstream or rule entry) belongs to. */
+static struct snapshot *snapshot_of(const struct vm_gateway *gw, const void *p)
+{
+    if (config_owns(gw->cfg, p))
+        return gw->snap;
+    struct snapshot *sn;
+    LIST_FOREACH(sn, &gw->old, entry)
+        if (config_owns(sn->cfg, p))
+            return sn;
+    return NULL;
 }
 
 struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
 {
     struct vm_gateway *gw = vm_calloc(1, sizeof(*gw));
     gw->base = base;
+    gw->snap = snapshot_new(cfg);
     gw->cfg = cfg;
+    LIST_INIT(&gw->old);
     gw->accepting = 1;
     LIST_INIT(&gw->pools);
     gw->listeners = calloc((size_t)cfg->nlisteners, sizeof(*gw->listeners));
@@ -101,9 +175,8 @@ struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
     gw->env = (struct vm_env){.base = base, .reaper = gw->reaper, .cfg = cfg, .audit = gw->audit,
                               .metrics = gw->metrics, .retiring = &gw->retiring};
     gw->host = (struct vm_session_host){.ops = &gateway_host_ops, .owner = gw, .env = &gw->env};
-    gw->rule_sessions = calloc((size_t)cfg->nrules + 1, sizeof(int));
     gw->unauth_by_source = srccount_new();
-    if (!gw->listeners || !gw->reaper || !gw->rule_sessions)
+    if (!gw->listeners || !gw->reaper)
         abort();
     return gw;
 }
@@ -113,10 +186,14 @@ static json_t *admin_status(void *owner)
     return gateway_status_json(owner);
 }
 
-/* Serving from gateway_start until the loop stops; a drain will answer 503 "draining" here so
- * that load balancers send new clients elsewhere. */
+/* Serving from gateway_start until the loop stops; during a drain 503 "draining", so that
+ * load balancers send new clients elsewhere. */
 static int admin_health(void *owner, const char **word)
 {
+    if (gateway_draining(owner)) {
+        *word = "draining";
+        return 503;
+    }
     *word = "ok";
     return 200;
 }
@@ -159,18 +236,8 @@ static void accept_client(void *owner, const struct vm_listener_cfg *cfg, evutil
 
 int gateway_start(struct vm_gateway *gw)
 {
-    gw->upstream_tls = vm_calloc((size_t)gw->cfg->nupstreams, sizeof(SSL_CTX *));
-    for (int i = 0; i < gw->cfg->nupstreams; i++) {
-        const struct vm_upstream_cfg *up = &gw->cfg->upstreams[i];
-        if (!up->tls)
-            continue;
-        char err[300];
-        gw->upstream_tls[i] = tls_client_ctx(up->tls, err, sizeof(err));
-        if (!gw->upstream_tls[i]) {
-            vm_err(NULL, "upstream %s: TLS: %s", up->name, err);
-            return -1;
-        }
-    }
+    if (snapshot_load_tls(gw->snap) < 0)
+        return -1;
     if (gw->cfg->sasl && auth_global_init(gw->cfg->sasl) < 0)
         return -1;
     /* The admin endpoint first: once clients can connect, the status is there too. */
@@ -196,6 +263,17 @@ int gateway_start(struct vm_gateway *gw)
     return 0;
 }
 
+static void set_accepting(struct vm_gateway *gw, int on);
+
+static void close_listeners(struct vm_gateway *gw)
+{
+    for (int i = 0; i < gw->cfg->nlisteners; i++) {
+        if (gw->listeners[i])
+            listener_free(gw->listeners[i]);
+        gw->listeners[i] = NULL;
+    }
+}
+
 static void pool_node_free(void *p)
 {
     struct pool_node *n = p;
@@ -218,9 +296,7 @@ void gateway_free(struct vm_gateway *gw)
 {
     if (!gw)
         return;
-    for (int i = 0; i < gw->cfg->nlisteners; i++)
-        if (gw->listeners[i])
-            listener_free(gw->listeners[i]);
+    close_listeners(gw);
     free(gw->listeners);
     admin_free(gw->admin);
     while (gw->nsessions > 0) /* each close leaves the registry */
@@ -232,6 +308,10 @@ void gateway_free(struct vm_gateway *gw)
             pool_node_free(n);
     }
     link_free_retiring(&gw->retiring); /* links saying goodbye belong to no pool */
+    if (gw->drain.deadline)
+        event_free(gw->drain.deadline);
+    if (gw->drain.tick)
+        event_free(gw->drain.tick);
     reaper_free(gw->reaper);
     event_free(gw->trim);
     call_cache_trim(1);
@@ -239,24 +319,15 @@ void gateway_free(struct vm_gateway *gw)
     metrics_free(gw->metrics);
     if (gw->cfg->sasl)
         auth_global_done();
-    free(gw->rule_sessions);
     srccount_free(gw->unauth_by_source);
     free(gw->sessions);
-    for (int i = 0; gw->upstream_tls && i < gw->cfg->nupstreams; i++)
-        if (gw->upstream_tls[i])
-            tls_ctx_free(gw->upstream_tls[i]);
-    free(gw->upstream_tls);
-    config_free(gw->cfg);
+    while (!LIST_EMPTY(&gw->old)) {
+        struct snapshot *sn = LIST_FIRST(&gw->old);
+        LIST_REMOVE(sn, entry);
+        snapshot_free(sn);
+    }
+    snapshot_free(gw->snap);
     free(gw);
-}
-
-int gateway_reload_tls(struct vm_gateway *gw)
-{
-    int rc = 0;
-    for (int i = 0; i < gw->cfg->nlisteners; i++)
-        if (gw->listeners[i] && listener_reload_tls(gw->listeners[i]) < 0)
-            rc = -1;
-    return rc;
 }
 
 void gateway_log_status(struct vm_gateway *gw)
@@ -521,9 +592,15 @@ struct vm_audit *gateway_audit(const struct vm_gateway *gw)
     return gw->audit;
 }
 
+/* Rules are counted in their own snapshot: a session keeps the rule it opened under. */
 static int *rule_slot(struct vm_gateway *gw, const struct vm_rule *rule)
 {
-    return &gw->rule_sessions[rule->index >= 0 ? rule->index : gw->cfg->nrules];
+    struct snapshot *sn = snapshot_of(gw, rule);
+    if (!sn) { /* policy.c's static allow-all rule (no policy section): never capped */
+        static int uncapped;
+        return &uncapped;
+    }
+    return &sn->rule_sessions[rule->index >= 0 ? rule->index : sn->cfg->nrules];
 }
 
 static int host_rule_acquire(void *owner, const struct vm_rule *rule)
@@ -544,12 +621,8 @@ static void host_rule_release(void *owner, const struct vm_rule *rule)
 
 SSL_CTX *gateway_upstream_tls(const struct vm_gateway *gw, const struct vm_upstream_cfg *up)
 {
-    if (!gw->upstream_tls)
-        return NULL;
-    for (int i = 0; i < gw->cfg->nupstreams; i++)
-        if (&gw->cfg->upstreams[i] == up)
-            return gw->upstream_tls[i];
-    return NULL;
+    struct snapshot *sn = snapshot_of(gw, up);
+    return sn ? sn->upstream_tls[up - sn->cfg->upstreams] : NULL;
 }
 
 struct event_base *gateway_base(const struct vm_gateway *gw)
@@ -597,6 +670,15 @@ static struct vm_pool *host_pool(void *owner, const struct vm_upstream_cfg *up, 
     LIST_FOREACH(n, &gw->pools, entry)
         if (!n->dying && pool_matches(n->pool, up, name, readonly))
             return n->pool;
+    /* A pool of an earlier snapshot serves an upstream a reload left as it was, so its
+     * connections are shared as before. tls:// ones are not reused: new sessions get
+     * connections with the certificates read at the reload. */
+    LIST_FOREACH(n, &gw->pools, entry) {
+        const struct vm_upstream_cfg *was = pool_upstream(n->pool);
+        if (!n->dying && !up->tls && config_upstream_same(was, up) &&
+            pool_matches(n->pool, was, name, readonly))
+            return n->pool;
+    }
     n = vm_calloc(1, sizeof(*n));
     n->pool = pool_new(&gw->env, &gateway_pool_ops, gw, up, name, readonly,
                        gateway_upstream_tls(gw, up));
@@ -641,7 +723,7 @@ static void host_upstream_write(void *owner, const struct vm_upstream_cfg *up)
 
 static void set_accepting(struct vm_gateway *gw, int on)
 {
-    if (gw->accepting == on)
+    if (gw->accepting == on || gw->drain.on) /* draining: the listeners are gone */
         return;
     gw->accepting = on;
     for (int i = 0; i < gw->cfg->nlisteners; i++)
@@ -772,4 +854,371 @@ void gateway_defer_free(struct vm_gateway *gw, void (*fn)(void *), void *p)
 struct vm_reaper *gateway_reaper(const struct vm_gateway *gw)
 {
     return gw->reaper;
+}
+
+/* ---- drain (SIGTERM / SIGINT) ----
+ *
+ *   1. listeners close (unix socket files go): nobody new comes in; the admin endpoint stays;
+ *   2. every session is told to drain: idle ones close now, busy ones once their calls,
+ *      streams and registrations have finished; new upstream calls are refused meanwhile;
+ *   3. at limits.drain_timeout_s the sessions left are closed, their calls cut off;
+ *   4. with no session left, their event registrations are being dropped upstream; every
+ *      link with nothing in flight sends CONNECT_CLOSE (libvirtd must not see a connection
+ *      vanish with deregistrations pending) and goes once answered, for GOODBYE_S at most;
+ *   5. one summary line, and the loop stops (main exits 0).
+ */
+#define GOODBYE_S 5
+
+int gateway_draining(const struct vm_gateway *gw)
+{
+    return gw->drain.on;
+}
+
+static double since(struct vm_gateway *gw, const struct timeval *t0)
+{
+    struct timeval now, d;
+    event_base_gettimeofday_cached(gw->base, &now);
+    evutil_timersub(&now, t0, &d);
+    return (double)d.tv_sec + d.tv_usec / 1e6;
+}
+
+static void drain_finish(struct vm_gateway *gw, int complete)
+{
+    struct gateway_drain *d = &gw->drain;
+    event_del(d->tick);
+    event_del(d->deadline);
+    if (!complete)
+        vm_warn(NULL, "drain: upstream connections still busy after %d s of goodbyes: "
+                "closing them", GOODBYE_S);
+    vm_info(NULL, "drained in %.1f s: %d sessions closed, %d calls completed, %d calls cut "
+            "off at the %d s timeout", since(gw, &d->started), d->sessions,
+            d->calls - d->cut_off, d->cut_off, gw->cfg->drain_timeout_s);
+    event_base_loopexit(gw->base, NULL);
+}
+
+static void drain_tick(evutil_socket_t fd, short what, void *arg)
+{
+    struct vm_gateway *gw = arg;
+    struct gateway_drain *d = &gw->drain;
+    for (int i = gw->nsessions - 1; i >= 0; i--) /* backwards: a session may leave */
+        if (i < gw->nsessions)
+            session_drain(gw->sessions[i]);
+    if (gw->nsessions > 0)
+        return;
+    struct timeval now;
+    event_base_gettimeofday_cached(gw->base, &now);
+    if (!d->upstream_phase) {
+        d->upstream_phase = 1;
+        struct timeval add = {GOODBYE_S, 0};
+        evutil_timeradd(&now, &add, &d->goodbye_until);
+        vm_info(NULL, "drain: every session closed; closing upstream connections");
+    }
+    /* A retired link may empty its pool, which then leaves the list: step ahead first. */
+    struct pool_node *n, *next;
+    for (n = LIST_FIRST(&gw->pools); n; n = next) {
+        next = LIST_NEXT(n, entry);
+        (void)pool_retire_idle(n->pool);
+    }
+    if (LIST_EMPTY(&gw->pools) && TAILQ_EMPTY(&gw->retiring))
+        drain_finish(gw, 1);
+    else if (evutil_timercmp(&now, &d->goodbye_until, >))
+        drain_finish(gw, 0);
+}
+
+static void drain_deadline(evutil_socket_t fd, short what, void *arg)
+{
+    struct vm_gateway *gw = arg;
+    struct gateway_drain *d = &gw->drain;
+    for (int i = 0; i < gw->nsessions; i++)
+        d->cut_off += session_outstanding(gw->sessions[i]);
+    if (gw->nsessions)
+        vm_warn(NULL, "drain timeout (%d s): closing %d sessions, cutting off %d calls",
+                gw->cfg->drain_timeout_s, gw->nsessions, d->cut_off);
+    while (gw->nsessions > 0)
+        session_close(gw->sessions[gw->nsessions - 1], "drain timeout: virtmux is stopping");
+    drain_tick(-1, 0, gw);
+}
+
+void gateway_drain(struct vm_gateway *gw)
+{
+    struct gateway_drain *d = &gw->drain;
+    if (d->on)
+        return;
+    d->on = 1;
+    event_base_gettimeofday_cached(gw->base, &d->started);
+    close_listeners(gw);
+    d->sessions = gw->nsessions;
+    for (int i = 0; i < gw->nsessions; i++)
+        d->calls += session_outstanding(gw->sessions[i]);
+    vm_info(NULL, "draining: listeners closed; %d sessions, %d calls outstanding; waiting up "
+            "to %d s", d->sessions, d->calls, gw->cfg->drain_timeout_s);
+    d->deadline = evtimer_new(gw->base, drain_deadline, gw);
+    d->tick = event_new(gw->base, -1, EV_PERSIST, drain_tick, gw);
+    struct timeval limit = {gw->cfg->drain_timeout_s, 0}, every = {0, 50000};
+    if (!d->deadline || !d->tick || evtimer_add(d->deadline, &limit) < 0 ||
+        event_add(d->tick, &every) < 0)
+        abort();
+    /* Backwards: an idle session leaves the registry at once. */
+    for (int i = gw->nsessions - 1; i >= 0; i--)
+        if (i < gw->nsessions)
+            session_drain(gw->sessions[i]);
+}
+
+/* ---- reload (SIGHUP) ----
+ *
+ *   1. read and validate the whole file into a new snapshot (and its tls:// upstream
+ *      contexts); any error: log it, keep running on the old one;
+ *   2. keys that cannot change while running (process.*, admin.*, sasl once set up) keep
+ *      their running values, moved into the new snapshot (warned when they differ);
+ *   3. listeners, matched by name: same socket -> kept, described by the new entry, TLS files
+ *      re-read; otherwise a new socket. New sockets that collide with an old listener that
+ *      goes are bound once it is closed; any other bind failure undoes step 3 and refuses;
+ *   4. swap: the new snapshot is current (env->cfg: new OPENs, policy, limits, keepalive);
+ *      the old one waits until no session, pool or link points into it. Existing sessions
+ *      keep their listener entry, rule and pool; pools of removed or changed upstreams
+ *      drain as their sessions leave.
+ */
+
+static int snapshot_in_use(struct vm_gateway *gw, const struct snapshot *sn)
+{
+    for (int i = 0; i < gw->nsessions; i++) {
+        struct vm_session *s = gw->sessions[i];
+        if (config_owns(sn->cfg, session_listener(s)) || config_owns(sn->cfg, session_rule(s)) ||
+            config_owns(sn->cfg, session_upstream(s)))
+            return 1;
+    }
+    struct pool_node *n;
+    LIST_FOREACH(n, &gw->pools, entry)
+        if (config_owns(sn->cfg, pool_upstream(n->pool)))
+            return 1;
+    return 0;
+}
+
+/* Free the old snapshots nothing points into any more. Closed sessions and emptied pools
+ * wait on the reap list (and may still read their entries): it is run first. A link saying
+ * goodbye belongs to no pool and still reads its upstream entry: while any is retiring,
+ * nothing is freed (they are gone within 2 s). */
+static void snapshots_collect(struct vm_gateway *gw)
+{
+    if (LIST_EMPTY(&gw->old))
+        return;
+    reaper_run(gw->reaper);
+    if (!TAILQ_EMPTY(&gw->retiring))
+        return;
+    struct snapshot *sn, *next;
+    for (sn = LIST_FIRST(&gw->old); sn; sn = next) {
+        next = LIST_NEXT(sn, entry);
+        if (snapshot_in_use(gw, sn))
+            continue;
+        LIST_REMOVE(sn, entry);
+        snapshot_free(sn);
+        vm_debug(NULL, "reload: an earlier configuration is no longer used: freed");
+    }
+}
+
+#define SWAP(a, b)                                                                                 \
+    do {                                                                                           \
+        __typeof__(a) tmp_ = (a);                                                                  \
+        (a) = (b);                                                                                 \
+        (b) = tmp_;                                                                                \
+    } while (0)
+
+static int same_string(const char *a, const char *b)
+{
+    return a == b || (a && b && strcmp(a, b) == 0);
+}
+
+/* Step 2: the running values move into `nc`, the values read go with the old snapshot. */
+static void keep_restart_keys(struct vm_config *oc, struct vm_config *nc)
+{
+    if (!same_string(oc->process_user, nc->process_user) ||
+        !same_string(oc->process_group, nc->process_group))
+        vm_warn(NULL, "reload: process.user/process.group changed: this needs a restart; "
+                "keeping the running ones");
+    SWAP(oc->process_user, nc->process_user);
+    SWAP(oc->process_group, nc->process_group);
+    if (!same_string(oc->admin_address, nc->admin_address) ||
+        !same_string(oc->admin_unix, nc->admin_unix))
+        vm_warn(NULL, "reload: admin.address/admin.unix changed: this needs a restart; "
+                "keeping the running endpoint");
+    SWAP(oc->admin_address, nc->admin_address);
+    SWAP(oc->admin_unix, nc->admin_unix);
+    /* cyrus-sasl is set up once, with the running section (auth.c keeps a pointer to it). A
+     * first sasl section is set up by the caller. */
+    if (oc->sasl) {
+        if (!config_sasl_same(oc->sasl, nc->sasl))
+            vm_warn(NULL, "reload: the sasl section changed: this needs a restart; keeping "
+                    "the running one");
+        SWAP(oc->sasl, nc->sasl);
+    }
+}
+
+static int clashes(const struct vm_listener_cfg *a, const struct vm_listener_cfg *b)
+{
+    return (a->address && same_string(a->address, b->address)) ||
+           (a->unix_path && same_string(a->unix_path, b->unix_path));
+}
+
+/* Step 3. `nl` gets one listener per entry of `nc` (NULL where binding failed after the
+ * point of no return); `keep[j]` says old listener j lives on. -1: nothing changed. */
+static int swap_listeners(struct vm_gateway *gw, struct vm_config *nc, struct vm_listener **nl,
+                          int *keep, int *opened, int *closed)
+{
+    struct vm_config *oc = gw->cfg;
+    int *later = vm_calloc((size_t)nc->nlisteners, sizeof(int));
+    for (int i = 0; i < nc->nlisteners; i++) {
+        const struct vm_listener_cfg *want = &nc->listeners[i];
+        for (int j = 0; j < oc->nlisteners; j++) {
+            if (!keep[j] && gw->listeners[j] && same_string(oc->listeners[j].name, want->name) &&
+                config_listener_same_socket(&oc->listeners[j], want)) {
+                keep[j] = 1;
+                nl[i] = gw->listeners[j];
+                break;
+            }
+        }
+    }
+    for (int i = 0; i < nc->nlisteners; i++) {
+        if (nl[i])
+            continue;
+        for (int j = 0; j < oc->nlisteners; j++)
+            if (!keep[j] && clashes(&nc->listeners[i], &oc->listeners[j]))
+                later[i] = 1;
+        if (later[i])
+            continue;
+        nl[i] = listener_new(gw->base, &nc->listeners[i], &gateway_listener_ops, gw,
+                             nc->auth_timeout_s * 1000);
+        if (!nl[i]) {
+            vm_err(NULL, "reload refused: listeners[%d] (%s) cannot be opened; keeping the "
+                   "running configuration", i, nc->listeners[i].name);
+            for (int k = 0; k < nc->nlisteners; k++) {
+                int kept = 0;
+                for (int j = 0; j < oc->nlisteners; j++)
+                    kept |= keep[j] && gw->listeners[j] == nl[k];
+                if (nl[k] && !kept)
+                    listener_free(nl[k]);
+            }
+            free(later);
+            return -1;
+        }
+        (*opened)++;
+    }
+    /* The point of no return: old sockets that go are closed (unix files removed). */
+    for (int j = 0; j < oc->nlisteners; j++) {
+        if (keep[j] || !gw->listeners[j])
+            continue;
+        listener_free(gw->listeners[j]);
+        gw->listeners[j] = NULL;
+        (*closed)++;
+    }
+    for (int i = 0; i < nc->nlisteners; i++) {
+        if (!later[i])
+            continue;
+        nl[i] = listener_new(gw->base, &nc->listeners[i], &gateway_listener_ops, gw,
+                             nc->auth_timeout_s * 1000);
+        if (nl[i])
+            (*opened)++;
+        else
+            vm_err(NULL, "reload: listeners[%d] (%s) could not be reopened: it stays closed "
+                   "until the next reload", i, nc->listeners[i].name);
+    }
+    free(later);
+    return 0;
+}
+
+static void log_upstream_changes(const struct vm_config *oc, const struct vm_config *nc)
+{
+    for (int i = 0; i < nc->nupstreams; i++) {
+        const struct vm_upstream_cfg *was = config_upstream(oc, nc->upstreams[i].name);
+        if (!was)
+            vm_info(NULL, "reload: upstream %s added: %s", nc->upstreams[i].name,
+                    nc->upstreams[i].uri_text);
+        else if (!config_upstream_same(was, &nc->upstreams[i]))
+            vm_info(NULL, "reload: upstream %s changed: new sessions get new connections; "
+                    "the old ones serve their sessions until they leave", was->name);
+    }
+    for (int i = 0; i < oc->nupstreams; i++)
+        if (!config_upstream(nc, oc->upstreams[i].name))
+            vm_info(NULL, "reload: upstream %s removed: its sessions keep working until they "
+                    "leave; new ones cannot reach it", oc->upstreams[i].name);
+}
+
+int gateway_reload(struct vm_gateway *gw, const char *path)
+{
+    if (gw->drain.on) {
+        vm_warn(NULL, "reload ignored: virtmux is draining");
+        return -1;
+    }
+    char *errs = NULL;
+    size_t nerrs = 0;
+    FILE *ef = open_memstream(&errs, &nerrs);
+    struct vm_config *nc = config_load(path, ef ? ef : stderr);
+    if (ef)
+        fclose(ef);
+    if (!nc) {
+        for (char *line = errs, *end; line && *line; line = end) {
+            end = line + strcspn(line, "\n");
+            if (*end)
+                *end++ = '\0';
+            vm_err(NULL, "reload: %s", line);
+        }
+        vm_err(NULL, "reload refused: %s is invalid; keeping the running configuration", path);
+        free(errs);
+        return -1;
+    }
+    free(errs);
+    struct snapshot *sn = snapshot_new(nc);
+    if (snapshot_load_tls(sn) < 0) {
+        vm_err(NULL, "reload refused: keeping the running configuration");
+        snapshot_free(sn);
+        return -1;
+    }
+    struct vm_config *oc = gw->cfg;
+    struct vm_listener **nl = vm_calloc((size_t)nc->nlisteners + 1, sizeof(*nl));
+    int *keep = vm_calloc((size_t)oc->nlisteners + 1, sizeof(int));
+    int opened = 0, closed = 0;
+    if (swap_listeners(gw, nc, nl, keep, &opened, &closed) < 0) {
+        free(nl);
+        free(keep);
+        snapshot_free(sn);
+        return -1;
+    }
+    keep_restart_keys(oc, nc);
+    if (!oc->sasl && nc->sasl && auth_global_init(nc->sasl) < 0)
+        vm_err(NULL, "reload: cyrus-sasl could not be set up: SASL logins will fail");
+    for (int i = 0; i < nc->nlisteners; i++) {
+        for (int j = 0; j < oc->nlisteners; j++) {
+            if (keep[j] && gw->listeners[j] == nl[i]) {
+                listener_set_cfg(nl[i], &nc->listeners[i]);
+                (void)listener_reload_tls(nl[i]);
+            }
+        }
+    }
+    log_upstream_changes(oc, nc);
+    free(keep);
+    free(gw->listeners);
+    gw->listeners = nl;
+    LIST_INSERT_HEAD(&gw->old, gw->snap, entry);
+    gw->snap = sn;
+    gw->cfg = nc;
+    gw->env.cfg = nc;
+    /* New upstreams and listeners have their counters from now on (at zero). */
+    for (int i = 0; i < nc->nupstreams; i++)
+        (void)metrics_upstream(gw->metrics, nc->upstreams[i].name);
+    for (int i = 0; i < nc->nlisteners; i++)
+        (void)metrics_listener(gw->metrics, nc->listeners[i].name);
+    /* max_clients may have moved; new listeners follow the accepting state. */
+    int accept_now = gw->nsessions < nc->max_clients;
+    if (accept_now != gw->accepting)
+        set_accepting(gw, accept_now);
+    else if (!accept_now)
+        for (int i = 0; i < nc->nlisteners; i++)
+            if (nl[i])
+                listener_set_enabled(nl[i], 0);
+    if (!nc->policy_present)
+        vm_info(NULL, "no policy section: every client may reach every upstream read-write");
+    vm_info(NULL, "reloaded %s: %d listeners (%d opened, %d closed), %d upstreams, %d policy "
+            "rules; sessions already open keep their settings", path, nc->nlisteners, opened,
+            closed, nc->nupstreams, nc->nrules);
+    snapshots_collect(gw);
+    return 0;
 }

@@ -19,9 +19,16 @@ int gateway_start(struct vm_gateway *gw) VM_WUR;
 /* After the loop has stopped: close every session, then free pools, links and everything
  * else the gateway owns. */
 void gateway_free(struct vm_gateway *gw);
-/* Re-read every TLS listener's certificate files (SIGHUP); -1 if any failed (it keeps its
- * old ones). */
-int gateway_reload_tls(struct vm_gateway *gw);
+/* SIGHUP: read and validate the whole file at `path` and swap it in (see gateway.c for what
+ * changes and what stays). 0 when swapped in; -1 when the running configuration stays (the
+ * reason is logged at error level, with the JSON path of every error). */
+int gateway_reload(struct vm_gateway *gw, const char *path);
+/* SIGTERM/SIGINT: stop accepting, let outstanding calls finish (limits.drain_timeout_s), close
+ * sessions as they go idle, say CONNECT_CLOSE upstream, log a summary and stop the loop.
+ * Returns at once; the loop does the rest. A second call does nothing. */
+void gateway_drain(struct vm_gateway *gw);
+/* True from gateway_drain on (the admin health check answers 503 then). */
+int gateway_draining(const struct vm_gateway *gw);
 /* Log pools, links and session counts (SIGUSR1). */
 void gateway_log_status(struct vm_gateway *gw);
 

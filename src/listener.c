@@ -392,6 +392,11 @@ void listener_free(struct vm_listener *l)
     free(l);
 }
 
+void listener_set_cfg(struct vm_listener *l, const struct vm_listener_cfg *cfg)
+{
+    l->cfg = cfg;
+}
+
 void listener_set_enabled(struct vm_listener *l, int on)
 {
     if (on)

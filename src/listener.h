@@ -46,6 +46,9 @@ void listener_free(struct vm_listener *l);
 /* Re-read the TLS certificate, key, CA and CRL files; the old context stays on failure.
  * Sessions already connected keep theirs. */
 int listener_reload_tls(struct vm_listener *l);
+/* Reload kept the socket: describe the listener (and its future sessions) with `cfg`, a
+ * newer snapshot's entry with the same socket. */
+void listener_set_cfg(struct vm_listener *l, const struct vm_listener_cfg *cfg);
 /* Stop or resume accepting (used at max_clients). */
 void listener_set_enabled(struct vm_listener *l, int on);
 

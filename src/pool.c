@@ -162,6 +162,23 @@ int pool_is_empty(const struct vm_pool *p)
            p->nswait == 0 && !events_busy(p->events);
 }
 
+int pool_retire_idle(struct vm_pool *p)
+{
+    int busy = 0;
+    struct link_node *n, *next;
+    /* link_retire tells on_link_gone at once, which frees the node: step ahead first. */
+    for (n = TAILQ_FIRST(&p->links); n; n = next) {
+        next = TAILQ_NEXT(n, entry);
+        struct vm_link *l = n->link;
+        if (link_refs(l) || link_inflight(l) || link_internal(l)) {
+            busy++;
+            continue;
+        }
+        link_retire(l);
+    }
+    return busy;
+}
+
 struct vm_events *pool_events(const struct vm_pool *p)
 {
     return p->events;

@@ -80,6 +80,11 @@ void pool_stream_cancel(struct vm_pool *p, struct vm_slot_wait *w);
 /* A stream that held a slot ended: the next waiter gets it. */
 void pool_stream_release(struct vm_pool *p);
 
+/* Shutting down: retire (CONNECT_CLOSE, freed on libvirtd's reply) every link nobody uses and
+ * that has nothing in flight, the gateway's own calls included. Returns how many links are
+ * still busy (the caller asks again later). */
+int pool_retire_idle(struct vm_pool *p);
+
 /* The pool's event fan-out state. */
 struct vm_events *pool_events(const struct vm_pool *p);
 /* The pool's coalescing and micro-cache state (cache.h); NULL when both are off. */

@@ -79,11 +79,14 @@ static void peer_request_begin(struct vm_peer *c)
     update_flow(s);
 }
 
+static void drain_check(struct vm_session *s);
+
 static void peer_request_end(struct vm_peer *c)
 {
     struct vm_session *s = of_peer(c);
     s->noutstanding--;
     update_flow(s);
+    drain_check(s);
 }
 
 static void peer_block_reading(struct vm_peer *c, int on)
@@ -209,6 +212,21 @@ int session_outstanding(const struct vm_session *s)
     return s->noutstanding;
 }
 
+const struct vm_listener_cfg *session_listener(const struct vm_session *s)
+{
+    return s->lcfg;
+}
+
+const struct vm_rule *session_rule(const struct vm_session *s)
+{
+    return s->rule;
+}
+
+const struct vm_upstream_cfg *session_upstream(const struct vm_session *s)
+{
+    return s->route.upstream;
+}
+
 int session_slot(const struct vm_session *s)
 {
     return s->slot;
@@ -244,6 +262,45 @@ void session_upstream_lost(struct vm_session *s, const char *why)
         session_close(s, "upstream lost for good");
 }
 
+
+int session_idle(const struct vm_session *s)
+{
+    return s->noutstanding == 0 && s->state != S_OPENING;
+}
+
+/* Draining and idle: hang up once the last reply is written, as after CONNECT_CLOSE. This
+ * runs inside pool, link, events and stream callbacks, so it never closes the session
+ * itself: the write that empties the output does (on_drained), or the gateway's next
+ * session_drain when there was nothing left to write. */
+static void drain_check(struct vm_session *s)
+{
+    if (!s->draining || !session_idle(s) || s->state == S_CLOSING || s->close_after_flush)
+        return;
+    s->close_after_flush = 1;
+    s->close_reason = "virtmux is shutting down (drained)";
+    conn_pause(s->conn, 1);
+}
+
+void session_drain(struct vm_session *s)
+{
+    if (s->state == S_CLOSING)
+        return;
+    s->draining = 1;
+    drain_check(s);
+    if (s->close_after_flush && conn_output_length(s->conn) == 0)
+        session_close(s, s->close_reason);
+}
+
+/* During a drain a call that would reach an upstream is answered here instead: clients get a
+ * clear error rather than a call that a stopping gateway may cut off half-way. */
+static int refuse_draining(struct vm_session *s, const struct vm_hdr *h)
+{
+    if (!s->draining)
+        return 0;
+    session_reply_error(s, h, VIR_ERR_OPERATION_FAILED, VIR_FROM_RPC,
+                        "operation failed: virtmux is shutting down and takes no new calls");
+    return 1;
+}
 
 static void reply_u32(struct vm_session *s, const struct vm_hdr *h, uint32_t v)
 {
@@ -320,6 +377,7 @@ static void call_done(void *arg, struct vm_call *c, const struct vm_hdr *reply,
     }
     call_detach(s, c);
     update_flow(s);
+    drain_check(s);
 }
 
 /* ---- keepalive towards the client ---- */
@@ -357,6 +415,8 @@ static void handle_open(struct vm_session *s, const struct vm_hdr *h, const uint
                             "internal error: connection already open");
         return;
     }
+    if (refuse_draining(s, h))
+        return;
     struct xrd r;
     int present;
     xr_init(&r, args, n);
@@ -431,6 +491,7 @@ static void open_done(struct vm_open_wait *w, struct vm_link *home, const void *
         s->state = S_OPEN;
         wire_put_reply(session_out(s), &s->open_hdr, NULL, 0);
         vm_debug(s->tag, "open: home %s", link_tag(home));
+        drain_check(s);
         return;
     }
     struct vm_pool *p = s->pool;
@@ -445,6 +506,7 @@ static void open_done(struct vm_open_wait *w, struct vm_link *home, const void *
     }
     vm_info(s->tag, "open failed: %s", message ? message : "refused by upstream");
     s->host->ops->pool_check(s->host->owner, p);
+    drain_check(s);
 }
 
 /* ---- dispatch ---- */
@@ -453,6 +515,8 @@ static void open_done(struct vm_open_wait *w, struct vm_link *home, const void *
 static void forward_call(struct vm_session *s, const struct vm_hdr *h, struct evbuffer *pkt,
                          int grant_filter, const struct vm_grant_memo *memo)
 {
+    if (refuse_draining(s, h))
+        return;
     struct vm_call *c = call_new(call_done, s, 0);
     c->hdr = *h;
     c->grant_filter = (uint8_t)grant_filter;
@@ -549,6 +613,8 @@ static void handle_event_call(struct vm_session *s, const struct vm_hdr *h, stru
     }
     uint8_t *args = evbuffer_pullup(pkt, -1) + VM_HDR_LEN;
     if (info->kind == VM_PK_EVENT_REGISTER) {
+        if (refuse_draining(s, h))
+            return;
         events_subscribe(pool_events(s->pool), &s->peer, h, args, n);
         return;
     }
@@ -699,6 +765,8 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
         return;
     }
     if (info && info->kind == VM_PK_STREAM_CREATE) {
+        if (refuse_draining(s, h))
+            return;
         stream_start(&s->peer, s->pool, h, pkt);
         return;
     }

@@ -41,6 +41,11 @@ struct vm_link *session_home(const struct vm_session *s);
 /* Calls of `s` forwarded or queued and not yet answered. */
 int session_outstanding(const struct vm_session *s);
 int session_slot(const struct vm_session *s);
+/* What the session points to in a config snapshot (the gateway keeps a snapshot while any of
+ * these is in it): its listener, its policy rule (NULL before OPEN), its routed upstream. */
+const struct vm_listener_cfg *session_listener(const struct vm_session *s);
+const struct vm_rule *session_rule(const struct vm_session *s);
+const struct vm_upstream_cfg *session_upstream(const struct vm_session *s);
 void session_set_slot(struct vm_session *s, int slot);
 
 /* The home link is lost for good: a session that registered a close callback gets
@@ -49,6 +54,14 @@ void session_upstream_lost(struct vm_session *s, const char *why);
 
 /* The session's id (C#id in its log tag and the admin status). */
 unsigned session_id(const struct vm_session *s);
+/* The gateway is stopping: calls already outstanding finish, new ones that would reach an
+ * upstream are refused ("virtmux is shutting down"), and the session closes (cleanly, once
+ * its output is written) as soon as nothing is outstanding, maybe at once. Call it again
+ * from time to time (from the loop, not from a callback of the session's objects): it closes
+ * a session that became idle with nothing left to write. */
+void session_drain(struct vm_session *s);
+/* Nothing outstanding and no OPEN pending. */
+int session_idle(const struct vm_session *s);
 
 /* Close a session for `why` (logged). Idempotent; the memory is reaped after this loop turn. */
 void session_close(struct vm_session *s, const char *why);

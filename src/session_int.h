@@ -95,6 +95,8 @@ struct vm_session {
     time_t since;                      /* accepted at (wall clock, for the admin status) */
     uint64_t ncalls;                   /* calls forwarded so far */
     int mlis, mup;                     /* metrics slots: listener; upstream (-1 until OPEN) */
+    int draining;                      /* the gateway is stopping: no new calls; close once
+                                        * nothing is outstanding */
 };
 
 /* Helpers both files use; inline so that session_auth.c never calls into session.c. */

@@ -185,11 +185,13 @@ def test_exit_with_everything_in_flight(libvirtd, gateway, raw_subscribers,
     """Stopped while sessions hold every kind of state: an event
     registration, an open stream, a stream's connection saying goodbye to a
     libvirtd that does not answer, a call in flight and one queued behind
-    it. The gateway closes every session and frees everything (the
-    sanitizer stage checks that nothing leaks and nothing freed is used) and
-    exits 0."""
+    it. The drain closes the idle subscriber at once and, at
+    limits.drain_timeout_s, every session still busy; everything is freed
+    (the sanitizer stage checks that nothing leaks and nothing freed is
+    used) and the exit is 0."""
     gw = gateway.single(libvirtd.direct_uri,
-                        pool={"max_connections": 1, "max_inflight": 1})
+                        pool={"max_connections": 1, "max_inflight": 1},
+                        limits={"drain_timeout_s": 1})
     sub = raw_subscribers(port=gw.port)
     sub.register()
     streaming = harness.RawClient(port=gw.port)
@@ -221,11 +223,14 @@ def test_exit_with_everything_in_flight(libvirtd, gateway, raw_subscribers,
 
         rc = gw.stop(timeout=10, sig=sig)
         assert rc == 0, gw.log_tail()
-        # every session still open was closed on the way out
+        # every session still open was closed on the way out: the idle
+        # subscriber by the drain, the busy ones at its timeout
         log = gw.log_text()
-        assert log.count("closed: virtmux is shutting down") == 3, log
-        assert "closed: virtmux is shutting down (2 calls outstanding)" \
-            in log, log
+        assert log.count("closed: virtmux is shutting down (drained)") == 1, log
+        assert log.count("closed: drain timeout: virtmux is stopping") == 2, log
+        assert "closed: drain timeout: virtmux is stopping (2 calls " \
+            "outstanding)" in log, log
+        assert "calls cut off at the 1 s timeout" in log, log
     finally:
         libvirtd.sigcont()
         for c in (streaming, leaving, caller):

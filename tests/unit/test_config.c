@@ -158,5 +158,44 @@ int main(void)
     e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}]," UP
                   ",\"policy\":{\"rules\":[{\"match\":{},\"upstreams\":[5,\"hv1\"]}]}}");
     CHECK(e && strstr(e, "policy.rules[0].upstreams: entry 0 must be a string"));
+
+    /* limits.drain_timeout_s: 30 by default, 0 (cut at once) to 3600 */
+    cfg = config_parse("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}]," UP "}", stderr);
+    CHECK(cfg && cfg->drain_timeout_s == 30);
+    config_free(cfg);
+    cfg = config_parse("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}]," UP
+                       ",\"limits\":{\"drain_timeout_s\":0}}", stderr);
+    CHECK(cfg && cfg->drain_timeout_s == 0);
+    config_free(cfg);
+    e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}]," UP
+                  ",\"limits\":{\"drain_timeout_s\":3601}}");
+    CHECK(e && strstr(e, "limits.drain_timeout_s"));
+
+    /* What a reload compares: two parses of one file are "the same" entry by entry, and
+     * each snapshot owns only its own entries. */
+    const char *two = "{\"listeners\":[{\"name\":\"a\",\"address\":\"127.0.0.1:1\"},"
+                      "{\"name\":\"b\",\"unix\":\"/run/v/s\",\"mode\":\"0660\"}],"
+                      "\"upstreams\":[{\"name\":\"hv1\",\"uri\":\"qemu+tcp://h/system\","
+                      "\"pool\":{\"max_connections\":2}}],"
+                      "\"policy\":{\"rules\":[{\"match\":{},\"readonly\":true}]}}";
+    struct vm_config *a1 = config_parse(two, stderr), *a2 = config_parse(two, stderr);
+    CHECK(a1 && a2);
+    if (a1 && a2) {
+        CHECK(config_upstream_same(&a1->upstreams[0], &a2->upstreams[0]));
+        CHECK(config_listener_same_socket(&a1->listeners[0], &a2->listeners[0]));
+        CHECK(config_listener_same_socket(&a1->listeners[1], &a2->listeners[1]));
+        CHECK(!config_listener_same_socket(&a1->listeners[0], &a2->listeners[1]));
+        CHECK(config_sasl_same(a1->sasl, a2->sasl));
+        a2->upstreams[0].pool.max_connections = 3;
+        CHECK(!config_upstream_same(&a1->upstreams[0], &a2->upstreams[0]));
+        a2->listeners[1].mode = 0600;
+        CHECK(!config_listener_same_socket(&a1->listeners[1], &a2->listeners[1]));
+        CHECK(config_owns(a1, &a1->listeners[1]) && config_owns(a1, &a1->upstreams[0]));
+        CHECK(config_owns(a1, &a1->rules[0]) && config_owns(a1, &a1->default_rule));
+        CHECK(!config_owns(a1, &a2->listeners[0]) && !config_owns(a1, &a2->rules[0]));
+        CHECK(!config_owns(a1, NULL));
+    }
+    config_free(a1);
+    config_free(a2);
     return check_done();
 }

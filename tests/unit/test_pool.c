@@ -46,6 +46,11 @@ void link_free(struct vm_link *l)
     l->ops->gone(l->owner, l);
 }
 
+void link_retire(struct vm_link *l)
+{
+    link_free(l);
+}
+
 enum vm_link_state link_state(const struct vm_link *l) { return l->state; }
 int link_refs(const struct vm_link *l) { return l->refs; }
 int link_inflight(const struct vm_link *l) { return l->inflight; }
