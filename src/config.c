@@ -1107,9 +1107,23 @@ static int same_tls(const struct vm_tls_cfg *a, const struct vm_tls_cfg *b)
            same_str(a->server_name, b->server_name);
 }
 
+/* A pool's cache is made with its pool: a changed cache section needs new pools. */
+static int same_cache(const struct vm_cache_cfg *a, const struct vm_cache_cfg *b)
+{
+    if (a->enabled != b->enabled || a->ttl_ms != b->ttl_ms || a->readwrite != b->readwrite ||
+        a->max_entries != b->max_entries || a->max_bytes != b->max_bytes ||
+        a->nprocs != b->nprocs)
+        return 0;
+    for (int i = 0; i < a->nprocs; i++)
+        if (a->procs[i] != b->procs[i])
+            return 0;
+    return 1;
+}
+
 int config_upstream_same(const struct vm_upstream_cfg *a, const struct vm_upstream_cfg *b)
 {
     return same_str(a->name, b->name) && same_str(a->uri_text, b->uri_text) &&
+           same_cache(&a->cache, &b->cache) &&
            memcmp(&a->pool, &b->pool, sizeof(a->pool)) == 0 && same_tls(a->tls, b->tls) &&
            same_str(a->sasl_user, b->sasl_user) &&
            same_str(a->sasl_password_file, b->sasl_password_file);

@@ -710,14 +710,15 @@ static void host_pool_check(void *owner, struct vm_pool *p)
     }
 }
 
-/* A write went to upstream `up`: every pool of it (read-only and read-write, any name) drops
- * its cached replies, since they all see the same hypervisor. */
+/* A write went to upstream `up`: every pool of it (read-only and read-write, any name, and
+ * of any config snapshot: matched by name) drops its cached replies, since they all see the
+ * same hypervisor. */
 static void host_upstream_write(void *owner, const struct vm_upstream_cfg *up)
 {
     struct vm_gateway *gw = owner;
     struct pool_node *n;
     LIST_FOREACH(n, &gw->pools, entry)
-        if (pool_upstream(n->pool) == up)
+        if (strcmp(pool_upstream(n->pool)->name, up->name) == 0)
             cache_invalidate(pool_cache(n->pool), VM_CACHE_INVALIDATED_WRITE);
 }
 
