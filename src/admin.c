@@ -8,6 +8,7 @@
  *                 │     /status    ops->status (JSON)
  *                 ├── actions (POST /NOUN/NAME/VERB)
  *                 │     /sessions/ID/disconnect   ops->disconnect_session
+ *                 │     /upstreams/NAME/pause|resume|drain   ops->upstream_action
  *                 └── anything else ──> 404 (405 for a known path and the wrong method)
  *
  * Adding an action is one row in `actions` and one callback in vm_admin_ops. Every answer
@@ -159,12 +160,45 @@ static void post_session_disconnect(struct vm_admin *a, struct evhttp_request *r
     reply_json(req, 200, "OK", json_pack("{s:I}", "disconnected", (json_int_t)id));
 }
 
+static void upstream_action(struct vm_admin *a, struct evhttp_request *req, const char *name,
+                            const char *action)
+{
+    const char *state = NULL;
+    if (a->ops->upstream_action(a->owner, name, action, &state) < 0) {
+        reply_json(req, 404, "Not Found", json_pack("{s:s, s:s}", "error", "no such upstream",
+                                                     "upstream", name));
+        return;
+    }
+    vm_info("admin", "upstream %s: %s on request", name, action);
+    reply_json(req, 200, "OK", json_pack("{s:s, s:s}", "upstream", name, "state", state));
+}
+
+static void post_upstream_pause(struct vm_admin *a, struct evhttp_request *req, const char *name)
+{
+    upstream_action(a, req, name, "pause");
+}
+
+static void post_upstream_resume(struct vm_admin *a, struct evhttp_request *req, const char *name)
+{
+    upstream_action(a, req, name, "resume");
+}
+
+static void post_upstream_drain(struct vm_admin *a, struct evhttp_request *req, const char *name)
+{
+    upstream_action(a, req, name, "drain");
+}
+
 static const struct action {
     const char *noun, *verb;
     void (*post)(struct vm_admin *a, struct evhttp_request *req, const char *name);
     const char *what; /* for the index */
 } actions[] = {
     {"sessions", "disconnect", post_session_disconnect, "close that client's connection"},
+    {"upstreams", "pause", post_upstream_pause,
+     "hold new calls to that upstream (up to pool.reconnect_hold_ms)"},
+    {"upstreams", "resume", post_upstream_resume, "end a pause or a drain"},
+    {"upstreams", "drain", post_upstream_drain,
+     "no new sessions on that upstream; its connections close as they fall idle"},
 };
 
 #define NELEMS(a) (sizeof(a) / sizeof((a)[0]))

@@ -40,6 +40,7 @@ struct vm_call {
     struct vm_link *link;       /* where it is in flight; NULL while queued */
     uint32_t up_serial;         /* serial on the upstream connection */
     struct timeval deadline;    /* when waiting in the pool queue must end */
+    struct timeval queued_at;   /* when it entered the pool queue (the reconnect hold) */
     uint64_t t0_ns;             /* when the client's call was handed on (latency metrics) */
     vm_call_done_fn done;       /* NULL once swallowed */
     void *done_arg;

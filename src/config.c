@@ -352,8 +352,8 @@ static void parse_upstream(struct parse_ctx *ctx, int i, json_t *o, struct vm_up
     static const char *const keys[] = {"name", "uri", "pool", "tls", "sasl", "cache", NULL};
     static const char *const sasl_keys[] = {"username", "password_file", NULL};
     static const char *const pool_keys[] = {"max_connections", "max_inflight", "idle_timeout_s",
-                                            "connect_timeout_ms", "give_up_s", "max_streams", "coalesce",
-                                            NULL};
+                                            "connect_timeout_ms", "give_up_s", "max_streams",
+                                            "reconnect_hold_ms", "coalesce", NULL};
     char path[64], p[96];
     snprintf(path, sizeof(path), "upstreams[%d]", i);
     if (!json_is_object(o)) {
@@ -413,6 +413,7 @@ static void parse_upstream(struct parse_ctx *ctx, int i, json_t *o, struct vm_up
     u->pool.connect_timeout_ms = get_int(ctx, p, pool, "connect_timeout_ms", 10000, 100, 600000);
     u->pool.give_up_s = get_int(ctx, p, pool, "give_up_s", 60, 0, 86400);
     u->pool.max_streams = get_int(ctx, p, pool, "max_streams", 8, 1, 1024);
+    u->pool.reconnect_hold_ms = get_int(ctx, p, pool, "reconnect_hold_ms", 10000, 0, 3600000);
     u->pool.coalesce = get_bool(ctx, p, pool, "coalesce", 1);
     snprintf(p, sizeof(p), "%s.cache", path);
     parse_cache(ctx, p, json_object_get(o, "cache"), &u->cache);

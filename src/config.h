@@ -24,10 +24,14 @@
  *     .pool.idle_timeout_s    int 0..86400, 60
  *     .pool.connect_timeout_ms int 100..600000, 10000
  *     .pool.give_up_s      int 0..86400, 60: after this long without reconnecting, sessions
- *                          homed on a lost connection are told (close callback) and closed;
- *                          0 = keep retrying forever
+ *                          homed on a lost connection move to a READY one of their pool, or
+ *                          else are told (close callback) and closed; 0 = keep retrying forever
  *     .pool.max_streams    int 1..1024, 8: streams (each on its own upstream connection) open
  *                          at once; more wait up to limits.queue_timeout_ms, then fail
+ *     .pool.reconnect_hold_ms int 0..3600000, 10000: while the pool reconnects (libvirtd
+ *                          restarted) or its upstream is paused, new calls wait this long
+ *                          (and at most limits.queue_timeout_ms) instead of failing at once;
+ *                          0 = fail at once (pause then holds up to queue_timeout_ms)
  *     .pool.coalesce       bool, true: identical calls of read-only verdict "yes" (same
  *                          program, procedure and argument bytes) in flight on the pool at
  *                          the same time share one upstream call; each caller gets the reply
@@ -187,6 +191,7 @@ struct vm_pool_cfg {
     int connect_timeout_ms;
     int give_up_s;
     int max_streams;
+    int reconnect_hold_ms;
     int coalesce;           /* share identical read-only calls in flight (src/cache.h) */
 };
 

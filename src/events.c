@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include <event2/buffer.h>
+#include <event2/event.h>
 
 #include "call.h"
 #include "config.h"
@@ -43,6 +44,8 @@ struct vm_evreg {
     enum reg_state state;
     int32_t up_id;
     int dead;               /* nobody wants it any more; free when the pending reply lands */
+    int held;               /* waiting for the event link to come back, until held_until */
+    struct timeval held_until;
     struct vm_sub_list subs; /* owned */
     int nsubs;
     TAILQ_ENTRY(vm_evreg) entry;
@@ -59,14 +62,22 @@ struct vm_events {
     int nsubs;
     unsigned long cut_off;  /* subscribers dropped for not reading */
     int dying;              /* the pool is being freed: calls finishing now change nothing */
+    int hold_ms;            /* how long a registration waits for a reconnecting event link */
+    struct event *htimer;   /* owned: fires at the first held registration's deadline */
     int mup;                /* metrics slot of the upstream */
 };
 
+static void hold_timeout(evutil_socket_t fd, short what, void *arg);
+
 struct vm_events *events_new(struct vm_env *env, const char *upstream, vm_ready_link_fn ready_link,
-                             void *owner)
+                             void *owner, int hold_ms)
 {
     struct vm_events *ev = vm_calloc(1, sizeof(*ev));
     ev->env = env;
+    ev->hold_ms = hold_ms;
+    ev->htimer = evtimer_new(env->base, hold_timeout, ev);
+    if (!ev->htimer)
+        abort();
     ev->upstream = upstream;
     ev->ready_link = ready_link;
     ev->owner = owner;
@@ -109,6 +120,7 @@ void events_free(struct vm_events *ev)
         }
         reg_free(r);
     }
+    event_free(ev->htimer);
     free(ev);
 }
 
@@ -282,7 +294,52 @@ static void register_done(void *arg, struct vm_call *c, const struct vm_hdr *h,
             answer_ok(sub);
 }
 
-/* Send the register call of `r` on the event link; fails the pending subscribers if it can't. */
+/* Arm the hold timer for the earliest held registration (or disarm it). */
+static void arm_hold(struct vm_events *ev)
+{
+    const struct timeval *first = NULL;
+    struct vm_evreg *r;
+    TAILQ_FOREACH(r, &ev->regs, entry)
+        if (r->held && (!first || evutil_timercmp(&r->held_until, first, <)))
+            first = &r->held_until;
+    if (!first) {
+        evtimer_del(ev->htimer);
+        return;
+    }
+    struct timeval now, tv;
+    event_base_gettimeofday_cached(ev->env->base, &now);
+    if (evutil_timercmp(first, &now, <))
+        evutil_timerclear(&tv);
+    else
+        evutil_timersub(first, &now, &tv);
+    evtimer_add(ev->htimer, &tv);
+}
+
+/* Held registrations whose event link did not come back in time fail like held calls. */
+static void hold_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    struct vm_events *ev = arg;
+    struct timeval now;
+    event_base_gettimeofday_cached(ev->env->base, &now);
+    struct vm_evreg *r, *next;
+    for (r = TAILQ_FIRST(&ev->regs); r; r = next) {
+        next = TAILQ_NEXT(r, entry);
+        if (!r->held || evutil_timercmp(&now, &r->held_until, <))
+            continue;
+        r->held = 0;
+        metrics_limit(ev->env->metrics, VM_LIMIT_RECONNECT_HOLD);
+        char msg[300];
+        snprintf(msg, sizeof(msg), "internal error: virtmux cannot reach upstream %s for event "
+                 "registration (the call waited %d ms)", ev->upstream, ev->hold_ms);
+        fail_pending(r, NULL, 0, msg);
+        if (r->nsubs == 0)
+            reg_free(r);
+    }
+    arm_hold(ev);
+}
+
+/* Send the register call of `r` on the event link; while that link reconnects the subscribers
+ * wait for it (hold_ms), else they fail now. */
 static void send_register(struct vm_evreg *r)
 {
     struct vm_events *ev = r->ev;
@@ -296,6 +353,23 @@ static void send_register(struct vm_evreg *r)
     if (ev->link && link_state(ev->link) == VM_LINK_READY &&
         link_send_internal(ev->link, r->prog, r->reg_proc, r->args, r->nargs, register_done, r) == 0) {
         r->state = REG_PENDING;
+        if (r->held) {
+            r->held = 0;
+            arm_hold(ev);
+        }
+        return;
+    }
+    enum vm_link_state st = ev->link ? link_state(ev->link) : VM_LINK_CLOSED;
+    if (ev->hold_ms > 0 && (st == VM_LINK_BACKOFF || st == VM_LINK_CONNECTING ||
+                            st == VM_LINK_HANDSHAKE)) {
+        /* The event link is reconnecting (our reference keeps it trying): wait for it. */
+        if (!r->held) {
+            struct timeval now, add = {ev->hold_ms / 1000, (ev->hold_ms % 1000) * 1000};
+            event_base_gettimeofday_cached(ev->env->base, &now);
+            evutil_timeradd(&now, &add, &r->held_until);
+            r->held = 1;
+            arm_hold(ev);
+        }
         return;
     }
     char msg[300];
@@ -470,6 +544,16 @@ void events_deliver(struct vm_events *ev, struct vm_link *l, const struct vm_hdr
 
 void events_link_ready(struct vm_events *ev, struct vm_link *l)
 {
+    if (ev->link && l != ev->link && link_state(ev->link) != VM_LINK_READY) {
+        /* The event link is still away (it may never come back: give_up_s) while another
+         * link of the pool is READY: the registrations move there. Nothing is in flight on
+         * the old one, its failure answered or idled every registration. */
+        struct vm_link *old = ev->link;
+        ev->link = l;
+        link_ref(l);
+        vm_info(link_tag(l), "takes over the event registrations from %s", link_tag(old));
+        link_unref(old); /* may free it */
+    }
     if (l != ev->link)
         return;
     int n = 0;

@@ -26,9 +26,10 @@ struct vm_env;
 /* Which READY link of the owner should carry the registrations (NULL: none now). */
 typedef struct vm_link *(*vm_ready_link_fn)(void *owner);
 /* The events state of one pool: `upstream` names it in messages, `ready_link` finds a link
- * for the registrations. */
+ * for the registrations; a registration made while the event link reconnects waits for it up
+ * to `hold_ms` (pool.reconnect_hold_ms; 0: it fails at once). */
 struct vm_events *events_new(struct vm_env *env, const char *upstream, vm_ready_link_fn ready_link,
-                             void *owner);
+                             void *owner, int hold_ms);
 /* The pool is going away: from now on calls finishing on its links leave this state alone
  * (call before the pool frees its links, then events_free). */
 void events_shutdown(struct vm_events *ev);

@@ -53,6 +53,12 @@ struct snapshot {
     LIST_ENTRY(snapshot) entry;
 };
 
+/* An upstream an operator paused or drains (POST /upstreams/NAME/...). */
+struct up_op {
+    char name[128];
+    enum vm_upstream_op op;
+};
+
 struct vm_gateway {
     struct vm_env env;           /* handed down to pools and sessions */
     struct vm_session_host host; /* what sessions ask of us */
@@ -87,9 +93,13 @@ struct vm_gateway {
         int calls;               /* outstanding then */
         int cut_off;             /* still outstanding at the deadline */
     } drain;
+    struct up_op *up_ops;         /* owned: upstreams an operator paused or drains, by name
+                                  * (a reload keeps them); absent = active */
+    int nup_ops;
 };
 
 static const struct vm_session_host_ops gateway_host_ops;
+static enum vm_upstream_op op_of(const struct vm_gateway *gw, const char *name);
 static const struct vm_listener_ops gateway_listener_ops;
 
 static void snapshots_collect(struct vm_gateway *gw);
@@ -186,6 +196,27 @@ static json_t *admin_status(void *owner)
     return gateway_status_json(owner);
 }
 
+/* POST /upstreams/NAME/ACTION from the admin endpoint. */
+static int upstream_action(void *owner, const char *name, const char *action, const char **state)
+{
+    struct vm_gateway *gw = owner;
+    enum vm_upstream_op op;
+    if (gateway_upstream_op(gw, name) < 0)
+        return -1;
+    if (strcmp(action, "pause") == 0)
+        op = VM_UP_PAUSED;
+    else if (strcmp(action, "resume") == 0)
+        op = VM_UP_ACTIVE;
+    else if (strcmp(action, "drain") == 0)
+        op = VM_UP_DRAINING;
+    else
+        return -2;
+    if (gateway_upstream_set_op(gw, name, op) < 0)
+        return -1;
+    *state = pool_op_name(op);
+    return 0;
+}
+
 /* Serving from gateway_start until the loop stops; during a drain 503 "draining", so that
  * load balancers send new clients elsewhere. */
 static int admin_health(void *owner, const char **word)
@@ -220,6 +251,7 @@ static const struct vm_admin_ops gateway_admin_ops = {
     .health = admin_health,
     .metrics = admin_metrics,
     .disconnect_session = admin_disconnect,
+    .upstream_action = upstream_action,
 };
 
 void gateway_adopt(struct vm_gateway *gw, const struct vm_listener_cfg *lcfg, evutil_socket_t fd,
@@ -319,6 +351,7 @@ void gateway_free(struct vm_gateway *gw)
     metrics_free(gw->metrics);
     if (gw->cfg->sasl)
         auth_global_done();
+    free(gw->up_ops);
     srccount_free(gw->unauth_by_source);
     free(gw->sessions);
     while (!LIST_EMPTY(&gw->old)) {
@@ -406,19 +439,21 @@ static json_t *upstreams_json(struct vm_gateway *gw)
             session_view(gw->sessions[k], &v);
             sessions += v.upstream && !strcmp(v.upstream, up->name);
         }
-        json_array_append_new(
-            arr, json_pack("{s:s, s:s, s:s, s:i, s:{s:i, s:i, s:i, s:i}, s:i, s:i, s:i, s:i, "
-                           "s:i, s:i, s:i, s:i, s:i, s:i, s:o}",
-                           "name", up->name, "uri", up->uri_text, "state", upstream_state(&t),
-                           "connections", t.links, "connections_by_state", "connecting",
-                           t.by_state[VM_LINK_CONNECTING], "handshake",
-                           t.by_state[VM_LINK_HANDSHAKE], "ready", t.by_state[VM_LINK_READY],
-                           "backoff", t.by_state[VM_LINK_BACKOFF], "refcounts", t.link_refs,
-                           "sessions", sessions, "pools", npools, "inflight", t.inflight,
-                           "internal_inflight", t.internal, "queued", t.queued, "opening",
-                           t.opening, "streams", t.streams, "event_registrations",
-                           t.event_registrations, "event_subscribers", t.event_subscribers,
-                           "last_error", err ? json_string(err) : json_null()));
+        json_t *o = json_pack("{s:s, s:s, s:s, s:i, s:{s:i, s:i, s:i, s:i}, s:i, s:i, s:i, s:i, "
+                              "s:i, s:i, s:i, s:i, s:i, s:i, s:o}",
+                              "name", up->name, "uri", up->uri_text, "state", upstream_state(&t),
+                              "connections", t.links, "connections_by_state", "connecting",
+                              t.by_state[VM_LINK_CONNECTING], "handshake",
+                              t.by_state[VM_LINK_HANDSHAKE], "ready", t.by_state[VM_LINK_READY],
+                              "backoff", t.by_state[VM_LINK_BACKOFF], "refcounts", t.link_refs,
+                              "sessions", sessions, "pools", npools, "inflight", t.inflight,
+                              "internal_inflight", t.internal, "queued", t.queued, "opening",
+                              t.opening, "streams", t.streams, "event_registrations",
+                              t.event_registrations, "event_subscribers", t.event_subscribers,
+                              "last_error", err ? json_string(err) : json_null());
+        /* what an operator made of it (POST /upstreams/NAME/...), pools or not */
+        json_object_set_new(o, "operator", json_string(pool_op_name(op_of(gw, up->name))));
+        json_array_append_new(arr, o);
     }
     return arr;
 }
@@ -647,6 +682,69 @@ struct vm_env *gateway_env(struct vm_gateway *gw)
 
 static void host_pool_check(void *owner, struct vm_pool *p);
 
+/* The operator state of upstream `name` (by name: a reload keeps it). */
+static enum vm_upstream_op op_of(const struct vm_gateway *gw, const char *name)
+{
+    for (int i = 0; i < gw->nup_ops; i++)
+        if (strcmp(gw->up_ops[i].name, name) == 0)
+            return gw->up_ops[i].op;
+    return VM_UP_ACTIVE;
+}
+
+static int configured(const struct vm_gateway *gw, const char *name)
+{
+    for (int i = 0; i < gw->cfg->nupstreams; i++)
+        if (strcmp(gw->cfg->upstreams[i].name, name) == 0)
+            return 1;
+    return 0;
+}
+
+int gateway_upstream_op(const struct vm_gateway *gw, const char *name)
+{
+    return configured(gw, name) ? (int)op_of(gw, name) : -1;
+}
+
+int gateway_upstream_set_op(struct vm_gateway *gw, const char *name, enum vm_upstream_op op)
+{
+    if (!configured(gw, name) || strlen(name) >= sizeof(gw->up_ops[0].name))
+        return -1;
+    enum vm_upstream_op was = op_of(gw, name);
+    if (was != op)
+        vm_warn(NULL, "upstream %s: %s -> %s by an operator", name, pool_op_name(was),
+                pool_op_name(op));
+    int i;
+    for (i = 0; i < gw->nup_ops; i++)
+        if (strcmp(gw->up_ops[i].name, name) == 0)
+            break;
+    if (op == VM_UP_ACTIVE) {
+        if (i < gw->nup_ops)
+            gw->up_ops[i] = gw->up_ops[--gw->nup_ops];
+    } else {
+        if (i == gw->nup_ops) {
+            gw->up_ops = realloc(gw->up_ops, (size_t)(gw->nup_ops + 1) * sizeof(*gw->up_ops));
+            if (!gw->up_ops)
+                abort();
+            snprintf(gw->up_ops[gw->nup_ops++].name, sizeof(gw->up_ops[0].name), "%s", name);
+        }
+        gw->up_ops[i].op = op;
+    }
+    /* Every pool of that upstream, from earlier snapshots too. A pool told here may empty
+     * itself (a drain answered its last waiter): walk a copy. */
+    int n = 0;
+    struct pool_node *pn;
+    LIST_FOREACH(pn, &gw->pools, entry)
+        n++;
+    struct vm_pool **todo = vm_calloc((size_t)n + 1, sizeof(*todo));
+    n = 0;
+    LIST_FOREACH(pn, &gw->pools, entry)
+        if (!pn->dying && strcmp(pool_upstream(pn->pool)->name, name) == 0)
+            todo[n++] = pn->pool;
+    for (int k = 0; k < n; k++)
+        pool_set_op(todo[k], op);
+    free(todo);
+    return 0;
+}
+
 static void pool_maybe_empty(void *owner, struct vm_pool *p)
 {
     host_pool_check(owner, p);
@@ -682,6 +780,7 @@ static struct vm_pool *host_pool(void *owner, const struct vm_upstream_cfg *up, 
     n = vm_calloc(1, sizeof(*n));
     n->pool = pool_new(&gw->env, &gateway_pool_ops, gw, up, name, readonly,
                        gateway_upstream_tls(gw, up));
+    pool_set_op(n->pool, op_of(gw, up->name));
     LIST_INSERT_HEAD(&gw->pools, n, entry);
     gw->npools++;
     return n->pool;
@@ -841,9 +940,11 @@ static const struct vm_session_host_ops gateway_host_ops = {
 
 void gateway_link_lost(struct vm_gateway *gw, struct vm_link *l, const char *why)
 {
-    /* Walk backwards: a session told here may leave the registry at once. */
+    /* Walk backwards: a session told here may leave the registry at once. One that can move
+     * to another READY link of its pool does so and never notices. */
     for (int i = gw->nsessions - 1; i >= 0; i--)
-        if (i < gw->nsessions && session_home(gw->sessions[i]) == l)
+        if (i < gw->nsessions && session_home(gw->sessions[i]) == l &&
+            session_rehome(gw->sessions[i]) < 0)
             session_upstream_lost(gw->sessions[i], why);
 }
 

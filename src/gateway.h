@@ -4,6 +4,7 @@
 #define VM_GATEWAY_H
 
 #include "fwd.h"
+#include "pool.h"
 
 #include <event2/util.h>
 #include <jansson.h>
@@ -52,6 +53,13 @@ struct vm_pool *gateway_pool(struct vm_gateway *gw, const struct vm_upstream_cfg
 
 /* An upstream connection is lost for good: tell every session homed on it. */
 void gateway_link_lost(struct vm_gateway *gw, struct vm_link *l, const char *why);
+
+/* Operator actions on upstream `name` (all its pools, and those made later): VM_UP_PAUSED
+ * holds new client calls, VM_UP_DRAINING refuses new sessions and closes links as they fall
+ * idle, VM_UP_ACTIVE resumes from either. -1 when no upstream has that name. */
+int gateway_upstream_set_op(struct vm_gateway *gw, const char *name, enum vm_upstream_op op);
+/* The operator state of upstream `name`, or -1 when there is none. */
+int gateway_upstream_op(const struct vm_gateway *gw, const char *name);
 
 /* Policy denials are recorded here. */
 struct vm_audit *gateway_audit(const struct vm_gateway *gw);

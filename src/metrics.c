@@ -76,6 +76,7 @@ static const char *const limit_names[VM_LIMIT__COUNT] = {
     [VM_LIMIT_INTERNAL_RESERVE] = "internal_reserve",
     [VM_LIMIT_FRAME_LENGTH] = "frame_length",
     [VM_LIMIT_NAME_LENGTH] = "name_length",
+    [VM_LIMIT_RECONNECT_HOLD] = "reconnect_hold",
 };
 
 static const char *const error_names[VM_ERRK__COUNT] = {

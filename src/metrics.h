@@ -45,6 +45,8 @@ enum vm_limit {
     VM_LIMIT_INTERNAL_RESERVE,          /* the gateway's own call waits: reserve full */
     VM_LIMIT_FRAME_LENGTH,              /* client closed: illegal length word */
     VM_LIMIT_NAME_LENGTH,               /* CONNECT_OPEN refused: name too long */
+    VM_LIMIT_RECONNECT_HOLD,            /* held call, open or registration failed after
+                                         * pool.reconnect_hold_ms (upstream away or paused) */
     VM_LIMIT__COUNT
 };
 

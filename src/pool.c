@@ -6,12 +6,22 @@
  *     another READY link with room .... spill (every forwarded call is stateless per socket)
  *     fewer than max_connections ...... open a new link, queue the call
  *     a link is (re)connecting ........ queue the call (queue_timeout_ms)
+ *     a link will retry (libvirtd is
+ *       restarting), or paused ........ queue the call (reconnect_hold_ms, see "holding")
  *     nothing can carry it ............ fail it now with the last connection error
  *
  * A slot freeing up or a link becoming READY pumps the queue: owners (sessions) with waiting
  * calls take turns, one call each, and each owner's calls leave in their own order; a deep
  * pipeline from one client only delays that client. The queue timer fails calls in arrival
  * order once they waited queue_timeout_ms.
+ *
+ * Holding: while no call can leave (the last READY link went down and a link with sessions
+ * is reconnecting, or an operator paused the upstream) the pool is "held" since a time;
+ * a waiting call's deadline is then the earlier of its queue deadline and
+ * max(queued_at, held_since) + reconnect_hold_ms. Both are in arrival order, so the queue
+ * head always has the first deadline. Calls that were in flight when a link died are not
+ * the pool's: the link fails them at once (they may have run). New OPENs wait the same way
+ * (their vm_open_wait gets the deadline).
  */
 #include "pool.h"
 
@@ -65,14 +75,45 @@ struct vm_pool {
     int nswait;
     struct event *stimer;               /* owned: fires at the first waiter's deadline */
     int dying;                          /* pool_free in progress */
+    enum vm_upstream_op op;             /* the upstream's operator state */
+    struct timeval held_since;          /* no call could leave since (outage or pause); 0: none */
+    void *refusal;                      /* owned: libvirtd's refusal of the name (error payload) */
+    size_t nrefusal;
+    char refusal_msg[600];
+    struct event *rtimer;               /* owned: forgets the refusal */
+    struct event *otimer;               /* owned: fires at the first held open's deadline */
     int mup;                            /* metrics slot of the upstream */
 };
 
 static void queue_timeout(evutil_socket_t fd, short what, void *arg);
+static void unavailable_message(struct vm_pool *p, char *buf, size_t len);
 static void unqueue(struct vm_pool *p, struct vm_call *c);
 static const struct vm_link_ops pool_link_ops;
 static void stream_wait_timeout(evutil_socket_t fd, short what, void *arg);
 static struct vm_link *least_referenced_ready(struct vm_pool *p);
+static void refusal_expired(evutil_socket_t fd, short what, void *arg);
+static int hold_ms(const struct vm_pool *p);
+static void open_hold_timeout(evutil_socket_t fd, short what, void *arg);
+static void hold_waiters(struct vm_pool *p);
+static void arm_for(struct vm_pool *p, struct event *timer, const struct timeval *deadline);
+static int held(const struct vm_pool *p);
+static int any_retrying(struct vm_pool *p);
+static void pump(struct vm_pool *p);
+static void forget_refusal(struct vm_pool *p);
+static void remember_refusal(struct vm_pool *p, const void *payload, size_t n,
+                             const char *message);
+
+const char *pool_op_name(enum vm_upstream_op op)
+{
+    switch (op) {
+    case VM_UP_PAUSED:
+        return "paused";
+    case VM_UP_DRAINING:
+        return "draining";
+    default:
+        return "active";
+    }
+}
 
 static struct vm_link *ready_link_for_events(void *owner)
 {
@@ -98,12 +139,14 @@ struct vm_pool *pool_new(struct vm_env *env, const struct vm_pool_ops *ops, void
     snprintf(p->tag, sizeof(p->tag), "P:%s %s%s", up->name, name, readonly ? " ro" : "");
     p->qtimer = evtimer_new(env->base, queue_timeout, p);
     p->stimer = evtimer_new(env->base, stream_wait_timeout, p);
+    p->rtimer = evtimer_new(env->base, refusal_expired, p);
+    p->otimer = evtimer_new(env->base, open_hold_timeout, p);
     TAILQ_INIT(&p->swait);
-    if (!p->name || !p->qtimer || !p->stimer)
+    if (!p->name || !p->qtimer || !p->stimer || !p->rtimer || !p->otimer)
         abort();
     snprintf(p->last_error, sizeof(p->last_error), "not connected yet");
     p->mup = metrics_upstream(env->metrics, up->name);
-    p->events = events_new(env, up->name, ready_link_for_events, p);
+    p->events = events_new(env, up->name, ready_link_for_events, p, hold_ms(p));
     p->cache = cache_new(env, up, readonly, p->events, p->mup);
     return p;
 }
@@ -128,6 +171,9 @@ void pool_free(struct vm_pool *p)
     cache_free(p->cache); /* after the calls: shared ones hand their callers the failure */
     event_free(p->qtimer);
     event_free(p->stimer);
+    event_free(p->rtimer);
+    event_free(p->otimer);
+    free(p->refusal);
     free(p->waiters);
     free(p->name);
     free(p);
@@ -159,7 +205,7 @@ int pool_is_empty(const struct vm_pool *p)
     if (p->dying)
         return 0;
     return p->nlinks == 0 && p->nwaiters == 0 && p->nqueued == 0 && p->nstreams == 0 &&
-           p->nswait == 0 && !events_busy(p->events);
+           p->nswait == 0 && !events_busy(p->events) && !p->refusal;
 }
 
 int pool_retire_idle(struct vm_pool *p)
@@ -247,6 +293,20 @@ static int any_connecting(struct vm_pool *p)
     return 0;
 }
 
+/* A link that will come back by itself: connecting, or backing off with sessions homed on it
+ * (one without sessions is freed when it goes down). */
+static int any_retrying(struct vm_pool *p)
+{
+    struct link_node *n;
+    TAILQ_FOREACH(n, &p->links, entry) {
+        enum vm_link_state st = link_state(n->link);
+        if (st == VM_LINK_CONNECTING || st == VM_LINK_HANDSHAKE ||
+            (st == VM_LINK_BACKOFF && link_refs(n->link) > 0))
+            return 1;
+    }
+    return 0;
+}
+
 static void add_link(struct vm_pool *p)
 {
     struct link_node *n = vm_calloc(1, sizeof(*n));
@@ -255,6 +315,8 @@ static void add_link(struct vm_pool *p)
     struct vm_link_params lp;
     pool_link_params(p, &lp);
     n->link = link_new(&lp, &pool_link_ops, p);
+    if (p->op == VM_UP_DRAINING)
+        link_set_draining(n->link, 1);
 }
 
 /* Make sure some link is on its way to READY: grow, or cut a backoff short. */
@@ -279,10 +341,24 @@ static void ensure_connecting(struct vm_pool *p)
 
 void pool_open(struct vm_pool *p, struct vm_open_wait *w)
 {
+    if (p->op == VM_UP_DRAINING) {
+        char msg[300];
+        snprintf(msg, sizeof(msg), "internal error: virtmux upstream %s is draining for "
+                 "maintenance: it takes no new connections", p->up->name);
+        w->done(w, NULL, NULL, 0, msg);
+        return;
+    }
     struct vm_link *l = least_referenced_ready(p);
     if (l) {
         link_ref(l);
         w->done(w, l, NULL, 0, NULL);
+        return;
+    }
+    if (p->refusal) {
+        /* libvirtd refused this name moments ago: the same answer, no new connection. */
+        vm_debug(p->tag, "open refused from the cache (libvirtd refused it < %d ms ago)",
+                 VM_REFUSAL_CACHE_MS);
+        w->done(w, NULL, p->refusal, p->nrefusal, p->refusal_msg);
         return;
     }
     if (p->nwaiters == p->capwaiters) {
@@ -292,6 +368,11 @@ void pool_open(struct vm_pool *p, struct vm_open_wait *w)
             abort();
     }
     p->waiters[p->nwaiters++] = w;
+    evutil_timerclear(&w->deadline);
+    if (held(p) && p->op != VM_UP_PAUSED && any_retrying(p)) {
+        hold_waiters(p); /* libvirtd is restarting: the links retry on their own timers */
+        return;
+    }
     ensure_connecting(p);
 }
 
@@ -307,6 +388,51 @@ void pool_cancel_open(struct vm_pool *p, struct vm_open_wait *w)
     }
 }
 
+/* Arm the open timer for the first held waiter's deadline, or disarm it. */
+static void arm_otimer(struct vm_pool *p)
+{
+    const struct timeval *first = NULL;
+    for (int i = 0; i < p->nwaiters; i++) {
+        const struct timeval *d = &p->waiters[i]->deadline;
+        if (evutil_timerisset(d) && (!first || evutil_timercmp(d, first, <)))
+            first = d;
+    }
+    arm_for(p, p->otimer, first);
+}
+
+/* Every waiting OPEN without a deadline gets one: now + the hold. */
+static void hold_waiters(struct vm_pool *p)
+{
+    struct timeval now, add = {hold_ms(p) / 1000, (hold_ms(p) % 1000) * 1000};
+    event_base_gettimeofday_cached(p->env->base, &now);
+    for (int i = 0; i < p->nwaiters; i++)
+        if (!evutil_timerisset(&p->waiters[i]->deadline))
+            evutil_timeradd(&now, &add, &p->waiters[i]->deadline);
+    arm_otimer(p);
+}
+
+static void open_hold_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    struct vm_pool *p = arg;
+    struct timeval now;
+    event_base_gettimeofday_cached(p->env->base, &now);
+    char why[600], msg[700];
+    unavailable_message(p, why, sizeof(why));
+    snprintf(msg, sizeof(msg), "%s (the open waited %d ms)", why, hold_ms(p));
+    for (int i = 0; i < p->nwaiters;) {
+        struct vm_open_wait *w = p->waiters[i];
+        if (!evutil_timerisset(&w->deadline) || evutil_timercmp(&now, &w->deadline, <)) {
+            i++;
+            continue;
+        }
+        pool_cancel_open(p, w);
+        metrics_limit(p->env->metrics, VM_LIMIT_RECONNECT_HOLD);
+        w->done(w, NULL, NULL, 0, msg);
+    }
+    arm_otimer(p);
+    p->ops->maybe_empty(p->owner, p);
+}
+
 /* Answer every waiting OPEN with a failure. */
 static void fail_waiters(struct vm_pool *p, const void *err_payload, size_t n, const char *message)
 {
@@ -315,6 +441,7 @@ static void fail_waiters(struct vm_pool *p, const void *err_payload, size_t n, c
         pool_cancel_open(p, w);
         w->done(w, NULL, err_payload, n, message);
     }
+    arm_otimer(p);
 }
 
 /* ---- the queue ---- */
@@ -346,15 +473,77 @@ static void arm_for(struct vm_pool *p, struct event *timer, const struct timeval
     evtimer_add(timer, &tv);
 }
 
+/* How long a call may be held while nothing can leave: reconnect_hold_ms within the queue
+ * timeout; a pause with no hold configured waits for the queue timeout. */
+static int hold_ms(const struct vm_pool *p)
+{
+    int qt = p->env->cfg->queue_timeout_ms, h = p->up->pool.reconnect_hold_ms;
+    if (h == 0 && p->op == VM_UP_PAUSED)
+        return qt;
+    return h < qt ? h : qt;
+}
+
+/* Whether calls that nothing can carry now should wait rather than fail: a paused upstream,
+ * or a reconnect on its way with a hold configured. */
+static int holding(struct vm_pool *p)
+{
+    return p->op == VM_UP_PAUSED || (p->up->pool.reconnect_hold_ms > 0 && any_retrying(p));
+}
+
+static int held(const struct vm_pool *p)
+{
+    return evutil_timerisset(&p->held_since);
+}
+
+/* When `c` must leave the queue; *by_hold says the hold, not the queue timeout, ends it. */
+static struct timeval due(const struct vm_pool *p, const struct vm_call *c, int *by_hold)
+{
+    *by_hold = 0;
+    if (!held(p))
+        return c->deadline;
+    const struct timeval *from =
+        evutil_timercmp(&c->queued_at, &p->held_since, <) ? &p->held_since : &c->queued_at;
+    int ms = hold_ms(p);
+    struct timeval add = {ms / 1000, (ms % 1000) * 1000}, t;
+    evutil_timeradd(from, &add, &t);
+    if (!evutil_timercmp(&t, &c->deadline, <))
+        return c->deadline;
+    *by_hold = 1;
+    return t;
+}
+
 static void arm_qtimer(struct vm_pool *p)
 {
     struct vm_call *head = TAILQ_FIRST(&p->queue);
-    arm_for(p, p->qtimer, head ? &head->deadline : NULL);
+    int by_hold;
+    struct timeval d;
+    if (head)
+        d = due(p, head, &by_hold);
+    arm_for(p, p->qtimer, head ? &d : NULL);
+}
+
+static void hold_begin(struct vm_pool *p)
+{
+    if (held(p))
+        return;
+    event_base_gettimeofday_cached(p->env->base, &p->held_since);
+    vm_info(p->tag, "holding new calls up to %d ms (%s)", hold_ms(p),
+            p->op == VM_UP_PAUSED ? "paused" : "reconnecting");
+    arm_qtimer(p);
+}
+
+static void hold_end(struct vm_pool *p)
+{
+    if (!held(p))
+        return;
+    evutil_timerclear(&p->held_since);
+    vm_info(p->tag, "no longer holding calls (%d waiting go out)", p->nqueued);
 }
 
 static void enqueue(struct vm_pool *p, struct vm_call *c)
 {
     set_deadline(p, &c->deadline);
+    event_base_gettimeofday_cached(p->env->base, &c->queued_at);
     int was_empty = TAILQ_EMPTY(&p->queue);
     TAILQ_INSERT_TAIL(&p->queue, c, qentry);
     p->nqueued++;
@@ -400,8 +589,26 @@ static void queue_timeout(evutil_socket_t fd, short what, void *arg)
     event_base_gettimeofday_cached(p->env->base, &now);
     struct vm_call *c;
     int ms = p->env->cfg->queue_timeout_ms;
-    while ((c = TAILQ_FIRST(&p->queue)) && !evutil_timercmp(&now, &c->deadline, <)) {
+    while ((c = TAILQ_FIRST(&p->queue))) {
+        int by_hold;
+        struct timeval d = due(p, c, &by_hold);
+        if (evutil_timercmp(&now, &d, <))
+            break;
         unqueue(p, c);
+        if (by_hold) {
+            char msg[800], why[600];
+            if (p->op == VM_UP_PAUSED)
+                snprintf(why, sizeof(why), "internal error: virtmux upstream %s is paused for "
+                         "maintenance", p->up->name);
+            else
+                unavailable_message(p, why, sizeof(why));
+            snprintf(msg, sizeof(msg), "%s (the call waited %d ms)", why, hold_ms(p));
+            vm_warn(p->tag, "held call given up after %d ms (%d still queued)", hold_ms(p),
+                    p->nqueued);
+            metrics_limit(p->env->metrics, VM_LIMIT_RECONNECT_HOLD);
+            call_fail(c, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, msg);
+            continue;
+        }
         char msg[400];
         /* Busy links are no error: name the last connection failure only if there is one. */
         snprintf(msg, sizeof(msg),
@@ -419,7 +626,7 @@ static void queue_timeout(evutil_socket_t fd, short what, void *arg)
 /* Move queued calls onto links with room, oldest first. */
 static void pump(struct vm_pool *p)
 {
-    while (!TAILQ_EMPTY(&p->queue)) {
+    while (p->op != VM_UP_PAUSED && !TAILQ_EMPTY(&p->queue)) {
         struct vm_link *l = least_loaded_ready(p, 1);
         if (!l)
             break;
@@ -447,7 +654,8 @@ static void unavailable_message(struct vm_pool *p, char *buf, size_t len)
 
 void pool_submit(struct vm_pool *p, struct vm_link *home, struct vm_call *c)
 {
-    if (TAILQ_EMPTY(&p->queue)) { /* never overtake calls that already wait */
+    int paused = p->op == VM_UP_PAUSED;
+    if (!paused && TAILQ_EMPTY(&p->queue)) { /* never overtake calls that already wait */
         if (home && link_state(home) == VM_LINK_READY && link_has_room(home)) {
             link_send(home, c);
             return;
@@ -459,16 +667,18 @@ void pool_submit(struct vm_pool *p, struct vm_link *home, struct vm_call *c)
         }
     }
     int can_grow = p->nlinks < p->up->pool.max_connections;
-    if (!least_loaded_ready(p, 0) && !any_connecting(p) && !can_grow) {
+    if (!least_loaded_ready(p, 0) && !any_connecting(p) && !can_grow && !holding(p)) {
         char msg[600];
         unavailable_message(p, msg, sizeof(msg));
         call_fail(c, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, msg);
         return;
     }
-    if (least_loaded_ready(p, 0) && !can_grow)
+    if (!paused && least_loaded_ready(p, 0) && !can_grow)
         metrics_limit(p->env->metrics, VM_LIMIT_MAX_INFLIGHT); /* every connection is busy */
     enqueue(p, c);
-    if (!any_connecting(p) && can_grow)
+    /* Held for a reconnect: the links backing off retry on their own timers; a new link per
+     * held call would only knock on a closed door. */
+    if (!paused && !any_connecting(p) && can_grow && !(held(p) && any_retrying(p)))
         add_link(p);
 }
 
@@ -482,12 +692,21 @@ static void arm_stimer(struct vm_pool *p)
 
 int pool_stream_acquire(struct vm_pool *p, struct vm_slot_wait *w)
 {
-    if (p->nstreams < p->up->pool.max_streams && TAILQ_EMPTY(&p->swait)) {
+    if (p->op != VM_UP_PAUSED && p->nstreams < p->up->pool.max_streams &&
+        TAILQ_EMPTY(&p->swait)) {
         p->nstreams++;
         return 1;
     }
-    metrics_limit(p->env->metrics, VM_LIMIT_MAX_STREAMS);
+    if (p->op != VM_UP_PAUSED)
+        metrics_limit(p->env->metrics, VM_LIMIT_MAX_STREAMS);
     set_deadline(p, &w->deadline);
+    if (p->op == VM_UP_PAUSED) { /* a new stream is a client call too: held like one */
+        struct timeval now, add = {hold_ms(p) / 1000, (hold_ms(p) % 1000) * 1000}, t;
+        event_base_gettimeofday_cached(p->env->base, &now);
+        evutil_timeradd(&now, &add, &t);
+        if (evutil_timercmp(&t, &w->deadline, <))
+            w->deadline = t;
+    }
     TAILQ_INSERT_TAIL(&p->swait, w, entry);
     p->nswait++;
     vm_info(p->tag, "max_streams (%d) open: stream waits (%d waiting)", p->up->pool.max_streams,
@@ -504,17 +723,24 @@ void pool_stream_cancel(struct vm_pool *p, struct vm_slot_wait *w)
     p->ops->maybe_empty(p->owner, p);
 }
 
-void pool_stream_release(struct vm_pool *p)
+/* Give free stream slots to the streams waiting for one, in order. */
+static void grant_streams(struct vm_pool *p)
 {
-    p->nstreams--;
     struct vm_slot_wait *w;
-    while (p->nstreams < p->up->pool.max_streams && (w = TAILQ_FIRST(&p->swait))) {
+    while (p->op != VM_UP_PAUSED && p->nstreams < p->up->pool.max_streams &&
+           (w = TAILQ_FIRST(&p->swait))) {
         TAILQ_REMOVE(&p->swait, w, entry);
         p->nswait--;
         p->nstreams++;
         w->granted(w);
     }
     arm_stimer(p);
+}
+
+void pool_stream_release(struct vm_pool *p)
+{
+    p->nstreams--;
+    grant_streams(p);
     p->ops->maybe_empty(p->owner, p);
 }
 
@@ -528,9 +754,13 @@ static void stream_wait_timeout(evutil_socket_t fd, short what, void *arg)
         TAILQ_REMOVE(&p->swait, w, entry);
         p->nswait--;
         char msg[400];
-        snprintf(msg, sizeof(msg), "operation timed out: virtmux waited %d ms for one of the %d "
-                 "stream connections to upstream %s (pool.max_streams)",
-                 p->env->cfg->queue_timeout_ms, p->up->pool.max_streams, p->up->name);
+        if (p->op == VM_UP_PAUSED)
+            snprintf(msg, sizeof(msg), "operation timed out: virtmux upstream %s is paused for "
+                     "maintenance", p->up->name);
+        else
+            snprintf(msg, sizeof(msg), "operation timed out: virtmux waited %d ms for one of the "
+                     "%d stream connections to upstream %s (pool.max_streams)",
+                     p->env->cfg->queue_timeout_ms, p->up->pool.max_streams, p->up->name);
         vm_warn(p->tag, "stream waited too long for a slot (%d still waiting)", p->nswait);
         metrics_limit(p->env->metrics, VM_LIMIT_STREAM_QUEUE_TIMEOUT);
         metrics_error(p->env->metrics, VM_ERRK_TIMEOUT);
@@ -546,9 +776,77 @@ void pool_cancel_call(struct vm_pool *p, struct vm_call *c)
     arm_qtimer(p);
 }
 
+struct vm_link *pool_rehome(struct vm_pool *p, struct vm_link *old)
+{
+    struct vm_link *l = least_referenced_ready(p);
+    if (!l || l == old)
+        return NULL;
+    link_ref(l);
+    return l;
+}
+
 void pool_release(struct vm_pool *p, struct vm_link *home)
 {
     link_unref(home);
+}
+
+/* ---- libvirtd's refusal of the name ---- */
+
+static void forget_refusal(struct vm_pool *p)
+{
+    if (!p->refusal)
+        return;
+    free(p->refusal);
+    p->refusal = NULL;
+    p->nrefusal = 0;
+    evtimer_del(p->rtimer);
+}
+
+static void refusal_expired(evutil_socket_t fd, short what, void *arg)
+{
+    struct vm_pool *p = arg;
+    forget_refusal(p);
+    p->ops->maybe_empty(p->owner, p);
+}
+
+/* Keep libvirtd's refusal for VM_REFUSAL_CACHE_MS: OPENs of the name get it without a new
+ * upstream connection each (the pool lives on meanwhile). */
+static void remember_refusal(struct vm_pool *p, const void *payload, size_t n, const char *message)
+{
+    free(p->refusal);
+    p->refusal = vm_calloc(1, n ? n : 1);
+    memcpy(p->refusal, payload, n);
+    p->nrefusal = n;
+    snprintf(p->refusal_msg, sizeof(p->refusal_msg), "%s", message);
+    struct timeval tv = {VM_REFUSAL_CACHE_MS / 1000, (VM_REFUSAL_CACHE_MS % 1000) * 1000};
+    evtimer_add(p->rtimer, &tv);
+}
+
+/* ---- the operator ---- */
+
+void pool_set_op(struct vm_pool *p, enum vm_upstream_op op)
+{
+    enum vm_upstream_op was = p->op;
+    if (was == op)
+        return;
+    p->op = op;
+    vm_info(p->tag, "upstream %s", pool_op_name(op));
+    struct link_node *n;
+    TAILQ_FOREACH(n, &p->links, entry) /* retiring happens from the links' timers, later */
+        link_set_draining(n->link, op == VM_UP_DRAINING);
+    if (op == VM_UP_PAUSED) {
+        hold_begin(p);
+        return;
+    }
+    if (was != VM_UP_PAUSED)
+        return;
+    /* Resumed: what was held goes out in order; without a READY link the outage goes on. */
+    if (least_loaded_ready(p, 0))
+        hold_end(p);
+    else if (!TAILQ_EMPTY(&p->queue) || !TAILQ_EMPTY(&p->swait))
+        ensure_connecting(p);
+    pump(p);
+    grant_streams(p);
 }
 
 /* ---- link events ---- */
@@ -559,6 +857,9 @@ static void on_link_ready(void *owner, struct vm_link *l)
 {
     struct vm_pool *p = owner;
     p->last_error[0] = '\0'; /* reached: no error to report */
+    forget_refusal(p);
+    if (p->op != VM_UP_PAUSED)
+        hold_end(p);
     metrics_upstream_error(p->env->metrics, p->mup, NULL);
     events_link_ready(p->events, l);
     while (p->nwaiters > 0) {
@@ -568,6 +869,7 @@ static void on_link_ready(void *owner, struct vm_link *l)
         link_ref(home);
         w->done(w, home, NULL, 0, NULL);
     }
+    arm_otimer(p);
     pump(p);
 }
 
@@ -597,6 +899,15 @@ static void on_link_down(void *owner, struct vm_link *l, const void *err_payload
         return; /* someone else may still serve the waiters and the queue */
     char msg[600];
     unavailable_message(p, msg, sizeof(msg));
+    if (err_payload) {
+        remember_refusal(p, err_payload, n, message);
+    } else if (holding(p)) {
+        /* libvirtd is away (restarting?) and a link keeps trying: queued and new calls, and
+         * OPENs of new sessions, wait for it up to the hold. */
+        hold_begin(p);
+        hold_waiters(p);
+        return;
+    }
     fail_waiters(p, err_payload, n, err_payload ? message : msg);
     fail_queue(p, msg);
 }
@@ -670,8 +981,9 @@ json_t *pool_status_json(const struct vm_pool *p)
                                                "state", link_states[link_state(n->link)],
                                                "sessions", link_refs(n->link), "inflight",
                                                link_inflight(n->link)));
-    return json_pack("{s:s, s:s, s:b, s:i, s:i, s:o, s:o, s:i, s:i}", "upstream", p->up->name,
-                     "name", p->name, "readonly", p->readonly, "queued", p->nqueued, "opening",
+    return json_pack("{s:s, s:s, s:b, s:s, s:b, s:i, s:i, s:o, s:o, s:i, s:i}", "upstream",
+                     p->up->name, "name", p->name, "readonly", p->readonly, "operator",
+                     pool_op_name(p->op), "holding", held(p), "queued", p->nqueued, "opening",
                      p->nwaiters, "last_error",
                      p->last_error[0] ? json_string(p->last_error) : json_null(), "links", links,
                      "event_registrations", events_registrations(p->events),
@@ -681,7 +993,8 @@ json_t *pool_status_json(const struct vm_pool *p)
 void pool_log_status(const struct vm_pool *p)
 {
     const char *const *states = link_states;
-    vm_info(p->tag, "status: %d links, %d queued, %d opening", p->nlinks, p->nqueued, p->nwaiters);
+    vm_info(p->tag, "status: %s%s, %d links, %d queued, %d opening", pool_op_name(p->op),
+            held(p) ? " (holding calls)" : "", p->nlinks, p->nqueued, p->nwaiters);
     struct link_node *n;
     TAILQ_FOREACH(n, &p->links, entry)
         vm_info(link_tag(n->link), "status: %s, %d sessions, %d in flight",

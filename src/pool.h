@@ -36,7 +36,22 @@ struct vm_pool_ops {
 struct vm_open_wait {
     void (*done)(struct vm_open_wait *w, struct vm_link *home, const void *err, size_t n,
                  const char *message);
+    struct timeval deadline; /* the pool's: a held open gives up then (cleared: not held) */
 };
+
+/* What an operator made of an upstream; every pool of that upstream follows it.
+ *   ACTIVE    calls go out as usual
+ *   PAUSED    client calls wait in the queue (up to pool.reconnect_hold_ms, and at most
+ *             limits.queue_timeout_ms); nothing of a client's is sent until resume
+ *   DRAINING  no new sessions (CONNECT_OPEN is refused); existing ones carry on; links close as
+ *             soon as they are unused */
+/* How long libvirtd's refusal of a name is replayed to new OPENs of it (a client retrying a
+ * bad name must not make a new upstream connection each time). */
+#define VM_REFUSAL_CACHE_MS 5000
+
+enum vm_upstream_op { VM_UP_ACTIVE, VM_UP_PAUSED, VM_UP_DRAINING };
+/* "active", "paused", "draining". */
+const char *pool_op_name(enum vm_upstream_op op);
 
 /* A pool for (up, name, readonly); `tls` is the client context for tls:// upstreams. */
 struct vm_pool *pool_new(struct vm_env *env, const struct vm_pool_ops *ops, void *owner,
@@ -49,18 +64,28 @@ const char *pool_name(const struct vm_pool *p);
 const struct vm_upstream_cfg *pool_upstream(const struct vm_pool *p);
 int pool_readonly(const struct vm_pool *p);
 struct vm_gateway *pool_gateway(const struct vm_pool *p);
-/* True when nothing refers to the pool any more (no links, waiters or queued calls). */
+/* Follow the upstream's operator state (the gateway tells every pool of the upstream, and
+ * each new one). Resuming sends what was held, oldest first. */
+void pool_set_op(struct vm_pool *p, enum vm_upstream_op op);
+/* True when nothing refers to the pool any more (no links, waiters or queued calls) and no
+ * refusal of its name is remembered. */
 int pool_is_empty(const struct vm_pool *p);
 
-/* Open a session on the pool; answers through w->done (maybe right away). */
+/* Open a session on the pool; answers through w->done (maybe right away). A draining pool
+ * refuses; a name libvirtd refused less than VM_REFUSAL_CACHE_MS ago gets the same refusal
+ * without a new upstream connection. */
 void pool_open(struct vm_pool *p, struct vm_open_wait *w);
 /* The session went away while its open was pending. */
 void pool_cancel_open(struct vm_pool *p, struct vm_open_wait *w);
 /* Send a call, preferring `home`, spilling to another connection with room, growing the pool,
- * or queueing. The call always ends in call_finish or call_fail. */
+ * or queueing; while the pool reconnects or is paused it waits (pool.reconnect_hold_ms). The
+ * call always ends in call_finish or call_fail. */
 void pool_submit(struct vm_pool *p, struct vm_link *home, struct vm_call *c);
 /* Remove a call still waiting in the queue (its client left). Does not free it. */
 void pool_cancel_call(struct vm_pool *p, struct vm_call *c);
+/* Another READY link than `old` for a session whose home is lost for good, with a reference
+ * taken for it; NULL when there is none. */
+struct vm_link *pool_rehome(struct vm_pool *p, struct vm_link *old);
 /* A session drops its reference on its home link. */
 void pool_release(struct vm_pool *p, struct vm_link *home);
 

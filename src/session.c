@@ -263,6 +263,20 @@ void session_upstream_lost(struct vm_session *s, const char *why)
 }
 
 
+int session_rehome(struct vm_session *s)
+{
+    if (s->state != S_OPEN || !s->home)
+        return -1;
+    struct vm_link *to = pool_rehome(s->pool, s->home);
+    if (!to)
+        return -1;
+    struct vm_link *old = s->home;
+    s->home = to;
+    vm_info(s->tag, "home %s lost for good: now %s", link_tag(old), link_tag(to));
+    pool_release(s->pool, old); /* may free `old` */
+    return 0;
+}
+
 int session_idle(const struct vm_session *s)
 {
     return s->noutstanding == 0 && s->state != S_OPENING;

@@ -51,6 +51,9 @@ void session_set_slot(struct vm_session *s, int slot);
 /* The home link is lost for good: a session that registered a close callback gets
  * CONNECT_EVENT_CONNECTION_CLOSED, then every such session is closed once flushed. */
 void session_upstream_lost(struct vm_session *s, const char *why);
+/* Its home link is lost for good but another link of its pool is READY: make that one the
+ * home (the reference moves). 0 when re-homed, -1 when there is none (then it is lost). */
+int session_rehome(struct vm_session *s);
 
 /* The session's id (C#id in its log tag and the admin status). */
 unsigned session_id(const struct vm_session *s);

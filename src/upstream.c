@@ -78,6 +78,7 @@ struct vm_link {
     int nwaiting;
     struct vm_keepalive ka;
     int dedicated;
+    int draining;                /* its upstream drains: close as soon as it is unused */
     time_t down_since;           /* first failure since the link was last READY; 0 = up */
     int awaiting_confirm;        /* TLS: libvirtd's 0x01 byte not read yet */
     enum hs_step hs;             /* which handshake reply is expected */
@@ -294,8 +295,19 @@ static void maybe_idle(struct vm_link *l)
 {
     if (l->refs || l->ninflight || l->ninternal || l->state != VM_LINK_READY)
         return;
-    int secs = l->up->pool.idle_timeout_s;
-    arm_timer(l, secs * 1000, 1);
+    /* A draining upstream keeps no spare connections: the last session out closes it. */
+    int ms = l->draining ? 0 : l->up->pool.idle_timeout_s * 1000;
+    arm_timer(l, ms, 1);
+}
+
+void link_set_draining(struct vm_link *l, int on)
+{
+    l->draining = on;
+    if (l->timer_is_idle) {
+        evtimer_del(l->timer);
+        l->timer_is_idle = 0;
+    }
+    maybe_idle(l);
 }
 
 /* ---- sending ---- */

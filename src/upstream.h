@@ -110,6 +110,9 @@ void link_send(struct vm_link *l, struct vm_call *c);
  * not READY or its reserve is full. */
 int link_send_internal(struct vm_link *l, uint32_t prog, int32_t proc, const void *args,
                        size_t n, vm_call_done_fn done, void *arg) VM_WUR;
+/* Its upstream drains (on) or no longer does: a draining link that is unused (no sessions,
+ * nothing in flight) retires at once instead of after idle_timeout_s. */
+void link_set_draining(struct vm_link *l, int on);
 /* Reconnect now instead of waiting for the backoff timer. */
 void link_reconnect_now(struct vm_link *l);
 

@@ -671,6 +671,24 @@ class Virtmux:
             raise HarnessError("gateway config has no admin.address")
         return admin_status(addr, timeout=timeout)
 
+    def admin(self, method, path, timeout=5.0):
+        """An admin endpoint request, e.g. admin("POST",
+        "/upstreams/hv1/pause") -> (HTTP status, JSON body or None)."""
+        addr = (self.config.get("admin") or {}).get("address")
+        if not addr:
+            raise HarnessError("gateway config has no admin.address")
+        return admin_request(addr, method, path, timeout=timeout)
+
+    def upstream_action(self, name, action, timeout=5.0):
+        """POST /upstreams/NAME/ACTION; fails unless the answer is 200 with
+        the upstream's new state, which it returns."""
+        code, body = self.admin("POST", "/upstreams/%s/%s" % (name, action),
+                                timeout=timeout)
+        if code != 200 or not body or body.get("upstream") != name:
+            raise HarnessError("POST /upstreams/%s/%s: HTTP %d %r"
+                               % (name, action, code, body))
+        return body["state"]
+
     def event_counts(self, timeout=5.0):
         """(event_registrations, event_subscribers) summed over all pools."""
         return pool_event_counts(self.status(timeout=timeout))
@@ -1205,6 +1223,24 @@ def admin_status(address, timeout=5.0):
     if resp.status != 200:
         raise HarnessError("GET /status: HTTP %d %r" % (resp.status, body[:200]))
     return json.loads(body)
+
+
+def admin_request(address, method, path, timeout=5.0):
+    """One HTTP request to the admin endpoint -> (status, decoded JSON body
+    or None when the body is not JSON)."""
+    import http.client
+    host, port = split_address(address)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(method, path)
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    try:
+        return resp.status, json.loads(body)
+    except ValueError:
+        return resp.status, None
 
 
 def pool_event_counts(status):

@@ -251,7 +251,10 @@ def test_tls_reload_failure_gives_the_reason(shared_libvirtd, gateway, tmp_path)
     gw = gateway(cfg)
     os.rename(server.cert, server.cert + ".gone")
     gw.proc.send_signal(signal.SIGHUP)
-    want = "TLS reload failed, keeping the old certificates: cannot load certificate %s: " \
-           "No such file or directory" % server.cert
+    # SIGHUP re-reads the whole configuration: the file it cannot read is named with the
+    # reason, and the running configuration (old certificates included) stays
+    want = 'listeners[0].tls.cert: cannot read "%s": No such file or directory' % server.cert
     assert wait_until(lambda: want in gw.log_text(), harness.scaled(5)), gw.log_text()[-1500:]
+    assert "reload refused: %s is invalid; keeping the running configuration" \
+        % gw.config_path in gw.log_text()
     assert gw.running()

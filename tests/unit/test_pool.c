@@ -2,6 +2,7 @@
  * functions pool.c and events.c call, so the real upstream.c is never linked in. Each case
  * sets up links in given states and loads, submits one call, and checks where it went. */
 #include <stdlib.h>
+#include <string.h>
 
 #include <event2/event.h>
 
@@ -18,7 +19,7 @@
 
 struct vm_link {
     enum vm_link_state state;
-    int inflight, max, refs, sent;
+    int inflight, max, refs, sent, draining;
     const struct vm_link_ops *ops;
     void *owner;
     struct vm_call *last;
@@ -60,6 +61,7 @@ const char *link_tag(const struct vm_link *l) { return "U#fake"; }
 void link_ref(struct vm_link *l) { l->refs++; }
 void link_unref(struct vm_link *l) { l->refs--; }
 void link_reconnect_now(struct vm_link *l) { l->state = VM_LINK_CONNECTING; }
+void link_set_draining(struct vm_link *l, int on) { l->draining = on; }
 
 void link_send(struct vm_link *l, struct vm_call *c)
 {
@@ -133,15 +135,18 @@ struct fixture {
     struct vm_pool *p;
 };
 
-static void setup(struct fixture *f, int max_connections, int queue_timeout_ms)
+/* hold_ms < 0: pool.reconnect_hold_ms left at its default. */
+static void setup_hold(struct fixture *f, int max_connections, int queue_timeout_ms, int hold_ms)
 {
-    char json[600];
+    char json[600], hold[64] = "";
+    if (hold_ms >= 0)
+        snprintf(hold, sizeof(hold), ",\"reconnect_hold_ms\":%d", hold_ms);
     snprintf(json, sizeof(json),
              "{\"listeners\":[{\"address\":\"127.0.0.1:1\"}],"
              " \"upstreams\":[{\"name\":\"hv1\",\"uri\":\"test+tcp://127.0.0.1:2/default\","
-             "   \"pool\":{\"max_connections\":%d,\"max_inflight\":2}}],"
+             "   \"pool\":{\"max_connections\":%d,\"max_inflight\":2%s}}],"
              " \"limits\":{\"queue_timeout_ms\":%d}}",
-             max_connections, queue_timeout_ms);
+             max_connections, hold, queue_timeout_ms);
     f->base = event_base_new();
     f->cfg = config_parse(json, stderr);
     f->env = (struct vm_env){.base = f->base, .reaper = reaper_new(f->base), .cfg = f->cfg,
@@ -150,6 +155,11 @@ static void setup(struct fixture *f, int max_connections, int queue_timeout_ms)
     nmade = ended = nsent = 0;
     last_code = 0;
     last_msg[0] = 0;
+}
+
+static void setup(struct fixture *f, int max_connections, int queue_timeout_ms)
+{
+    setup_hold(f, max_connections, queue_timeout_ms, -1);
 }
 
 static void teardown(struct fixture *f)
@@ -338,6 +348,220 @@ static void test_down_fails_queue(void)
     teardown(&f);
 }
 
+static void run_loop(struct fixture *f, int ms)
+{
+    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+    event_base_loopexit(f->base, &tv);
+    event_base_dispatch(f->base);
+}
+
+/* One READY link with a session homed on it (refs 1), with both slots busy and one call
+ * queued when `busy`, then libvirtd goes away: the link backs off and will retry. */
+static void home_link_goes_down(struct fixture *f, int busy)
+{
+    enum vm_link_state st[] = {VM_LINK_READY};
+    int load[] = {busy ? 2 : 0};
+    grow(f, 1, st, load);
+    made[0]->refs = 1;
+    if (busy)
+        pool_submit(f->p, made[0], new_call()); /* waits for a slot */
+    made[0]->state = VM_LINK_BACKOFF;
+    made[0]->inflight = 0; /* the link failed those itself */
+    made[0]->ops->down(made[0]->owner, made[0], NULL, 0, "Connection refused");
+}
+
+/* A link with sessions is reconnecting: queued and new calls wait, then go out in order once
+ * it is back; no new link is opened per held call. */
+static void test_hold_across_reconnect(void)
+{
+    struct fixture f;
+    setup_hold(&f, 1, 30000, 5000);
+    home_link_goes_down(&f, 1);
+    CHECK(ended == 0);
+    struct vm_call *later = new_call();
+    pool_submit(f.p, made[0], later);
+    CHECK(ended == 0 && nmade == 1);
+    json_t *st = pool_status_json(f.p);
+    CHECK(json_is_true(json_object_get(st, "holding")));
+    json_decref(st);
+    made[0]->state = VM_LINK_CONNECTING;
+    make_ready(made[0]);
+    CHECK(made[0]->sent == 2 && made[0]->last == later && ended == 0);
+    st = pool_status_json(f.p);
+    CHECK(json_is_false(json_object_get(st, "holding")));
+    json_decref(st);
+    teardown(&f);
+
+    /* room to grow: still no new link per held call, the backing-off one will retry */
+    setup_hold(&f, 2, 30000, 5000);
+    home_link_goes_down(&f, 0);
+    pool_submit(f.p, made[0], new_call());
+    pool_submit(f.p, made[0], new_call());
+    CHECK(ended == 0 && nmade == 1);
+    made[0]->state = VM_LINK_CONNECTING;
+    make_ready(made[0]);
+    CHECK(made[0]->sent == 2 && ended == 0);
+    teardown(&f);
+}
+
+/* A held call gives up after reconnect_hold_ms with the connection error and the wait. */
+static void test_hold_expires(void)
+{
+    struct fixture f;
+    setup_hold(&f, 1, 30000, 50);
+    home_link_goes_down(&f, 1);
+    pool_submit(f.p, made[0], new_call());
+    CHECK(ended == 0);
+    run_loop(&f, 300);
+    CHECK(ended == 2);
+    CHECK(last_code == 1); /* VIR_ERR_INTERNAL_ERROR */
+    CHECK(strstr(last_msg, "cannot reach upstream hv1") != NULL);
+    CHECK(strstr(last_msg, "Connection refused (the call waited 50 ms)") != NULL);
+    teardown(&f);
+}
+
+/* reconnect_hold_ms 0: the old behaviour, the queue fails at once. */
+static void test_no_hold(void)
+{
+    struct fixture f;
+    setup_hold(&f, 1, 30000, 0);
+    home_link_goes_down(&f, 1);
+    CHECK(ended == 1 && strstr(last_msg, "Connection refused") != NULL);
+    pool_submit(f.p, made[0], new_call());
+    CHECK(ended == 2);
+    teardown(&f);
+}
+
+/* Paused: nothing is sent, not even on a READY link with room; resume sends in order. */
+static void test_pause_resume(void)
+{
+    struct fixture f;
+    setup(&f, 2, 30000);
+    enum vm_link_state st[] = {VM_LINK_READY};
+    int load[] = {0};
+    grow(&f, 1, st, load);
+    pool_set_op(f.p, VM_UP_PAUSED);
+    struct vm_call *a = new_call(), *b = new_call();
+    pool_submit(f.p, made[0], a);
+    pool_submit(f.p, made[0], b);
+    CHECK(made[0]->sent == 0 && ended == 0 && nmade == 1);
+    free_slot(made[0]); /* a slot freeing up sends nothing either */
+    made[0]->inflight = 0;
+    CHECK(made[0]->sent == 0);
+    pool_set_op(f.p, VM_UP_ACTIVE);
+    CHECK(made[0]->sent == 2 && made[0]->last == b && ended == 0);
+    teardown(&f);
+}
+
+/* Paused with a short hold: the call fails after it, naming the pause. */
+static void test_pause_hold_expires(void)
+{
+    struct fixture f;
+    setup_hold(&f, 1, 30000, 50);
+    enum vm_link_state st[] = {VM_LINK_READY};
+    int load[] = {0};
+    grow(&f, 1, st, load);
+    pool_set_op(f.p, VM_UP_PAUSED);
+    pool_submit(f.p, made[0], new_call());
+    run_loop(&f, 300);
+    CHECK(ended == 1 && strstr(last_msg, "upstream hv1 is paused") != NULL);
+    teardown(&f);
+}
+
+static int opened, open_failed;
+static char open_msg[600];
+
+static void open_done(struct vm_open_wait *w, struct vm_link *home, const void *err, size_t n,
+                      const char *message)
+{
+    if (home) {
+        opened++;
+        return;
+    }
+    open_failed++;
+    snprintf(open_msg, sizeof(open_msg), "%s", err ? "(payload)" : message);
+}
+
+/* Draining: new OPENs are refused even with a READY link; the links are told to close once
+ * unused; resume undoes it. */
+static void test_drain(void)
+{
+    struct fixture f;
+    setup(&f, 1, 30000);
+    enum vm_link_state st[] = {VM_LINK_READY};
+    int load[] = {0};
+    grow(&f, 1, st, load);
+    opened = open_failed = 0;
+    struct vm_open_wait w = {.done = open_done};
+    pool_set_op(f.p, VM_UP_DRAINING);
+    CHECK(made[0]->draining == 1);
+    pool_open(f.p, &w);
+    CHECK(opened == 0 && open_failed == 1);
+    CHECK(strstr(open_msg, "upstream hv1 is draining") != NULL);
+    pool_submit(f.p, made[0], new_call()); /* existing sessions carry on */
+    CHECK(made[0]->sent == 1);
+    json_t *js = pool_status_json(f.p);
+    CHECK(strcmp(json_string_value(json_object_get(js, "operator")), "draining") == 0);
+    json_decref(js);
+    pool_set_op(f.p, VM_UP_ACTIVE);
+    CHECK(made[0]->draining == 0);
+    pool_open(f.p, &w);
+    CHECK(opened == 1);
+    pool_release(f.p, made[0]);
+    teardown(&f);
+}
+
+/* While the pool is held for a reconnect, a new session's OPEN waits too: answered when the
+ * link is back, or failed after the hold. */
+static void test_open_held(void)
+{
+    struct fixture f;
+    setup_hold(&f, 2, 30000, 5000);
+    home_link_goes_down(&f, 0);
+    opened = open_failed = 0;
+    struct vm_open_wait w = {.done = open_done};
+    pool_open(f.p, &w);
+    CHECK(opened == 0 && open_failed == 0 && nmade == 1);
+    made[0]->state = VM_LINK_CONNECTING;
+    make_ready(made[0]);
+    CHECK(opened == 1);
+    pool_release(f.p, made[0]);
+    teardown(&f);
+
+    setup_hold(&f, 1, 30000, 50);
+    home_link_goes_down(&f, 0);
+    opened = open_failed = 0;
+    pool_open(f.p, &w);
+    CHECK(opened == 0 && open_failed == 0);
+    run_loop(&f, 300);
+    CHECK(open_failed == 1);
+    CHECK(strstr(open_msg, "cannot reach upstream hv1") != NULL);
+    CHECK(strstr(open_msg, "(the open waited 50 ms)") != NULL);
+    teardown(&f);
+}
+
+/* libvirtd refused the name: the next OPENs get the same refusal without a new link, for
+ * VM_REFUSAL_CACHE_MS; the pool is not empty meanwhile. */
+static void test_refusal_cached(void)
+{
+    struct fixture f;
+    setup(&f, 1, 30000);
+    opened = open_failed = 0;
+    struct vm_open_wait w = {.done = open_done};
+    pool_open(f.p, &w);
+    CHECK(nmade == 1);
+    static const unsigned char payload[] = {0, 0, 0, 38};
+    made[0]->state = VM_LINK_BACKOFF;
+    made[0]->ops->down(made[0]->owner, made[0], payload, sizeof(payload), "refused");
+    CHECK(open_failed == 1 && strcmp(open_msg, "(payload)") == 0);
+    made[0]->ops->gone(made[0]->owner, made[0]); /* freed: refs 0 */
+    for (int i = 0; i < 10; i++)
+        pool_open(f.p, &w);
+    CHECK(open_failed == 11 && nmade == 1);
+    CHECK(!pool_is_empty(f.p));
+    teardown(&f);
+}
+
 int main(void)
 {
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
@@ -346,5 +570,13 @@ int main(void)
     test_turns();
     test_queue_timeout();
     test_down_fails_queue();
+    test_hold_across_reconnect();
+    test_hold_expires();
+    test_no_hold();
+    test_pause_resume();
+    test_pause_hold_expires();
+    test_drain();
+    test_refusal_cached();
+    test_open_held();
     return check_done();
 }
