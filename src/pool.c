@@ -981,13 +981,15 @@ json_t *pool_status_json(const struct vm_pool *p)
                                                "state", link_states[link_state(n->link)],
                                                "sessions", link_refs(n->link), "inflight",
                                                link_inflight(n->link)));
-    return json_pack("{s:s, s:s, s:b, s:s, s:b, s:i, s:i, s:o, s:o, s:i, s:i}", "upstream",
-                     p->up->name, "name", p->name, "readonly", p->readonly, "operator",
-                     pool_op_name(p->op), "holding", held(p), "queued", p->nqueued, "opening",
-                     p->nwaiters, "last_error",
+    return json_pack("{s:s, s:s, s:b, s:s, s:b, s:i, s:i, s:o, s:o, s:i, s:i, s:i, s:i}",
+                     "upstream", p->up->name, "name", p->name, "readonly", p->readonly,
+                     "operator", pool_op_name(p->op), "holding", held(p), "queued", p->nqueued,
+                     "opening", p->nwaiters, "last_error",
                      p->last_error[0] ? json_string(p->last_error) : json_null(), "links", links,
                      "event_registrations", events_registrations(p->events),
-                     "event_subscribers", events_subscribers(p->events));
+                     "event_subscribers", events_subscribers(p->events),
+                     "shared_calls", cache_inflight(p->cache),
+                     "cache_entries", cache_entries(p->cache));
 }
 
 void pool_log_status(const struct vm_pool *p)

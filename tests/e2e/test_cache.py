@@ -285,6 +285,8 @@ def test_calls_within_ttl_reach_libvirtd_once(libvirtd, gateway, request, connec
     assert time.monotonic() - t0 < ttl / 1000.0, "too slow to test within the ttl"
     assert upstream(h, mark, "CONNECT_LIST_ALL_DOMAINS") == 1
     assert counter(h, "virtmux_cache_hits_total") - hits == 19
+    [ro] = [p for p in h.gw.status()["pools"] if p["readonly"]]
+    assert ro["cache_entries"] == 1 and ro["shared_calls"] == 0, ro
     # after the ttl, the next call goes upstream again
     time.sleep(ttl / 1000.0 + 0.1)
     mark = h.tap.mark()
