@@ -317,7 +317,7 @@ static void parse_cache(struct parse_ctx *ctx, const char *path, json_t *o, stru
     c->ttl_ms = get_int(ctx, path, o, "ttl_ms", 1000, 1, 3600000);
     c->readwrite = get_bool(ctx, path, o, "readwrite", 0);
     c->max_entries = get_int(ctx, path, o, "max_entries", 1024, 1, 1000000);
-    c->max_bytes = get_int(ctx, path, o, "max_bytes", 16 << 20, 4096, 1 << 30);
+    c->max_bytes = get_int(ctx, path, o, "max_bytes", 16777216, 4096, 1073741824);
     snprintf(p, sizeof(p), "%s.procedures", path);
     json_t *arr = json_object_get(o, "procedures");
     if (!arr || !json_is_array(arr) || json_array_size(arr) == 0) {
