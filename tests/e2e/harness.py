@@ -1046,6 +1046,7 @@ class RawClient:
         self.serial = 0
         self._buf = b""
         self.messages = []   # MESSAGE packets seen while waiting for replies
+        self.stream_packets = []  # STREAM packets that came before their REPLY
 
     # -- plumbing ---------------------------------------------------------
 
@@ -1139,10 +1140,12 @@ class RawClient:
     # -- calls ------------------------------------------------------------
 
     def call(self, proc, payload=b"", prog=REMOTE_PROGRAM,
-             vers=REMOTE_VERSION, timeout=None):
+             vers=REMOTE_VERSION, timeout=None, stream=False):
         """Send a CALL and return its REPLY packet. MESSAGE packets that
         arrive meanwhile are kept in self.messages; keepalive PINGs are
-        answered."""
+        answered. stream: the call creates a stream, whose data may come
+        before the reply (libvirtd starts the stream first): such packets
+        are kept in self.stream_packets."""
         serial = self.next_serial()
         self.send_packet(prog, vers, proc, TYPE_CALL, serial, STATUS_OK,
                          payload)
@@ -1160,6 +1163,9 @@ class RawClient:
                 continue
             if pkt.type == TYPE_REPLY and pkt.serial == serial:
                 return pkt
+            if stream and pkt.type == TYPE_STREAM and pkt.serial == serial:
+                self.stream_packets.append(pkt)
+                continue
             raise HarnessError("unexpected packet while waiting for serial "
                                "%d: %r" % (serial, pkt))
 

@@ -173,7 +173,7 @@ def _start_screenshot(client):
     dom = client.lookup_domain("test")
     pkt = client.call(PROC_DOMAIN_SCREENSHOT,
                       harness.xdr_domain(dom["name"], dom["uuid"], dom["id"])
-                      + harness.xdr_u32(0) + harness.xdr_u32(0))
+                      + harness.xdr_u32(0) + harness.xdr_u32(0), stream=True)
     harness.RawClient.check_ok(pkt)
     return dom
 
