@@ -135,7 +135,9 @@ def gateway_config(upstream_uri, args):
     cfg = harness.make_config(
         [harness.upstream_entry("hv1", upstream_uri,
                                 max_connections=args.max_connections,
-                                max_inflight=args.max_inflight)],
+                                max_inflight=args.max_inflight,
+                                # the forwarding path, not sharing identical calls
+                                coalesce=False)],
         default_upstream="hv1",
         limits={"max_client_requests": 64})
     cfg["log"] = {"level": "warn"}

@@ -692,7 +692,9 @@ def run_benchmark(args, source, binary):
         cfg = harness.make_config(
             [harness.upstream_entry("hv1", lvd.direct_uri,
                                     max_connections=args.max_connections,
-                                    max_inflight=args.max_inflight)],
+                                    max_inflight=args.max_inflight,
+                                    # the forwarding path, not sharing identical calls
+                                    coalesce=False)],
             default_upstream="hv1")
         cfg["log"] = {"level": "warn"}
         vmx = harness.Virtmux(cfg, binary=binary, verbose=False)

@@ -49,6 +49,8 @@ struct vm_call {
     uint32_t grant_aux;         /* session: what grant_filter_reply needs to know */
     char *grant_note;           /* owned, freed with the call: what the call asked for, for
                                  * grant_filter_reply's wording (NULL mostly) */
+    uint8_t parked;             /* waits on a shared call in cache.c: in no queue, on no link;
+                                 * the cache ends it (qentry links it there) */
     struct vm_fair *fair;       /* its owner's place in pool queues; NULL: the pool's own */
     TAILQ_ENTRY(vm_call) qentry; /* pool queue, in arrival order (deadlines) */
     TAILQ_ENTRY(vm_call) fentry; /* its owner's waiting calls (fair->calls) */

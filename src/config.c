@@ -14,6 +14,7 @@
 #include <jansson.h>
 
 #include "log.h"
+#include "proc.h"
 #include "util.h"
 
 struct parse_ctx {
@@ -288,6 +289,65 @@ static void tls_cfg_free(struct vm_tls_cfg *t)
     free(t);
 }
 
+/* A procedure of the REMOTE program by its table name, or NULL. */
+static const struct vm_proc_info *proc_by_name(const char *name)
+{
+    for (size_t i = 0; i < vm_proc_table_len; i++)
+        if (vm_proc_table[i].prog == VM_PROG_REMOTE && strcmp(vm_proc_table[i].name, name) == 0)
+            return &vm_proc_table[i];
+    return NULL;
+}
+
+/* The "cache" object at `path` into `c` (an upstream's; a template's calls it too). Only plain
+ * calls of read-only verdict "yes" may be cached: anything else changes state, or answers
+ * per connection. */
+static void parse_cache(struct parse_ctx *ctx, const char *path, json_t *o, struct vm_cache_cfg *c)
+{
+    static const char *const keys[] = {"ttl_ms", "procedures", "readwrite", "max_entries",
+                                       "max_bytes", NULL};
+    char p[160];
+    memset(c, 0, sizeof(*c));
+    if (!o)
+        return;
+    if (!json_is_object(o)) {
+        cfg_error(ctx, path, "must be an object");
+        return;
+    }
+    check_keys(ctx, path, o, keys);
+    c->enabled = 1;
+    c->ttl_ms = get_int(ctx, path, o, "ttl_ms", 1000, 1, 3600000);
+    c->readwrite = get_bool(ctx, path, o, "readwrite", 0);
+    c->max_entries = get_int(ctx, path, o, "max_entries", 1024, 1, 1000000);
+    c->max_bytes = get_int(ctx, path, o, "max_bytes", 16777216, 4096, 1073741824);
+    snprintf(p, sizeof(p), "%s.procedures", path);
+    json_t *arr = json_object_get(o, "procedures");
+    if (!arr || !json_is_array(arr) || json_array_size(arr) == 0) {
+        cfg_error(ctx, p, "must be a non-empty array of procedure names");
+        return;
+    }
+    c->procs = vm_calloc(json_array_size(arr), sizeof(*c->procs));
+    size_t i;
+    json_t *v;
+    json_array_foreach(arr, i, v) {
+        const char *name = json_is_string(v) ? json_string_value(v) : NULL;
+        const struct vm_proc_info *info = name ? proc_by_name(name) : NULL;
+        if (!name)
+            cfg_error(ctx, p, "entry %zu must be a string", i);
+        else if (!info)
+            cfg_error(ctx, p, "\"%s\" is not a procedure of the REMOTE program", name);
+        else if (info->ro != VM_RO_YES || info->kind != VM_PK_CALL || info->fds_in ||
+                 info->fds_out)
+            cfg_error(ctx, p, "\"%s\" cannot be cached: only plain calls whose read-only "
+                      "verdict is \"yes\" may be (it is %s)", name,
+                      info->kind != VM_PK_CALL ? "not a plain call"
+                      : info->ro == VM_RO_NO   ? "\"no\""
+                      : info->ro == VM_RO_FLAGS ? "\"flags\""
+                                                : "an FD-passing call");
+        else
+            c->procs[c->nprocs++] = info;
+    }
+}
+
 /* A template's "match": a glob over upstream names, so the characters names may have plus
  * the glob's own; never '/', which would let it reach past the first path segment. */
 static int valid_match(const char *s)
@@ -307,12 +367,12 @@ static int valid_match(const char *s)
 static void parse_upstream(struct parse_ctx *ctx, const char *arr, int i, json_t *o,
                            struct vm_upstream_cfg *u, int tmpl)
 {
-    static const char *const keys[] = {"name", "uri", "pool", "tls", "sasl", NULL};
-    static const char *const tmpl_keys[] = {"match", "uri", "pool", "tls", "sasl", NULL};
+    static const char *const keys[] = {"name", "uri", "pool", "tls", "sasl", "cache", NULL};
+    static const char *const tmpl_keys[] = {"match", "uri", "pool", "tls", "sasl", "cache", NULL};
     static const char *const sasl_keys[] = {"username", "password_file", NULL};
     static const char *const pool_keys[] = {"max_connections", "max_inflight", "idle_timeout_s",
                                             "connect_timeout_ms", "give_up_s", "max_streams",
-                                            "reconnect_hold_ms", NULL};
+                                            "reconnect_hold_ms", "coalesce", NULL};
     char path[64], p[96];
     snprintf(path, sizeof(path), "%s[%d]", arr, i);
     if (!json_is_object(o)) {
@@ -383,6 +443,9 @@ static void parse_upstream(struct parse_ctx *ctx, const char *arr, int i, json_t
     u->pool.give_up_s = get_int(ctx, p, pool, "give_up_s", 60, 0, 86400);
     u->pool.max_streams = get_int(ctx, p, pool, "max_streams", 8, 1, 1024);
     u->pool.reconnect_hold_ms = get_int(ctx, p, pool, "reconnect_hold_ms", 10000, 0, 3600000);
+    u->pool.coalesce = get_bool(ctx, p, pool, "coalesce", 1);
+    snprintf(p, sizeof(p), "%s.cache", path);
+    parse_cache(ctx, p, json_object_get(o, "cache"), &u->cache);
 }
 
 static int same(const char *a, const char *b)
@@ -1014,6 +1077,7 @@ static void upstream_cfg_clear(struct vm_upstream_cfg *u)
     tls_cfg_free(u->tls);
     free(u->sasl_user);
     free(u->sasl_password_file);
+    free(u->cache.procs);
 }
 
 static void rule_clear(struct vm_rule *r)
@@ -1126,9 +1190,23 @@ static int same_tls(const struct vm_tls_cfg *a, const struct vm_tls_cfg *b)
            same_str(a->server_name, b->server_name);
 }
 
+/* A pool's cache is made with its pool: a changed cache section needs new pools. */
+static int same_cache(const struct vm_cache_cfg *a, const struct vm_cache_cfg *b)
+{
+    if (a->enabled != b->enabled || a->ttl_ms != b->ttl_ms || a->readwrite != b->readwrite ||
+        a->max_entries != b->max_entries || a->max_bytes != b->max_bytes ||
+        a->nprocs != b->nprocs)
+        return 0;
+    for (int i = 0; i < a->nprocs; i++)
+        if (a->procs[i] != b->procs[i])
+            return 0;
+    return 1;
+}
+
 int config_upstream_same(const struct vm_upstream_cfg *a, const struct vm_upstream_cfg *b)
 {
     return same_str(a->name, b->name) && same_str(a->uri_text, b->uri_text) &&
+           same_cache(&a->cache, &b->cache) &&
            memcmp(&a->pool, &b->pool, sizeof(a->pool)) == 0 && same_tls(a->tls, b->tls) &&
            same_str(a->sasl_user, b->sasl_user) &&
            same_str(a->sasl_password_file, b->sasl_password_file);

@@ -32,6 +32,22 @@
  *                          restarted) or its upstream is paused, new calls wait this long
  *                          (and at most limits.queue_timeout_ms) instead of failing at once;
  *                          0 = fail at once (pause then holds up to queue_timeout_ms)
+ *     .pool.coalesce       bool, true: identical calls of read-only verdict "yes" (same
+ *                          program, procedure and argument bytes) in flight on the pool at
+ *                          the same time share one upstream call; each caller gets the reply
+ *                          (or the error) under its own serial (src/cache.h)
+ *     .cache               object, absent = off: the micro-cache of the upstream's pools
+ *       .ttl_ms            int 1..3600000, 1000: how long a reply is served from the cache
+ *       .procedures        [names], required, non-empty: procedure names of the table
+ *                          ("CONNECT_LIST_ALL_DOMAINS"); each must have read-only verdict
+ *                          "yes" and be a plain call (no stream, event or FD procedure)
+ *       .readwrite         bool, false: read-write sessions get cached replies too (they
+ *                          always coalesce); false = only read-only sessions' pools cache
+ *       .max_entries       int 1..1000000, 1024: entries per pool; the oldest go first
+ *       .max_bytes         int 4096..1073741824, 16777216: reply bytes per pool
+ *                          Entries are dropped on any lifecycle event of the pool (the
+ *                          gateway's own registration) and on any call of verdict other than
+ *                          "yes" through the gateway to the upstream.
  *   upstream_templates[]   array, optional (then "upstreams" may be empty): upstreams made on
  *                          first use. Each takes every key of upstreams[] except "name":
  *     .match               glob over upstream names ("hv-*", "10.0.0.*"), required; the first
@@ -191,6 +207,19 @@ struct vm_pool_cfg {
     int give_up_s;
     int max_streams;
     int reconnect_hold_ms;
+    int coalesce;           /* share identical read-only calls in flight (src/cache.h) */
+};
+
+struct vm_proc_info;
+/* upstreams[].cache (and a template's): the micro-cache; `enabled` 0 = no cache. */
+struct vm_cache_cfg {
+    int enabled;
+    int ttl_ms;
+    int readwrite;          /* read-write sessions' pools cache too */
+    int max_entries;        /* per pool */
+    int max_bytes;          /* reply bytes per pool */
+    const struct vm_proc_info **procs; /* owned array of static table rows */
+    int nprocs;
 };
 
 struct vm_upstream_cfg {
@@ -201,6 +230,7 @@ struct vm_upstream_cfg {
     struct vm_tls_cfg *tls; /* set for DRIVER+tls:// upstreams */
     char *sasl_user;        /* upstreams[].sasl.username: the gateway's own SASL identity */
     char *sasl_password_file;
+    struct vm_cache_cfg cache;
 };
 
 struct vm_config {

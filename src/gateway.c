@@ -26,6 +26,7 @@
 #include "admin.h"
 #include "audit.h"
 #include "auth.h"
+#include "cache.h"
 #include "call.h"
 #include "config.h"
 #include "env.h"
@@ -1095,6 +1096,18 @@ static void host_pool_check(void *owner, struct vm_pool *p)
     }
 }
 
+/* A write went to upstream `up`: every pool of it (read-only and read-write, any name, and
+ * of any config snapshot: matched by name) drops its cached replies, since they all see the
+ * same hypervisor. */
+static void host_upstream_write(void *owner, const struct vm_upstream_cfg *up)
+{
+    struct vm_gateway *gw = owner;
+    struct pool_node *n;
+    LIST_FOREACH(n, &gw->pools, entry)
+        if (strcmp(pool_upstream(n->pool)->name, up->name) == 0)
+            cache_invalidate(pool_cache(n->pool), VM_CACHE_INVALIDATED_WRITE);
+}
+
 static void set_accepting(struct vm_gateway *gw, int on)
 {
     if (gw->accepting == on || gw->drain.on) /* draining: the listeners are gone */
@@ -1210,6 +1223,7 @@ static const struct vm_session_host_ops gateway_host_ops = {
     .closed = host_closed,
     .unauth_acquire = host_unauth_acquire,
     .unauth_release = host_unauth_release,
+    .upstream_write = host_upstream_write,
 };
 
 void gateway_link_lost(struct vm_gateway *gw, struct vm_link *l, const char *why)

@@ -34,6 +34,7 @@ struct mup {                /* one upstream, by name */
     struct vm_bytes bytes;
     struct hist **hist;     /* owned: vm_proc_table_len + 1 (unknown procedures), lazily */
     uint64_t dropped, delivered;
+    uint64_t cache[VM_CACHE__COUNT];
     char last_error[256];   /* "" while reached */
 };
 
@@ -317,6 +318,12 @@ void metrics_events_delivered(struct vm_metrics *m, int up, unsigned n)
         m->ups[up]->delivered += n;
 }
 
+void metrics_cache(struct vm_metrics *m, int up, enum vm_cache_stat what)
+{
+    if (up >= 0 && up < m->nups)
+        m->ups[up]->cache[what]++;
+}
+
 /* ---- the text format ---- */
 
 /* A label value: backslash, double quote and line feed escaped. */
@@ -474,4 +481,42 @@ void metrics_render(const struct vm_metrics *m, struct evbuffer *out)
         if (m->ups[i]->name)
             write_u64(out, "virtmux_events_delivered_total", labels, m->ups[i]->delivered);
     }
+
+    static const struct {
+        const char *name, *help;
+        enum vm_cache_stat stat;
+    } cache[] = {
+        {"virtmux_cache_hits_total", "Calls answered from the micro-cache.", VM_CACHE_HIT},
+        {"virtmux_cache_misses_total", "Cacheable calls not answered from the micro-cache.",
+         VM_CACHE_MISS},
+        {"virtmux_coalesced_calls_total",
+         "Calls that shared an identical read-only call already in flight.",
+         VM_CACHE_COALESCED},
+    };
+    for (size_t f = 0; f < sizeof(cache) / sizeof(cache[0]); f++) {
+        metrics_write_family(out, cache[f].name, "counter", cache[f].help);
+        for (int i = 0; i < m->nups; i++) {
+            const char *labels[] = {"upstream", m->ups[i]->name, NULL};
+            if (m->ups[i]->name) /* not forgotten */
+                write_u64(out, cache[f].name, labels, m->ups[i]->cache[cache[f].stat]);
+        }
+    }
+    static const struct {
+        const char *reason;
+        enum vm_cache_stat stat;
+    } inval[] = {
+        {"write", VM_CACHE_INVALIDATED_WRITE},
+        {"event", VM_CACHE_INVALIDATED_EVENT},
+        {"link", VM_CACHE_INVALIDATED_LINK},
+    };
+    metrics_write_family(out, "virtmux_cache_invalidations_total", "counter",
+                         "Micro-cache invalidations, by cause (a write call through the "
+                         "gateway, a lifecycle event, a lost link).");
+    for (int i = 0; i < m->nups; i++)
+        for (size_t r = 0; m->ups[i]->name && r < sizeof(inval) / sizeof(inval[0]); r++) {
+            const char *labels[] = {"upstream", m->ups[i]->name, "reason", inval[r].reason,
+                                    NULL};
+            write_u64(out, "virtmux_cache_invalidations_total", labels,
+                      m->ups[i]->cache[inval[r].stat]);
+        }
 }

@@ -77,6 +77,17 @@ enum vm_auth_mech {
     VM_AUTHM__COUNT
 };
 
+/* Coalescing and the micro-cache (cache.c), per upstream. */
+enum vm_cache_stat {
+    VM_CACHE_HIT,               /* answered from a stored reply */
+    VM_CACHE_MISS,              /* a cacheable call not answered from the cache */
+    VM_CACHE_COALESCED,         /* a call that joined an identical one in flight */
+    VM_CACHE_INVALIDATED_WRITE, /* a write call through the gateway */
+    VM_CACHE_INVALIDATED_EVENT, /* a lifecycle event */
+    VM_CACHE_INVALIDATED_LINK,  /* a link of the pool went down */
+    VM_CACHE__COUNT
+};
+
 struct vm_metrics *metrics_new(void);
 void metrics_free(struct vm_metrics *m);
 
@@ -111,6 +122,7 @@ void metrics_upstream_error(struct vm_metrics *m, int up, const char *message);
 const char *metrics_upstream_last_error(const struct vm_metrics *m, int up);
 void metrics_subscriber_dropped(struct vm_metrics *m, int up);
 void metrics_events_delivered(struct vm_metrics *m, int up, unsigned n);
+void metrics_cache(struct vm_metrics *m, int up, enum vm_cache_stat what);
 
 /* ---- rendering (Prometheus text exposition format 0.0.4) ---- */
 

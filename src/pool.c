@@ -33,6 +33,7 @@
 #include <event2/buffer.h>
 #include <event2/event.h>
 
+#include "cache.h"
 #include "call.h"
 #include "config.h"
 #include "events.h"
@@ -68,6 +69,7 @@ struct vm_pool {
     int nwaiters, capwaiters;
     char last_error[256];
     struct vm_events *events;           /* owned */
+    struct vm_cache *cache;             /* owned: coalescing and the micro-cache; NULL: off */
     int nstreams;                       /* stream slots taken (max_streams) */
     TAILQ_HEAD(, vm_slot_wait) swait;   /* streams waiting for a slot; owned by their streams */
     int nswait;
@@ -145,6 +147,7 @@ struct vm_pool *pool_new(struct vm_env *env, const struct vm_pool_ops *ops, void
     snprintf(p->last_error, sizeof(p->last_error), "not connected yet");
     p->mup = metrics_upstream(env->metrics, up->name);
     p->events = events_new(env, up->name, ready_link_for_events, p, hold_ms(p));
+    p->cache = cache_new(env, up, readonly, p->events, p->mup);
     return p;
 }
 
@@ -154,6 +157,7 @@ void pool_free(struct vm_pool *p)
     /* Links first (their failing event calls must find the registrations, told to stay
      * put), then the events state. */
     events_shutdown(p->events);
+    cache_shutdown(p->cache);
     struct link_node *n;
     while ((n = TAILQ_FIRST(&p->links)))
         link_free(n->link); /* tells on_link_gone, which removes the node */
@@ -164,6 +168,7 @@ void pool_free(struct vm_pool *p)
         unqueue(p, c);
         call_fail(c, VIR_ERR_INTERNAL_ERROR, VIR_FROM_RPC, "internal error: virtmux is shutting down");
     }
+    cache_free(p->cache); /* after the calls: shared ones hand their callers the failure */
     event_free(p->qtimer);
     event_free(p->stimer);
     event_free(p->rtimer);
@@ -223,6 +228,11 @@ int pool_retire_idle(struct vm_pool *p)
 struct vm_events *pool_events(const struct vm_pool *p)
 {
     return p->events;
+}
+
+struct vm_cache *pool_cache(const struct vm_pool *p)
+{
+    return p->cache;
 }
 
 void pool_link_params(struct vm_pool *p, struct vm_link_params *lp)
@@ -884,6 +894,7 @@ static void on_link_down(void *owner, struct vm_link *l, const void *err_payload
     snprintf(p->last_error, sizeof(p->last_error), "%s", message);
     metrics_upstream_error(p->env->metrics, p->mup, message);
     events_link_down(p->events, l);
+    cache_link_down(p->cache);
     if (any_connecting(p) || least_loaded_ready(p, 0))
         return; /* someone else may still serve the waiters and the queue */
     char msg[600];
@@ -970,13 +981,15 @@ json_t *pool_status_json(const struct vm_pool *p)
                                                "state", link_states[link_state(n->link)],
                                                "sessions", link_refs(n->link), "inflight",
                                                link_inflight(n->link)));
-    return json_pack("{s:s, s:s, s:b, s:s, s:b, s:i, s:i, s:o, s:o, s:i, s:i}", "upstream",
-                     p->up->name, "name", p->name, "readonly", p->readonly, "operator",
-                     pool_op_name(p->op), "holding", held(p), "queued", p->nqueued, "opening",
-                     p->nwaiters, "last_error",
+    return json_pack("{s:s, s:s, s:b, s:s, s:b, s:i, s:i, s:o, s:o, s:i, s:i, s:i, s:i}",
+                     "upstream", p->up->name, "name", p->name, "readonly", p->readonly,
+                     "operator", pool_op_name(p->op), "holding", held(p), "queued", p->nqueued,
+                     "opening", p->nwaiters, "last_error",
                      p->last_error[0] ? json_string(p->last_error) : json_null(), "links", links,
                      "event_registrations", events_registrations(p->events),
-                     "event_subscribers", events_subscribers(p->events));
+                     "event_subscribers", events_subscribers(p->events),
+                     "shared_calls", cache_inflight(p->cache),
+                     "cache_entries", cache_entries(p->cache));
 }
 
 void pool_log_status(const struct vm_pool *p)

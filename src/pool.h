@@ -112,6 +112,9 @@ int pool_retire_idle(struct vm_pool *p);
 
 /* The pool's event fan-out state. */
 struct vm_events *pool_events(const struct vm_pool *p);
+/* The pool's coalescing and micro-cache state (cache.h); NULL when both are off. */
+struct vm_cache;
+struct vm_cache *pool_cache(const struct vm_pool *p);
 
 /* Parameters for a new link to this pool's upstream, name and read-only flag (a stream's
  * dedicated link uses them too). The result points into the pool and the config. */

@@ -26,6 +26,7 @@
 
 #include "audit.h"
 #include "auth.h"
+#include "cache.h"
 #include "call.h"
 #include "config.h"
 #include "conn.h"
@@ -360,11 +361,22 @@ static void call_detach(struct vm_session *s, struct vm_call *c)
 }
 
 /* A forwarded call ended: its reply (serial put back to the client's) or our error. */
+/* A call that may change something upstream went through (and again when it is answered: a
+ * read that ran before the write but comes back after it must not be cached either). */
+static int is_write(const struct vm_session *s, const struct vm_proc_info *info)
+{
+    return !s->readonly && (!info || (info->ro != VM_RO_YES &&
+                                      (info->kind == VM_PK_CALL ||
+                                       info->kind == VM_PK_STREAM_CREATE)));
+}
+
 static void call_done(void *arg, struct vm_call *c, const struct vm_hdr *reply,
                       struct evbuffer *pkt, const struct vm_call_error *err)
 {
     struct vm_session *s = arg;
     const struct vm_proc_info *info = vm_proc_lookup(c->hdr.prog, c->hdr.proc);
+    if (is_write(s, info))
+        s->host->ops->upstream_write(s->host->owner, s->route.upstream);
     metrics_call(s->env->metrics, s->mup, info, c->t0_ns);
     if (reply && reply->status == VM_STATUS_ERROR)
         metrics_error(s->env->metrics, VM_ERRK_UPSTREAM);
@@ -558,7 +570,11 @@ static void forward_call(struct vm_session *s, const struct vm_hdr *h, struct ev
     TAILQ_INSERT_TAIL(&s->calls, c, sentry);
     s->noutstanding++;
     s->outstanding_bytes += h->len;
-    pool_submit(s->pool, s->home, c);
+    /* Coalescing and the micro-cache may answer it, park it on an identical call in flight,
+     * or hand back the shared call to send instead. */
+    struct vm_call *up = cache_call(pool_cache(s->pool), c);
+    if (up)
+        pool_submit(s->pool, s->home, up);
     if (s->state != S_CLOSING)
         update_flow(s);
 }
@@ -781,6 +797,8 @@ static void handle_call(struct vm_session *s, const struct vm_hdr *h, struct evb
         }
         grant_filter = v == VM_GRANT_FILTER;
     }
+    if (is_write(s, info))
+        s->host->ops->upstream_write(s->host->owner, s->route.upstream);
     if (info && (info->kind == VM_PK_EVENT_REGISTER || info->kind == VM_PK_EVENT_DEREGISTER)) {
         handle_event_call(s, h, pkt, info);
         return;
@@ -1012,7 +1030,7 @@ void session_close(struct vm_session *s, const char *why)
         struct vm_link *inflight = c->link;
         call_detach(s, c);
         call_swallow(c); /* the late reply is dropped */
-        if (!inflight) {
+        if (!inflight && !c->parked) { /* a parked call is ended (freed) by its shared call */
             pool_cancel_call(s->pool, c);
             call_free(c);
         }

@@ -40,6 +40,9 @@ struct vm_session_host_ops {
      * release with the same source once authenticated or gone. */
     enum vm_unauth (*unauth_acquire)(void *owner, const char *source);
     void (*unauth_release)(void *owner, const char *source);
+    /* A call that may change upstream `up` was sent or answered: its pools' micro-caches
+     * must forget what they hold. */
+    void (*upstream_write)(void *owner, const struct vm_upstream_cfg *up);
 };
 
 struct vm_session_host {

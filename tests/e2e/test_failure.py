@@ -170,7 +170,9 @@ def test_queue_timeout(libvirtd, gateway):
     lvd = libvirtd
     gw = gateway.single(
         lvd.direct_uri,
-        pool={"max_connections": 1, "max_inflight": 1, "idle_timeout_s": 60},
+        # coalesce off: B's identical call would share A's instead of queueing
+        pool={"max_connections": 1, "max_inflight": 1, "idle_timeout_s": 60,
+              "coalesce": False},
         limits={"queue_timeout_ms": 500})
     conns, (dom_a, dom_b) = open_clients(gw, 2)
     try:

@@ -399,7 +399,8 @@ def test_pause_holds_calls_until_resume(libvirtd, gateway, strict_clients):
     """Paused: the strict client's calls wait in the queue (nothing goes
     upstream), resume sends them and they succeed."""
     lvd = libvirtd
-    gw = gateway(maint_config(lvd))
+    # coalesce off: the two identical held calls would otherwise wait as one
+    gw = gateway(maint_config(lvd, coalesce=False))
     client = strict_clients(gw.uri())
     client.spawn("warm")
     assert wait_until(lambda: len(client.results("warm")) == 1, 10)
@@ -514,9 +515,10 @@ def test_session_rehomed_when_its_link_gives_up(libvirtd, gateway,
     registrations live on whichever connection came back."""
     lvd = libvirtd
     gw = gateway(harness.make_config(
+        # coalesce off: the two identical calls below must take two slots
         [harness.upstream_entry("hv1", lvd.direct_uri, max_connections=2,
                                 max_inflight=1, give_up_s=2,
-                                connect_timeout_ms=500)],
+                                connect_timeout_ms=500, coalesce=False)],
         default_upstream="hv1", admin=True))
     first = call_with_timeout(libvirt.open, gw.uri(), timeout=10)
     connections.append(first)

@@ -23,7 +23,9 @@ def test_max_inflight_per_connection(libvirtd, gateway):
     two calls go out and hang, the third waits in the queue and times out."""
     gw = gateway.single(
         libvirtd.direct_uri,
-        pool={"max_connections": 1, "max_inflight": 2, "idle_timeout_s": 60},
+        # coalesce off: identical calls would share one slot instead of filling them
+        pool={"max_connections": 1, "max_inflight": 2, "idle_timeout_s": 60,
+              "coalesce": False},
         limits={"queue_timeout_ms": 500})
     conns, doms = open_doms(gw, 3)
     try:

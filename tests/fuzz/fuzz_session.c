@@ -777,7 +777,7 @@ static void run_op(unsigned op, struct input *in)
 
 /* ---- one input ---- */
 
-/* Config bits: 1 idle_timeout_s 0, 2 max_inflight 1, 4 max_client_requests 2, 8 the "ro"
+/* Config bits: 1 idle_timeout_s 0 and hv1 has a micro-cache (read-write too), 2 max_inflight 1, 4 max_client_requests 2, 8 the "ro"
  * listener is read-only, 16|32 libvirtd fails every 2nd/3rd/5th call, 64 one connection per
  * pool, 128 the policy variant: a SASL listener (client 2), a second upstream and rules. */
 static struct vm_config *make_config(unsigned bits)
@@ -804,13 +804,18 @@ static struct vm_config *make_config(unsigned bits)
              "                 {\"name\": \"ro\", \"unix\": \"/nonexistent/ro\", \"readonly\": %s}"
              "                 %s%s,"
              " \"upstreams\": [{\"name\": \"hv1\", \"uri\": \"test+unix:///default?socket=%s\","
-             "   \"pool\": {\"max_connections\": %d, \"max_inflight\": %d, \"idle_timeout_s\": %d}}"
+             "   \"pool\": {\"max_connections\": %d, \"max_inflight\": %d, \"idle_timeout_s\": %d}%s}"
              "   %s],"
              " \"default_upstream\": \"hv1\","
              " \"limits\": {\"max_client_requests\": %d},"
              " \"events\": {\"max_queue_bytes\": 65536}%s}",
              bits & 8 ? "true" : "false", sasl, sasl[0] ? "}" : "]", sock_path,
-             bits & 64 ? 1 : 3, bits & 2 ? 1 : 4, bits & 1 ? 0 : 60, hv2, bits & 4 ? 2 : 16,
+             bits & 64 ? 1 : 3, bits & 2 ? 1 : 4, bits & 1 ? 0 : 60,
+             bits & 1 ? ", \"cache\": {\"ttl_ms\": 200, \"readwrite\": true, \"max_entries\": 4,"
+                        " \"procedures\": [\"CONNECT_LIST_ALL_DOMAINS\", \"DOMAIN_GET_INFO\","
+                        " \"CONNECT_GET_HOSTNAME\", \"DOMAIN_LOOKUP_BY_NAME\"]}"
+                      : "",
+             hv2, bits & 4 ? 2 : 16,
              policy);
     struct vm_config *c = config_parse(json, stderr);
     REQUIRE(c);

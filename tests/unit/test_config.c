@@ -4,6 +4,7 @@
 
 #include "check.h"
 #include "config.h"
+#include "proc.h"
 
 /* Parse `json`; return the error text (static buffer), or NULL when it loaded. */
 static const char *errors_of(const char *json)
@@ -198,6 +199,39 @@ int main(void)
     }
     config_free(a1);
     config_free(a2);
+
+    /* upstreams[].cache and pool.coalesce: off / on by default; only "yes" plain calls */
+    cfg = config_parse("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}]," UP "}", stderr);
+    CHECK(cfg && !cfg->upstreams[0].cache.enabled && cfg->upstreams[0].pool.coalesce == 1);
+    config_free(cfg);
+    const char *cached = "{\"listeners\":[{\"address\":\"127.0.0.1:1\"}],"
+                         "\"upstreams\":[{\"name\":\"hv1\",\"uri\":\"test:///default\","
+                         "\"pool\":{\"coalesce\":false},\"cache\":{\"procedures\":"
+                         "[\"CONNECT_LIST_ALL_DOMAINS\",\"DOMAIN_GET_INFO\"]}}]}";
+    a1 = config_parse(cached, stderr);
+    a2 = config_parse(cached, stderr);
+    CHECK(a1 && a2);
+    if (a1 && a2) {
+        const struct vm_cache_cfg *cc = &a1->upstreams[0].cache;
+        CHECK(cc->enabled && cc->ttl_ms == 1000 && !cc->readwrite && cc->max_entries == 1024 &&
+              cc->max_bytes == 16 << 20 && cc->nprocs == 2);
+        CHECK(cc->nprocs == 2 && cc->procs[1]->proc == VM_PROC_DOMAIN_GET_INFO);
+        CHECK(a1->upstreams[0].pool.coalesce == 0);
+        CHECK(config_upstream_same(&a1->upstreams[0], &a2->upstreams[0]));
+        a2->upstreams[0].cache.ttl_ms = 5;
+        CHECK(!config_upstream_same(&a1->upstreams[0], &a2->upstreams[0]));
+    }
+    config_free(a1);
+    config_free(a2);
+    e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}],"
+                  "\"upstreams\":[{\"name\":\"hv1\",\"uri\":\"test:///default\","
+                  "\"cache\":{\"procedures\":[\"DOMAIN_SET_AUTOSTART\"]}}]}");
+    CHECK(e && strstr(e, "upstreams[0].cache.procedures: \"DOMAIN_SET_AUTOSTART\" cannot be "
+                         "cached"));
+    e = errors_of("{\"listeners\":[{\"address\":\"127.0.0.1:1\"}],"
+                  "\"upstreams\":[{\"name\":\"hv1\",\"uri\":\"test:///default\","
+                  "\"cache\":{\"procedures\":[\"DOMAIN_GET_INFO\"],\"ttl\":3}}]}");
+    CHECK(e && strstr(e, "upstreams[0].cache.ttl: unknown key"));
     /* upstream_templates: the upstream parser's keys with "match" for "name"; {name} needed;
      * templates alone are enough; limits.max_upstreams. */
 #define LS "\"listeners\":[{\"address\":\"127.0.0.1:1\"}]"

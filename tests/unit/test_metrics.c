@@ -100,6 +100,7 @@ static void test_forget(void)
     metrics_render(m, buf);
     char *s = text_of(buf);
     CHECK(strstr(s, "hv-a") == NULL);
+    CHECK(strstr(s, "(null)") == NULL && strstr(s, "{upstream=}") == NULL);
     CHECK(strstr(s, "virtmux_upstream_received_bytes_total{upstream=\"hv-b\"} 0\n") != NULL);
     free(s);
     CHECK(metrics_upstream(m, "hv-c") == a); /* the slot again, counters zero */
