@@ -344,3 +344,32 @@ def test_operator_pause_applies_to_template_names(gateway, libvirtd, keeper, tap
         assert result.error is None and len(result.value) >= 1, result.error
     finally:
         c.close()
+
+
+def test_template_cache_applies_to_made_upstreams(gateway, libvirtd, keeper, tap):
+    """A template's "cache" is every made upstream's: a second read-only
+    LIST_ALL_DOMAINS within the ttl is answered by the gateway (the tap sees
+    one), counted under the made upstream's name, and the counters go with
+    the upstream when it is freed."""
+    cfg = template_config(tap, libvirtd.direct_uri, idle_s=1)
+    cfg["upstream_templates"][0]["cache"] = {"ttl_ms": 60000,
+                                             "procedures": ["CONNECT_LIST_ALL_DOMAINS"]}
+    gw = gateway(cfg)
+    c = open_conn(gw, "hv-c", readonly=True)
+    try:
+        # the first cacheable call makes the cache's lifecycle registration (on the made
+        # upstream's own libvirtd); replies are stored once it is active
+        first = sorted(d.name() for d in c.listAllDomains())
+        assert wait_until(lambda: dynamic(gw.status())["hv-c"]["event_registrations"] == 1,
+                          timeout=harness.scaled(5))
+        threading.Event().wait(harness.scaled(0.2))
+        mark = tap.mark()
+        for _ in range(3):
+            assert sorted(d.name() for d in c.listAllDomains()) == first
+        assert "test" in first
+        assert len(tap.calls(mark, proc=harness.PROC_CONNECT_LIST_ALL_DOMAINS)) == 1
+        assert 'virtmux_cache_hits_total{upstream="hv-c"} 2' in metrics_text(gw)
+    finally:
+        c.close()
+    assert wait_until(lambda: 'upstream="hv-c"' not in metrics_text(gw),
+                      timeout=harness.scaled(15))
