@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fnmatch.h>
 #include <grp.h>
 #include <pwd.h>
 #include <stdarg.h>
@@ -347,34 +348,62 @@ static void parse_cache(struct parse_ctx *ctx, const char *path, json_t *o, stru
     }
 }
 
-static void parse_upstream(struct parse_ctx *ctx, int i, json_t *o, struct vm_upstream_cfg *u)
+/* A template's "match": a glob over upstream names, so the characters names may have plus
+ * the glob's own; never '/', which would let it reach past the first path segment. */
+static int valid_match(const char *s)
+{
+    if (!*s)
+        return 0;
+    for (; *s; s++)
+        if (!strchr("*?[]!-_.", *s) && !((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') ||
+                                          (*s >= '0' && *s <= '9')))
+            return 0;
+    return 1;
+}
+
+/* One element of "upstreams", or of "upstream_templates" (tmpl): a template has "match"
+ * where an upstream has "name", and its URI is checked with {name} replaced by a sample, so
+ * both take exactly the same keys otherwise. */
+static void parse_upstream(struct parse_ctx *ctx, const char *arr, int i, json_t *o,
+                           struct vm_upstream_cfg *u, int tmpl)
 {
     static const char *const keys[] = {"name", "uri", "pool", "tls", "sasl", "cache", NULL};
+    static const char *const tmpl_keys[] = {"match", "uri", "pool", "tls", "sasl", "cache", NULL};
     static const char *const sasl_keys[] = {"username", "password_file", NULL};
     static const char *const pool_keys[] = {"max_connections", "max_inflight", "idle_timeout_s",
                                             "connect_timeout_ms", "give_up_s", "max_streams",
                                             "reconnect_hold_ms", "coalesce", NULL};
     char path[64], p[96];
-    snprintf(path, sizeof(path), "upstreams[%d]", i);
+    snprintf(path, sizeof(path), "%s[%d]", arr, i);
     if (!json_is_object(o)) {
         cfg_error(ctx, path, "must be an object");
         return;
     }
-    check_keys(ctx, path, o, keys);
-    const char *name = get_string(ctx, path, o, "name", 1);
-    if (name && !valid_name(name)) {
+    check_keys(ctx, path, o, tmpl ? tmpl_keys : keys);
+    const char *name = get_string(ctx, path, o, tmpl ? "match" : "name", 1);
+    if (name && !tmpl && !valid_name(name)) {
         snprintf(p, sizeof(p), "%s.name", path);
         cfg_error(ctx, p, "\"%s\" may only contain letters, digits, '-', '_' and '.'", name);
+    }
+    if (name && tmpl && !valid_match(name)) {
+        snprintf(p, sizeof(p), "%s.match", path);
+        cfg_error(ctx, p, "\"%s\" may only contain letters, digits, '-', '_', '.' and the "
+                  "glob characters *?[]!", name);
     }
     u->name = vm_strdup(name ? name : "");
     const char *uri = get_string(ctx, path, o, "uri", 1);
     if (uri) {
         char err[256];
         u->uri_text = vm_strdup(uri);
-        if (uri_parse(uri, &u->uri, err, sizeof(err)) < 0) {
+        char *sample = uri_expand(uri, "example");
+        if (uri_parse(sample, &u->uri, err, sizeof(err)) < 0) {
             snprintf(p, sizeof(p), "%s.uri", path);
             cfg_error(ctx, p, "%s", err);
+        } else if (tmpl && !strstr(uri, "{name}")) {
+            snprintf(p, sizeof(p), "%s.uri", path);
+            cfg_error(ctx, p, "has no {name}: every upstream made from it would be the same");
         }
+        free(sample);
     }
     json_t *tls = json_object_get(o, "tls");
     snprintf(p, sizeof(p), "%s.tls", path);
@@ -617,8 +646,10 @@ static void parse_grant(struct parse_ctx *ctx, const char *path, json_t *o, stru
             continue;
         }
         const char *name = json_string_value(v);
-        if (strcmp(name, "*") != 0 && !config_upstream(cfg, name))
-            cfg_error(ctx, p, "no upstream is called \"%s\"", name);
+        if (!strpbrk(name, "*?[") && !config_upstream(cfg, name) &&
+            !config_template(cfg, name))
+            cfg_error(ctx, p, "no upstream is called \"%s\" and no upstream_templates[].match "
+                      "matches it", name);
         r->upstreams[n++] = vm_strdup(name);
     }
 }
@@ -721,7 +752,7 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
 {
     static const char *const keys[] = {"listeners", "upstreams", "default_upstream", "limits",
                                        "keepalive", "log", "admin", "policy", "events", "sasl",
-                                       "process", "routing", NULL};
+                                       "process", "routing", "upstream_templates", NULL};
     static const char *const routing_keys[] = {"strict", NULL};
     static const char *const sasl_keys[] = {"sasldb", "mechanisms", "allowed_users", "keytab",
                                             "service_host", "max_failures",
@@ -731,7 +762,8 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
     static const char *const limit_keys[] = {"max_clients", "queue_timeout_ms",
                                              "max_client_requests", "max_unauthenticated",
                                              "max_unauthenticated_per_source",
-                                             "auth_timeout_s", "drain_timeout_s", NULL};
+                                             "auth_timeout_s", "drain_timeout_s",
+                                             "max_upstreams", NULL};
     static const char *const ka_keys[] = {"interval_s", "count", NULL};
     static const char *const log_keys[] = {"level", "format", NULL};
     struct vm_config *cfg = vm_calloc(1, sizeof(*cfg));
@@ -741,14 +773,29 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
     }
     check_keys(ctx, "", root, keys);
 
+    json_t *tpls = json_object_get(root, "upstream_templates");
+    if (tpls && !json_is_array(tpls)) {
+        cfg_error(ctx, "upstream_templates", "must be an array");
+    } else if (tpls) {
+        cfg->ntemplates = (int)json_array_size(tpls);
+        cfg->templates = vm_calloc((size_t)cfg->ntemplates + 1, sizeof(*cfg->templates));
+        for (int i = 0; i < cfg->ntemplates; i++)
+            parse_upstream(ctx, "upstream_templates", i, json_array_get(tpls, (size_t)i),
+                           &cfg->templates[i], 1);
+    }
+
+    /* With templates, named upstreams are optional: a fleet may be templates only. */
     json_t *ups = json_object_get(root, "upstreams");
-    if (!json_is_array(ups) || json_array_size(ups) == 0) {
-        cfg_error(ctx, "upstreams", "must be a non-empty array");
+    if (ups && !json_is_array(ups)) {
+        cfg_error(ctx, "upstreams", "must be an array");
+    } else if (json_array_size(ups) == 0 && cfg->ntemplates == 0) {
+        cfg_error(ctx, "upstreams", "must be a non-empty array (or give upstream_templates)");
     } else {
         cfg->nupstreams = (int)json_array_size(ups);
-        cfg->upstreams = vm_calloc((size_t)cfg->nupstreams, sizeof(*cfg->upstreams));
+        cfg->upstreams = vm_calloc((size_t)cfg->nupstreams + 1, sizeof(*cfg->upstreams));
         for (int i = 0; i < cfg->nupstreams; i++) {
-            parse_upstream(ctx, i, json_array_get(ups, (size_t)i), &cfg->upstreams[i]);
+            parse_upstream(ctx, "upstreams", i, json_array_get(ups, (size_t)i),
+                           &cfg->upstreams[i], 0);
             for (int j = 0; j < i; j++)
                 if (cfg->upstreams[i].name && cfg->upstreams[j].name &&
                     strcmp(cfg->upstreams[i].name, cfg->upstreams[j].name) == 0) {
@@ -805,6 +852,7 @@ static struct vm_config *config_from_json(json_t *root, struct parse_ctx *ctx)
                   cfg->max_unauthenticated_per_source, cfg->max_unauthenticated);
     cfg->auth_timeout_s = get_int(ctx, "limits", limits, "auth_timeout_s", 30, 1, 3600);
     cfg->drain_timeout_s = get_int(ctx, "limits", limits, "drain_timeout_s", 30, 0, 3600);
+    cfg->max_upstreams = get_int(ctx, "limits", limits, "max_upstreams", 1024, 1, 1000000);
 
     json_t *ka = get_object(ctx, "", root, "keepalive");
     if (ka)
@@ -1002,7 +1050,34 @@ int config_warn(const struct vm_config *cfg, FILE *out)
             n++;
         }
     }
+    /* A template whose glob matches such a word makes an upstream of it: "qemu:///system"
+     * would go to a host called "system". */
+    for (int i = 0; i < cfg->ntemplates; i++) {
+        const char *match = cfg->templates[i].name;
+        for (size_t w = 0; match && w < sizeof(path_words) / sizeof(path_words[0]); w++) {
+            if (fnmatch(match, path_words[w][0], 0) != 0)
+                continue;
+            fprintf(out, "warning: upstream_templates[%d].match: \"%s\" matches \"%s\", a path "
+                    "segment of ordinary libvirt URIs (%s): clients opening them make an "
+                    "upstream called \"%s\" instead of reaching default_upstream; consider a "
+                    "narrower glob\n", i, match, path_words[w][0], path_words[w][1],
+                    path_words[w][0]);
+            n++;
+            break;
+        }
+    }
     return n;
+}
+
+static void upstream_cfg_clear(struct vm_upstream_cfg *u)
+{
+    free(u->name);
+    free(u->uri_text);
+    uri_clear(&u->uri);
+    tls_cfg_free(u->tls);
+    free(u->sasl_user);
+    free(u->sasl_password_file);
+    free(u->cache.procs);
 }
 
 static void rule_clear(struct vm_rule *r)
@@ -1056,16 +1131,12 @@ void config_free(struct vm_config *cfg)
         tls_cfg_free(l->tls);
     }
     free(cfg->listeners);
-    for (int i = 0; i < cfg->nupstreams; i++) {
-        free(cfg->upstreams[i].name);
-        free(cfg->upstreams[i].uri_text);
-        uri_clear(&cfg->upstreams[i].uri);
-        tls_cfg_free(cfg->upstreams[i].tls);
-        free(cfg->upstreams[i].sasl_user);
-        free(cfg->upstreams[i].sasl_password_file);
-        free(cfg->upstreams[i].cache.procs);
-    }
+    for (int i = 0; i < cfg->nupstreams; i++)
+        upstream_cfg_clear(&cfg->upstreams[i]);
     free(cfg->upstreams);
+    for (int i = 0; i < cfg->ntemplates; i++)
+        upstream_cfg_clear(&cfg->templates[i]);
+    free(cfg->templates);
     free(cfg->default_upstream);
     free(cfg);
 }
@@ -1075,6 +1146,14 @@ const struct vm_upstream_cfg *config_upstream(const struct vm_config *cfg, const
     for (int i = 0; i < cfg->nupstreams; i++)
         if (cfg->upstreams[i].name && strcmp(cfg->upstreams[i].name, name) == 0)
             return &cfg->upstreams[i];
+    return NULL;
+}
+
+const struct vm_upstream_cfg *config_template(const struct vm_config *cfg, const char *name)
+{
+    for (int i = 0; i < cfg->ntemplates; i++)
+        if (cfg->templates[i].name && fnmatch(cfg->templates[i].name, name, 0) == 0)
+            return &cfg->templates[i];
     return NULL;
 }
 
@@ -1088,6 +1167,9 @@ int config_owns(const struct vm_config *cfg, const void *p)
         return 1;
     if (cfg->nupstreams && c >= (const char *)cfg->upstreams &&
         c < (const char *)(cfg->upstreams + cfg->nupstreams))
+        return 1;
+    if (cfg->ntemplates && c >= (const char *)cfg->templates &&
+        c < (const char *)(cfg->templates + cfg->ntemplates))
         return 1;
     if (cfg->nrules && c >= (const char *)cfg->rules && c < (const char *)(cfg->rules + cfg->nrules))
         return 1;

@@ -48,6 +48,20 @@
  *                          Entries are dropped on any lifecycle event of the pool (the
  *                          gateway's own registration) and on any call of verdict other than
  *                          "yes" through the gateway to the upstream.
+ *   upstream_templates[]   array, optional (then "upstreams" may be empty): upstreams made on
+ *                          first use. Each takes every key of upstreams[] except "name":
+ *     .match               glob over upstream names ("hv-*", "10.0.0.*"), required; the first
+ *                          template that matches a client's first path segment is used, and
+ *                          only when no named upstream has that name
+ *     .uri                 as upstreams[].uri, with every "{name}" replaced by the name
+ *                          ("qemu+tls://{name}.dc.example/system"); required to contain {name}
+ *                          A name is checked before anything is made or connected: hostname
+ *                          characters [A-Za-z0-9.-], no leading '-' or '.', no empty label,
+ *                          at most 63 per label and 253 in all. An upstream made from a template
+ *                          lives while it has a pool: once its pools go idle (pool.idle_timeout_s
+ *                          with no sessions) it is freed and leaves /status and /metrics.
+ *   limits.max_upstreams   int 1..1000000, 1024: upstreams made from templates existing at once;
+ *                          one more is refused at CONNECT_OPEN with an error saying so
  *   default_upstream       name, optional
  *   routing.strict         bool, false: a CONNECT_OPEN name whose first path segment is not
  *                          an upstream ("qemu:///nosuch/system", but also "qemu:///system") is
@@ -107,7 +121,8 @@
  *     .match.sasl_user / .match.tls_dn    globs (identities from the auth issue)
  *     .deny                bool, false
  *     .readonly            bool, false
- *     .upstreams           ["hv1", ...] or "*", "*"
+ *     .upstreams           ["hv1", "hv-*", ...] or "*", "*": names or globs (fnmatch); a
+ *                          plain name must be an upstream or match a template
  *     .max_sessions        int, unlimited: open sessions under this rule at once
  *     .domains             ["web-*", "!web-secret"], all: the domains the session may see and
  *                          touch (globs; a name is granted when it matches a pattern and no
@@ -223,6 +238,10 @@ struct vm_config {
     int nlisteners;
     struct vm_upstream_cfg *upstreams;
     int nupstreams;
+    struct vm_upstream_cfg *templates; /* upstream_templates: name = the "match" glob, uri_text
+                                        * with "{name}", uri parsed from a sample (unused) */
+    int ntemplates;
+    int max_upstreams;      /* upstreams made from templates existing at once */
     char *default_upstream; /* may be NULL */
     int routing_strict;     /* a first path segment that is no upstream is an error */
     int max_clients;
@@ -260,7 +279,8 @@ void config_free(struct vm_config *cfg);
 /* Print to `out` one warning line per questionable but valid setting (an upstream named like
  * a path libvirt URIs use, such as "system", captures those URIs). Returns how many. */
 int config_warn(const struct vm_config *cfg, FILE *out);
-/* True when `p` points into `cfg` (a listener, upstream or rule): what keeps a snapshot alive. */
+/* True when `p` points into `cfg` (a listener, upstream, template or rule): what keeps a
+ * snapshot alive. */
 int config_owns(const struct vm_config *cfg, const void *p);
 /* Reload: an upstream whose connections may be shared as they are (same URI, pool, TLS files,
  * SASL login), a listener whose socket may stay (same address or path, mode, TLS or not),
@@ -271,5 +291,8 @@ int config_sasl_same(const struct vm_sasl_cfg *a, const struct vm_sasl_cfg *b);
 
 /* The upstream called `name`, or NULL. */
 const struct vm_upstream_cfg *config_upstream(const struct vm_config *cfg, const char *name);
+/* The first upstream template whose "match" glob matches `name`, or NULL (the name is not
+ * checked here: router.c does that before anything is made from it). */
+const struct vm_upstream_cfg *config_template(const struct vm_config *cfg, const char *name);
 
 #endif

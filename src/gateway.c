@@ -1,6 +1,8 @@
 /*
  *   listeners --accept--> sessions --CONNECT_OPEN--> gateway_pool(upstream, name, ro)
- *                                                      |
+ *                                          |           |
+ *                    (a template's name) --+--> dyn_upstream (made on first use,
+ *                                          |     freed with its last pool)
  *                                                    pools --> links --> libvirtd
  *
  * The gateway owns listeners and pools. Sessions own themselves (they end in session_close);
@@ -14,6 +16,9 @@
 #include <string.h>
 #include <sys/queue.h>
 #include <time.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 #include <event2/buffer.h>
 #include <event2/event.h>
@@ -30,6 +35,7 @@
 #include "metrics.h"
 #include "pool.h"
 #include "reap.h"
+#include "router.h"
 #include "session.h"
 #include "srccount.h"
 #include "stream.h"
@@ -37,8 +43,22 @@
 #include "upstream.h"
 #include "util.h"
 
+/* An upstream made from a template on first use. It lives while a pool of it exists (the
+ * pools point at `up`); the last pool's free frees it. */
+struct dyn_upstream {
+    struct vm_upstream_cfg up;          /* name, uri_text and uri owned; tls and sasl point
+                                         * into the template (the config snapshot) */
+    const struct vm_upstream_cfg *tpl;  /* not owned: in sn->cfg->templates */
+    struct snapshot *sn;                /* the snapshot of tpl: kept while this exists */
+    int tpl_index;
+    int npools;                         /* pool_nodes of it, dying ones included */
+    LIST_ENTRY(dyn_upstream) entry;
+};
+
 struct pool_node {
     struct vm_pool *pool;
+    struct vm_gateway *gw;
+    struct dyn_upstream *dyn; /* the pool's upstream when made from a template, else NULL */
     int dying; /* queued for reaping */
     LIST_ENTRY(pool_node) entry;
 };
@@ -49,6 +69,7 @@ struct pool_node {
 struct snapshot {
     struct vm_config *cfg;       /* owned */
     SSL_CTX **upstream_tls;      /* owned: per upstream, NULL unless tls:// */
+    SSL_CTX **template_tls;      /* owned: per upstream template, shared by its upstreams */
     int *rule_sessions;          /* owned: open sessions per rule; last slot = default */
     LIST_ENTRY(snapshot) entry;
 };
@@ -76,6 +97,12 @@ struct vm_gateway {
     struct vm_audit *audit;      /* owned */
     struct vm_metrics *metrics;  /* owned: counters for GET /metrics */
     struct vm_admin *admin;      /* owned, optional */
+    LIST_HEAD(, dyn_upstream) dyns; /* owned: the dynamic upstream registry */
+    int ndyns;                   /* in it, idle ones waiting to be freed included */
+    int closing;                 /* gateway_free: dyns are freed at the end, not one by one */
+    int pools_freed;             /* since the last give_back */
+    struct event *dyn_sweep;     /* owned: frees idle dyns (and the snapshots they kept) soon
+                                  * after their last pool, outside the reaper */
     struct vm_session **sessions; /* registry (not owned): index = session slot */
     int capsessions;
     struct vm_link_list retiring; /* links saying goodbye (in no pool): freed at shutdown */
@@ -104,10 +131,51 @@ static const struct vm_listener_ops gateway_listener_ops;
 
 static void snapshots_collect(struct vm_gateway *gw);
 
+static void dyns_collect(struct vm_gateway *gw);
+static void give_back(struct vm_gateway *gw);
+
+/* An upstream made from a template lost its last pool: free it (and an old snapshot it was
+ * keeping) once its connections' goodbyes are over (at most 2 s), not at the next trim. */
+static void dyn_sweep_cb(evutil_socket_t fd, short what, void *arg)
+{
+    struct vm_gateway *gw = arg;
+    int had = gw->ndyns;
+    dyns_collect(gw);
+    snapshots_collect(gw);
+    if (gw->ndyns < had && gw->npools == 0 && gw->nsessions == 0)
+        give_back(gw); /* the last ones went: what they held too */
+    struct dyn_upstream *d;
+    LIST_FOREACH(d, &gw->dyns, entry) {
+        if (!d->npools && link_list_uses(&gw->retiring, &d->up)) { /* a goodbye to wait for */
+            struct timeval again = {0, 500000};
+            evtimer_add(gw->dyn_sweep, &again);
+            break;
+        }
+    }
+}
+
+/* Give memory back to the system once pools were freed: an idle fleet gateway should shrink
+ * to about its resting size, not keep the heap its busiest minute grew (glibc keeps freed
+ * memory in its arenas until asked). With no session and no pool left, the recycled call
+ * records go too. */
+static void give_back(struct vm_gateway *gw)
+{
+    if (gw->nsessions == 0 && gw->npools == 0)
+        call_cache_trim(1);
+#ifdef __GLIBC__
+    malloc_trim(0);
+#endif
+    gw->pools_freed = 0;
+}
+
 static void trim_cb(evutil_socket_t fd, short what, void *arg)
 {
+    struct vm_gateway *gw = arg;
     call_cache_trim(0);
-    snapshots_collect(arg);
+    dyns_collect(gw); /* first: a dyn may be what keeps an old snapshot */
+    snapshots_collect(gw);
+    if (gw->pools_freed || gw->npools == 0) /* idle: links that said goodbye since, too */
+        give_back(gw);
 }
 
 static struct snapshot *snapshot_new(struct vm_config *cfg)
@@ -116,6 +184,7 @@ static struct snapshot *snapshot_new(struct vm_config *cfg)
     sn->cfg = cfg;
     sn->rule_sessions = vm_calloc((size_t)cfg->nrules + 1, sizeof(int));
     sn->upstream_tls = vm_calloc((size_t)cfg->nupstreams, sizeof(SSL_CTX *));
+    sn->template_tls = vm_calloc((size_t)cfg->ntemplates + 1, sizeof(SSL_CTX *));
     return sn;
 }
 
@@ -125,6 +194,10 @@ static void snapshot_free(struct snapshot *sn)
         if (sn->upstream_tls[i])
             tls_ctx_free(sn->upstream_tls[i]);
     free(sn->upstream_tls);
+    for (int i = 0; i < sn->cfg->ntemplates; i++)
+        if (sn->template_tls[i])
+            tls_ctx_free(sn->template_tls[i]);
+    free(sn->template_tls);
     free(sn->rule_sessions);
     config_free(sn->cfg);
     free(sn);
@@ -141,6 +214,17 @@ static int snapshot_load_tls(struct snapshot *sn)
         sn->upstream_tls[i] = tls_client_ctx(up->tls, err, sizeof(err));
         if (!sn->upstream_tls[i]) {
             vm_err(NULL, "upstream %s: TLS: %s", up->name, err);
+            return -1;
+        }
+    }
+    for (int i = 0; i < sn->cfg->ntemplates; i++) {
+        const struct vm_upstream_cfg *t = &sn->cfg->templates[i];
+        if (!t->tls)
+            continue;
+        char err[300];
+        sn->template_tls[i] = tls_client_ctx(t->tls, err, sizeof(err));
+        if (!sn->template_tls[i]) {
+            vm_err(NULL, "upstream template %s: TLS: %s", t->name, err);
             return -1;
         }
     }
@@ -168,11 +252,13 @@ struct vm_gateway *gateway_new(struct event_base *base, struct vm_config *cfg)
     LIST_INIT(&gw->old);
     gw->accepting = 1;
     LIST_INIT(&gw->pools);
+    LIST_INIT(&gw->dyns);
     gw->listeners = calloc((size_t)cfg->nlisteners, sizeof(*gw->listeners));
     gw->reaper = reaper_new(base);
     gw->trim = event_new(base, -1, EV_PERSIST, trim_cb, gw);
+    gw->dyn_sweep = evtimer_new(base, dyn_sweep_cb, gw);
     struct timeval every = {10, 0};
-    if (!gw->trim || event_add(gw->trim, &every) < 0)
+    if (!gw->trim || !gw->dyn_sweep || event_add(gw->trim, &every) < 0)
         abort();
     gw->audit = audit_new();
     gw->metrics = metrics_new();
@@ -292,6 +378,47 @@ int gateway_start(struct vm_gateway *gw)
                 gw->cfg->upstreams[i].uri_text, uri_endpoint(&gw->cfg->upstreams[i].uri, ep,
                                                              sizeof(ep)));
     }
+    for (int i = 0; i < gw->cfg->ntemplates; i++)
+        vm_info(NULL, "upstream template %s: %s (made on first use, at most %d at once)",
+                gw->cfg->templates[i].name, gw->cfg->templates[i].uri_text,
+                gw->cfg->max_upstreams);
+    return 0;
+}
+
+/* Upstreams made from templates that have a pool (idle ones wait in dyns_collect). */
+static int live_dyns(const struct vm_gateway *gw)
+{
+    int n = 0;
+    struct dyn_upstream *d;
+    LIST_FOREACH(d, &gw->dyns, entry)
+        n += d->npools > 0;
+    return n;
+}
+
+static struct dyn_upstream *find_dyn(const struct vm_gateway *gw, const struct vm_upstream_cfg *up)
+{
+    struct dyn_upstream *d;
+    LIST_FOREACH(d, &gw->dyns, entry)
+        if (&d->up == up)
+            return d;
+    return NULL;
+}
+
+static void dyn_free(struct dyn_upstream *d)
+{
+    free(d->up.name);
+    free(d->up.uri_text);
+    uri_clear(&d->up.uri);
+    free(d);
+}
+
+/* Does a session still route to `d` (between its OPEN and close)? Its pools are gone by
+ * then in every path we know of; this keeps a surprise from becoming a use after free. */
+static int dyn_in_use(struct vm_gateway *gw, const struct dyn_upstream *d)
+{
+    for (int i = 0; i < gw->nsessions; i++)
+        if (session_upstream(gw->sessions[i]) == &d->up)
+            return 1;
     return 0;
 }
 
@@ -306,11 +433,49 @@ static void close_listeners(struct vm_gateway *gw)
     }
 }
 
+/* Free the upstreams made from templates that have no pool left. A link saying goodbye
+ * (retiring, in no pool) may still read its upstream entry, so one such link keeps its
+ * upstream waiting: dyn_sweep comes back (the goodbyes take at most 2 s). Waiting ones are
+ * not shown and do not count against max_upstreams. */
+static void dyns_collect(struct vm_gateway *gw)
+{
+    if (gw->closing)
+        return;
+    struct dyn_upstream *d, *next;
+    for (d = LIST_FIRST(&gw->dyns); d; d = next) {
+        next = LIST_NEXT(d, entry);
+        if (d->npools || dyn_in_use(gw, d) || link_list_uses(&gw->retiring, &d->up))
+            continue;
+        LIST_REMOVE(d, entry);
+        gw->ndyns--;
+        /* Its counters go with it, unless the name lives on (a configured upstream, or
+         * another made from a changed template after a reload). */
+        struct dyn_upstream *o;
+        LIST_FOREACH(o, &gw->dyns, entry)
+            if (!strcmp(o->up.name, d->up.name))
+                break;
+        if (!o && !config_upstream(gw->cfg, d->up.name))
+            metrics_upstream_forget(gw->metrics, metrics_upstream(gw->metrics, d->up.name));
+        dyn_free(d);
+    }
+}
+
 static void pool_node_free(void *p)
 {
     struct pool_node *n = p;
     pool_free(n->pool);
+    struct dyn_upstream *d = n->dyn;
+    struct vm_gateway *gw = n->gw;
     free(n);
+    gw->pools_freed++;
+    if (d && --d->npools == 0 && !gw->closing) {
+        vm_info(NULL, "upstream %s (template %s): idle, forgotten", d->up.name, d->tpl->name);
+        /* Not here: the reaper is running, and snapshots_collect runs it. */
+        struct timeval soon = {0, TAILQ_EMPTY(&gw->retiring) ? 0 : 500000};
+        evtimer_add(gw->dyn_sweep, &soon);
+    }
+    if (!gw->closing && gw->npools == 0 && gw->nsessions == 0)
+        give_back(gw); /* the last one: now rather than at the next trim */
 }
 
 /*
@@ -328,6 +493,7 @@ void gateway_free(struct vm_gateway *gw)
 {
     if (!gw)
         return;
+    gw->closing = 1;
     close_listeners(gw);
     free(gw->listeners);
     admin_free(gw->admin);
@@ -346,6 +512,7 @@ void gateway_free(struct vm_gateway *gw)
         event_free(gw->drain.tick);
     reaper_free(gw->reaper);
     event_free(gw->trim);
+    event_free(gw->dyn_sweep);
     call_cache_trim(1);
     audit_free(gw->audit);
     metrics_free(gw->metrics);
@@ -354,6 +521,11 @@ void gateway_free(struct vm_gateway *gw)
     free(gw->up_ops);
     srccount_free(gw->unauth_by_source);
     free(gw->sessions);
+    while (!LIST_EMPTY(&gw->dyns)) { /* after the reaper: its pool frees still read them */
+        struct dyn_upstream *d = LIST_FIRST(&gw->dyns);
+        LIST_REMOVE(d, entry);
+        dyn_free(d);
+    }
     while (!LIST_EMPTY(&gw->old)) {
         struct snapshot *sn = LIST_FIRST(&gw->old);
         LIST_REMOVE(sn, entry);
@@ -422,22 +594,47 @@ static const char *upstream_state(const struct vm_pool_totals *t)
     return "idle";
 }
 
+/* Every upstream that exists now: the configured ones, then those made from templates (with
+ * their template's "match" in tpl[], NULL for configured ones). Caller frees both arrays. */
+static int all_upstreams(struct vm_gateway *gw, const struct vm_upstream_cfg ***ups,
+                         const char ***tpl)
+{
+    int n = 0;
+    *ups = vm_calloc((size_t)(gw->cfg->nupstreams + gw->ndyns) + 1, sizeof(**ups));
+    *tpl = vm_calloc((size_t)(gw->cfg->nupstreams + gw->ndyns) + 1, sizeof(**tpl));
+    for (int i = 0; i < gw->cfg->nupstreams; i++)
+        (*ups)[n++] = &gw->cfg->upstreams[i];
+    struct dyn_upstream *d;
+    LIST_FOREACH(d, &gw->dyns, entry) {
+        if (!d->npools)
+            continue; /* idle: waiting to be freed */
+        (*tpl)[n] = d->tpl->name;
+        (*ups)[n++] = &d->up;
+    }
+    return n;
+}
+
 static json_t *upstreams_json(struct vm_gateway *gw)
 {
     json_t *arr = json_array();
-    for (int i = 0; i < gw->cfg->nupstreams; i++) {
-        const struct vm_upstream_cfg *up = &gw->cfg->upstreams[i];
+    const struct vm_upstream_cfg **ups;
+    const char **tpls;
+    int nups = all_upstreams(gw, &ups, &tpls);
+    for (int i = 0; i < nups; i++) {
+        const struct vm_upstream_cfg *up = ups[i];
         struct vm_pool_totals t;
         const char *err;
         int npools = upstream_totals(gw, up, &t, &err);
         if (!err && !t.by_state[VM_LINK_READY]) /* its pools may be gone; the failure stays */
             err = metrics_upstream_last_error(gw->metrics, metrics_upstream(gw->metrics,
                                                                             up->name));
+        /* A configured upstream by name (sessions of an older snapshot point at its entry
+         * there); one made from a template by entry (after a reload two may share a name). */
         int sessions = 0;
         for (int k = 0; k < gw->nsessions; k++) {
-            struct vm_session_view v;
-            session_view(gw->sessions[k], &v);
-            sessions += v.upstream && !strcmp(v.upstream, up->name);
+            const struct vm_upstream_cfg *su = session_upstream(gw->sessions[k]);
+            sessions += tpls[i] ? su == up : su && !find_dyn(gw, su) && !strcmp(su->name,
+                                                                              up->name);
         }
         json_t *o = json_pack("{s:s, s:s, s:s, s:i, s:{s:i, s:i, s:i, s:i}, s:i, s:i, s:i, s:i, "
                               "s:i, s:i, s:i, s:i, s:i, s:i, s:o}",
@@ -453,7 +650,25 @@ static json_t *upstreams_json(struct vm_gateway *gw)
                               "last_error", err ? json_string(err) : json_null());
         /* what an operator made of it (POST /upstreams/NAME/...), pools or not */
         json_object_set_new(o, "operator", json_string(pool_op_name(op_of(gw, up->name))));
+        json_object_set_new(o, "template", tpls[i] ? json_string(tpls[i]) : json_null());
         json_array_append_new(arr, o);
+    }
+    free(ups);
+    free(tpls);
+    return arr;
+}
+
+static json_t *templates_json(struct vm_gateway *gw)
+{
+    json_t *arr = json_array();
+    for (int i = 0; i < gw->cfg->ntemplates; i++) {
+        int made = 0;
+        struct dyn_upstream *d;
+        LIST_FOREACH(d, &gw->dyns, entry)
+            made += d->tpl == &gw->cfg->templates[i] && d->npools > 0;
+        json_array_append_new(arr, json_pack("{s:s, s:s, s:i}", "match",
+                                             gw->cfg->templates[i].name, "uri",
+                                             gw->cfg->templates[i].uri_text, "upstreams", made));
     }
     return arr;
 }
@@ -495,12 +710,16 @@ json_t *gateway_status_json(struct vm_gateway *gw)
                                srccount_sources(gw->unauth_by_source), "refused",
                                (json_int_t)gw->refused_unauth, "refused_per_source",
                                (json_int_t)gw->refused_unauth_source);
-    return json_pack("{s:i, s:i, s:o, s:o, s:I, s:o, s:o, s:o, s:o}", "sessions",
+    json_t *st = json_pack("{s:i, s:i, s:o, s:o, s:I, s:o, s:o, s:o, s:o}", "sessions",
                      gw->nsessions, "max_clients", gw->cfg->max_clients, "totals",
                      totals_json(gw), "pools", pools, "denials_total",
                      (json_int_t)audit_total(gw->audit), "denials", audit_json(gw->audit),
                      "unauthenticated", unauth, "session_list", sessions_json(gw), "upstreams",
                      upstreams_json(gw));
+    json_object_set_new(st, "templates", templates_json(gw));
+    json_object_set_new(st, "dynamic_upstreams", json_pack("{s:i, s:i}", "count", live_dyns(gw),
+                                                           "max", gw->cfg->max_upstreams));
+    return st;
 }
 
 /* ---- GET /metrics: the gauges of live objects, then metrics.c's counters ---- */
@@ -546,19 +765,20 @@ static void sessions_metrics(struct vm_gateway *gw, struct evbuffer *out)
 /* Per configured upstream, one gauge family at a time (the format wants families whole). */
 static void upstream_metrics(struct vm_gateway *gw, struct evbuffer *out)
 {
-    int n = gw->cfg->nupstreams;
+    const struct vm_upstream_cfg **ups;
+    const char **tpls;
+    int n = all_upstreams(gw, &ups, &tpls);
     struct vm_pool_totals *t = vm_calloc((size_t)n + 1, sizeof(*t));
     for (int i = 0; i < n; i++) {
         const char *err;
-        (void)upstream_totals(gw, &gw->cfg->upstreams[i], &t[i], &err);
+        (void)upstream_totals(gw, ups[i], &t[i], &err);
     }
     static const char *const states[] = {"connecting", "handshake", "ready", "backoff"};
     metrics_write_family(out, "virtmux_upstream_connections", "gauge",
                          "Pooled upstream connections by upstream and state.");
     for (int i = 0; i < n; i++)
         for (int k = 0; k < 4; k++) {
-            const char *labels[] = {"upstream", gw->cfg->upstreams[i].name, "state", states[k],
-                                    NULL};
+            const char *labels[] = {"upstream", ups[i]->name, "state", states[k], NULL};
             metrics_write_sample(out, "virtmux_upstream_connections", labels,
                                  t[i].by_state[k]);
         }
@@ -587,12 +807,19 @@ static void upstream_metrics(struct vm_gateway *gw, struct evbuffer *out)
     for (size_t g = 0; g < sizeof(gauges) / sizeof(gauges[0]); g++) {
         metrics_write_family(out, gauges[g].name, "gauge", gauges[g].help);
         for (int i = 0; i < n; i++) {
-            const char *labels[] = {"upstream", gw->cfg->upstreams[i].name, NULL};
+            const char *labels[] = {"upstream", ups[i]->name, NULL};
             int v = *(const int *)((const char *)&t[i] + gauges[g].off);
             metrics_write_sample(out, gauges[g].name, labels, v);
         }
     }
+    metrics_write_family(out, "virtmux_dynamic_upstreams", "gauge",
+                         "Upstreams made from upstream_templates that exist now.");
+    metrics_write_sample(out, "virtmux_dynamic_upstreams", NULL, live_dyns(gw));
+    metrics_write_family(out, "virtmux_max_upstreams", "gauge", "limits.max_upstreams.");
+    metrics_write_sample(out, "virtmux_max_upstreams", NULL, gw->cfg->max_upstreams);
     free(t);
+    free(ups);
+    free(tpls);
 }
 
 static void denial_metrics(struct vm_gateway *gw, struct evbuffer *out)
@@ -657,7 +884,10 @@ static void host_rule_release(void *owner, const struct vm_rule *rule)
 SSL_CTX *gateway_upstream_tls(const struct vm_gateway *gw, const struct vm_upstream_cfg *up)
 {
     struct snapshot *sn = snapshot_of(gw, up);
-    return sn ? sn->upstream_tls[up - sn->cfg->upstreams] : NULL;
+    if (sn)
+        return sn->upstream_tls[up - sn->cfg->upstreams];
+    struct dyn_upstream *d = find_dyn(gw, up);
+    return d ? d->sn->template_tls[d->tpl_index] : NULL;
 }
 
 struct event_base *gateway_base(const struct vm_gateway *gw)
@@ -691,12 +921,16 @@ static enum vm_upstream_op op_of(const struct vm_gateway *gw, const char *name)
     return VM_UP_ACTIVE;
 }
 
+/* A configured upstream, or a name a template would make an upstream of (whether it exists
+ * now or not: the operator state is kept by name, so a pause outlives the upstream's idle
+ * freeing and applies when it is made again). */
 static int configured(const struct vm_gateway *gw, const char *name)
 {
     for (int i = 0; i < gw->cfg->nupstreams; i++)
         if (strcmp(gw->cfg->upstreams[i].name, name) == 0)
             return 1;
-    return 0;
+    char err[300];
+    return config_template(gw->cfg, name) && router_check_name(name, err, sizeof(err)) == 0;
 }
 
 int gateway_upstream_op(const struct vm_gateway *gw, const char *name)
@@ -773,17 +1007,70 @@ static struct vm_pool *host_pool(void *owner, const struct vm_upstream_cfg *up, 
      * connections with the certificates read at the reload. */
     LIST_FOREACH(n, &gw->pools, entry) {
         const struct vm_upstream_cfg *was = pool_upstream(n->pool);
-        if (!n->dying && !up->tls && config_upstream_same(was, up) &&
+        if (!n->dying && !up->tls && !n->dyn && !find_dyn(gw, up) &&
+            config_upstream_same(was, up) &&
             pool_matches(n->pool, was, name, readonly))
             return n->pool;
     }
     n = vm_calloc(1, sizeof(*n));
+    n->gw = gw;
+    n->dyn = find_dyn(gw, up);
+    if (n->dyn)
+        n->dyn->npools++;
     n->pool = pool_new(&gw->env, &gateway_pool_ops, gw, up, name, readonly,
                        gateway_upstream_tls(gw, up));
     pool_set_op(n->pool, op_of(gw, up->name));
     LIST_INSERT_HEAD(&gw->pools, n, entry);
     gw->npools++;
     return n->pool;
+}
+
+/* Find or make upstream `upname` from template `tpl`, then its pool. The router checked the
+ * name; nothing connects until the pool's first link does. */
+static struct vm_pool *host_template_pool(void *owner, const struct vm_upstream_cfg *tpl,
+                                          const char *upname, const char *name, int readonly,
+                                          char *err, size_t errlen)
+{
+    struct vm_gateway *gw = owner;
+    struct dyn_upstream *d;
+    /* After a reload, one made from an unchanged template is still the same upstream. */
+    LIST_FOREACH(d, &gw->dyns, entry)
+        if (!strcmp(d->up.name, upname) && (d->tpl == tpl || config_upstream_same(d->tpl, tpl)))
+            break;
+    if (d && d->npools)
+        return host_pool(gw, &d->up, name, readonly);
+    /* A new one, or one idle and waiting to be freed: either counts again. */
+    if (live_dyns(gw) >= gw->cfg->max_upstreams) {
+        metrics_limit(gw->metrics, VM_LIMIT_MAX_UPSTREAMS);
+        vm_warn(NULL, "limits.max_upstreams (%d) reached: upstream %s not made",
+                gw->cfg->max_upstreams, upname);
+        snprintf(err, errlen, "virtmux already has limits.max_upstreams (%d) upstreams made "
+                 "from templates; upstream %s can be made once one of them goes idle",
+                 gw->cfg->max_upstreams, upname);
+        return NULL;
+    }
+    if (d)
+        return host_pool(gw, &d->up, name, readonly);
+    d = vm_calloc(1, sizeof(*d));
+    d->up = *tpl; /* pool, tls, sasl: the template's (the snapshot outlives us) */
+    d->up.name = vm_strdup(upname);
+    d->up.uri_text = uri_expand(tpl->uri_text, upname);
+    memset(&d->up.uri, 0, sizeof(d->up.uri));
+    char why[256];
+    if (uri_parse(d->up.uri_text, &d->up.uri, why, sizeof(why)) < 0) {
+        snprintf(err, errlen, "upstream %s: template %s gives the URI %s: %s", upname, tpl->name,
+                 d->up.uri_text, why);
+        dyn_free(d);
+        return NULL;
+    }
+    d->tpl = tpl;
+    d->sn = gw->snap;
+    d->tpl_index = (int)(tpl - gw->cfg->templates);
+    LIST_INSERT_HEAD(&gw->dyns, d, entry);
+    gw->ndyns++;
+    (void)metrics_upstream(gw->metrics, upname);
+    vm_info(NULL, "upstream %s: made from template %s: %s", upname, tpl->name, d->up.uri_text);
+    return host_pool(gw, &d->up, name, readonly);
 }
 
 struct vm_pool *gateway_pool(struct vm_gateway *gw, const struct vm_upstream_cfg *up,
@@ -928,6 +1215,7 @@ static const struct vm_listener_ops gateway_listener_ops = {
 
 static const struct vm_session_host_ops gateway_host_ops = {
     .pool = host_pool,
+    .template_pool = host_template_pool,
     .pool_check = host_pool_check,
     .rule_acquire = host_rule_acquire,
     .rule_release = host_rule_release,
@@ -1092,6 +1380,10 @@ static int snapshot_in_use(struct vm_gateway *gw, const struct snapshot *sn)
     struct pool_node *n;
     LIST_FOREACH(n, &gw->pools, entry)
         if (config_owns(sn->cfg, pool_upstream(n->pool)))
+            return 1;
+    struct dyn_upstream *d; /* their tls and sasl entries are the template's */
+    LIST_FOREACH(d, &gw->dyns, entry)
+        if (d->sn == sn)
             return 1;
     return 0;
 }

@@ -77,6 +77,7 @@ static const char *const limit_names[VM_LIMIT__COUNT] = {
     [VM_LIMIT_FRAME_LENGTH] = "frame_length",
     [VM_LIMIT_NAME_LENGTH] = "name_length",
     [VM_LIMIT_RECONNECT_HOLD] = "reconnect_hold",
+    [VM_LIMIT_MAX_UPSTREAMS] = "max_upstreams",
 };
 
 static const char *const error_names[VM_ERRK__COUNT] = {
@@ -111,7 +112,7 @@ void metrics_free(struct vm_metrics *m)
     if (!m)
         return;
     for (int i = 0; i < m->nups; i++) {
-        for (size_t k = 0; k <= vm_proc_table_len; k++)
+        for (size_t k = 0; m->ups[i]->hist && k <= vm_proc_table_len; k++)
             free(m->ups[i]->hist[k]);
         free(m->ups[i]->hist);
         free(m->ups[i]->name);
@@ -140,13 +141,22 @@ static void *grow(void *arr, int n, int *cap)
 
 int metrics_upstream(struct vm_metrics *m, const char *name)
 {
-    for (int i = 0; i < m->nups; i++)
-        if (!strcmp(m->ups[i]->name, name))
+    int spare = -1;
+    for (int i = 0; i < m->nups; i++) {
+        if (!m->ups[i]->name)
+            spare = spare < 0 ? i : spare;
+        else if (!strcmp(m->ups[i]->name, name))
             return i;
+    }
+    if (spare >= 0) { /* a forgotten slot, zeroed by metrics_upstream_forget */
+        m->ups[spare]->name = vm_strdup(name);
+        return spare;
+    }
     m->ups = grow(m->ups, m->nups, &m->capups);
     struct mup *u = vm_calloc(1, sizeof(*u));
     u->name = vm_strdup(name);
-    u->hist = vm_calloc(vm_proc_table_len + 1, sizeof(*u->hist));
+    /* u->hist is made at the first call: an upstream nobody uses (a fleet lists many) costs
+     * its name and counters, not a pointer per procedure. */
     m->ups[m->nups] = u;
     return m->nups++;
 }
@@ -161,6 +171,18 @@ int metrics_listener(struct vm_metrics *m, const char *name)
     l->name = vm_strdup(name);
     m->lis[m->nlis] = l;
     return m->nlis++;
+}
+
+void metrics_upstream_forget(struct vm_metrics *m, int up)
+{
+    if (up < 0 || up >= m->nups)
+        return;
+    struct mup *u = m->ups[up];
+    for (size_t k = 0; u->hist && k <= vm_proc_table_len; k++)
+        free(u->hist[k]);
+    free(u->hist);
+    free(u->name);
+    memset(u, 0, sizeof(*u));
 }
 
 struct vm_bytes *metrics_upstream_bytes(struct vm_metrics *m, int up)
@@ -185,6 +207,8 @@ void metrics_call(struct vm_metrics *m, int up, const struct vm_proc_info *info,
     if (up < 0 || up >= m->nups)
         return;
     size_t k = info ? (size_t)(info - vm_proc_table) : vm_proc_table_len;
+    if (!m->ups[up]->hist)
+        m->ups[up]->hist = vm_calloc(vm_proc_table_len + 1, sizeof(*m->ups[up]->hist));
     struct hist **slot = &m->ups[up]->hist[k];
     if (!*slot)
         *slot = vm_calloc(1, sizeof(**slot));
@@ -360,7 +384,7 @@ static void render_histograms(const struct vm_metrics *m, struct evbuffer *out)
                          "call to its reply or error.");
     for (int i = 0; i < m->nups; i++) {
         const struct mup *u = m->ups[i];
-        for (size_t k = 0; k <= vm_proc_table_len; k++) {
+        for (size_t k = 0; u->name && u->hist && k <= vm_proc_table_len; k++) {
             const struct hist *h = u->hist[k];
             if (!h)
                 continue;
@@ -434,6 +458,8 @@ void metrics_render(const struct vm_metrics *m, struct evbuffer *out)
         metrics_write_family(out, bytes[f].name, "counter", bytes[f].help);
         int n = bytes[f].upstream ? m->nups : m->nlis;
         for (int i = 0; i < n; i++) {
+            if (bytes[f].upstream && !m->ups[i]->name)
+                continue; /* forgotten */
             const struct vm_bytes *b = bytes[f].upstream ? &m->ups[i]->bytes : &m->lis[i]->bytes;
             const char *labels[] = {bytes[f].upstream ? "upstream" : "listener",
                                     bytes[f].upstream ? m->ups[i]->name : m->lis[i]->name, NULL};
@@ -445,13 +471,15 @@ void metrics_render(const struct vm_metrics *m, struct evbuffer *out)
                          "Event subscribers cut off for not reading (events.max_queue_bytes).");
     for (int i = 0; i < m->nups; i++) {
         const char *labels[] = {"upstream", m->ups[i]->name, NULL};
-        write_u64(out, "virtmux_event_subscribers_dropped_total", labels, m->ups[i]->dropped);
+        if (m->ups[i]->name)
+            write_u64(out, "virtmux_event_subscribers_dropped_total", labels, m->ups[i]->dropped);
     }
     metrics_write_family(out, "virtmux_events_delivered_total", "counter",
                          "Event messages delivered to subscribers (one per subscriber).");
     for (int i = 0; i < m->nups; i++) {
         const char *labels[] = {"upstream", m->ups[i]->name, NULL};
-        write_u64(out, "virtmux_events_delivered_total", labels, m->ups[i]->delivered);
+        if (m->ups[i]->name)
+            write_u64(out, "virtmux_events_delivered_total", labels, m->ups[i]->delivered);
     }
 
     static const struct {
@@ -469,7 +497,8 @@ void metrics_render(const struct vm_metrics *m, struct evbuffer *out)
         metrics_write_family(out, cache[f].name, "counter", cache[f].help);
         for (int i = 0; i < m->nups; i++) {
             const char *labels[] = {"upstream", m->ups[i]->name, NULL};
-            write_u64(out, cache[f].name, labels, m->ups[i]->cache[cache[f].stat]);
+            if (m->ups[i]->name) /* not forgotten */
+                write_u64(out, cache[f].name, labels, m->ups[i]->cache[cache[f].stat]);
         }
     }
     static const struct {
@@ -484,7 +513,7 @@ void metrics_render(const struct vm_metrics *m, struct evbuffer *out)
                          "Micro-cache invalidations, by cause (a write call through the "
                          "gateway, a lifecycle event, a lost link).");
     for (int i = 0; i < m->nups; i++)
-        for (size_t r = 0; r < sizeof(inval) / sizeof(inval[0]); r++) {
+        for (size_t r = 0; m->ups[i]->name && r < sizeof(inval) / sizeof(inval[0]); r++) {
             const char *labels[] = {"upstream", m->ups[i]->name, "reason", inval[r].reason,
                                     NULL};
             write_u64(out, "virtmux_cache_invalidations_total", labels,

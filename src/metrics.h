@@ -47,6 +47,7 @@ enum vm_limit {
     VM_LIMIT_NAME_LENGTH,               /* CONNECT_OPEN refused: name too long */
     VM_LIMIT_RECONNECT_HOLD,            /* held call, open or registration failed after
                                          * pool.reconnect_hold_ms (upstream away or paused) */
+    VM_LIMIT_MAX_UPSTREAMS,             /* CONNECT_OPEN refused: limits.max_upstreams */
     VM_LIMIT__COUNT
 };
 
@@ -95,6 +96,10 @@ void metrics_free(struct vm_metrics *m);
 int metrics_upstream(struct vm_metrics *m, const char *name);
 int metrics_listener(struct vm_metrics *m, const char *name);
 /* Stable counters for conn.c to add to. */
+/* Forget upstream slot `up` (an upstream made from a template was freed and nothing holds
+ * its index any more): its counters leave /metrics and the slot is reused for a new name,
+ * so names that come and go do not grow the gateway. */
+void metrics_upstream_forget(struct vm_metrics *m, int up);
 struct vm_bytes *metrics_upstream_bytes(struct vm_metrics *m, int up);
 struct vm_bytes *metrics_listener_bytes(struct vm_metrics *m, int lis);
 

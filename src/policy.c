@@ -107,7 +107,7 @@ int policy_allows_upstream(const struct vm_rule *rule, const char *name)
     if (!rule->upstreams)
         return 1;
     for (char **u = rule->upstreams; *u; u++)
-        if (strcmp(*u, "*") == 0 || strcmp(*u, name) == 0)
+        if (fnmatch(*u, name, 0) == 0) /* "*" and exact names are globs too */
             return 1;
     return 0;
 }

@@ -409,11 +409,18 @@ static void ka_dead(void *arg)
 
 /* ---- open / close ---- */
 
+/* The upstream a route names: configured, or still to be made from a template. */
+static const char *route_upstream_name(const struct vm_route *r)
+{
+    return r->upstream ? r->upstream->name : r->upname;
+}
+
 /* Refuse a routed CONNECT_OPEN for a policy reason: audit, answer 88, forget the route. */
+
 static void deny_open(struct vm_session *s, const struct vm_hdr *h, const char *err, char *name)
 {
     audit_denied(s->env->audit, s->tag, s->ident_str, "CONNECT_OPEN",
-                 s->route.upstream->name, err);
+                 route_upstream_name(&s->route), err);
     session_reply_error(s, h, VIR_ERR_ACCESS_DENIED, VIR_FROM_ACCESS, err);
     route_clear(&s->route);
     free(name);
@@ -463,9 +470,9 @@ static void handle_open(struct vm_session *s, const struct vm_hdr *h, const uint
         free(name);
         return;
     }
-    if (!policy_allows_upstream(rule, s->route.upstream->name)) {
+    if (!policy_allows_upstream(rule, route_upstream_name(&s->route))) {
         snprintf(err, sizeof(err), "access denied: virtmux policy does not let %s reach "
-                 "upstream %s", s->ident_str, s->route.upstream->name);
+                 "upstream %s", s->ident_str, route_upstream_name(&s->route));
         deny_open(s, h, err, name);
         return;
     }
@@ -480,14 +487,32 @@ static void handle_open(struct vm_session *s, const struct vm_hdr *h, const uint
         s->rule = rule;
         s->rule_held = 1;
     }
+    int readonly = (flags & 1) || rule->readonly || s->lcfg->readonly;
+    if (s->route.tpl) {
+        /* Made (or found) only now, once policy let this client reach it. */
+        struct vm_pool *p = s->host->ops->template_pool(s->host->owner, s->route.tpl,
+                                                        s->route.upname, s->route.name,
+                                                        readonly, err, sizeof(err));
+        if (!p) {
+            vm_info(s->tag, "open \"%s\" refused: %s", name, err);
+            session_reply_error(s, h, VIR_ERR_NO_CONNECT, VIR_FROM_NONE, err);
+            route_clear(&s->route);
+            free(name);
+            return;
+        }
+        s->route.upstream = pool_upstream(p);
+        s->pool = p;
+    }
     free(s->opened_name);
     s->opened_name = name;
-    s->readonly = (flags & 1) || rule->readonly || s->lcfg->readonly;
+    s->readonly = readonly;
     grant_free(s->grant);
     s->grant = grant_new(rule->domains, rule->networks, rule->storage_pools, s->route.name);
     s->open_hdr = *h;
     s->state = S_OPENING;
-    s->pool = s->host->ops->pool(s->host->owner, s->route.upstream, s->route.name, s->readonly);
+    if (!s->pool)
+        s->pool = s->host->ops->pool(s->host->owner, s->route.upstream, s->route.name,
+                                     s->readonly);
     s->mup = metrics_upstream(s->env->metrics, s->route.upstream->name);
     vm_info(s->tag, "open \"%s\" -> upstream %s as \"%s\"%s", name, s->route.upstream->name,
             s->route.name, s->readonly ? " (read-only)" : "");

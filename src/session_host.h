@@ -3,6 +3,8 @@
 #ifndef VM_SESSION_HOST_H
 #define VM_SESSION_HOST_H
 
+#include <stddef.h>
+
 #include "fwd.h"
 
 struct vm_env;
@@ -20,6 +22,12 @@ struct vm_session_host_ops {
     /* The pool for (upstream, name, read-only), made if needed. */
     struct vm_pool *(*pool)(void *owner, const struct vm_upstream_cfg *up, const char *name,
                             int readonly);
+    /* The same for an upstream not made yet: the one called `upname` made from template
+     * `tpl` (found if it exists). NULL with the client-facing reason in err when it cannot be
+     * made (limits.max_upstreams, a URI that does not parse once {name} is filled in). */
+    struct vm_pool *(*template_pool)(void *owner, const struct vm_upstream_cfg *tpl,
+                                     const char *upname, const char *name, int readonly,
+                                     char *err, size_t errlen);
     /* The session let go of pool `p`; the owner frees it (later) if nothing else uses it. */
     void (*pool_check)(void *owner, struct vm_pool *p);
     /* max_sessions per policy rule: -1 when the rule is full. */

@@ -227,6 +227,15 @@ static void link_free_mem(void *arg)
     free(l);
 }
 
+int link_list_uses(const struct vm_link_list *list, const struct vm_upstream_cfg *up)
+{
+    const struct vm_link *l;
+    TAILQ_FOREACH(l, list, rentry)
+        if (l->up == up)
+            return 1;
+    return 0;
+}
+
 void link_free(struct vm_link *l)
 {
     if (l->state == VM_LINK_CLOSED)

@@ -79,6 +79,9 @@ struct vm_link *link_new(const struct vm_link_params *p, const struct vm_link_op
                          void *owner);
 /* Free every link on `list` (the retiring ones, at shutdown). */
 void link_free_retiring(struct vm_link_list *list);
+/* Whether a link on `list` (saying goodbye) still points at upstream entry `up`: such an
+ * entry must outlive it. */
+int link_list_uses(const struct vm_link_list *list, const struct vm_upstream_cfg *up);
 /* The owner is done with the link: no more callbacks. */
 void link_detach(struct vm_link *l);
 /* Raw access for a dedicated link. */

@@ -20,6 +20,30 @@ void uri_clear(struct vm_uri *u)
     memset(u, 0, sizeof(*u));
 }
 
+char *uri_expand(const char *text, const char *name)
+{
+    static const char key[] = "{name}";
+    size_t n = 1, klen = sizeof(key) - 1, nlen = strlen(name);
+    for (const char *q = text; *q;)
+        if (strncmp(q, key, klen) == 0) {
+            n += nlen;
+            q += klen;
+        } else {
+            n++;
+            q++;
+        }
+    char *out = vm_calloc(1, n), *o = out;
+    for (const char *q = text; *q;)
+        if (strncmp(q, key, klen) == 0) {
+            memcpy(o, name, nlen);
+            o += nlen;
+            q += klen;
+        } else {
+            *o++ = *q++;
+        }
+    return out;
+}
+
 /* Split the query: take socket=..., keep the rest for the driver. */
 static int take_query(struct vm_uri *u, const char *q, char *err, size_t errlen)
 {

@@ -22,6 +22,8 @@ struct vm_uri {
 /* Parse `s` into `u`. On failure returns -1 and writes a reason (no path prefix) into err. */
 int uri_parse(const char *s, struct vm_uri *u, char *err, size_t errlen) VM_WUR;
 void uri_clear(struct vm_uri *u);
+/* An upstream template's URI text with every "{name}" replaced by `name`; caller frees. */
+char *uri_expand(const char *text, const char *name);
 
 /* The name libvirtd would see for this URI, e.g. "qemu:///system". Caller frees. */
 char *uri_default_name(const struct vm_uri *u);

@@ -325,8 +325,11 @@ class Libvirtd:
     """
 
     def __init__(self, port=None, extra_conf=None, name="libvirtd",
-                 start_timeout=20.0, drivers=(), env=None):
+                 start_timeout=20.0, drivers=(), env=None, host="127.0.0.1"):
         self.name = name
+        # the loopback address it listens on: every 127.x.y.z is loopback on
+        # Linux, so many daemons can share one port (the fleet test)
+        self.host = host
         # extra environment for the daemon, e.g. SASL_CONF_PATH
         self.extra_env = dict(env or {})
         # loadable drivers to offer besides the built-in test driver, by
@@ -342,14 +345,14 @@ class Libvirtd:
         self.pid_path = os.path.join(self.tmpdir, "libvirtd.pid")
         self.log_path = os.path.join(self.tmpdir, "libvirtd.log")
         self.out_path = os.path.join(self.tmpdir, "libvirtd.out")
-        self.port = port or free_port()
+        self.port = port or free_port(host)
         self.extra_conf = dict(extra_conf or {})
         self.start_timeout = start_timeout
         self.sock = os.path.join(self.rundir, "libvirt-sock")
         self.sock_ro = os.path.join(self.rundir, "libvirt-sock-ro")
         self.admin_sock = os.path.join(self.rundir, "libvirt-admin-sock")
         self.admin_uri = "libvirtd:///system?socket=%s" % self.admin_sock
-        self.direct_uri = "test+tcp://127.0.0.1:%d/default" % self.port
+        self.direct_uri = "test+tcp://%s:%d/default" % (host, self.port)
         self.unix_uri = "test+unix:///default?socket=%s" % self.sock
         self.proc = None
         self._stopped_by_signal = False
@@ -370,7 +373,7 @@ class Libvirtd:
         conf = {
             "listen_tls": 0,
             "listen_tcp": 1,
-            "listen_addr": "127.0.0.1",
+            "listen_addr": self.host,
             "tcp_port": str(self.port),
             "auth_tcp": "none",
             "auth_unix_rw": "none",
@@ -386,6 +389,13 @@ class Libvirtd:
     # -- lifecycle --------------------------------------------------------
 
     def start(self):
+        self.spawn()
+        return self.wait_ready()
+
+    def spawn(self):
+        """Start the daemon without waiting for it (many at once: spawn
+        each, then wait_ready each). Call from the thread that lives as long
+        as the daemon should (see _die_with_parent)."""
         if self.proc is not None and self.proc.poll() is None:
             raise HarnessError("%s already running" % self.name)
         if not os.access(LIBVIRTD, os.X_OK):
@@ -409,7 +419,11 @@ class Libvirtd:
                 env=env, start_new_session=True, cwd=self.tmpdir)
         finally:
             out.close()
-        deadline = time.monotonic() + self.start_timeout
+        self._spawned_at = time.monotonic()
+        return self
+
+    def wait_ready(self):
+        deadline = self._spawned_at + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise HarnessError(
@@ -417,7 +431,7 @@ class Libvirtd:
                     "\n--- log ---\n%s" % (self.name, self.proc.returncode,
                                            tail(self.out_path),
                                            tail(self.log_path)))
-            if (tcp_accepts("127.0.0.1", self.port)
+            if (tcp_accepts(self.host, self.port)
                     and unix_accepts(self.sock)
                     and os.path.exists(self.admin_sock)):
                 return self
@@ -456,7 +470,7 @@ class Libvirtd:
         """Direct URI of this libvirtd for a driver, e.g.
         tcp_uri("storage", "system") -> storage+tcp://127.0.0.1:PORT/system
         (needs drivers=("storage",))."""
-        return "%s+tcp://127.0.0.1:%d/%s" % (driver, self.port, path)
+        return "%s+tcp://%s:%d/%s" % (driver, self.host, self.port, path)
 
     def running(self):
         return self.proc is not None and self.proc.poll() is None

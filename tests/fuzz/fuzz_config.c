@@ -5,7 +5,8 @@
  * for every listener (each with its own fallback upstream) and with no listener fallback.
  * Checked: an accepted config is consistent (the default upstream and the listeners'
  * upstreams exist, names are unique), a route names an upstream of this config, and a
- * routed name keeps the driver part of what the client sent. Everything is freed: the run
+ * routed name keeps the driver part of what the client sent; a name routed to a template is
+ * a valid host name the template matches. Everything is freed: the run
  * is under LeakSanitizer. */
 #include <stdint.h>
 #include <stdio.h>
@@ -40,8 +41,11 @@ static int is_upstream_of(const struct vm_config *cfg, const struct vm_upstream_
 
 static void check_config(const struct vm_config *cfg)
 {
-    if (cfg->nlisteners < 1 || cfg->nupstreams < 1)
+    if (cfg->nlisteners < 1 || (cfg->nupstreams < 1 && cfg->ntemplates < 1))
         abort();
+    for (int i = 0; i < cfg->ntemplates; i++)
+        if (!cfg->templates[i].uri_text || !strstr(cfg->templates[i].uri_text, "{name}"))
+            abort();
     if (cfg->default_upstream && !config_upstream(cfg, cfg->default_upstream))
         abort();
     for (int i = 0; i < cfg->nlisteners; i++)
@@ -61,8 +65,18 @@ static void route_one(const struct vm_config *cfg, const char *fallback, const c
             abort();
         return;
     }
-    if (!r.upstream || !r.name || !is_upstream_of(cfg, r.upstream))
+    if (!r.name || (r.upstream && !is_upstream_of(cfg, r.upstream)))
         abort();
+    /* Or a template, and a name already checked as a host name, that the template matches
+     * and no named upstream has. */
+    if (!r.upstream) {
+        char e2[300];
+        if (!r.tpl || !r.upname || router_check_name(r.upname, e2, sizeof(e2)) < 0 ||
+            config_template(cfg, r.upname) != r.tpl || config_upstream(cfg, r.upname))
+            abort();
+    } else if (r.tpl || r.upname) {
+        abort();
+    }
     /* "driver://..." keeps its driver part when a routing segment is stripped. */
     const char *sep = strstr(name, "://");
     if (sep && r.name[0] && strncmp(r.name, name, (size_t)(sep - name) + 3) != 0)

@@ -1,5 +1,6 @@
 /* Config validation: good files load, bad ones fail with errors that name the JSON path. */
 #include <stdlib.h>
+#include <string.h>
 
 #include "check.h"
 #include "config.h"
@@ -231,5 +232,54 @@ int main(void)
                   "\"upstreams\":[{\"name\":\"hv1\",\"uri\":\"test:///default\","
                   "\"cache\":{\"procedures\":[\"DOMAIN_GET_INFO\"],\"ttl\":3}}]}");
     CHECK(e && strstr(e, "upstreams[0].cache.ttl: unknown key"));
+    /* upstream_templates: the upstream parser's keys with "match" for "name"; {name} needed;
+     * templates alone are enough; limits.max_upstreams. */
+#define LS "\"listeners\":[{\"address\":\"127.0.0.1:1\"}]"
+    cfg = config_parse("{" LS ", \"upstream_templates\":[{\"match\":\"hv-*\","
+                       " \"uri\":\"qemu+tcp://{name}.dc/system\", \"pool\":{\"max_connections\":2}}],"
+                       " \"limits\":{\"max_upstreams\":7}}",
+                       stderr);
+    CHECK(cfg != NULL);
+    if (cfg) {
+        CHECK(cfg->nupstreams == 0 && cfg->ntemplates == 1 && cfg->max_upstreams == 7);
+        CHECK_STR(cfg->templates[0].name, "hv-*");
+        CHECK_STR(cfg->templates[0].uri_text, "qemu+tcp://{name}.dc/system");
+        CHECK(cfg->templates[0].pool.max_connections == 2);
+        CHECK(config_owns(cfg, &cfg->templates[0]));
+        config_free(cfg);
+    }
+    e = errors_of("{" LS "}");
+    CHECK(e && strstr(e, "upstreams: must be a non-empty array (or give upstream_templates)"));
+    e = errors_of("{" LS ", \"upstream_templates\":[{\"match\":\"hv-*\",\"uri\":\"qemu+tcp://h/system\"}]}");
+    CHECK(e && strstr(e, "upstream_templates[0].uri: has no {name}"));
+    e = errors_of("{" LS ", \"upstream_templates\":[{\"match\":\"a/b\",\"uri\":\"qemu+tcp://{name}/s\"}]}");
+    CHECK(e && strstr(e, "upstream_templates[0].match: \"a/b\" may only contain"));
+    e = errors_of("{" LS ", \"upstream_templates\":[{\"uri\":\"qemu+tcp://{name}/s\"}]}");
+    CHECK(e && strstr(e, "upstream_templates[0].match"));
+    e = errors_of("{" LS ", \"upstream_templates\":[{\"match\":\"x*\",\"uri\":\"ssh://{name}/s\"}]}");
+    CHECK(e && strstr(e, "upstream_templates[0].uri: "));
+    e = errors_of("{" LS ", \"upstream_templates\":[{\"match\":\"x*\",\"uri\":\"qemu+tcp://{name}/s\","
+                  "\"bogus\":{}}]}");
+    CHECK(e && strstr(e, "upstream_templates[0].bogus: unknown key"));
+    e = errors_of("{" LS ", \"upstream_templates\":{}}");
+    CHECK(e && strstr(e, "upstream_templates: must be an array"));
+    e = errors_of("{" LS "," UP ", \"limits\":{\"max_upstreams\":0}}");
+    CHECK(e && strstr(e, "limits.max_upstreams"));
+    e = errors_of("{" LS "," UP ", \"policy\":{\"default\":{\"upstreams\":[\"hv9\"]}}}");
+    CHECK(e && strstr(e, "no upstream is called \"hv9\" and no upstream_templates[].match"));
+    CHECK(!errors_of("{" LS "," UP ", \"policy\":{\"default\":{\"upstreams\":[\"hv*\"]}}}"));
+    /* A template glob that matches a libvirt path word is warned about, once per template. */
+    cfg = config_parse("{" LS ", \"upstream_templates\":[{\"match\":\"*\",\"uri\":\"qemu+tcp://{name}/s\"},"
+                       " {\"match\":\"hv-*\",\"uri\":\"qemu+tcp://{name}/s\"}]}", stderr);
+    CHECK(cfg != NULL);
+    if (cfg) {
+        char wbuf[2048] = "";
+        FILE *wf = fmemopen(wbuf, sizeof(wbuf), "w");
+        CHECK(config_warn(cfg, wf) == 1);
+        fclose(wf);
+        CHECK(strstr(wbuf, "upstream_templates[0].match: \"*\" matches \"system\"") != NULL);
+        config_free(cfg);
+    }
+#undef LS
     return check_done();
 }

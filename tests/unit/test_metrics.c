@@ -85,8 +85,40 @@ static void test_counters(void)
     metrics_free(m);
 }
 
+/* A forgotten upstream slot leaves the output and is reused, zeroed, by the next new name. */
+static void test_forget(void)
+{
+    struct vm_metrics *m = metrics_new();
+    int a = metrics_upstream(m, "hv-a");
+    int b = metrics_upstream(m, "hv-b");
+    const struct vm_proc_info *info = vm_proc_lookup(VM_PROG_REMOTE, VM_PROC_DOMAIN_GET_INFO);
+    metrics_call(m, a, info, ago(1000));
+    metrics_upstream_bytes(m, a)->in += 99;
+    metrics_upstream_error(m, a, "gone");
+    metrics_upstream_forget(m, a);
+    struct evbuffer *buf = evbuffer_new();
+    metrics_render(m, buf);
+    char *s = text_of(buf);
+    CHECK(strstr(s, "hv-a") == NULL);
+    CHECK(strstr(s, "(null)") == NULL && strstr(s, "{upstream=}") == NULL);
+    CHECK(strstr(s, "virtmux_upstream_received_bytes_total{upstream=\"hv-b\"} 0\n") != NULL);
+    free(s);
+    CHECK(metrics_upstream(m, "hv-c") == a); /* the slot again, counters zero */
+    CHECK(metrics_upstream(m, "hv-b") == b);
+    CHECK(metrics_upstream_bytes(m, a)->in == 0 && !metrics_upstream_last_error(m, a));
+    evbuffer_drain(buf, evbuffer_get_length(buf));
+    metrics_render(m, buf);
+    s = text_of(buf);
+    CHECK(strstr(s, "virtmux_upstream_received_bytes_total{upstream=\"hv-c\"} 0\n") != NULL);
+    CHECK(strstr(s, "upstream=\"hv-c\",procedure") == NULL);
+    free(s);
+    evbuffer_free(buf);
+    metrics_free(m);
+}
+
 int main(void)
 {
+    test_forget();
     test_escaping();
     test_histogram();
     test_counters();

@@ -208,6 +208,23 @@ int main(void)
     const struct vm_rule *r = policy_match(open, &id);
     CHECK(!r->deny && !r->readonly && policy_allows_upstream(r, "hv1"));
     config_free(open);
+
+    /* Globs in "upstreams": over named upstreams and names made from templates alike. */
+    struct vm_config *globs = config_parse(
+        "{\"listeners\":[{\"address\":\"127.0.0.1:1\"}],"
+        " \"upstream_templates\":[{\"match\":\"hv-*\",\"uri\":\"qemu+tcp://{name}/system\"}],"
+        " \"upstreams\":[{\"name\":\"lab\",\"uri\":\"qemu+tcp://h1/system\"}],"
+        " \"policy\":{\"default\":{\"upstreams\":[\"hv-1?\", \"hv-[ab]*\", \"lab\", "
+        "\"hv-7\"]}}}", stderr);
+    CHECK(globs != NULL);
+    if (globs) {
+        r = policy_match(globs, &id);
+        CHECK(policy_allows_upstream(r, "hv-12") && policy_allows_upstream(r, "hv-b.x"));
+        CHECK(policy_allows_upstream(r, "lab") && policy_allows_upstream(r, "hv-7"));
+        CHECK(!policy_allows_upstream(r, "hv-1") && !policy_allows_upstream(r, "hv-123"));
+        CHECK(!policy_allows_upstream(r, "hv-c") && !policy_allows_upstream(r, "labx"));
+        config_free(globs);
+    }
     config_free(cfg);
     return check_done();
 }
