@@ -81,9 +81,4 @@ void grant_filter_reply(struct vm_grant *g, const struct vm_proc_info *info,
 int grant_event_allowed(struct vm_grant *g, const struct vm_proc_info *info, const void *pkt,
                         size_t len);
 
-/* The name in an XML definition: the first <name> child of the root element, which must be
- * `root` ("domain", "network", "pool"); malloc'd, or NULL when it cannot be read
- * unambiguously. Exposed for tests and fuzzing. */
-char *grant_xml_name(const char *xml, size_t len, const char *root);
-
 #endif

@@ -13,6 +13,7 @@
 
 #include "fuzz.h"
 #include "grant.h"
+#include "xmlname.h"
 #include "proc.h"
 #include "wire.h"
 
@@ -61,7 +62,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (!g)
         return 0;
     /* XML names, on the raw bytes */
-    free(grant_xml_name((const char *)data, size, (flags & 16) ? "domain" : "pool"));
+    free(xmlname_of((const char *)data, size, (flags & 16) ? "domain" : "pool"));
 
     const uint8_t *args = data, *reply = NULL;
     size_t nargs = size, nreply = 0;

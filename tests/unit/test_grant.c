@@ -6,6 +6,7 @@
 
 #include "check.h"
 #include "grant.h"
+#include "xmlname.h"
 #include "proc.h"
 #include "wire.h"
 
@@ -26,7 +27,7 @@ static void test_allows(void)
 
 static char *xml_name(const char *xml, const char *root)
 {
-    return grant_xml_name(xml, strlen(xml), root);
+    return xmlname_of(xml, strlen(xml), root);
 }
 
 static void check_name(const char *xml, const char *want)
