@@ -685,6 +685,16 @@ class Virtmux:
             raise HarnessError("gateway config has no admin.address")
         return admin_status(addr, timeout=timeout)
 
+    def metrics_text(self, timeout=10.0):
+        """GET /metrics from the admin endpoint, as text."""
+        addr = (self.config.get("admin") or {}).get("address")
+        if not addr:
+            raise HarnessError("gateway config has no admin.address")
+        status, body = admin_get(addr, "/metrics", timeout=scaled(timeout))
+        if status != 200:
+            raise HarnessError("GET /metrics: HTTP %d %r" % (status, body[:200]))
+        return body.decode()
+
     def admin(self, method, path, timeout=5.0):
         """An admin endpoint request, e.g. admin("POST",
         "/upstreams/hv1/pause") -> (HTTP status, JSON body or None)."""
@@ -1229,20 +1239,38 @@ class RawClient:
 # admin endpoint
 # --------------------------------------------------------------------------
 
-def admin_status(address, timeout=5.0):
-    """GET http://ADDRESS/status -> the decoded JSON document."""
+def admin_get(address, path, timeout=5.0):
+    """GET http://ADDRESS/PATH -> (HTTP status, body bytes)."""
     import http.client
     host, port = split_address(address)
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
-        conn.request("GET", "/status")
+        conn.request("GET", path)
         resp = conn.getresponse()
-        body = resp.read()
+        return resp.status, resp.read()
     finally:
         conn.close()
-    if resp.status != 200:
-        raise HarnessError("GET /status: HTTP %d %r" % (resp.status, body[:200]))
+
+
+def admin_status(address, timeout=5.0):
+    """GET http://ADDRESS/status -> the decoded JSON document."""
+    status, body = admin_get(address, "/status", timeout=timeout)
+    if status != 200:
+        raise HarnessError("GET /status: HTTP %d %r" % (status, body[:200]))
     return json.loads(body)
+
+
+class Endpoints:
+    """A test's setup in one place: the objects it made (keyword arguments
+    become attributes) and its TCP listeners' ports and test:///default URIs,
+    by listener name (``port``, ``uri``)."""
+
+    def __init__(self, listeners, **objects):
+        self.__dict__.update(objects)
+        self.port = {lst["name"]: split_address(lst["address"])[1]
+                     for lst in listeners if "address" in lst}
+        self.uri = {n: "test+tcp://127.0.0.1:%d/default" % p
+                    for n, p in self.port.items()}
 
 
 def admin_request(address, method, path, timeout=5.0):

@@ -71,15 +71,8 @@ def make_hv(libvirtd, gateway, request, cache=None, coalesce=None):
     ]}
     gw = gateway(cfg)
 
-    class HV:
-        pass
-    h = HV()
-    h.lvd, h.tap, h.gw, h.direct = libvirtd, tap, gw, keeper
-    h.port = {lst["name"]: harness.split_address(lst["address"])[1]
-              for lst in listeners}
-    h.uri = {n: "test+tcp://127.0.0.1:%d/default" % p
-             for n, p in h.port.items()}
-    return h
+    return harness.Endpoints(listeners, lvd=libvirtd, tap=tap, gw=gw,
+                             direct=keeper)
 
 
 def cache_cfg(ttl_ms, **kw):

@@ -31,7 +31,6 @@ the open-file limit (raised to its hard limit) cannot hold the connections.
 """
 
 import asyncio
-import http.client
 import os
 import resource
 import shutil
@@ -78,16 +77,6 @@ def rss_kib(pid):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError("no VmRSS")
-
-
-def metrics_text(gw):
-    host, port = harness.split_address(gw.config["admin"]["address"])
-    conn = http.client.HTTPConnection(host, port, timeout=10)
-    try:
-        conn.request("GET", "/metrics")
-        return conn.getresponse().read().decode()
-    finally:
-        conn.close()
 
 
 def scrapers_for_fd_limit():
@@ -283,9 +272,9 @@ def test_fleet(fleet, gateway):
     st = gw.status()
     assert st["totals"]["links"] == 0 and st["totals"]["pools"] == 0
     assert not [u for u in st["upstreams"] if u.get("template")]
-    assert wait_until(lambda: 'upstream="%s"' % host_addr(0) not in metrics_text(gw),
+    assert wait_until(lambda: 'upstream="%s"' % host_addr(0) not in gw.metrics_text(),
                       timeout=harness.scaled(5))
-    assert "virtmux_dynamic_upstreams 0" in metrics_text(gw)
+    assert "virtmux_dynamic_upstreams 0" in gw.metrics_text()
 
     # The gateway gives memory back (malloc_trim) when its last pool goes and at its 10 s
     # trim. What stays: libevent keeps one small record per file descriptor number ever

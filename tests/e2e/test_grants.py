@@ -91,16 +91,8 @@ def hv(libvirtd, gateway, request):
     ]}
     gw = gateway(cfg)
 
-    class HV:
-        pass
-    h = HV()
-    h.lvd, h.tap, h.gw, h.direct = libvirtd, tap, gw, keeper
-    ports = {lst["name"]: harness.split_address(lst["address"])[1]
-             for lst in listeners}
-    h.port = ports
-    h.uri = {n: "test+tcp://127.0.0.1:%d/default" % p
-             for n, p in ports.items()}
-    return h
+    return harness.Endpoints(listeners, lvd=libvirtd, tap=tap, gw=gw,
+                             direct=keeper)
 
 
 def granted(names):
@@ -586,15 +578,8 @@ def objs(libvirtd, gateway, request):
     ]}
     gw = gateway(cfg)
 
-    class O:
-        pass
-    o = O()
-    o.lvd, o.tap, o.gw, o.direct = libvirtd, tap, gw, d
-    o.port = {lst["name"]: harness.split_address(lst["address"])[1]
-              for lst in listeners}
-    o.uri = {n: "test+tcp://127.0.0.1:%d/default" % p
-             for n, p in o.port.items()}
-    return o
+    return harness.Endpoints(listeners, lvd=libvirtd, tap=tap, gw=gw,
+                             direct=d)
 
 
 def test_network_lists_lookups_and_handles(objs):

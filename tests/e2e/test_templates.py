@@ -11,7 +11,6 @@ was (and was not) connected. The fleet test (test_fleet.py) uses {name} as
 the host.
 """
 
-import http.client
 import threading
 
 import libvirt
@@ -22,16 +21,6 @@ import tap as tapmod
 from harness import check_config, wait_until
 
 VIR_ERR_ACCESS_DENIED = 88
-
-
-def metrics_text(gw):
-    host, port = harness.split_address(gw.config["admin"]["address"])
-    conn = http.client.HTTPConnection(host, port, timeout=5)
-    try:
-        conn.request("GET", "/metrics")
-        return conn.getresponse().read().decode()
-    finally:
-        conn.close()
 
 
 def dynamic(status):
@@ -107,7 +96,7 @@ def test_first_use_makes_the_upstream(gateway, libvirtd, keeper, tap):
         assert st["dynamic_upstreams"] == {"count": 2, "max": 1024}
         # separate upstreams, separate connections
         assert tap.nconns == 2
-        m = metrics_text(gw)
+        m = gw.metrics_text()
         assert 'virtmux_upstream_connections{upstream="hv-1",state="ready"} 1' in m
         assert "virtmux_dynamic_upstreams 2" in m
         # a second session of hv-1 shares its upstream
@@ -168,8 +157,8 @@ def test_max_upstreams_holds(gateway, libvirtd, keeper, tap):
         st = gw.status()
         assert set(dynamic(st)) == {"hv-1", "hv-2"}
         assert st["dynamic_upstreams"]["count"] == 2
-        assert 'virtmux_limit_hits_total{limit="max_upstreams"} 1' in metrics_text(gw) or \
-            'limit="max_upstreams"' in metrics_text(gw)
+        assert 'virtmux_limit_hits_total{limit="max_upstreams"} 1' in gw.metrics_text() or \
+            'limit="max_upstreams"' in gw.metrics_text()
     finally:
         c1.close()
     # once hv-1 goes idle its place is free again
@@ -197,9 +186,9 @@ def test_idle_upstream_is_freed_and_leaves_status(gateway, libvirtd, keeper, tap
     assert st["dynamic_upstreams"]["count"] == 0 and st["templates"][0]["upstreams"] == 0
     assert not [p for p in st["pools"] if p["upstream"] == "hv-idle"]
     # its counters go once its connection has said goodbye (CONNECT_CLOSE, at most 2 s)
-    assert wait_until(lambda: 'upstream="hv-idle"' not in metrics_text(gw),
+    assert wait_until(lambda: 'upstream="hv-idle"' not in gw.metrics_text(),
                       timeout=harness.scaled(5)), "its gauges and counters left /metrics"
-    m = metrics_text(gw)
+    m = gw.metrics_text()
     assert "virtmux_dynamic_upstreams 0" in m
     # libvirtd saw the connection go (CONNECT_CLOSE, then the socket)
     assert wait_until(lambda: libvirtd.nclients() <= 1, timeout=harness.scaled(10))
@@ -368,8 +357,8 @@ def test_template_cache_applies_to_made_upstreams(gateway, libvirtd, keeper, tap
             assert sorted(d.name() for d in c.listAllDomains()) == first
         assert "test" in first
         assert len(tap.calls(mark, proc=harness.PROC_CONNECT_LIST_ALL_DOMAINS)) == 1
-        assert 'virtmux_cache_hits_total{upstream="hv-c"} 2' in metrics_text(gw)
+        assert 'virtmux_cache_hits_total{upstream="hv-c"} 2' in gw.metrics_text()
     finally:
         c.close()
-    assert wait_until(lambda: 'upstream="hv-c"' not in metrics_text(gw),
+    assert wait_until(lambda: 'upstream="hv-c"' not in gw.metrics_text(),
                       timeout=harness.scaled(15))
