@@ -144,22 +144,17 @@ void gateway_drain(struct vm_gateway *gw)
         (b) = tmp_;                                                                                \
     } while (0)
 
-static int same_string(const char *a, const char *b)
-{
-    return a == b || (a && b && strcmp(a, b) == 0);
-}
-
 /* Step 2: the running values move into `nc`, the values read go with the old snapshot. */
 static void keep_restart_keys(struct vm_config *oc, struct vm_config *nc)
 {
-    if (!same_string(oc->process_user, nc->process_user) ||
-        !same_string(oc->process_group, nc->process_group))
+    if (!vm_streq(oc->process_user, nc->process_user) ||
+        !vm_streq(oc->process_group, nc->process_group))
         vm_warn(NULL, "reload: process.user/process.group changed: this needs a restart; "
                 "keeping the running ones");
     SWAP(oc->process_user, nc->process_user);
     SWAP(oc->process_group, nc->process_group);
-    if (!same_string(oc->admin_address, nc->admin_address) ||
-        !same_string(oc->admin_unix, nc->admin_unix))
+    if (!vm_streq(oc->admin_address, nc->admin_address) ||
+        !vm_streq(oc->admin_unix, nc->admin_unix))
         vm_warn(NULL, "reload: admin.address/admin.unix changed: this needs a restart; "
                 "keeping the running endpoint");
     SWAP(oc->admin_address, nc->admin_address);
@@ -176,8 +171,8 @@ static void keep_restart_keys(struct vm_config *oc, struct vm_config *nc)
 
 static int clashes(const struct vm_listener_cfg *a, const struct vm_listener_cfg *b)
 {
-    return (a->address && same_string(a->address, b->address)) ||
-           (a->unix_path && same_string(a->unix_path, b->unix_path));
+    return (a->address && vm_streq(a->address, b->address)) ||
+           (a->unix_path && vm_streq(a->unix_path, b->unix_path));
 }
 
 /* Step 3. `nl` gets one listener per entry of `nc` (NULL where binding failed after the
@@ -190,7 +185,7 @@ static int swap_listeners(struct vm_gateway *gw, struct vm_config *nc, struct vm
     for (int i = 0; i < nc->nlisteners; i++) {
         const struct vm_listener_cfg *want = &nc->listeners[i];
         for (int j = 0; j < oc->nlisteners; j++) {
-            if (!keep[j] && gw->listeners[j] && same_string(oc->listeners[j].name, want->name) &&
+            if (!keep[j] && gw->listeners[j] && vm_streq(oc->listeners[j].name, want->name) &&
                 config_listener_same_socket(&oc->listeners[j], want)) {
                 keep[j] = 1;
                 nl[i] = gw->listeners[j];

@@ -26,3 +26,8 @@ char *vm_strndup(const char *s, size_t n)
         abort();
     return d;
 }
+
+int vm_streq(const char *a, const char *b)
+{
+    return a == b || (a && b && strcmp(a, b) == 0);
+}

@@ -8,5 +8,7 @@
 void *vm_calloc(size_t n, size_t size);
 char *vm_strdup(const char *s);
 char *vm_strndup(const char *s, size_t n);
+/* Equal strings, NULL equal only to NULL. */
+int vm_streq(const char *a, const char *b);
 
 #endif
