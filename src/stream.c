@@ -137,7 +137,8 @@ static void check_upload_pressure(struct vm_stream *st)
 int stream_client_packet(struct vm_peer *c, const struct vm_hdr *h, struct evbuffer *pkt)
 {
     struct vm_stream *st = find(c, h->serial, h->proc);
-    if (!st)
+    /* the stream's own program and version only: anything else is not relayed to libvirtd */
+    if (!st || h->prog != st->call.prog || h->vers != st->call.vers)
         return -1;
     if (!st->ready) {
         /* Held until the stream's connection is READY, and bounded like an upload: past
